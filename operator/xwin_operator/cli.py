@@ -1,0 +1,145 @@
+"""The `xwin` command: run, validate, crd, plan."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .spec_io import SpecError, load_run
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    bad = 0
+    for f in args.files:
+        try:
+            run = load_run(f)
+        except SpecError as e:
+            print(e, file=sys.stderr)
+            bad += 1
+            continue
+        print(f"{f}: ok (AlignmentRun {run.metadata.namespace}/{run.metadata.name}, "
+              f"stages: {', '.join(run.spec.stages.present())})")
+    return 1 if bad else 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from .crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        run = load_run(args.file)
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        return 1
+    try:
+        from .plan_print import print_plan  # the operator's child manifests (when present)
+    except ImportError:
+        from .tasks import stage_task
+
+        for stage in run.spec.stages.present():
+            if not getattr(run.spec.stages, stage).reused:
+                print(f"# {stage}\n{stage_task(run, stage).to_json()}")
+        return 0
+    return print_plan(run, args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from xwin_jobs.store import Store
+
+    from .local import (LocalContext, StageFailed, StageResult, default_log_dir, describe_root,
+                        execute, job_env, python_for_jobs)
+
+    console = _console()
+    try:
+        run = load_run(args.file)
+    except SpecError as e:
+        console.print(str(e), markup=False)
+        return 1
+    store_uri = args.store
+    log_dir = Path(args.logs) if args.logs else default_log_dir(run)
+    env = job_env(run)
+    store = Store(endpoint_url=env.get("AWS_ENDPOINT_URL"))
+    console.print(f"[bold]AlignmentRun {run.metadata.namespace}/{run.metadata.name}[/] → "
+                  f"{describe_root(run, store_uri)}  (logs: {log_dir})")
+    status = console.status("starting")
+    started: dict[str, float] = {}
+
+    def on_line(stage: str, line: str) -> None:
+        status.update(f"[bold]{stage}[/] {time.monotonic() - started.get(stage, time.monotonic()):.0f}s  "
+                      f"{line[-100:]}")
+        if args.verbose:
+            console.print(f"  [dim]{stage}[/] {line}", markup=True, highlight=False)
+
+    def on_stage(event: "StageResult | str") -> None:
+        if isinstance(event, str):
+            started[event] = time.monotonic()
+            status.update(f"[bold]{event}[/] starting")
+            return
+        style = {"ran": "green", "skipped": "cyan", "reused": "cyan", "failed": "red"}[event.outcome]
+        console.print(f"[{style}]{event.outcome:>7}[/] {event.stage}"
+                      + (f" ({event.seconds:.1f}s)" if event.seconds else "")
+                      + (f"  {event.message}" if event.message and event.outcome == "failed" else ""))
+
+    ctx = LocalContext(python=python_for_jobs(), env=env, log_dir=log_dir, on_line=on_line)
+    code, results = 0, []
+    with status:
+        try:
+            results = execute(run, store_uri=store_uri, ctx=ctx, store=store, on_stage=on_stage)
+        except StageFailed as e:
+            results, code = getattr(e, "results", []), 1
+            failure = str(e)
+    table = Table(title="summary")
+    for col in ("stage", "result", "seconds", "metrics", "artifact"):
+        table.add_column(col)
+    for r in results:
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in list(r.metrics.items())[:4])
+        table.add_row(r.stage, r.outcome, f"{r.seconds:.1f}" if r.seconds else "", metrics, r.artifact or "")
+    console.print(table)
+    if code:
+        console.print(f"[red]failed:[/] {failure}", highlight=False)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xwin", description="Xwin-LM alignment runs: validate, plan, run.")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check AlignmentRun files against the spec")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_validate)
+    c = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the spec")
+    c.set_defaults(func=cmd_crd)
+    pl = sub.add_parser("plan", help="print every child manifest the operator would create")
+    pl.add_argument("file")
+    pl.set_defaults(func=cmd_plan)
+    r = sub.add_parser("run", help="run an AlignmentRun on this machine, stage by stage")
+    r.add_argument("file")
+    r.add_argument("--store", default="file://./xwin-runs",
+                   help="artifact root replacing spec.storage.uri (default file://./xwin-runs)")
+    r.add_argument("--logs", default=None, help="folder for stage logs (default ./xwin-logs/<ns>/<name>)")
+    r.add_argument("-v", "--verbose", action="store_true", help="print every line the stages log")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

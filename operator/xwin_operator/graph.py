@@ -1,0 +1,94 @@
+"""The stage graph of an AlignmentRun, as pure functions of the spec.
+
+Order is DESIGN.md's: sft → pairs → rewardModel → bestOfN → rejectionSampling → dpo → evaluate,
+but what a stage waits for comes from the references in the spec (dpo.init, bestOfN.policy, ...):
+a stage starts as soon as every stage it reads from has succeeded. A stage given with `from:`
+runs nothing and counts as done from the start.
+"""
+
+from __future__ import annotations
+
+from .spec import STAGE_ORDER, AlignmentRunSpec
+
+
+class GraphError(ValueError):
+    """The stages reference each other in a cycle."""
+
+
+def stages_of(spec: AlignmentRunSpec) -> list[str]:
+    """The stages this run has, in pipeline order."""
+    return spec.stages.present()
+
+
+def reused_stages(spec: AlignmentRunSpec) -> list[str]:
+    return [k for k in stages_of(spec) if getattr(spec.stages, k).reused]
+
+
+def stage_references(spec: AlignmentRunSpec, stage: str) -> dict[str, str]:
+    """The fields of a stage that name another stage or a URI: {field: value}."""
+    st = getattr(spec.stages, stage)
+    if st is None or st.reused:
+        return {}
+    refs: dict[str, str] = {}
+    if stage == "pairs":
+        refs["policy"] = st.policy
+    elif stage == "rewardModel":
+        refs.update(init=st.init, pairs=st.pairs)
+    elif stage == "bestOfN":
+        refs.update(policy=st.policy, rewardModel=st.rewardModel)
+    elif stage == "rejectionSampling":
+        refs.update(init=st.init, scored=st.scored)
+    elif stage == "dpo":
+        refs.update(init=st.init, pairsFrom=st.pairsFrom)
+    elif stage == "evaluate":
+        refs.update({f"models[{i}]": m for i, m in enumerate(st.models)})
+    return refs
+
+
+def dependencies(spec: AlignmentRunSpec) -> dict[str, list[str]]:
+    """stage -> the stages of this run it reads from (in pipeline order)."""
+    present = set(stages_of(spec))
+    deps: dict[str, list[str]] = {}
+    for stage in stages_of(spec):
+        named = {v for v in stage_references(spec, stage).values() if v in present}
+        deps[stage] = [k for k in STAGE_ORDER if k in named]
+    _check_acyclic(deps)
+    return deps
+
+
+def _check_acyclic(deps: dict[str, list[str]]) -> None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            cycle = path[path.index(node):] + [node]
+            raise GraphError("spec.stages: stages read from each other in a cycle: " + " → ".join(cycle))
+        state[node] = 1
+        for d in deps.get(node, []):
+            visit(d, path + [node])
+        state[node] = 2
+
+    for n in deps:
+        visit(n, [])
+
+
+def ready(spec: AlignmentRunSpec, succeeded: set[str], started: set[str] = frozenset()) -> list[str]:
+    """Stages that may start now: not yet succeeded or started, and every dependency succeeded."""
+    deps = dependencies(spec)
+    done = set(succeeded) | set(reused_stages(spec))
+    return [s for s in stages_of(spec)
+            if s not in done and s not in started and all(d in done for d in deps[s])]
+
+
+def downstream(spec: AlignmentRunSpec, stage: str) -> list[str]:
+    """Every stage that (transitively) reads from `stage`."""
+    deps = dependencies(spec)
+    out: list[str] = []
+    frontier = {stage}
+    while frontier:
+        nxt = {s for s, ds in deps.items() if frontier & set(ds) and s not in out}
+        out.extend(k for k in STAGE_ORDER if k in nxt)
+        frontier = nxt
+    return [k for k in STAGE_ORDER if k in out]

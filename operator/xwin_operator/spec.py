@@ -1,0 +1,422 @@
+"""The AlignmentRun resource as one pydantic v2 model: the single source of the API.
+
+The CRD (`xwin crd`) is generated from these classes, `xwin validate` checks files with them,
+and the planner reads the resolved values. Field names are the camelCase of the Kubernetes
+API; every field has a description that lands in the CRD (and `kubectl explain`).
+
+Inheritance of defaults: a stage's `training`, `resources`, `sampling` and `serving` leave
+unset fields as None; `spec.defaults` fills them, then the built-in defaults below. The API
+server must not fill them (that would hide `spec.defaults`), so the CRD carries no `default`
+for those nested fields. `resolved_*` helpers do the merge.
+
+Pure: pydantic only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+API_GROUP = "xwin.ai"
+API_VERSION = "v1alpha1"
+KIND = "AlignmentRun"
+PLURAL = "alignmentruns"
+
+STAGE_ORDER = ("sft", "pairs", "rewardModel", "bestOfN", "rejectionSampling", "dpo", "evaluate")
+MODEL_STAGES = ("sft", "rewardModel", "rejectionSampling", "dpo")
+URI_PREFIXES = ("s3://", "file://", "hf://", "/")
+_URI_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+)$"
+
+
+def is_uri(value: str) -> bool:
+    return value.startswith(URI_PREFIXES)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+# --- building blocks --------------------------------------------------------------------
+
+
+class Training(_Model):
+    """Optimisation settings of a training stage. Unset fields inherit from spec.defaults.training."""
+
+    epochs: Optional[int] = Field(None, ge=1, le=1000, description="Passes over the stage's data.")
+    learningRate: Optional[float] = Field(None, gt=0, le=1, description="Peak AdamW learning rate.")
+    globalBatchSize: Optional[int] = Field(None, ge=1, description="Sequences per optimizer step, across all GPUs (reached by gradient accumulation).")
+    microBatchSize: Optional[int] = Field(None, ge=1, description="Sequences per forward pass on one device.")
+    maxLength: Optional[int] = Field(None, ge=16, le=1048576, description="Tokens per sequence; longer ones are truncated.")
+    zeroStage: Optional[int] = Field(None, ge=0, le=3, description="DeepSpeed ZeRO stage (0 = plain data parallel).")
+    gradientCheckpointing: Optional[bool] = Field(None, description="Recompute activations in the backward pass to save memory.")
+    seed: Optional[int] = Field(None, ge=0, description="Seed for data order and initialisation of new heads.")
+    checkpointEvery: Optional[int] = Field(None, ge=0, description="Upload a checkpoint every N optimizer steps (0 = only the final model).")
+    warmupRatio: Optional[float] = Field(None, ge=0, le=1, description="Fraction of steps spent warming the learning rate up.")
+    weightDecay: Optional[float] = Field(None, ge=0, le=1, description="AdamW weight decay.")
+    lrScheduler: Optional[Literal["cosine", "linear", "constant"]] = Field(None, description="Learning-rate schedule after warm-up.")
+    maxSteps: Optional[int] = Field(None, ge=0, description="Stop after this many optimizer steps (0 = no limit).")
+
+
+TRAINING_DEFAULTS = dict(
+    epochs=1, learningRate=2.0e-5, globalBatchSize=128, microBatchSize=4, maxLength=4096,
+    zeroStage=3, gradientCheckpointing=True, seed=42, checkpointEvery=0, warmupRatio=0.03,
+    weightDecay=0.0, lrScheduler="cosine", maxSteps=0,
+)
+
+
+class Resources(_Model):
+    """Compute for one stage. Unset fields inherit from spec.defaults.resources."""
+
+    nodes: Optional[int] = Field(None, ge=1, le=1024, description="Pods of a training job (one Master plus nodes-1 Workers).")
+    gpusPerNode: Optional[int] = Field(None, ge=0, le=16, description="nvidia.com/gpu requested by each pod.")
+    cpu: Optional[str] = Field(None, description="CPU request of each pod, Kubernetes quantity (e.g. '16').")
+    memory: Optional[str] = Field(None, description="Memory request of each pod, Kubernetes quantity (e.g. '200Gi').")
+
+
+RESOURCES_DEFAULTS = dict(nodes=1, gpusPerNode=8, cpu=None, memory=None)
+
+
+class Sampling(_Model):
+    """Decoding settings for the sampler. Unset fields inherit from spec.defaults.sampling."""
+
+    temperature: Optional[float] = Field(None, ge=0, le=5, description="Softmax temperature (0 = greedy).")
+    topP: Optional[float] = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+    maxTokens: Optional[int] = Field(None, ge=1, le=1048576, description="Tokens generated per response at most.")
+    seed: Optional[int] = Field(None, ge=0, description="Sampling seed (per prompt it is combined with the prompt id).")
+
+
+SAMPLING_DEFAULTS = dict(temperature=1.0, topP=1.0, maxTokens=2048, seed=0)
+
+
+class Serving(_Model):
+    """The vLLM server that the sampler talks to. Unset fields inherit from spec.defaults.serving."""
+
+    replicas: Optional[int] = Field(None, ge=1, le=256, description="vLLM server pods.")
+    gpusPerReplica: Optional[int] = Field(None, ge=0, le=16, description="nvidia.com/gpu per vLLM pod.")
+    tensorParallel: Optional[int] = Field(None, ge=1, le=16, description="vLLM --tensor-parallel-size.")
+    maxModelLen: Optional[int] = Field(None, ge=16, description="vLLM --max-model-len (default: the model's).")
+    concurrency: Optional[int] = Field(None, ge=1, le=4096, description="Requests the sampler keeps in flight per replica.")
+
+
+SERVING_DEFAULTS = dict(replicas=1, gpusPerReplica=1, tensorParallel=1, maxModelLen=None, concurrency=64)
+
+
+class Defaults(_Model):
+    """Settings merged under every stage's own."""
+
+    training: Training = Field(default_factory=Training)
+    resources: Resources = Field(default_factory=Resources)
+    sampling: Sampling = Field(default_factory=Sampling)
+    serving: Serving = Field(default_factory=Serving)
+
+
+# --- stages -----------------------------------------------------------------------------
+
+_FROM = Field(None, alias="from", pattern=_URI_PATTERN,
+              description="Reuse an artifact made elsewhere instead of running the stage: a model folder for model stages, a JSON Lines file or folder of shards for data stages.")
+_POLICY_DESC = "The model that samples: a stage key (sft, rejectionSampling, dpo), 'base', or a model URI."
+
+
+class _Stage(_Model):
+    from_: Optional[str] = _FROM
+
+    @property
+    def reused(self) -> bool:
+        return self.from_ is not None
+
+
+class _TrainingStage(_Stage):
+    training: Training = Field(default_factory=Training, description="Optimisation settings; unset fields inherit spec.defaults.training.")
+    resources: Resources = Field(default_factory=Resources, description="Compute; unset fields inherit spec.defaults.resources.")
+
+
+class _SamplingStage(_Stage):
+    sampling: Sampling = Field(default_factory=Sampling, description="Decoding settings; unset fields inherit spec.defaults.sampling.")
+    serving: Serving = Field(default_factory=Serving, description="vLLM server; unset fields inherit spec.defaults.serving.")
+
+
+class SFTStage(_TrainingStage):
+    """Xwin-LM-SFT: finetune the base model on conversations (loss on assistant turns only)."""
+
+    data: Optional[str] = Field(None, pattern=_URI_PATTERN, description="Conversation records (JSON Lines file or folder of shards).")
+
+
+class PairsStage(_SamplingStage):
+    """Xwin-Pair: the policy samples candidates per prompt and the judge compares them in both orders."""
+
+    prompts: Optional[str] = Field(None, pattern=_URI_PATTERN, description="Prompt records.")
+    policy: str = Field("sft", description=_POLICY_DESC)
+    candidatesPerPrompt: int = Field(4, ge=2, le=64, description="Candidates sampled per prompt; every pair of them is judged.")
+    disagreement: Literal["tie", "drop"] = Field("drop", description="What a comparison whose two orders disagree becomes.")
+
+
+class RewardModelStage(_TrainingStage):
+    """Xwin-RM: a Bradley-Terry reward model trained on preference pairs."""
+
+    init: str = Field("sft", description="Initial weights: a stage key (sft), 'base', or a model URI.")
+    pairs: str = Field("pairs", description="Preference pairs: the 'pairs' stage or a data URI.")
+    heldOutFraction: float = Field(0.1, ge=0, lt=1, description="Pairs held out to report pair accuracy.")
+
+
+class BestOfNStage(_SamplingStage):
+    """Xwin-Set: the policy samples n responses per prompt; the reward model scores each."""
+
+    prompts: Optional[str] = Field(None, pattern=_URI_PATTERN, description="Prompt records.")
+    policy: str = Field("sft", description=_POLICY_DESC)
+    rewardModel: str = Field("rewardModel", description="The scorer: the 'rewardModel' stage or a model URI.")
+    n: int = Field(64, ge=1, le=1024, description="Responses sampled per prompt.")
+    scoringResources: Resources = Field(default_factory=Resources, description="Compute of the scoring job.")
+
+
+class RejectionSamplingStage(_TrainingStage):
+    """Xwin-LM-RS: finetune on the top-k scored responses of every prompt."""
+
+    init: str = Field("sft", description="Initial weights: a stage key (sft), 'base', or a model URI.")
+    scored: str = Field("bestOfN", description="The scored set: the 'bestOfN' stage or a data URI.")
+    topK: int = Field(1, ge=1, le=1024, description="Responses kept per prompt.")
+
+
+class DPOStage(_TrainingStage):
+    """Xwin-LM-DPO: direct preference optimisation on pairs built from the scored set (or on judged pairs)."""
+
+    init: str = Field("rejectionSampling", description="Initial weights and reference model: a stage key, 'base', or a model URI.")
+    beta: float = Field(0.1, gt=0, le=100, description="DPO temperature: strength of the KL constraint to the reference.")
+    chosen: str = Field("best", pattern=r"^(best|rank:[1-9][0-9]*)$", description="best | rank:N (1 = best).")
+    rejected: str = Field("worst", pattern=r"^(worst|random|rank:[1-9][0-9]*)$", description="worst | rank:N (counted from the best) | random (seeded).")
+    minMargin: float = Field(0.0, ge=0, description="Drop pairs whose reward gap is smaller than this.")
+    pairsFrom: str = Field("bestOfN", description="bestOfN (Xwin-LM-DPO) | pairs (plain DPO on judged pairs) | a pairs data URI.")
+
+
+class AlpacaEval(_Model):
+    prompts: str = Field(..., pattern=_URI_PATTERN, description="AlpacaEval instructions (prompt records).")
+    reference: str = Field(..., pattern=_URI_PATTERN, description="Reference outputs the models are compared with.")
+
+
+class MTBench(_Model):
+    questions: str = Field(..., pattern=_URI_PATTERN, description="Two-turn MT-bench questions.")
+
+
+class EvaluateStage(_SamplingStage):
+    """AlpacaEval-style win rates and MT-bench-style grades for each listed model."""
+
+    models: list[str] = Field(default_factory=lambda: ["sft", "rejectionSampling", "dpo"], min_length=1, description="Stage keys or model URIs.")
+    alpacaEval: Optional[AlpacaEval] = None
+    mtBench: Optional[MTBench] = None
+
+
+class Stages(_Model):
+    sft: Optional[SFTStage] = None
+    pairs: Optional[PairsStage] = None
+    rewardModel: Optional[RewardModelStage] = None
+    bestOfN: Optional[BestOfNStage] = None
+    rejectionSampling: Optional[RejectionSamplingStage] = None
+    dpo: Optional[DPOStage] = None
+    evaluate: Optional[EvaluateStage] = None
+
+    def present(self) -> list[str]:
+        return [k for k in STAGE_ORDER if getattr(self, k) is not None]
+
+
+# --- run-level settings -----------------------------------------------------------------
+
+
+class Storage(_Model):
+    uri: str = Field(..., pattern=r"^(s3://[^/]+.*|file://.+|/.+)$", description="Artifacts land under <uri>/<namespace>/<name>/<stage>/.")
+    endpoint: Optional[str] = Field(None, pattern=r"^https?://.+", description="S3-compatible endpoint (MinIO, Ceph...).")
+    secretRef: Optional[str] = Field(None, min_length=1, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+
+
+class Judge(_Model):
+    model: str = Field("gpt-4-0613", min_length=1, description="Judge model name.")
+    baseURL: Optional[str] = Field(None, pattern=r"^https?://.+", description="OpenAI-compatible endpoint (default: OpenAI).")
+    apiKeySecret: Optional[str] = Field(None, min_length=1, description="Secret holding OPENAI_API_KEY; never copied into spec, status or logs.")
+    mode: Literal["online", "batch"] = Field("online", description="online | batch (OpenAI Batch API, half the price).")
+    maxConcurrency: int = Field(32, ge=1, le=4096, description="Judge requests in flight at most.")
+    requestsPerMinute: Optional[int] = Field(None, ge=1, description="Client-side request rate limit.")
+    tokensPerMinute: Optional[int] = Field(None, ge=1, description="Client-side token rate limit.")
+    budgetUSD: Optional[float] = Field(None, gt=0, description="Stop before the estimated spend passes this.")
+
+
+class Images(_Model):
+    trainer: Optional[str] = Field(None, description="Image of training and scoring pods.")
+    sampler: Optional[str] = Field(None, description="Image of vLLM servers and sampler jobs.")
+    annotator: Optional[str] = Field(None, description="Image of judge jobs.")
+
+
+class Toleration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: Optional[str] = None
+    operator: Optional[Literal["Exists", "Equal"]] = None
+    value: Optional[str] = None
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
+    tolerationSeconds: Optional[int] = None
+
+
+class Scheduling(_Model):
+    queueName: Optional[str] = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    priorityClassName: Optional[str] = None
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class Retries(_Model):
+    maxAttempts: int = Field(3, ge=1, le=100, description="Attempts per stage before the run fails.")
+
+
+def _stage_ref_ok(ref: str, present: list[str], allowed: tuple[str, ...]) -> bool:
+    return is_uri(ref) or ref == "base" and "base" in allowed or (ref in allowed and ref in present)
+
+
+class AlignmentRunSpec(_Model):
+    baseModel: str = Field(..., pattern=r"^(s3://[^/]+.*|file://.+|hf://.+|/.+)$", description="A Hugging Face model folder: s3://, file:// or hf://org/name.")
+    chatTemplate: Literal["vicuna", "tokenizer"] = Field("vicuna", description="vicuna (Xwin-LM's prompt format) | tokenizer (the tokenizer's own chat template).")
+    storage: Storage
+    judge: Optional[Judge] = None
+    stages: Stages = Field(default_factory=Stages)
+    defaults: Defaults = Field(default_factory=Defaults)
+    images: Images = Field(default_factory=Images)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    retries: Retries = Field(default_factory=Retries)
+    suspend: bool = Field(False, description="Stop creating children and suspend running ones; false resumes.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "AlignmentRunSpec":
+        errors = cross_field_errors(self)
+        if errors:  # ctx keeps each (path, message) so error reports can point at the field
+            raise PydanticCustomError("cross_field", "{summary}", {
+                "summary": "; ".join(f"{path}: {msg}" for path, msg in errors), "errors": errors})
+        return self
+
+
+# Cross-field rules as data: `cross_field_errors` checks them here and crd.py turns the same
+# tables into CEL `x-kubernetes-validations`, so `xwin validate` and the API server agree.
+# (stage, field, stage keys it may name besides a URI); a reused stage (`from:`) skips its rules.
+REFERENCE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("pairs", "policy", ("sft", "rejectionSampling", "dpo", "base")),
+    ("rewardModel", "init", ("sft", "base")),
+    ("rewardModel", "pairs", ("pairs",)),
+    ("bestOfN", "policy", ("sft", "rejectionSampling", "dpo", "base")),
+    ("bestOfN", "rewardModel", ("rewardModel",)),
+    ("rejectionSampling", "init", ("sft", "base")),
+    ("rejectionSampling", "scored", ("bestOfN",)),
+    ("dpo", "init", ("sft", "rejectionSampling", "base")),
+    ("dpo", "pairsFrom", ("bestOfN", "pairs")),
+)
+LIST_REFERENCE_RULES = (("evaluate", "models", ("sft", "rejectionSampling", "dpo", "base")),)
+# (stage, field): required unless the stage is reused with `from:`.
+REQUIRED_UNLESS_REUSED = (("sft", "data"), ("pairs", "prompts"), ("bestOfN", "prompts"))
+JUDGE_STAGES = ("pairs", "evaluate")
+
+
+def cross_field_errors(spec: AlignmentRunSpec) -> list[tuple[str, str]]:
+    """Rules between fields, as (field path, message). Each is also a CEL rule in the CRD."""
+    s, present, errs = spec.stages, spec.stages.present(), []
+    if not present:
+        errs.append(("spec.stages", "at least one stage is required"))
+
+    def bad_ref(path: str, value: str, allowed: tuple[str, ...]) -> None:
+        if not _stage_ref_ok(value, present, allowed):
+            errs.append((path, f"'{value}' must name a stage present in the run "
+                               f"({' | '.join(allowed)}) or be a URI"))
+
+    for key, fld in REQUIRED_UNLESS_REUSED:
+        st = getattr(s, key)
+        if st and not st.reused and not getattr(st, fld):
+            errs.append((f"spec.stages.{key}.{fld}", f"required unless {key}.from is given"))
+    for key, fld, allowed in REFERENCE_RULES:
+        st = getattr(s, key)
+        if st and not st.reused:
+            bad_ref(f"spec.stages.{key}.{fld}", getattr(st, fld), allowed)
+    for key, fld, allowed in LIST_REFERENCE_RULES:
+        st = getattr(s, key)
+        if st and not st.reused:
+            for i, v in enumerate(getattr(st, fld)):
+                bad_ref(f"spec.stages.{key}.{fld}[{i}]", v, allowed)
+    for key in JUDGE_STAGES:
+        st = getattr(s, key)
+        if st and not st.reused and spec.judge is None:
+            errs.append(("spec.judge", f"required when the {key} stage runs"))
+    if s.evaluate and not s.evaluate.reused and not (s.evaluate.alpacaEval or s.evaluate.mtBench):
+        errs.append(("spec.stages.evaluate", "give alpacaEval, mtBench or both"))
+    return errs
+
+
+# --- status -----------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class StageStatus(_Model):
+    name: str
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Skipped"] = "Pending"
+    attempts: int = 0
+    startTime: Optional[str] = None
+    completionTime: Optional[str] = None
+    artifact: Optional[str] = None
+    children: list[str] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    message: Optional[str] = None
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: Optional[str] = None
+    message: Optional[str] = None
+    lastTransitionTime: Optional[str] = None
+
+
+class AlignmentRunStatus(_Model):
+    phase: Phase = "Pending"
+    stage: Optional[str] = None
+    observedGeneration: Optional[int] = None
+    message: Optional[str] = None
+    stages: list[StageStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(..., min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str = Field("default", min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class AlignmentRun(_Model):
+    apiVersion: Literal["xwin.ai/v1alpha1"] = "xwin.ai/v1alpha1"
+    kind: Literal["AlignmentRun"] = "AlignmentRun"
+    metadata: ObjectMeta
+    spec: AlignmentRunSpec
+    status: Optional[AlignmentRunStatus] = None
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _meta(cls, v: Any) -> Any:
+        return v if v is not None else {}
+
+
+# --- resolution of inherited settings ---------------------------------------------------
+
+
+def _merge(own: BaseModel, default: BaseModel, builtin: dict[str, Any]) -> dict[str, Any]:
+    out = dict(builtin)
+    for src in (default, own):
+        out.update({k: v for k, v in src.model_dump(exclude_none=True).items()})
+    return out
+
+
+def resolved_training(spec: AlignmentRunSpec, stage: _TrainingStage) -> dict[str, Any]:
+    return _merge(stage.training, spec.defaults.training, TRAINING_DEFAULTS)
+
+
+def resolved_resources(spec: AlignmentRunSpec, res: Resources) -> dict[str, Any]:
+    return _merge(res, spec.defaults.resources, RESOURCES_DEFAULTS)
+
+
+def resolved_sampling(spec: AlignmentRunSpec, stage: _SamplingStage) -> dict[str, Any]:
+    return _merge(stage.sampling, spec.defaults.sampling, SAMPLING_DEFAULTS)
+
+
+def resolved_serving(spec: AlignmentRunSpec, stage: _SamplingStage) -> dict[str, Any]:
+    return _merge(stage.serving, spec.defaults.serving, SERVING_DEFAULTS)

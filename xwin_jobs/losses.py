@@ -1,0 +1,75 @@
+"""The training objectives as small pure tensor functions (style of OpenRLHF models/loss.py).
+
+Conventions: `logits` are [batch, seq, vocab] as a causal LM returns them for `input_ids`;
+`labels` are aligned with `input_ids` (HF style) and -100 wherever a token must not count.
+The shift (logits at t predict the token at t+1) happens here, once.
+
+torch is imported lazily so that `import xwin_jobs.losses` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+
+
+def _shifted_token_logprobs(logits: "torch.Tensor", labels: "torch.Tensor"):
+    """Per-token log p(label) for the shifted sequence, and the mask of counted tokens."""
+    import torch
+
+    logits = logits[:, :-1, :].float()
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return logp * mask, mask
+
+
+def sft_loss(logits: "torch.Tensor", labels: "torch.Tensor") -> "torch.Tensor":
+    """Mean negative log-likelihood over the unmasked tokens of the whole batch.
+
+    A batch without a single unmasked token gives 0 (not NaN)."""
+    logp, mask = _shifted_token_logprobs(logits, labels)
+    return -logp.sum() / mask.sum().clamp(min=1)
+
+
+def sequence_logprobs(logits: "torch.Tensor", labels: "torch.Tensor",
+                      average: bool = False) -> "torch.Tensor":
+    """log p(sequence) per row: the sum (or mean, average=True) over unmasked tokens. [batch]"""
+    logp, mask = _shifted_token_logprobs(logits, labels)
+    total = logp.sum(-1)
+    if average:
+        return total / mask.sum(-1).clamp(min=1)
+    return total
+
+
+def bradley_terry_loss(chosen_rewards: "torch.Tensor", rejected_rewards: "torch.Tensor"):
+    """Pairwise reward-model loss -log sigmoid(r_c - r_r), mean over pairs.
+
+    Returns (loss, accuracy) where accuracy is the fraction of pairs with r_c > r_r."""
+    import torch.nn.functional as F
+
+    diff = chosen_rewards.float() - rejected_rewards.float()
+    loss = -F.logsigmoid(diff).mean()
+    accuracy = (diff > 0).float().mean()
+    return loss, accuracy
+
+
+def dpo_sigmoid_loss(policy_chosen: "torch.Tensor", policy_rejected: "torch.Tensor",
+                     reference_chosen: "torch.Tensor", reference_rejected: "torch.Tensor",
+                     beta: float):
+    """DPO (Rafailov et al. 2023), sigmoid form, from sequence log-probabilities.
+
+    loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), mean over pairs.
+    Returns (loss, chosen_rewards, rejected_rewards); the implicit rewards
+    beta * (pi - ref) are detached (for logging)."""
+    import torch.nn.functional as F
+
+    chosen_logratio = policy_chosen.float() - reference_chosen.float()
+    rejected_logratio = policy_rejected.float() - reference_rejected.float()
+    loss = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio)).mean()
+    return loss, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach()

@@ -1,0 +1,104 @@
+"""Loading and saving Hugging Face models through the artifact store.
+
+A model URI is `s3://...`, `file://...`, a plain path, or `hf://org/name`. Store URIs are
+checked with `check_model_folder` (a folder without weights is a clear StoreError) and, when
+not already local, downloaded into a cache folder; `hf://org/name` goes straight to
+`from_pretrained("org/name")` (the Hub, or the local HF cache).
+
+Models are loaded in float32 (the engine autocasts where the hardware has bf16). Reward
+models are `AutoModelForSequenceClassification` with one label and `pad_token_id` set, as
+TRL's RewardTrainer makes them, so the scorer can load them with the same class.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .store import Store, StoreError, as_folder, check_model_folder
+
+log = logging.getLogger(__name__)
+
+HF_SCHEME = "hf://"
+
+
+class ModelLoadError(Exception):
+    """A model or tokenizer folder that transformers cannot load; names the folder."""
+
+
+def resolve_model_source(store: Store, uri: str, cache_dir: str | Path) -> str:
+    """A local folder path or a Hub id that `from_pretrained` accepts."""
+    if uri.startswith(HF_SCHEME):
+        name = uri[len(HF_SCHEME):].strip("/")
+        if not name:
+            raise StoreError(f"{uri}: an hf:// URI needs a model name (hf://org/name)")
+        return name
+    check_model_folder(store, uri)
+    local = store.local_path(uri)
+    if local is not None:
+        return str(local)
+    dest = Path(cache_dir) / "models" / as_folder(uri).rstrip("/").replace("://", "/").replace("/", "_")
+    if dest.exists():
+        shutil.rmtree(dest)
+    log.info("downloading %s", uri)
+    store.download_dir(uri, dest)
+    return str(dest)
+
+
+def _load(what: str, source: str, fn, *args, **kwargs):
+    try:
+        return fn(source, *args, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{source}: cannot load the {what}: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(source: str):
+    """The tokenizer, with a pad token (unk, else eos, when it has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load("tokenizer", source, AutoTokenizer.from_pretrained)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_causal_lm(source: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return _load("causal language model", source, AutoModelForCausalLM.from_pretrained,
+                 dtype=torch.float32)
+
+
+def load_reward_model(source: str, pad_token_id: int):
+    """A scalar-head model (num_labels=1) initialised from `source` (a causal LM or an
+    existing reward model); the score head is new when `source` has none."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = _load("reward model", source, AutoModelForSequenceClassification.from_pretrained,
+                  num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+    """save_pretrained (safetensors) of model and tokenizer into `out_dir`."""
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def publish_model(store: Store, model: Any, tokenizer: Any, local_dir: str | Path, uri: str) -> str:
+    """Save locally, then upload the folder to `uri` (a folder URI). Returns the URI."""
+    path = save_model(model, tokenizer, local_dir)
+    store.upload_dir(path, as_folder(uri))
+    shutil.rmtree(path, ignore_errors=True)
+    return as_folder(uri)

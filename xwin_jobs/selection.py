@@ -1,0 +1,355 @@
+"""Rejection-sampling selection and DPO pair building over a dense score table (numpy only).
+
+The scored set (Xwin-Set) is held as one float array `scores` of shape (P, N): row p holds
+the reward-model scores of prompt p's responses in the order they were returned. A cell is
+*valid* when it holds a finite number; NaN marks anything unusable (an empty response, a NaN
+or missing score, or padding when a prompt got fewer than N responses). +/-inf counts as
+invalid too, so a broken score can never win or lose a selection.
+
+One total order ranks a prompt's valid responses: descending score, ties broken by ascending
+response index (the earlier response ranks higher). Rank is 1-based over valid responses:
+rank 1 is the best, rank `count` the worst. Every strategy below is defined through that
+order, so results are deterministic and `chosen` and `rejected` can never be the same
+response:
+
+- chosen:   `best` (rank 1) | `rank:N` (the N-th best).
+- rejected: `worst` (rank count; among tied lowest scores the *latest* response) |
+            `rank:N` (N counted from the best, as the Xwin-LM paper's "rank r" rejected
+            sample; N must exceed the chosen rank) |
+            `random` (uniform over the valid responses ranked below the chosen one, seeded).
+- min_margin: a pair is dropped when chosen_score - rejected_score < min_margin
+  (a gap equal to min_margin is kept).
+
+A prompt without enough valid responses for a strategy is never dropped silently: it is
+flagged in `too_few_valid` and counted. Rejection sampling keeps what a prompt has when it
+has fewer than k valid responses (flagged in `short`, counted in the summary).
+
+Everything is vectorised over prompts; the only Python loops are over k or a rank N.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+_ITERATIVE_TOP_MAX = 16 # up to this many ranks, repeated argmax beats a full stable sort
+
+
+@dataclass
+class ScoreTable:
+    """A scored set in dense form. `contents[p][j]` is response j of prompt p."""
+
+    ids: list[str]
+    prompts: list[list[dict]]
+    contents: list[list[str]]
+    scores: np.ndarray        # (P, N) float64, NaN = invalid or padding
+    returned: np.ndarray      # (P,) int: responses each prompt came back with
+
+    def content(self, p: int, j: int) -> str:
+        return self.contents[p][j]
+
+
+@dataclass
+class TopK:
+    indices: np.ndarray       # (P, k) int64, best first; -1 where valid is False
+    valid: np.ndarray         # (P, k) bool
+    valid_counts: np.ndarray  # (P,) valid responses per prompt
+    short: np.ndarray         # (P,) bool: fewer than k valid responses (kept with what it has)
+
+
+@dataclass
+class PairSelection:
+    chosen_idx: np.ndarray    # (P,) int64, -1 where the prompt has too few valid responses
+    rejected_idx: np.ndarray  # (P,) int64, -1 likewise
+    margin: np.ndarray        # (P,) float64 chosen - rejected score, NaN where no pair
+    kept: np.ndarray          # (P,) bool: a pair exists and margin >= min_margin
+    too_few_valid: np.ndarray  # (P,) bool
+    valid_counts: np.ndarray  # (P,)
+
+    @property
+    def pairs_kept(self) -> int:
+        return int(self.kept.sum())
+
+    @property
+    def dropped_by_margin(self) -> int:
+        return int((~self.too_few_valid & ~self.kept).sum())
+
+    @property
+    def too_few(self) -> int:
+        return int(self.too_few_valid.sum())
+
+    def counts(self) -> dict[str, int]:
+        return {"prompts": int(self.kept.shape[0]), "pairs_kept": self.pairs_kept,
+                "dropped_by_margin": self.dropped_by_margin, "too_few_valid": self.too_few}
+
+
+# ---------------------------------------------------------------- dense core
+
+def as_score_array(scores: Any) -> np.ndarray:
+    """A 2-D floating array (float32 kept as is, anything else as float64) in which every
+    invalid cell is NaN (+/-inf become NaN; the input is copied only when it holds any)."""
+    arr = np.asarray(scores)
+    if arr.ndim != 2:
+        raise ValueError(f"scores must be a 2-D (prompts, responses) table, got shape {arr.shape}")
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    if arr.shape[1] == 0:                  # no responses at all: one all-invalid column
+        return np.full((arr.shape[0], 1), np.nan, dtype=arr.dtype)
+    if np.isinf(arr).any():
+        arr = np.where(np.isfinite(arr), arr, np.nan)
+    return arr
+
+
+def _valid_and_counts(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    valid = ~np.isnan(s)
+    acc = np.uint16 if s.shape[1] < 65536 else np.int64   # narrow accumulator: faster
+    counts = valid.view(np.uint8).sum(axis=1, dtype=acc).astype(np.int64)
+    return valid, counts
+
+
+def _gather(s: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """s[p, idx[p]] for every row (idx must be in range)."""
+    flat = np.arange(s.shape[0], dtype=np.int64) * s.shape[1] + idx
+    return np.ascontiguousarray(s).ravel().take(flat)
+
+
+def _top_ranks(s: np.ndarray, upto: int) -> np.ndarray:
+    """(P, upto) response indices of ranks 1..upto in the total order.
+
+    `s` has NaN for every invalid cell. Entries past a row's valid count (or past N) are
+    meaningless; callers mask them with the counts."""
+    out = np.zeros((s.shape[0], upto), dtype=np.int64)
+    ranks = min(upto, s.shape[1])
+    if ranks <= _ITERATIVE_TOP_MAX:
+        work = np.fmax(s, -np.inf)      # NaN -> -inf; argmax returns the first maximum,
+        rows = np.arange(s.shape[0])    # so ties go to the lower index
+        for i in range(ranks):
+            j = work.argmax(axis=1)
+            out[:, i] = j
+            if i + 1 < ranks:
+                work[rows, j] = -np.inf   # valid scores are finite, so they still win
+        return out
+    key = np.fmin(-s, np.inf)            # ascending key, stable sort: ties -> lower index
+    out[:, :ranks] = np.argsort(key, axis=1, kind="stable")[:, :ranks]
+    return out
+
+
+def _worst(s: np.ndarray) -> np.ndarray:
+    """Index of the last response in the total order: lowest score, latest among ties."""
+    low_reversed = np.fmin(s[:, ::-1], np.inf)   # contiguous copy, NaN -> +inf
+    return (s.shape[1] - 1) - low_reversed.argmin(axis=1)
+
+
+def select_top_k(scores: Any, k: int) -> TopK:
+    """Top-k responses per prompt, best first. NaN is never selected; a prompt with fewer
+    than k valid responses keeps all it has (`short` flags it, `valid` masks the gaps)."""
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"topK must be a positive integer, got {k!r}")
+    s = as_score_array(scores)
+    _, counts = _valid_and_counts(s)
+    idx = _top_ranks(s, k)
+    valid = np.arange(k)[None, :] < counts[:, None]
+    idx[~valid] = -1
+    return TopK(indices=idx, valid=valid, valid_counts=counts, short=counts < k)
+
+
+def parse_strategy(text: str, *, role: str) -> tuple[str, int]:
+    """`best` | `worst` | `random` | `rank:N` -> (kind, N). role is `chosen` or `rejected`."""
+    allowed = ("best", "rank") if role == "chosen" else ("worst", "rank", "random")
+    t = str(text).strip()
+    if t.startswith("rank:"):
+        num = t[len("rank:"):]
+        if not num.isdigit() or int(num) < 1:
+            raise ValueError(f"{role}: rank must be rank:N with N >= 1, got {text!r}")
+        return "rank", int(num)
+    if t in allowed:
+        return t, 1 if t == "best" else 0
+    choices = " | ".join("rank:N" if a == "rank" else a for a in allowed)
+    raise ValueError(f"{role}: expected {choices}, got {text!r}")
+
+
+def build_pairs(scores: Any, chosen: str = "best", rejected: str = "worst",
+                min_margin: float = 0.0, seed: int = 0) -> PairSelection:
+    """One (chosen, rejected) pair per prompt; see the module docstring for the strategies."""
+    c_kind, c_rank = parse_strategy(chosen, role="chosen")
+    r_kind, r_rank = parse_strategy(rejected, role="rejected")
+    if r_kind == "rank" and r_rank <= c_rank:
+        raise ValueError(f"rejected: rank:{r_rank} must rank below chosen ({chosen}), "
+                         f"i.e. N > {c_rank}")
+    if not math.isfinite(float(min_margin)):
+        raise ValueError(f"minMargin must be a finite number, got {min_margin!r}")
+    s = as_score_array(scores)
+    valid, counts = _valid_and_counts(s)
+    required = r_rank if r_kind == "rank" else c_rank + 1
+    too_few = counts < required
+
+    top = _top_ranks(s, max(c_rank, r_rank))
+    c_idx = top[:, c_rank - 1]
+    if r_kind == "rank":
+        r_idx = top[:, r_rank - 1]
+    elif r_kind == "worst":
+        r_idx = _worst(s)
+    else:
+        r_idx = _random_below(s, valid, c_idx, seed)
+
+    c_idx = np.where(too_few, -1, c_idx)
+    r_idx = np.where(too_few, -1, r_idx)
+    safe_c, safe_r = np.maximum(c_idx, 0), np.maximum(r_idx, 0)
+    margin = _gather(s, safe_c).astype(np.float64) - _gather(s, safe_r).astype(np.float64)
+    margin[too_few] = np.nan
+    kept = ~too_few & (margin >= float(min_margin))
+    return PairSelection(chosen_idx=c_idx, rejected_idx=r_idx, margin=margin, kept=kept,
+                         too_few_valid=too_few, valid_counts=counts)
+
+
+def _random_below(s: np.ndarray, valid: np.ndarray, c_idx: np.ndarray, seed: int) -> np.ndarray:
+    """Per row, a uniform draw among valid responses ranked below response c_idx."""
+    n_prompts, n = s.shape
+    c_score = _gather(s, c_idx)[:, None]
+    cols = np.arange(n)[None, :]
+    below = valid & ((s < c_score) | ((s == c_score) & (cols > c_idx[:, None])))
+    m = below.sum(axis=1)
+    u = np.random.default_rng(seed).random(n_prompts)
+    t = np.minimum((u * m).astype(np.int64), np.maximum(m - 1, 0))
+    seen = np.cumsum(below, axis=1, dtype=np.int16 if n < 32000 else np.int64)
+    return (seen > t[:, None]).argmax(axis=1)   # first column where t+1 below-ones are seen
+
+
+def score_summary(scores: Any) -> dict[str, Any]:
+    """Metrics for a scored set: valid responses per prompt (mean, min) and the per-prompt
+    mean / max / min score averaged over prompts that have at least one valid response."""
+    s = as_score_array(scores)
+    valid, counts = _valid_and_counts(s)
+    has = counts > 0
+    out: dict[str, Any] = {
+        "prompts": int(s.shape[0]),
+        "responsesPerPromptMean": float(counts.mean()) if s.shape[0] else 0.0,
+        "responsesPerPromptMin": int(counts.min()) if s.shape[0] else 0,
+        "promptsWithoutValidResponse": int((~has).sum()),
+    }
+    if has.any():
+        sv = s[has].astype(np.float64)
+        vv = valid[has]
+        total = np.where(vv, sv, 0.0).sum(axis=1)
+        out["meanScore"] = float((total / counts[has]).mean())
+        out["meanMaxScore"] = float(np.where(vv, sv, -np.inf).max(axis=1).mean())
+        out["meanMinScore"] = float(np.where(vv, sv, np.inf).min(axis=1).mean())
+    else:
+        out["meanScore"] = out["meanMaxScore"] = out["meanMinScore"] = None  # JSON null
+    return out
+
+
+# ---------------------------------------------------------------- records level
+
+def _score_value(raw: Any, where: str) -> float:
+    if raw is None:
+        return math.nan
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise ValueError(f"{where}.score: expected a number or null, got {raw!r}")
+    return float(raw)
+
+
+def score_table_from_records(records: Iterable[dict]) -> ScoreTable:
+    """Scored-set records `{"id", "prompt", "responses": [{"content", "score"}]}` -> ScoreTable.
+
+    A null/NaN/infinite score or an empty (whitespace-only) content is an invalid cell (NaN);
+    prompts with fewer responses than the widest one are padded with NaN. A structurally
+    malformed record raises ValueError naming the record number, its id and the field."""
+    ids: list[str] = []
+    prompts: list[list[dict]] = []
+    contents: list[list[str]] = []
+    flat: list[float] = []
+    lengths: list[int] = []
+    for i, rec in enumerate(records):
+        where = f"record {i + 1}"
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected an object, got {type(rec).__name__}")
+        if "id" not in rec:
+            raise ValueError(f"{where}: missing field 'id'")
+        where = f"record {i + 1} (id {rec['id']!r})"
+        responses = rec.get("responses")
+        if not isinstance(responses, list):
+            raise ValueError(f"{where}: field 'responses' must be a list")
+        if not isinstance(rec.get("prompt"), list):
+            raise ValueError(f"{where}: field 'prompt' must be a list of messages")
+        row: list[str] = []
+        for j, resp in enumerate(responses):
+            at = f"{where}: responses[{j}]"
+            if not isinstance(resp, dict):
+                raise ValueError(f"{at}: expected an object with 'content' and 'score'")
+            content = resp.get("content")
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                raise ValueError(f"{at}.content: expected a string, got {type(content).__name__}")
+            score = _score_value(resp.get("score"), at)
+            flat.append(score if content.strip() else math.nan)
+            row.append(content)
+        ids.append(str(rec["id"]))
+        prompts.append(rec["prompt"])
+        contents.append(row)
+        lengths.append(len(row))
+    lens = np.asarray(lengths, dtype=np.int64)
+    width = int(lens.max()) if len(lens) else 0
+    scores = np.full((len(lens), width), np.nan, dtype=np.float64)
+    if flat:
+        row_of = np.repeat(np.arange(len(lens)), lens)
+        col_of = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+        scores[row_of, col_of] = np.asarray(flat, dtype=np.float64)
+    return ScoreTable(ids=ids, prompts=prompts, contents=contents, scores=scores, returned=lens)
+
+
+def _table_summary(table: ScoreTable) -> dict[str, Any]:
+    summary: dict[str, Any] = score_summary(table.scores)
+    summary["responses"] = int(table.returned.sum())
+    summary["invalidResponses"] = int(table.returned.sum() - (~np.isnan(table.scores)).sum())
+    return summary
+
+
+def rejection_sampling_records(scored_records: Iterable[dict], k: int = 1
+                               ) -> tuple[list[dict], dict[str, Any]]:
+    """Conversation records `{"id", "messages": prompt + [assistant]}` for the top-k valid
+    responses of every prompt, best first. With k == 1 the id is the prompt's id, otherwise
+    `<id>#<rank>`. Prompts with fewer than k valid responses keep what they have
+    (`promptsShort`); prompts with none give no record (`promptsWithoutValidResponse`)."""
+    table = score_table_from_records(scored_records)
+    top = select_top_k(table.scores, k)
+    out: list[dict] = []
+    for p, r in zip(*np.nonzero(top.valid)):
+        j = int(top.indices[p, r])
+        rid = table.ids[p] if k == 1 else f"{table.ids[p]}#{r + 1}"
+        out.append({"id": rid, "messages": [*table.prompts[p],
+                                            {"role": "assistant", "content": table.contents[p][j]}]})
+    summary = _table_summary(table)
+    summary.update({"topK": int(k), "selected": len(out),
+                    "promptsShort": int((top.short & (top.valid_counts > 0)).sum())})
+    return out, summary
+
+
+def dpo_pair_records(scored_records: Iterable[dict], chosen: str = "best",
+                     rejected: str = "worst", min_margin: float = 0.0, seed: int = 0
+                     ) -> tuple[list[dict], dict[str, Any]]:
+    """Pair records (DESIGN.md pair format, without `judge`) for every kept pair, in prompt
+    order, plus a summary: pairsKept, pairsDroppedByMargin, promptsTooFewResponses."""
+    table = score_table_from_records(scored_records)
+    sel = build_pairs(table.scores, chosen=chosen, rejected=rejected,
+                      min_margin=min_margin, seed=seed)
+    out: list[dict] = []
+    for p in np.flatnonzero(sel.kept):
+        c, r = int(sel.chosen_idx[p]), int(sel.rejected_idx[p])
+        out.append({
+            "id": table.ids[p],
+            "prompt": table.prompts[p],
+            "chosen": [{"role": "assistant", "content": table.contents[p][c]}],
+            "rejected": [{"role": "assistant", "content": table.contents[p][r]}],
+            "chosen_score": float(table.scores[p, c]),
+            "rejected_score": float(table.scores[p, r]),
+        })
+    summary = _table_summary(table)
+    summary.update({"chosen": chosen, "rejected": rejected, "minMargin": float(min_margin),
+                    "pairsKept": sel.pairs_kept, "pairsDroppedByMargin": sel.dropped_by_margin,
+                    "promptsTooFewResponses": sel.too_few})
+    return out, summary

@@ -1,0 +1,127 @@
+"""Stage jobs: the registry and the shell every stage runs in.
+
+`run_stage(task, store)` does what all stages share:
+
+1. `require_marker` on every stage folder in `task.markers` (an unfinished input is an
+   error before anything is read) and collect their digests;
+2. `task.digest(upstream)`; when the output already holds a marker with that digest, log
+   "already done" and return it without touching anything;
+3. otherwise delete a stale marker first, run the stage in a scratch folder (the stage
+   clears its own leftovers: `ctx.clear`), write `metrics.json`, and `_SUCCESS.json` LAST.
+
+A failure leaves no marker, and nothing outside `task.output` is ever written.
+
+A stage is a function `run(ctx: StageContext) -> StageResult`, registered in `STAGES` by
+"module:function" so that listing stages imports nothing heavy. Adding a stage is one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..store import Store, as_folder, join_uri, read_marker, require_marker, write_marker
+from ..task import StageTask
+
+log = logging.getLogger("xwin_jobs.stage")
+
+STAGES: dict[str, str] = {
+    "sft": "xwin_jobs.stages.sft:run",
+    "rewardModel": "xwin_jobs.stages.reward_model:run",
+    "rejectionSampling": "xwin_jobs.stages.rejection_sampling:run",
+    "dpo": "xwin_jobs.stages.dpo:run",
+}
+
+class StageError(Exception):
+    """An expected failure (bad parameter, nothing to train on, ...); the message says
+    what and where, and the CLI prints it without a traceback."""
+
+
+@dataclass
+class StageResult:
+    counts: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: the task, the store, a scratch folder."""
+
+    task: StageTask
+    store: Store
+    workdir: Path
+
+    def output(self, *parts: str) -> str:
+        return join_uri(as_folder(self.task.output), *parts)
+
+    def input(self, name: str) -> str:
+        uri = self.task.inputs.get(name)
+        if not uri:
+            have = ", ".join(sorted(self.task.inputs)) or "none"
+            raise StageError(f"stage {self.task.stage}: task.inputs.{name} is required (inputs given: {have})")
+        return uri
+
+    def param(self, name: str, default: Any = None) -> Any:
+        value = self.task.params.get(name)
+        return default if value is None else value
+
+    def clear(self, *parts: str) -> None:
+        """Delete leftovers of an earlier attempt under the output folder (stages that can
+        resume, like samplers, keep theirs)."""
+        for part in parts:
+            self.store.delete_prefix(self.output(part))
+
+    def training(self):
+        from ..training.config import TrainingConfig, TrainingConfigError
+
+        try:
+            return TrainingConfig.from_params(self.param("training", {}))
+        except TrainingConfigError as e:
+            raise StageError(str(e)) from None
+
+
+def load_stage(name: str) -> Callable[[StageContext], StageResult]:
+    try:
+        target = STAGES[name]
+    except KeyError:
+        raise StageError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}") from None
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def upstream_digests(store: Store, task: StageTask) -> dict[str, str]:
+    """Digest recorded in each input stage's marker (MissingInputError when one has none)."""
+    return {as_folder(uri): str(require_marker(store, uri).get("digest", "")) for uri in task.markers}
+
+
+def run_stage(task: StageTask, store: Store, workdir: str | Path | None = None) -> dict[str, Any]:
+    """Run (or skip) one stage; returns its marker. See the module docstring."""
+    stage_fn = load_stage(task.stage)
+    upstream = upstream_digests(store, task)
+    digest = task.digest(upstream)
+    existing = read_marker(store, task.output)
+    if existing is not None and existing.get("digest") == digest:
+        log.info("stage %s: already done (%s has a marker for the same inputs)", task.stage,
+                 as_folder(task.output))
+        return {**existing, "skipped": True}
+    if existing is not None:
+        log.info("stage %s: inputs changed since the last run; replacing %s", task.stage,
+                 as_folder(task.output))
+    store.delete_prefix(join_uri(as_folder(task.output), "_SUCCESS.json"))
+
+    scratch_root = workdir or os.environ.get("XWIN_WORKDIR") or None
+    if scratch_root:
+        Path(scratch_root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"xwin-{task.stage}-", dir=scratch_root) as tmp:
+        result = stage_fn(StageContext(task=task, store=store, workdir=Path(tmp)))
+    store.write_json(join_uri(as_folder(task.output), "metrics.json"), result.metrics)
+    marker = {"stage": task.stage, "digest": digest, "inputs": task.inputs,
+              "inputDigests": upstream, "counts": result.counts, "metrics": result.metrics,
+              "outputs": result.outputs, "run": task.run}
+    return write_marker(store, task.output, marker)

@@ -1,0 +1,104 @@
+"""The contract between a planner and a stage job: one `StageTask` per stage step.
+
+The operator (or `xwin run`) resolves an AlignmentRun into one task per stage: where the
+stage's inputs are, where it writes, and its fully-resolved parameters (defaults merged in).
+The job (`python -m xwin_jobs <stage> --task FILE|JSON`) needs nothing else: no spec parsing,
+no knowledge of other stages. Keeping this a plain JSON document lets a pod receive it as an
+environment variable or a file and lets a stage be re-run by hand.
+
+Pure: no heavy imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StageTask:
+    """Everything one stage job needs.
+
+    stage: the stage key of DESIGN.md (`sft`, `rewardModel`, `rejectionSampling`, `dpo`, ...).
+    output: the stage's artifact folder URI, e.g. `s3://b/runs/ns/name/sft/` (trailing slash).
+    inputs: named input URIs. Model inputs point at a Hugging Face folder (`.../sft/model/`
+        or a user's `from:` URI); data inputs at a JSON Lines file or a folder of shards.
+    markers: stage folders whose `_SUCCESS.json` must exist before any input is read
+        (the planner lists the producing stage of every input that came from this run;
+        inputs given with `from:` have none).
+    params: the stage's own fields, resolved (e.g. `training`, `topK`, `beta`, ...).
+    chat_template: `vicuna` or `tokenizer`.
+    run: `{"namespace": ..., "name": ...}` for logs and metadata.
+    """
+
+    stage: str
+    output: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    markers: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    chat_template: str = "vicuna"
+    run: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StageTask":
+        known = {k: d[k] for k in ("stage", "output", "inputs", "markers", "params",
+                                    "chat_template", "run") if k in d}
+        missing = {"stage", "output"} - known.keys()
+        if missing:
+            raise ValueError(f"task is missing field(s): {', '.join(sorted(missing))}")
+        return cls(**known)
+
+    @classmethod
+    def load(cls, text_or_path: str) -> "StageTask":
+        """Accepts inline JSON or a path to a JSON file."""
+        s = text_or_path.strip()
+        if s.startswith("{"):
+            try:
+                return cls.from_dict(json.loads(s))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"task JSON: {e}") from None
+        p = Path(text_or_path)
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except FileNotFoundError:
+            raise ValueError(f"task file not found: {p}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: line {e.lineno}: {e.msg}") from None
+
+    def digest(self, marker_digests: dict[str, str] | None = None) -> str:
+        """Identity of this stage's inputs: params, input URIs and the digests recorded in
+        the markers of the stages it reads. Same digest = same work = skip."""
+        body = {
+            "stage": self.stage,
+            "inputs": self.inputs,
+            "params": self.params,
+            "chat_template": self.chat_template,
+            "upstream": marker_digests or {},
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def upstream_digests(task: StageTask, store: Any) -> dict[str, str]:
+    """The digests recorded in the markers of the stages this task reads.
+
+    Raises MissingInputError (from xwin_jobs.store) naming the first stage without a marker:
+    a stage never reads an input that has not finished."""
+    from .store import require_marker
+
+    return {uri: str(require_marker(store, uri).get("digest", "")) for uri in task.markers}
+
+
+def completed_marker(task: StageTask, store: Any) -> dict[str, Any] | None:
+    """The stage's own `_SUCCESS.json` if it was written for exactly these inputs, else None."""
+    from .store import read_marker
+
+    marker = read_marker(store, task.output)
+    if marker and marker.get("digest") == task.digest(upstream_digests(task, store)):
+        return marker
+    return None

@@ -1,0 +1,115 @@
+"""The `training` block of a stage task, as a typed, validated value.
+
+The planner always passes it fully resolved (camelCase keys as in the AlignmentRun spec);
+the defaults here only serve hand-written tasks and tests. Pure.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("cosine", "linear", "constant")
+
+# spec key -> attribute
+_KEYS = {
+    "epochs": "epochs",
+    "learningRate": "learning_rate",
+    "globalBatchSize": "global_batch_size",
+    "microBatchSize": "micro_batch_size",
+    "maxLength": "max_length",
+    "zeroStage": "zero_stage",
+    "gradientCheckpointing": "gradient_checkpointing",
+    "seed": "seed",
+    "checkpointEvery": "checkpoint_every",
+    "warmupRatio": "warmup_ratio",
+    "weightDecay": "weight_decay",
+    "lrScheduler": "lr_scheduler",
+    "maxSteps": "max_steps",
+    "maxGradNorm": "max_grad_norm",
+}
+
+
+class TrainingConfigError(ValueError):
+    """A `training` field with a wrong type or value; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: int = 1
+    learning_rate: float = 1e-5
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    max_length: int = 2048
+    zero_stage: int = 0
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    checkpoint_every: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    max_steps: int = 0
+    max_grad_norm: float = 1.0
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step (single process)."""
+        return max(1, math.ceil(self.global_batch_size / self.micro_batch_size))
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None, where: str = "params.training") -> "TrainingConfig":
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(_KEYS))
+        if unknown:
+            log.warning("%s: ignoring unknown field(s) %s", where, ", ".join(unknown))
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, attr in _KEYS.items():
+            if key not in params or params[key] is None:
+                continue
+            values[attr] = _coerce(params[key], types[attr], f"{where}.{key}")
+        cfg = cls(**values)
+        cfg._validate(where)
+        return cfg
+
+    def _validate(self, where: str) -> None:
+        checks = [
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("learningRate", self.learning_rate > 0, "must be > 0"),
+            ("globalBatchSize", self.global_batch_size >= 1, "must be >= 1"),
+            ("microBatchSize", self.micro_batch_size >= 1, "must be >= 1"),
+            ("maxLength", self.max_length >= 2, "must be >= 2"),
+            ("zeroStage", self.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
+            ("checkpointEvery", self.checkpoint_every >= 0, "must be >= 0"),
+            ("warmupRatio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
+            ("weightDecay", self.weight_decay >= 0, "must be >= 0"),
+            ("lrScheduler", self.lr_scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
+            ("maxSteps", self.max_steps >= 0, "must be >= 0"),
+            ("maxGradNorm", self.max_grad_norm >= 0, "must be >= 0 (0 = no clipping)"),
+        ]
+        for key, ok, msg in checks:
+            if not ok:
+                raise TrainingConfigError(f"{where}.{key}: {msg}")
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    typ = typ if isinstance(typ, str) else typ.__name__
+    if typ == "bool":
+        if isinstance(value, bool):
+            return value
+    elif typ == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ == "str":
+        if isinstance(value, str):
+            return value
+    raise TrainingConfigError(f"{where}: expected {typ}, got {value!r}")

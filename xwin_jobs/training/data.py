@@ -1,0 +1,145 @@
+"""Records -> token examples -> padded batches, and the order batches are visited in.
+
+Encoding is pure (tokenizer passed in); collation imports torch lazily.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from ..chat import IGNORE_INDEX, ChatFormatError, encode_conversation
+
+
+class ExampleError(ValueError):
+    """A record that cannot be turned into a training example; names the record."""
+
+
+@dataclass(frozen=True)
+class SftExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class PairExample:
+    chosen: SftExample
+    rejected: SftExample
+
+
+@dataclass
+class EncodeStats:
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    skipped: int = 0  # nothing left to learn from (no assistant tokens after truncation)
+    labelled_tokens: int = 0
+    skipped_ids: list[str] = field(default_factory=list)
+
+    def as_counts(self, prefix: str = "") -> dict[str, int]:
+        return {f"{prefix}records": self.records, f"{prefix}examples": self.examples,
+                f"{prefix}truncated": self.truncated, f"{prefix}skipped": self.skipped}
+
+
+def _record_id(record: dict[str, Any], index: int) -> str:
+    return str(record.get("id", f"#{index}"))
+
+
+def _encode(messages, template, tokenizer, max_length, label_from, rid) -> Any:
+    try:
+        return encode_conversation(messages, template, tokenizer, max_length, label_from)
+    except ChatFormatError as e:
+        raise ExampleError(f"record {rid}: {e}") from None
+
+
+def encode_conversations(records: Iterable[dict[str, Any]], template: str, tokenizer: Any,
+                         max_length: int) -> tuple[list[SftExample], EncodeStats]:
+    """Conversation records ({id, messages}) -> SFT examples (labels on assistant turns)."""
+    examples, stats = [], EncodeStats()
+    for i, rec in enumerate(records):
+        stats.records += 1
+        rid = _record_id(rec, i)
+        enc = _encode(rec["messages"], template, tokenizer, max_length, 0, rid)
+        stats.truncated += enc.truncated
+        if enc.num_labelled == 0:
+            stats.skipped += 1
+            stats.skipped_ids.append(rid)
+            continue
+        stats.labelled_tokens += enc.num_labelled
+        examples.append(SftExample(enc.input_ids, enc.labels))
+    stats.examples = len(examples)
+    return examples, stats
+
+
+def encode_pairs(records: Iterable[dict[str, Any]], template: str, tokenizer: Any,
+                 max_length: int) -> tuple[list[PairExample], EncodeStats]:
+    """Pair records ({id, prompt, chosen, rejected}) -> prompt+chosen / prompt+rejected
+    examples, labelled on the response messages only."""
+    examples, stats = [], EncodeStats()
+    for i, rec in enumerate(records):
+        stats.records += 1
+        rid = _record_id(rec, i)
+        prompt = list(rec["prompt"])
+        sides = [_encode(prompt + list(rec[side]), template, tokenizer, max_length, len(prompt), rid)
+                 for side in ("chosen", "rejected")]
+        stats.truncated += any(s.truncated for s in sides)
+        if any(s.num_labelled == 0 for s in sides):
+            stats.skipped += 1
+            stats.skipped_ids.append(rid)
+            continue
+        stats.labelled_tokens += sum(s.num_labelled for s in sides)
+        examples.append(PairExample(*(SftExample(s.input_ids, s.labels) for s in sides)))
+    stats.examples = len(examples)
+    return examples, stats
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def collate_sft(examples: Sequence[SftExample], pad_id: int) -> dict[str, Any]:
+    """Right-padded {input_ids, attention_mask, labels}; padding is never labelled."""
+    ids = _pad([e.input_ids for e in examples], pad_id)
+    mask = _pad([[1] * len(e.input_ids) for e in examples], 0)
+    labels = _pad([e.labels for e in examples], IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any]:
+    """One batch of 2B rows: the B chosen sequences first, then the B rejected ones."""
+    return collate_sft([e.chosen for e in examples] + [e.rejected for e in examples], pad_id)
+
+
+def batch_plan(num_examples: int, global_batch_size: int, micro_batch_size: int,
+               seed: int, epoch: int) -> list[list[list[int]]]:
+    """Example indices for one epoch: optimizer steps, each a list of micro-batches.
+
+    Seeded shuffle per epoch; the last step may be smaller."""
+    order = list(range(num_examples))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    micro = min(micro_batch_size, global_batch_size)
+    steps = []
+    for start in range(0, num_examples, global_batch_size):
+        chunk = order[start : start + global_batch_size]
+        steps.append([chunk[j : j + micro] for j in range(0, len(chunk), micro)])
+    return steps
+
+
+def split_held_out(num_examples: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices). With fraction > 0 and at least two examples, at
+    least one is held out and at least one is trained on."""
+    if not 0 <= fraction < 1:
+        raise ValueError("heldOutFraction must be in [0, 1)")
+    order = list(range(num_examples))
+    random.Random(f"held-out:{seed}").shuffle(order)
+    n_held = int(round(fraction * num_examples))
+    if fraction > 0 and num_examples >= 2:
+        n_held = min(max(n_held, 1), num_examples - 1)
+    return sorted(order[n_held:]), sorted(order[:n_held])

@@ -1,0 +1,98 @@
+"""The optimizer-step loop, nanoGPT style: epochs of seeded shuffles, gradient accumulation
+from microBatchSize up to globalBatchSize, a log line every few steps, a checkpoint callback
+every `checkpointEvery` steps, stop at `maxSteps`.
+
+The stage supplies `micro_step(indices) -> (loss, stats)`: the loss of one micro-batch (the
+mean over its examples) and float statistics to average (e.g. accuracy). Everything about
+devices stays in the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import TrainingConfig
+from .data import batch_plan
+
+log = logging.getLogger("xwin_jobs.train")
+
+MicroStep = Callable[[list[int]], "tuple[Any, dict[str, float]]"]
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    epochs: float  # epochs seen, fractional when maxSteps stopped early
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps_per_epoch: int = 1
+
+    def mean(self, key: str) -> float | None:
+        """Mean of `key` over the last epoch's worth of steps."""
+        window = [h[key] for h in self.history[-self.steps_per_epoch :] if key in h]
+        return sum(window) / len(window) if window else None
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {"steps": self.steps, "epochs": round(self.epochs, 4)}
+        if self.history:
+            out["trainLoss"] = self.mean("loss")
+            out["initialTrainLoss"] = self.history[0]["loss"]
+            for key in self.history[-1]:
+                if key not in ("step", "loss", "lr", "gradNorm"):
+                    out["train" + key[0].upper() + key[1:]] = self.mean(key)
+        return out
+
+
+def plan_total_steps(num_examples: int, config: TrainingConfig) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps with maxSteps applied)."""
+    per_epoch = max(1, math.ceil(num_examples / config.global_batch_size))
+    total = per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    return per_epoch, total
+
+
+def train_loop(engine, num_examples: int, micro_step: MicroStep, config: TrainingConfig,
+               on_checkpoint: Callable[[int], None] | None = None,
+               log_every: int | None = None) -> LoopResult:
+    if num_examples < 1:
+        raise ValueError("no training examples")
+    per_epoch, total = plan_total_steps(num_examples, config)
+    log_every = log_every or max(1, total // 10)
+    result = LoopResult(steps=0, epochs=0.0, steps_per_epoch=per_epoch)
+    log.info("training: %d examples, %d steps (%d per epoch), %d micro-batches of %d per step",
+             num_examples, total, per_epoch, config.accumulation_steps,
+             min(config.micro_batch_size, config.global_batch_size))
+    started = time.monotonic()
+    for epoch in range(config.epochs):
+        for micro_batches in batch_plan(num_examples, config.global_batch_size,
+                                        config.micro_batch_size, config.seed, epoch):
+            n_step = sum(len(mb) for mb in micro_batches)
+            sums: dict[str, float] = {}
+            for mb in micro_batches:
+                weight = len(mb) / n_step
+                with engine.autocast():
+                    loss, stats = micro_step(mb)
+                engine.backward(loss * weight)
+                for key, value in {"loss": float(loss.detach()), **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * weight
+            grad_norm = engine.step()
+            result.steps += 1
+            result.epochs = result.steps / per_epoch
+            entry = {"step": result.steps, **sums, "lr": engine.lr, "gradNorm": grad_norm}
+            result.history.append(entry)
+            if result.steps == 1 or result.steps % log_every == 0 or result.steps == total:
+                rate = result.steps / max(time.monotonic() - started, 1e-9)
+                extra = " ".join(f"{k} {v:.4f}" for k, v in sums.items() if k != "loss")
+                log.info("step %d/%d epoch %.2f loss %.4f %s lr %.2e grad %.3f (%.2f steps/s)",
+                         result.steps, total, result.epochs, sums["loss"], extra,
+                         entry["lr"], grad_norm, rate)
+            if result.steps >= total:
+                return result
+            # The final step needs no checkpoint: the stage saves the final model.
+            if on_checkpoint and config.checkpoint_every and result.steps % config.checkpoint_every == 0:
+                on_checkpoint(result.steps)
+    return result
