@@ -178,6 +178,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         store.write_bytes(uri, object())  # fails half-way through the write
     assert (tmp_path / "out" / "report.json").read_text() == "old"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
+    assert (tmp_path / "out" / "report.json").stat().st_mode & 0o644 == 0o644  # not 0600
 
 
 def test_writing_below_a_file_is_a_clear_error(tmp_path):

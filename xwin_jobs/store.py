@@ -429,36 +429,39 @@ class Store:
 # ----------------------------------------------------------------------------- local helpers
 
 def _atomic_write(path: Path, data: bytes, uri: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except IsADirectoryError:
-        raise StoreError(f"{uri}: is a folder, not a file") from None
-    except (NotADirectoryError, FileExistsError):
-        raise StoreError(f"{uri}: a parent of this path is a file, not a folder") from None
-    except PermissionError:
-        raise StoreError(f"{uri}: permission denied") from None
-    except OSError as e:
-        raise StoreError(f"{uri}: cannot write: {e.strerror or e}") from None
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_replace(path, uri, fill)
 
 
 def _atomic_copy(src: Path, dest: Path, uri: str) -> None:
+    _atomic_replace(dest, uri, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _umask() -> int:
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _atomic_replace(path: Path, uri: str, fill) -> None:
+    """Create `path` whole or not at all: `fill` a temporary file beside it, then rename."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+            fill(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
