@@ -68,6 +68,8 @@ def build_tiny_model(out_dir: str | Path, corpus: list[str], seed: int = 0,
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    from xwin_jobs.modeling import make_tokenizer_portable
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer(corpus, vocab_size=vocab_size)
@@ -93,6 +95,7 @@ def build_tiny_model(out_dir: str | Path, corpus: list[str], seed: int = 0,
         pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    make_tokenizer_portable(out)  # loadable by the older transformers of a vLLM image too
     return out
 
 

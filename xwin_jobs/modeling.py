@@ -93,7 +93,29 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     out.mkdir(parents=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    make_tokenizer_portable(out)
     return out
+
+
+def make_tokenizer_portable(folder: str | Path) -> None:
+    """Let older transformers (e.g. the one inside a vLLM image) read a tokenizer saved by
+    transformers 5: name the generic fast class by its long-standing name and copy the
+    chat template (saved as chat_template.jinja) into tokenizer_config.json."""
+    import json
+
+    folder = Path(folder)
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    template = folder / "chat_template.jinja"
+    if template.is_file() and "chat_template" not in config:
+        config["chat_template"] = template.read_text()
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def publish_model(store: Store, model: Any, tokenizer: Any, local_dir: str | Path, uri: str) -> str:

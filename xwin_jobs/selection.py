@@ -24,7 +24,8 @@ A prompt without enough valid responses for a strategy is never dropped silently
 flagged in `too_few_valid` and counted. Rejection sampling keeps what a prompt has when it
 has fewer than k valid responses (flagged in `short`, counted in the summary).
 
-Everything is vectorised over prompts; the only Python loops are over k or a rank N.
+Everything is vectorised over prompts; the only Python loops are over k or a rank N and
+over blocks of ~4 MiB of rows (cache blocking: the temporaries stay in cache).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-_ITERATIVE_TOP_MAX = 16 # up to this many ranks, repeated argmax beats a full stable sort
+_ITERATIVE_TOP_MAX = 16  # up to this many ranks, repeated argmax beats a full stable sort
+_BLOCK_BYTES = 1 << 22   # rows are processed in blocks of about 4 MiB (cache-sized)
 
 
 @dataclass
@@ -55,8 +57,7 @@ class ScoreTable:
 @dataclass
 class TopK:
     indices: np.ndarray       # (P, k) int64, best first; -1 where valid is False
-    valid: np.ndarray         # (P, k) bool
-    valid_counts: np.ndarray  # (P,) valid responses per prompt
+    valid: np.ndarray         # (P, k) bool: that rank exists for the prompt
     short: np.ndarray         # (P,) bool: fewer than k valid responses (kept with what it has)
 
 
@@ -67,7 +68,6 @@ class PairSelection:
     margin: np.ndarray        # (P,) float64 chosen - rejected score, NaN where no pair
     kept: np.ndarray          # (P,) bool: a pair exists and margin >= min_margin
     too_few_valid: np.ndarray  # (P,) bool
-    valid_counts: np.ndarray  # (P,)
 
     @property
     def pairs_kept(self) -> int:
@@ -87,10 +87,14 @@ class PairSelection:
 
 
 # ---------------------------------------------------------------- dense core
+#
+# The hot path makes no separate validity pass: NaN is mapped to -inf (or +inf) on the fly
+# by np.fmax/np.fmin, and whether a rank exists is read off the selected value. An infinite
+# score is detected from the selected values too (a +inf is always a row's best, a -inf its
+# worst); only then is the table copied with every non-finite cell set to NaN.
 
 def as_score_array(scores: Any) -> np.ndarray:
-    """A 2-D floating array (float32 kept as is, anything else as float64) in which every
-    invalid cell is NaN (+/-inf become NaN; the input is copied only when it holds any)."""
+    """A 2-D floating array (float32 kept as is, anything else as float64)."""
     arr = np.asarray(scores)
     if arr.ndim != 2:
         raise ValueError(f"scores must be a 2-D (prompts, responses) table, got shape {arr.shape}")
@@ -98,16 +102,11 @@ def as_score_array(scores: Any) -> np.ndarray:
         arr = arr.astype(np.float64)
     if arr.shape[1] == 0:                  # no responses at all: one all-invalid column
         return np.full((arr.shape[0], 1), np.nan, dtype=arr.dtype)
-    if np.isinf(arr).any():
-        arr = np.where(np.isfinite(arr), arr, np.nan)
     return arr
 
 
-def _valid_and_counts(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    valid = ~np.isnan(s)
-    acc = np.uint16 if s.shape[1] < 65536 else np.int64   # narrow accumulator: faster
-    counts = valid.view(np.uint8).sum(axis=1, dtype=acc).astype(np.int64)
-    return valid, counts
+def _finite_only(s: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(s), s, np.nan)
 
 
 def _gather(s: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -116,31 +115,62 @@ def _gather(s: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(s).ravel().take(flat)
 
 
-def _top_ranks(s: np.ndarray, upto: int) -> np.ndarray:
-    """(P, upto) response indices of ranks 1..upto in the total order.
+def _row_blocks(s: np.ndarray):
+    """Slices of consecutive rows of about _BLOCK_BYTES each, so that the per-block
+    temporaries stay in cache and are not allocated (page-faulted) afresh for every pass."""
+    step = max(1, _BLOCK_BYTES // (s.shape[1] * s.itemsize))
+    for start in range(0, s.shape[0], step):
+        yield slice(start, min(start + step, s.shape[0]))
 
-    `s` has NaN for every invalid cell. Entries past a row's valid count (or past N) are
-    meaningless; callers mask them with the counts."""
-    out = np.zeros((s.shape[0], upto), dtype=np.int64)
+
+def _ranked(s: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (P, upto) of ranks 1..upto in the total order and their scores, -inf where a
+    prompt has no such rank (its index is then meaningless)."""
+    idx = np.zeros((s.shape[0], upto), dtype=np.int64)
+    val = np.full((s.shape[0], upto), -np.inf, dtype=s.dtype)
     ranks = min(upto, s.shape[1])
-    if ranks <= _ITERATIVE_TOP_MAX:
-        work = np.fmax(s, -np.inf)      # NaN -> -inf; argmax returns the first maximum,
-        rows = np.arange(s.shape[0])    # so ties go to the lower index
+    if ranks > _ITERATIVE_TOP_MAX:
+        order = np.argsort(np.fmin(-s, np.inf), axis=1, kind="stable")[:, :ranks]
+        idx[:, :ranks] = order                        # stable: ties -> lower index first
+        val[:, :ranks] = np.fmax(np.take_along_axis(s, order, axis=1), -np.inf)
+        return idx, val
+    buf = np.empty_like(s[:_BLOCK_BYTES // (s.shape[1] * s.itemsize) or 1])
+    for rows in _row_blocks(s):
+        work = np.fmax(s[rows], -np.inf, out=buf[:rows.stop - rows.start])  # NaN -> -inf
+        local = np.arange(work.shape[0])
         for i in range(ranks):
-            j = work.argmax(axis=1)
-            out[:, i] = j
+            j = work.argmax(axis=1)       # the first maximum: ties go to the lower index
+            idx[rows, i] = j
+            val[rows, i] = work[local, j]
             if i + 1 < ranks:
-                work[rows, j] = -np.inf   # valid scores are finite, so they still win
-        return out
-    key = np.fmin(-s, np.inf)            # ascending key, stable sort: ties -> lower index
-    out[:, :ranks] = np.argsort(key, axis=1, kind="stable")[:, :ranks]
-    return out
+                work[local, j] = -np.inf  # finite scores still beat every removed cell
+    return idx, val
 
 
-def _worst(s: np.ndarray) -> np.ndarray:
-    """Index of the last response in the total order: lowest score, latest among ties."""
-    low_reversed = np.fmin(s[:, ::-1], np.inf)   # contiguous copy, NaN -> +inf
-    return (s.shape[1] - 1) - low_reversed.argmin(axis=1)
+def _top(s: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(table, indices, scores) of ranks 1..upto; the table comes back finite-only (inf ->
+    NaN) when it held a +inf."""
+    idx, val = _ranked(s, upto)
+    if np.isposinf(val[:, 0]).any():
+        s = _finite_only(s)
+        idx, val = _ranked(s, upto)
+    return s, idx, val
+
+
+def _worst(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index and score of the last response in the total order (lowest score, the latest
+    among ties); the score is +inf where a prompt has no valid response."""
+    idx = np.empty(s.shape[0], dtype=np.int64)
+    val = np.empty(s.shape[0], dtype=s.dtype)
+    buf = np.empty_like(s[:_BLOCK_BYTES // (s.shape[1] * s.itemsize) or 1])
+    for rows in _row_blocks(s):
+        low = np.fmin(s[rows], np.inf, out=buf[:rows.stop - rows.start])    # NaN -> +inf
+        j = low[:, ::-1].argmin(axis=1)   # first minimum of the reversed row = the latest
+        idx[rows] = (s.shape[1] - 1) - j
+        val[rows] = low[np.arange(j.shape[0]), idx[rows]]
+    if np.isneginf(val).any():
+        return _worst(_finite_only(s))
+    return idx, val
 
 
 def select_top_k(scores: Any, k: int) -> TopK:
@@ -148,12 +178,10 @@ def select_top_k(scores: Any, k: int) -> TopK:
     than k valid responses keeps all it has (`short` flags it, `valid` masks the gaps)."""
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"topK must be a positive integer, got {k!r}")
-    s = as_score_array(scores)
-    _, counts = _valid_and_counts(s)
-    idx = _top_ranks(s, k)
-    valid = np.arange(k)[None, :] < counts[:, None]
+    _, idx, val = _top(as_score_array(scores), k)
+    valid = val > -np.inf
     idx[~valid] = -1
-    return TopK(indices=idx, valid=valid, valid_counts=counts, short=counts < k)
+    return TopK(indices=idx, valid=valid, short=~valid[:, -1])
 
 
 def parse_strategy(text: str, *, role: str) -> tuple[str, int]:
@@ -181,48 +209,48 @@ def build_pairs(scores: Any, chosen: str = "best", rejected: str = "worst",
                          f"i.e. N > {c_rank}")
     if not math.isfinite(float(min_margin)):
         raise ValueError(f"minMargin must be a finite number, got {min_margin!r}")
-    s = as_score_array(scores)
-    valid, counts = _valid_and_counts(s)
-    required = r_rank if r_kind == "rank" else c_rank + 1
-    too_few = counts < required
-
-    top = _top_ranks(s, max(c_rank, r_rank))
-    c_idx = top[:, c_rank - 1]
+    s, top, top_val = _top(as_score_array(scores), max(c_rank, r_rank))
+    c_idx, c_val = top[:, c_rank - 1], top_val[:, c_rank - 1]
+    has_chosen = c_val > -np.inf
     if r_kind == "rank":
-        r_idx = top[:, r_rank - 1]
-    elif r_kind == "worst":
-        r_idx = _worst(s)
+        r_idx, r_val = top[:, r_rank - 1], top_val[:, r_rank - 1]
+        has_pair = r_val > -np.inf
+    elif r_kind == "worst":       # the worst is the chosen itself iff nothing ranks below it
+        r_idx, r_val = _worst(s)
+        has_pair = has_chosen & (r_idx != c_idx)
     else:
-        r_idx = _random_below(s, valid, c_idx, seed)
+        r_idx, below = _random_below(s, c_idx, c_val, seed)
+        r_val = _gather(s, r_idx)
+        has_pair = has_chosen & (below > 0)
+    with np.errstate(invalid="ignore"):
+        margin = np.where(has_pair, c_val.astype(np.float64) - r_val.astype(np.float64), np.nan)
+    return PairSelection(chosen_idx=np.where(has_pair, c_idx, -1),
+                         rejected_idx=np.where(has_pair, r_idx, -1), margin=margin,
+                         kept=margin >= float(min_margin),   # NaN (no pair) compares False
+                         too_few_valid=~has_pair)
 
-    c_idx = np.where(too_few, -1, c_idx)
-    r_idx = np.where(too_few, -1, r_idx)
-    safe_c, safe_r = np.maximum(c_idx, 0), np.maximum(r_idx, 0)
-    margin = _gather(s, safe_c).astype(np.float64) - _gather(s, safe_r).astype(np.float64)
-    margin[too_few] = np.nan
-    kept = ~too_few & (margin >= float(min_margin))
-    return PairSelection(chosen_idx=c_idx, rejected_idx=r_idx, margin=margin, kept=kept,
-                         too_few_valid=too_few, valid_counts=counts)
 
-
-def _random_below(s: np.ndarray, valid: np.ndarray, c_idx: np.ndarray, seed: int) -> np.ndarray:
-    """Per row, a uniform draw among valid responses ranked below response c_idx."""
+def _random_below(s: np.ndarray, c_idx: np.ndarray, c_val: np.ndarray, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, a uniform draw among the valid responses ranked below response c_idx, and
+    how many there were to draw from."""
     n_prompts, n = s.shape
-    c_score = _gather(s, c_idx)[:, None]
     cols = np.arange(n)[None, :]
-    below = valid & ((s < c_score) | ((s == c_score) & (cols > c_idx[:, None])))
+    c_val = c_val[:, None]
+    below = (s > -np.inf) & ((s < c_val) | ((s == c_val) & (cols > c_idx[:, None])))
     m = below.sum(axis=1)
     u = np.random.default_rng(seed).random(n_prompts)
     t = np.minimum((u * m).astype(np.int64), np.maximum(m - 1, 0))
     seen = np.cumsum(below, axis=1, dtype=np.int16 if n < 32000 else np.int64)
-    return (seen > t[:, None]).argmax(axis=1)   # first column where t+1 below-ones are seen
+    return (seen > t[:, None]).argmax(axis=1), m   # first column with t+1 below-ones seen
 
 
 def score_summary(scores: Any) -> dict[str, Any]:
     """Metrics for a scored set: valid responses per prompt (mean, min) and the per-prompt
     mean / max / min score averaged over prompts that have at least one valid response."""
-    s = as_score_array(scores)
-    valid, counts = _valid_and_counts(s)
+    s = _finite_only(as_score_array(scores))
+    valid = ~np.isnan(s)
+    counts = valid.sum(axis=1)
     has = counts > 0
     out: dict[str, Any] = {
         "prompts": int(s.shape[0]),
@@ -286,7 +314,7 @@ def score_table_from_records(records: Iterable[dict]) -> ScoreTable:
             if not isinstance(content, str):
                 raise ValueError(f"{at}.content: expected a string, got {type(content).__name__}")
             score = _score_value(resp.get("score"), at)
-            flat.append(score if content.strip() else math.nan)
+            flat.append(score if content.strip() and math.isfinite(score) else math.nan)
             row.append(content)
         ids.append(str(rec["id"]))
         prompts.append(rec["prompt"])
@@ -321,11 +349,11 @@ def rejection_sampling_records(scored_records: Iterable[dict], k: int = 1
     for p, r in zip(*np.nonzero(top.valid)):
         j = int(top.indices[p, r])
         rid = table.ids[p] if k == 1 else f"{table.ids[p]}#{r + 1}"
-        out.append({"id": rid, "messages": [*table.prompts[p],
-                                            {"role": "assistant", "content": table.contents[p][j]}]})
+        answer = {"role": "assistant", "content": table.contents[p][j]}
+        out.append({"id": rid, "messages": [*table.prompts[p], answer]})
     summary = _table_summary(table)
     summary.update({"topK": int(k), "selected": len(out),
-                    "promptsShort": int((top.short & (top.valid_counts > 0)).sum())})
+                    "promptsShort": int((top.short & top.valid[:, 0]).sum())})
     return out, summary
 
 

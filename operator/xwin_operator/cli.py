@@ -13,7 +13,10 @@ from .spec_io import SpecError, load_run
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # logs and CI: wide enough for the summary table
+        console = Console(highlight=False, width=160)
+    return console
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -102,17 +105,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         except StageFailed as e:
             results, code = getattr(e, "results", []), 1
             failure = str(e)
-    table = Table(title="summary")
+    table = Table(title="summary", expand=False)
     for col in ("stage", "result", "seconds", "metrics", "artifact"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in results:
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in list(r.metrics.items())[:4])
+                            for k, v in headline_metrics(r.metrics))
         table.add_row(r.stage, r.outcome, f"{r.seconds:.1f}" if r.seconds else "", metrics, r.artifact or "")
     console.print(table)
     if code:
         console.print(f"[red]failed:[/] {failure}", highlight=False)
     return code
+
+
+# The figures a person looks at first, in this order; the rest stay in metrics.json.
+HEADLINE = ("trainLoss", "heldOutAccuracy", "trainRewardAccuracy", "pairsKept", "meanScore",
+            "winRate", "steps")
+
+
+def headline_metrics(metrics: dict, most: int = 3) -> list[tuple[str, object]]:
+    chosen = [(k, metrics[k]) for k in HEADLINE if k in metrics]
+    return chosen[:most]
 
 
 def build_parser() -> argparse.ArgumentParser:

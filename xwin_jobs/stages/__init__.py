@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..store import Store, as_folder, join_uri, read_marker, require_marker, write_marker
+from ..store import MARKER, Store, as_folder, join_uri, read_marker, require_marker, write_marker
 from ..task import StageTask
 
 log = logging.getLogger("xwin_jobs.stage")
@@ -113,7 +113,7 @@ def run_stage(task: StageTask, store: Store, workdir: str | Path | None = None) 
     if existing is not None:
         log.info("stage %s: inputs changed since the last run; replacing %s", task.stage,
                  as_folder(task.output))
-    store.delete_prefix(join_uri(as_folder(task.output), "_SUCCESS.json"))
+    store.delete_prefix(join_uri(as_folder(task.output), MARKER))
 
     scratch_root = workdir or os.environ.get("XWIN_WORKDIR") or None
     if scratch_root:

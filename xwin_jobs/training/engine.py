@@ -60,7 +60,9 @@ class Engine:
         self.device = pick_device(device)
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()  # forward passes use_cache=False
+            # transformers >= 5 renamed it; forward passes use_cache=False
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
         self.model.train()
         # fp32 master weights; bf16 autocast where the hardware has it.
         self.amp_dtype = (torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()

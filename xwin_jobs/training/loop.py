@@ -79,17 +79,17 @@ def train_loop(engine, num_examples: int, micro_step: MicroStep, config: Trainin
                 engine.backward(loss * weight)
                 for key, value in {"loss": float(loss.detach()), **stats}.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * weight
+            lr = engine.lr  # the rate this step uses (the scheduler moves on in step())
             grad_norm = engine.step()
             result.steps += 1
             result.epochs = result.steps / per_epoch
-            entry = {"step": result.steps, **sums, "lr": engine.lr, "gradNorm": grad_norm}
+            entry = {"step": result.steps, **sums, "lr": lr, "gradNorm": grad_norm}
             result.history.append(entry)
             if result.steps == 1 or result.steps % log_every == 0 or result.steps == total:
                 rate = result.steps / max(time.monotonic() - started, 1e-9)
-                extra = " ".join(f"{k} {v:.4f}" for k, v in sums.items() if k != "loss")
-                log.info("step %d/%d epoch %.2f loss %.4f %s lr %.2e grad %.3f (%.2f steps/s)",
-                         result.steps, total, result.epochs, sums["loss"], extra,
-                         entry["lr"], grad_norm, rate)
+                values = " ".join(f"{k} {v:.4f}" for k, v in sums.items())
+                log.info("step %d/%d epoch %.2f %s lr %.2e grad %.3f (%.2f steps/s)",
+                         result.steps, total, result.epochs, values, lr, grad_norm, rate)
             if result.steps >= total:
                 return result
             # The final step needs no checkpoint: the stage saves the final model.

@@ -1,0 +1,77 @@
+"""`dpo`: Direct Preference Optimization, sigmoid loss (Xwin-LM-DPO).
+
+Task: inputs {model: init model URI (also the reference), and `scored` (pairsFrom=bestOfN,
+the default) or `pairs` (pairsFrom=pairs)}; params {training, beta, chosen, rejected,
+minMargin, pairsFrom}.
+
+From a scored set, one pair per prompt is built by xwin_jobs.selection (chosen `best` |
+`rank:N`; rejected `worst` | `rank:N` | `random`; pairs with score gap < minMargin dropped).
+Reference log-probabilities are computed once, by the init model before the first step.
+"""
+
+from __future__ import annotations
+
+from ..records import read_records
+from . import StageContext, StageError, StageResult
+from .common import TRAINING_OUTPUTS, check_model_input, model_source, pad_id_of, require_examples, train_and_publish
+
+PAIRS_FROM = ("bestOfN", "pairs")
+
+
+def load_pair_records(ctx: StageContext, pairs_from: str) -> tuple[list[dict], dict]:
+    """Pair records and counts, from the `pairs` input or built from the `scored` input."""
+    from ..selection import dpo_pair_records
+
+    if pairs_from == "pairs":
+        records = read_records(ctx.store, ctx.input("pairs"), "pair")
+        return records, {"pairs": len(records)}
+    scored = read_records(ctx.store, ctx.input("scored"), "scored")
+    try:
+        records, summary = dpo_pair_records(
+            scored, chosen=str(ctx.param("chosen", "best")), rejected=str(ctx.param("rejected", "worst")),
+            min_margin=float(ctx.param("minMargin", 0.0)), seed=ctx.training().seed)
+    except ValueError as e:
+        raise StageError(f"stage dpo: params.{e}") from None
+    return records, {"scoredPrompts": len(scored), "pairs": len(records),
+                     "pairsDroppedByMargin": summary.get("pairsDroppedByMargin", 0),
+                     "promptsTooFewResponses": summary.get("promptsTooFewResponses", 0)}
+
+
+def run(ctx: StageContext) -> StageResult:
+    from ..modeling import load_causal_lm, load_tokenizer
+    from ..training.data import encode_pairs
+    from ..training.engine import seed_everything
+    from ..training.objectives import dpo_step, reference_logprobs
+
+    beta = ctx.param("beta", 0.1)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0:
+        raise StageError(f"params.beta: must be a number > 0, got {beta!r}")
+    inputs = ctx.task.inputs
+    default_from = "pairs" if "pairs" in inputs and "scored" not in inputs else "bestOfN"
+    pairs_from = ctx.param("pairsFrom", default_from)
+    if pairs_from not in PAIRS_FROM:
+        raise StageError(f"params.pairsFrom: must be one of {', '.join(PAIRS_FROM)}, got {pairs_from!r}")
+    config = ctx.training()
+    check_model_input(ctx)
+    ctx.clear(*TRAINING_OUTPUTS)
+    records, counts = load_pair_records(ctx, pairs_from)
+    if not records:
+        raise StageError("no DPO pairs: every prompt was dropped (too few valid responses or "
+                         "a score gap below minMargin)")
+    source = model_source(ctx)
+    tokenizer = load_tokenizer(source)
+    pairs, stats = encode_pairs(records, ctx.task.chat_template, tokenizer, config.max_length)
+    require_examples(pairs, stats, "pairs")
+    pad_id = pad_id_of(tokenizer)
+    seed_everything(config.seed)
+    model = load_causal_lm(source)
+    reference = {}
+
+    def compute_reference(engine) -> None:
+        reference["logps"] = reference_logprobs(engine, pairs, pad_id, config.micro_batch_size)
+
+    metrics, uri = train_and_publish(
+        ctx, model, tokenizer, config, len(pairs),
+        lambda engine: dpo_step(engine, pairs, reference["logps"], pad_id, float(beta)),
+        before_training=compute_reference)
+    return StageResult(counts={**counts, **stats.as_counts()}, metrics=metrics, outputs={"model": uri})

@@ -1,0 +1,35 @@
+"""`rejectionSampling`: finetune on the top-k scored responses per prompt (Xwin-LM-RS).
+
+Task: inputs {model: init model URI, scored: scored-set records}; params {training, topK}.
+The top-k responses of each prompt (by reward-model score, see xwin_jobs.selection) become
+conversations `prompt + [assistant response]`, trained exactly like `sft`.
+"""
+
+from __future__ import annotations
+
+from ..records import read_records
+from . import StageContext, StageError, StageResult
+from .common import TRAINING_OUTPUTS, check_model_input
+from .sft import finetune
+
+
+def run(ctx: StageContext) -> StageResult:
+    from ..selection import rejection_sampling_records
+
+    top_k = ctx.param("topK", 1)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise StageError(f"params.topK: must be an integer >= 1, got {top_k!r}")
+    check_model_input(ctx)
+    ctx.clear(*TRAINING_OUTPUTS)
+    scored = read_records(ctx.store, ctx.input("scored"), "scored")
+    conversations, summary = rejection_sampling_records(scored, top_k)
+    if not conversations:
+        raise StageError(f"{ctx.input('scored')}: no prompt has a valid scored response "
+                         f"({len(scored)} prompts read)")
+    result = finetune(ctx, conversations, counts={"scoredPrompts": len(scored),
+                                                  "selected": len(conversations),
+                                                  "promptsShort": summary.get("promptsShort", 0)})
+    for key in ("meanScore", "meanMaxScore"):
+        if summary.get(key) is not None:
+            result.metrics[f"scored{key[0].upper()}{key[1:]}"] = summary[key]
+    return result
