@@ -42,7 +42,7 @@ def test_top_k_never_selects_nan_or_inf_and_keeps_short_prompts():
     top = select_top_k(scores, 2)
     assert top.indices.tolist() == [[3, 1], [-1, -1], [1, -1]]
     assert top.valid.tolist() == [[True, True], [False, False], [True, False]]
-    assert top.valid_counts.tolist() == [2, 0, 1]
+    assert top.valid.sum(axis=1).tolist() == [2, 0, 1]
     assert top.short.tolist() == [False, True, True]
 
 
@@ -93,6 +93,16 @@ def test_all_equal_scores_never_pair_a_response_with_itself():
     assert not build_pairs([[3.0, 3.0, 3.0]], min_margin=0.1).kept[0]
 
 
+@pytest.mark.parametrize("rejected", ["worst", "random", "rank:2"])
+def test_infinite_scores_are_invalid_in_pairs(rejected):
+    inf = math.inf
+    sel = build_pairs([[1.0, inf, 3.0, -inf], [-inf, 2.0, nan, 1.0], [inf, -inf, 0.0, nan]],
+                      rejected=rejected)
+    assert sel.chosen_idx.tolist() == [2, 1, -1]
+    assert sel.rejected_idx.tolist() == [0, 3, -1]
+    assert sel.margin[:2].tolist() == [2.0, 1.0]
+
+
 def test_min_margin_drops_smaller_gaps_and_counts_them():
     scores = [[0.0, 1.0], [0.0, 0.5], [0.0, 0.49], [0.0, nan]]
     sel = build_pairs(scores, min_margin=0.5)
@@ -139,6 +149,21 @@ def test_pairs_match_a_reference_on_random_tables(chosen, rejected):
         else:
             assert r == order[int(rejected.split(":")[1]) - 1]
         assert sel.kept[p] == (row[c] - row[r] >= 1.0)
+
+
+def test_row_blocking_gives_the_same_result_as_one_block(monkeypatch):
+    import xwin_jobs.selection as selection
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 3, (1000, 9)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.3] = nan
+    whole = [build_pairs(scores, rejected=r, seed=2) for r in ("worst", "rank:3", "random")]
+    top = select_top_k(scores, 4)
+    monkeypatch.setattr(selection, "_BLOCK_BYTES", 7 * 9 * 4)     # 7 rows a block
+    for r, want in zip(("worst", "rank:3", "random"), whole):
+        got = build_pairs(scores, rejected=r, seed=2)
+        assert np.array_equal(got.rejected_idx, want.rejected_idx)
+        assert np.array_equal(got.margin, want.margin, equal_nan=True)
+    assert np.array_equal(select_top_k(scores, 4).indices, top.indices)
 
 
 def test_random_rejected_is_seeded_uniform_and_never_the_chosen():
@@ -286,7 +311,7 @@ def test_benchmark_methods_agree_on_a_small_table():
     spec = importlib.util.spec_from_file_location("bench_selection", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.main(2000, quiet=True)                  # asserts the three results agree
+    result = bench.main(2000, repeats=1, pandas_repeats=1, quiet=True)  # asserts agreement
     assert result["prompts"] == 2000
     assert result["pairs_kept"] > 0 and result["dropped_by_margin"] > 0
     assert result["too_few_valid"] > 0
