@@ -9,6 +9,7 @@ A stage reads from several places at once (data in `s3://data/...`, artifacts in
   endpoint comes from the constructor, else `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`;
   credentials only from boto3's normal chain (environment, shared files, instance role).
   File transfers go through boto3's transfer manager (multipart above a threshold).
+  The S3 calls live in xwin_jobs/store_s3.py (`S3Objects`, imported on first s3:// use).
 - `hf://` names a Hub model and is the model loader's business, not the store's.
 
 Every failure is a `StoreError` whose message names the URI and the cause in plain words.
@@ -112,21 +113,6 @@ def redact_endpoint(url: str | None) -> str:
     return url
 
 
-def _plain_cause(exc: BaseException | None) -> str:
-    """A network failure in a few plain words."""
-    text = str(exc or "").lower()
-    if "refused" in text:
-        return "connection refused"
-    if "name or service not known" in text or "nodename nor servname" in text or \
-            "temporary failure in name resolution" in text or "getaddrinfo" in text:
-        return "host name not found"
-    if "timed out" in text or "timeout" in text:
-        return "connection timed out"
-    if "ssl" in text or "certificate" in text:
-        return f"TLS error ({exc})"
-    return str(exc) or type(exc).__name__
-
-
 # ----------------------------------------------------------------------------- the store
 
 class Store:
@@ -143,104 +129,29 @@ class Store:
         self.max_concurrency = max_concurrency
         self.max_attempts = max_attempts
         self.connect_timeout = connect_timeout
-        self._client = None
-        self._buckets_seen: set[str] = set()
+        self._s3_objects = None
 
     def __repr__(self) -> str:
         return f"Store(endpoint_url={redact_endpoint(self.endpoint_url)!r})"
 
-    # -- S3 plumbing
+    # -- S3 (xwin_jobs/store_s3.py does every s3:// call; boto3 is imported on first use)
+    @property
+    def _s3(self):
+        """The `S3Objects` behind every s3:// call, built on first use from the settings."""
+        if self._s3_objects is None:
+            from .store_s3 import S3Objects
+
+            self._s3_objects = S3Objects(
+                self.endpoint_url, multipart_threshold=self.multipart_threshold,
+                multipart_chunksize=self.multipart_chunksize,
+                max_concurrency=self.max_concurrency, max_attempts=self.max_attempts,
+                connect_timeout=self.connect_timeout)
+        return self._s3_objects
+
     @property
     def s3(self):
         """The boto3 S3 client, built on first use."""
-        if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            options: dict[str, Any] = {"connect_timeout": self.connect_timeout,
-                                       "read_timeout": 120}
-            if self.max_attempts is not None:
-                options["retries"] = {"max_attempts": self.max_attempts, "mode": "standard"}
-            if self.endpoint_url:
-                # S3-compatible servers (MinIO, moto) want path-style URLs and may not know
-                # the newer default checksums.
-                options["s3"] = {"addressing_style": "path"}
-                options["request_checksum_calculation"] = "when_required"
-                options["response_checksum_validation"] = "when_required"
-            self._client = boto3.session.Session().client(
-                "s3", endpoint_url=self.endpoint_url, config=Config(**options))
-        return self._client
-
-    def _transfer_config(self):
-        from boto3.s3.transfer import TransferConfig
-
-        return TransferConfig(multipart_threshold=self.multipart_threshold,
-                              multipart_chunksize=self.multipart_chunksize,
-                              max_concurrency=self.max_concurrency)
-
-    def _s3_error(self, uri: str, exc: BaseException) -> StoreError:
-        """Turn a botocore/boto3 exception into a StoreError in plain words."""
-        from boto3.exceptions import S3UploadFailedError
-        from botocore import exceptions as bx
-
-        if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, Exception):
-            exc = exc.__context__
-        if isinstance(exc, bx.NoCredentialsError):
-            return StoreError(f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
-                              "AWS_SECRET_ACCESS_KEY)")
-        if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError,
-                            bx.ReadTimeoutError, bx.ConnectionClosedError)):
-            inner = getattr(exc, "kwargs", {}).get("error", exc)
-            return StoreError(f"{uri}: cannot reach S3 endpoint "
-                              f"{redact_endpoint(self.endpoint_url)}: {_plain_cause(inner)}")
-        if isinstance(exc, bx.ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            bucket = split_s3(uri)[0] if uri.startswith("s3://") else "?"
-            if code == "NoSuchBucket":
-                return StoreError(f"{uri}: no such bucket '{bucket}'")
-            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-                if bucket != "?" and not self._bucket_exists(bucket):
-                    return StoreError(f"{uri}: no such bucket '{bucket}'")
-                return StoreError(f"{uri}: no such object")
-            if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
-                return StoreError(f"{uri}: access denied (check the S3 credentials and the "
-                                  "bucket policy)")
-            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-                        "ExpiredToken"):
-                return StoreError(f"{uri}: S3 refused the credentials ({code})")
-            message = err.get("Message") or str(exc)
-            return StoreError(f"{uri}: S3 error {code or status}: {message}")
-        if isinstance(exc, bx.BotoCoreError):
-            return StoreError(f"{uri}: S3 error: {exc}")
-        return StoreError(f"{uri}: {exc}")
-
-    def _bucket_exists(self, bucket: str) -> bool:
-        if bucket in self._buckets_seen:
-            return True
-        from botocore.exceptions import ClientError
-
-        try:
-            self.s3.head_bucket(Bucket=bucket)
-        except ClientError as e:
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status == 404 or e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
-                return False
-            return True  # 403 etc.: it exists, we may just not list it
-        except Exception:
-            return True  # let the original error speak
-        self._buckets_seen.add(bucket)
-        return True
-
-    def _call(self, uri: str, fn, *args, **kwargs):
-        from boto3.exceptions import Boto3Error
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn(*args, **kwargs)
-        except (ClientError, BotoCoreError, Boto3Error) as e:
-            raise self._s3_error(uri, e) from None
+        return self._s3.client
 
     # -- queries
     def local_path(self, uri: str) -> Path | None:
@@ -251,19 +162,7 @@ class Store:
         """Whether an object (or, for a URI ending in '/', any object under it) exists."""
         if scheme_of(uri) == "file":
             return file_path(uri).exists()
-        bucket, key = split_s3(uri)
-        if key == "" or key.endswith("/"):
-            resp = self._call(uri, self.s3.list_objects_v2, Bucket=bucket, Prefix=key, MaxKeys=1)
-            return resp.get("KeyCount", 0) > 0
-        from botocore.exceptions import ClientError
-
-        try:
-            self._call(uri, self.s3.head_object, Bucket=bucket, Key=key)
-        except StoreError as e:
-            if isinstance(e.__context__, ClientError) and str(e).endswith("no such object"):
-                return False
-            raise
-        return True
+        return self._s3.exists(uri)
 
     def list_files(self, prefix_uri: str) -> list[str]:
         """Every file under a folder URI, recursively, as sorted full URIs (same scheme as
@@ -274,19 +173,7 @@ class Store:
                 return []
             rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
             return [join_uri(prefix_uri, r) for r in rels]
-        bucket, key = split_s3(prefix_uri)
-        prefix = as_folder(key) if key else ""
-        out: list[str] = []
-        paginator = self.s3.get_paginator("list_objects_v2")
-
-        def collect():
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                for obj in page.get("Contents", []):
-                    if not obj["Key"].endswith("/"):
-                        out.append(obj["Key"][len(prefix):])
-
-        self._call(prefix_uri, collect)
-        return [join_uri(prefix_uri, r) for r in sorted(out)]
+        return self._s3.list_files(prefix_uri)
 
     # -- bytes, text, JSON
     def read_bytes(self, uri: str) -> bytes:
@@ -300,19 +187,13 @@ class Store:
                 raise StoreError(f"{uri}: is a folder, not a file") from None
             except PermissionError:
                 raise StoreError(f"{uri}: permission denied") from None
-        bucket, key = split_s3(uri)
-        if not key or key.endswith("/"):
-            raise StoreError(f"{uri}: is a folder, not a file")
-        return self._call(uri, lambda: self.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        return self._s3.read_bytes(uri)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         if scheme_of(uri) == "file":
             _atomic_write(file_path(uri), data, uri)
             return
-        bucket, key = split_s3(uri)
-        if not key or key.endswith("/"):
-            raise StoreError(f"{uri}: cannot write an object with a folder URI")
-        self._call(uri, self.s3.put_object, Bucket=bucket, Key=key, Body=data)
+        self._s3.write_bytes(uri, data)
 
     def read_text(self, uri: str) -> str:
         data = self.read_bytes(uri)
@@ -347,11 +228,7 @@ class Store:
                 return
             _atomic_copy(local, dest, uri)
             return
-        bucket, key = split_s3(uri)
-        if not key or key.endswith("/"):
-            raise StoreError(f"{uri}: cannot upload a file to a folder URI; name the object")
-        self._call(uri, self.s3.upload_file, str(local), bucket, key,
-                   Config=self._transfer_config())
+        self._s3.upload_file(local, uri)
 
     def download_file(self, uri: str, local: str | Path) -> Path:
         """Copy `uri` to a local file (parents created); returns the local path."""
@@ -365,11 +242,7 @@ class Store:
             if not (local.exists() and local.resolve() == src.resolve()):
                 _atomic_copy(src, local, str(local))
             return local
-        bucket, key = split_s3(uri)
-        if not key or key.endswith("/"):
-            raise StoreError(f"{uri}: is a folder, not a file")
-        self._call(uri, self.s3.download_file, bucket, key, str(local),
-                   Config=self._transfer_config())
+        self._s3.download_file(uri, local)
         return local
 
     def upload_dir(self, local_dir: str | Path, uri: str) -> list[str]:
@@ -414,16 +287,7 @@ class Store:
             elif path.exists() or path.is_symlink():
                 path.unlink()
             return
-        bucket, key = split_s3(uri)
-        if not key.strip("/"):
-            raise StoreError(f"{uri}: refusing to delete a whole bucket")
-        keys = [f[len(f"s3://{bucket}/"):] for f in self.list_files(uri)]
-        if not key.endswith("/"):
-            keys.append(key)  # the object itself, if the URI names one
-        for i in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[i:i + 1000]]
-            self._call(uri, self.s3.delete_objects, Bucket=bucket,
-                       Delete={"Objects": batch, "Quiet": True})
+        self._s3.delete_prefix(uri)
 
 
 # ----------------------------------------------------------------------------- local helpers
