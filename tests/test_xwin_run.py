@@ -133,3 +133,14 @@ def test_invalid_spec_and_missing_base_model(workdir):
     assert res.returncode == 1
     assert "stage 'sft' failed" in res.stdout and "nowhere/base-model" in res.stdout
     assert not (workdir / "xwin-runs/demo/tiny/sft/_SUCCESS.json").exists()
+
+
+def test_unreachable_s3_store_is_named(workdir, s3_server):
+    from s3_server import closed_port
+
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    res = xwin_run(workdir, "--store", "s3://artifacts/runs",
+                   env={**s3_server.env, "AWS_ENDPOINT_URL": endpoint})
+    assert res.returncode == 1
+    assert "stage 'sft' failed" in res.stdout
+    assert f"cannot reach S3 endpoint {endpoint}" in res.stdout
