@@ -92,7 +92,17 @@ STAGE_RUNNERS: dict[str, StageRunner] = {}
 
 
 def run_stage(task: StageTask, ctx: LocalContext) -> None:
-    STAGE_RUNNERS.get(task.stage, run_job)(task, ctx)
+    """A registered runner, else the steps of `steps.py` (the table the operator walks): one
+    `python -m xwin_jobs <stage>` for a one-step stage, `local_steps.run_steps` otherwise."""
+    runner = STAGE_RUNNERS.get(task.stage)
+    if runner is None:
+        from .steps import task_steps
+
+        if len(task_steps(task)) == 1:
+            runner = run_job
+        else:
+            from .local_steps import run_steps as runner
+    runner(task, ctx)
 
 
 def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, store,
@@ -154,3 +164,7 @@ def describe_root(run: AlignmentRun, store_uri: str | None) -> str:
 
 def python_for_jobs() -> str:
     return os.environ.get("XWIN_PYTHON", sys.executable)
+
+
+# Multi-process stage runners register themselves in STAGE_RUNNERS on import.
+from . import local_sampling  # noqa: E402,F401  (bestOfN: vLLM server, sampler, scorer)

@@ -1,0 +1,309 @@
+"""Child manifests, as pure functions of (run, stage, step, attempt, owner uid, config).
+
+* `train` steps -> a `kubeflow.org/v1` PyTorchJob: a Master plus `nodes-1` Workers, each pod
+  asking `nvidia.com/gpu: gpusPerNode`; the container (named `pytorch`, as the Training
+  Operator requires) runs `torchrun -m xwin_jobs <job> --task $(XWIN_TASK)`, torchrun reading
+  the PET_* variables the Training Operator injects (PET_NNODES, PET_NODE_RANK,
+  PET_MASTER_ADDR, PET_MASTER_PORT, PET_NPROC_PER_NODE from `nprocPerNode`).
+  `restartPolicy: ExitCode`: a pod killed by a signal (exit >= 128, e.g. preemption) is
+  restarted, a bug (1-127) is not; `runPolicy.backoffLimit` bounds the restarts.
+* `serve` steps -> a vLLM Deployment (server arguments from `vllm_server_args`, the pure
+  function the local executor uses too; readiness on `/health`) and a ClusterIP Service.
+* `job` steps (sampler, judge) -> a batch/v1 Job; exit codes 1 and 2 (the stage failed / bad
+  usage) fail it at once, a disrupted pod does not count, other exits retry `backoffLimit`.
+
+Every pod: the task as env `XWIN_TASK` (JSON; the StageTask of `tasks.stage_task`), S3
+credentials through `secretKeyRef` on `storage.secretRef`, `AWS_ENDPOINT_URL` from
+`storage.endpoint`, the judge key through `secretKeyRef` on `judge.apiKeySecret` (judge steps
+only), scheduling (Kueue queue label, priority class, node selector, tolerations), non-root,
+no privilege escalation, an emptyDir scratch at /scratch and /dev/shm. Every child carries
+the labels of `child_labels` and a controller owner reference to the AlignmentRun.
+
+Pure: no kubernetes client imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+from xwin_jobs.task import StageTask
+
+from .spec import API_GROUP, API_VERSION, KIND, AlignmentRun, resolved_resources, resolved_serving
+from .steps import Step, step_env
+
+MANAGED_BY = "xwin-operator"
+LABEL_RUN, LABEL_STAGE, LABEL_STEP, LABEL_ATTEMPT = (f"{API_GROUP}/run", f"{API_GROUP}/stage",
+                                                     f"{API_GROUP}/step", f"{API_GROUP}/attempt")
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MAX_CHILD_NAME = 52  # leaves room for the "-worker-NNNN" replica names the Training Operator derives
+SCRATCH = "/scratch"
+SERVED_MODEL = "policy"  # --served-model-name of every vLLM server (xwin_jobs.vllm_server)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Operator-wide settings (env `XWIN_<FIELD IN UPPER CASE>` in `from_env`)."""
+
+    trainer_image: str = "ghcr.io/xwin-align/xwin-trainer:0.1.0"
+    sampler_image: str = "ghcr.io/xwin-align/xwin-sampler:0.1.0"
+    annotator_image: str = "ghcr.io/xwin-align/xwin-annotator:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    service_account: str = ""          # serviceAccountName of child pods ("" = namespace default)
+    server_port: int = 8000            # vLLM port
+    pod_backoff_limit: int = 3         # pod restarts inside one attempt (preemption, OOM kill)
+    backoff_seconds: float = 10.0      # wait before attempt 2; doubles each attempt
+    backoff_max_seconds: float = 600.0
+    job_cpu: str = "1"                 # requests of sampler and judge pods
+    job_memory: str = "2Gi"
+    store: str = ""                    # replaces spec.storage.uri (tests); "" = the spec's
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "OperatorConfig":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"XWIN_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = type(f.default)(raw)
+        return cls(**values)
+
+    def image(self, run: AlignmentRun, which: str) -> str:
+        return getattr(run.spec.images, which) or getattr(self, f"{which}_image")
+
+
+# --- names and labels -------------------------------------------------------------------
+
+
+def dns_name(raw: str, limit: int = MAX_CHILD_NAME) -> str:
+    """A DNS-1035 label (what Services and PyTorchJobs need): lowercase alphanumerics and '-',
+    starting with a letter, at most `limit` characters; shortened with a hash of `raw`."""
+    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
+    name = re.sub(r"-{2,}", "-", name)
+    if not name or not name[0].isalpha():
+        name = "x-" + name
+    if len(name) > limit:
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+        name = name[:limit - 9].rstrip("-") + "-" + digest
+    return name
+
+
+def child_name(run_name: str, stage: str, step: str, attempt: int) -> str:
+    """`<run>-<stage>[-<step>]-<attempt>` (the step omitted for a stage's only `train` step)."""
+    parts = [run_name, stage] + ([] if step == "train" else [step]) + [str(attempt)]
+    return dns_name("-".join(parts))
+
+
+def child_labels(run: AlignmentRun, stage: str, step: str, attempt: int) -> dict[str, str]:
+    return {LABEL_RUN: run.metadata.name, LABEL_STAGE: stage, LABEL_STEP: step,
+            LABEL_ATTEMPT: str(attempt), "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def owner_reference(run: AlignmentRun, uid: str) -> dict[str, Any]:
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": run.metadata.name,
+            "uid": uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def server_url(run: AlignmentRun, stage: str, serve_step: str, attempt: int, config: OperatorConfig) -> str:
+    return f"http://{child_name(run.metadata.name, stage, serve_step, attempt)}:{config.server_port}/v1"
+
+
+# --- pod pieces -------------------------------------------------------------------------
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def container_env(run: AlignmentRun, task: StageTask, step: Step, extra: dict[str, str]) -> list[dict]:
+    spec = run.spec
+    env = [{"name": "XWIN_TASK", "value": task.to_json()},
+           {"name": "PYTHONUNBUFFERED", "value": "1"},
+           {"name": "HOME", "value": SCRATCH},
+           {"name": "XWIN_WORKDIR", "value": f"{SCRATCH}/work"},
+           {"name": "HF_HOME", "value": f"{SCRATCH}/hf"}]
+    env += [{"name": k, "value": v} for k, v in extra.items()]
+    if spec.storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
+    if spec.storage.secretRef:
+        env += [_secret_env(k, spec.storage.secretRef, k)
+                for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    if step.needs_judge and spec.judge and spec.judge.apiKeySecret:
+        env.append(_secret_env("OPENAI_API_KEY", spec.judge.apiKeySecret, "OPENAI_API_KEY"))
+    return env
+
+
+def _resources(gpus: int, cpu: str | None, memory: str | None) -> dict[str, Any]:
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if cpu:
+        requests["cpu"] = cpu
+    if memory:
+        requests["memory"] = limits["memory"] = memory
+    if gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = gpus
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def pod_spec(run: AlignmentRun, container: dict[str, Any], config: OperatorConfig,
+             restart_policy: str | None = None) -> dict[str, Any]:
+    sched = run.spec.scheduling
+    container = {**container, "imagePullPolicy": config.image_pull_policy,
+                 "securityContext": {"allowPrivilegeEscalation": False,
+                                     "capabilities": {"drop": ["ALL"]}},
+                 "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH},
+                                  {"name": "dshm", "mountPath": "/dev/shm"}]}
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                            "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "scratch", "emptyDir": {}},
+                    {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+    }
+    if restart_policy:
+        spec["restartPolicy"] = restart_policy
+    if config.service_account:
+        spec["serviceAccountName"] = config.service_account
+    if sched.priorityClassName:
+        spec["priorityClassName"] = sched.priorityClassName
+    if sched.nodeSelector:
+        spec["nodeSelector"] = dict(sched.nodeSelector)
+    if sched.tolerations:
+        spec["tolerations"] = [t.model_dump(exclude_none=True) for t in sched.tolerations]
+    return spec
+
+
+def _metadata(run: AlignmentRun, name: str, labels: dict[str, str], uid: str) -> dict[str, Any]:
+    labels = dict(labels)
+    if run.spec.scheduling.queueName:
+        labels[QUEUE_LABEL] = run.spec.scheduling.queueName
+    return {"name": name, "namespace": run.metadata.namespace, "labels": labels,
+            "ownerReferences": [owner_reference(run, uid)]}
+
+
+# --- the children -----------------------------------------------------------------------
+
+
+def _step_resources(run: AlignmentRun, stage: str, step: Step, task: StageTask) -> dict[str, Any]:
+    if step.resources == "scoring":
+        return task.params.get("scoringResources") or resolved_resources(
+            run.spec, getattr(run.spec.stages, stage).scoringResources)
+    return task.params.get("resources") or resolved_resources(
+        run.spec, getattr(run.spec.stages, stage).resources)
+
+
+def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
+               task: StageTask, config: OperatorConfig) -> dict[str, Any]:
+    res = _step_resources(run, stage, step, task)
+    name = child_name(run.metadata.name, stage, step.name, attempt)
+    labels = child_labels(run, stage, step.name, attempt)
+    container = {"name": "pytorch", "image": config.image(run, step.image),
+                 "command": ["torchrun", "-m", "xwin_jobs", step.job, "--task", "$(XWIN_TASK)"],
+                 "env": container_env(run, task, step, step_env(step)),
+                 "resources": _resources(res["gpusPerNode"], res.get("cpu"), res.get("memory"))}
+    template = {"metadata": {"labels": labels}, "spec": pod_spec(run, container, config)}
+    replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
+    if res["nodes"] > 1:
+        replicas["Worker"] = {"replicas": res["nodes"] - 1, "restartPolicy": "ExitCode",
+                              "template": template}
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+            "metadata": _metadata(run, name, labels, uid),
+            "spec": {"nprocPerNode": str(max(1, res["gpusPerNode"])),
+                     "runPolicy": {"backoffLimit": config.pod_backoff_limit,
+                                   "suspend": bool(run.spec.suspend), "cleanPodPolicy": "None"},
+                     "pytorchReplicaSpecs": replicas}}
+
+
+def batch_job(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
+              task: StageTask, config: OperatorConfig, extra_env: dict[str, str]) -> dict[str, Any]:
+    name = child_name(run.metadata.name, stage, step.name, attempt)
+    labels = child_labels(run, stage, step.name, attempt)
+    container = {"name": "main", "image": config.image(run, step.image),
+                 "command": ["python", "-m", "xwin_jobs", step.job, "--task", "$(XWIN_TASK)"],
+                 "env": container_env(run, task, step, extra_env),
+                 "resources": _resources(0, config.job_cpu, config.job_memory)}
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": _metadata(run, name, labels, uid),
+            "spec": {"backoffLimit": config.pod_backoff_limit, "suspend": bool(run.spec.suspend),
+                     "podFailurePolicy": {"rules": [
+                         {"action": "FailJob",
+                          "onExitCodes": {"containerName": "main", "operator": "In", "values": [1, 2]}},
+                         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": pod_spec(run, container, config, restart_policy="Never")}}}
+
+
+def model_location(uri: str) -> str:
+    """Where vLLM loads a model from: a local path, an HF repo id or an s3:// URI."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if uri.startswith("hf://"):
+        return uri[len("hf://"):]
+    return uri
+
+
+def server_command(model: str, serving: dict[str, Any], port: int) -> tuple[list[str], dict[str, str]]:
+    """The vLLM server's command and extra env, from `xwin_jobs.vllm_server` (the functions
+    the local executor uses too). No GPU asked for -> vLLM's CPU settings."""
+    from xwin_jobs.vllm_server import VLLM_MODULE, vllm_server_args, vllm_server_env
+
+    device = "gpu" if serving.get("gpusPerReplica") else "cpu"
+    extra = ("--load-format", "runai_streamer") if model.startswith("s3://") else ()
+    args = vllm_server_args(model, serving, port, host="0.0.0.0", served_model_name=SERVED_MODEL,
+                            device=device, extra_args=extra)
+    return ["python", "-m", VLLM_MODULE, *args], vllm_server_env(device)
+
+
+def vllm_server(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
+                task: StageTask, config: OperatorConfig) -> list[dict[str, Any]]:
+    """The Deployment and Service of a serve step."""
+    serving = task.params.get("serving") or resolved_serving(run.spec, getattr(run.spec.stages, stage))
+    name = child_name(run.metadata.name, stage, step.name, attempt)
+    labels = child_labels(run, stage, step.name, attempt)
+    model = model_location(task.inputs[step.model_input])
+    port = config.server_port
+    command, server_env = server_command(model, serving, port)
+    container = {
+        "name": "vllm", "image": config.image(run, step.image),
+        "command": command,
+        "env": [e for e in container_env(run, task, step, {**step_env(step), **server_env})
+                if e["name"] != "XWIN_TASK"],
+        "ports": [{"name": "http", "containerPort": port}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                           "periodSeconds": 5, "failureThreshold": 3},
+        "startupProbe": {"httpGet": {"path": "/health", "port": "http"},
+                         "periodSeconds": 10, "failureThreshold": 180},
+        "resources": _resources(serving.get("gpusPerReplica") or 0, None, None),
+    }
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _metadata(run, name, labels, uid),
+        "spec": {"replicas": serving["replicas"], "selector": {"matchLabels": labels},
+                 "progressDeadlineSeconds": 3600,
+                 "template": {"metadata": {"labels": labels},
+                              "spec": pod_spec(run, container, config)}}}
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _metadata(run, name, labels, uid),
+        "spec": {"type": "ClusterIP", "selector": labels,
+                 "ports": [{"name": "http", "port": port, "targetPort": "http"}]}}
+    return [deployment, service]
+
+
+def build_step(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
+               task: StageTask, config: OperatorConfig,
+               serve_attempt: int | None = None) -> list[dict[str, Any]]:
+    """Every manifest of one step's attempt. A sample step points at the Service of its serve
+    step's attempt `serve_attempt` (default: the same attempt)."""
+    if step.kind == "train":
+        return [pytorchjob(run, stage, step, attempt, uid, task, config)]
+    if step.kind == "serve":
+        return vllm_server(run, stage, step, attempt, uid, task, config)
+    extra = step_env(step)
+    if step.served_by:
+        url = server_url(run, stage, step.served_by, serve_attempt or attempt, config)
+        extra = step_env(step, url, SERVED_MODEL)
+    return [batch_job(run, stage, step, attempt, uid, task, config, extra)]

@@ -1,0 +1,82 @@
+"""`xwin plan FILE.yaml`: every child manifest the operator would create for a run, stage by
+stage, as one YAML stream (`# stage: X` comments between documents) that reads well and pipes
+into `kubectl apply --dry-run=server -f -`.
+
+The manifests are those of the first attempt of every step, built by the operator's own
+builders. The owner reference carries a placeholder uid (the real one exists only once the
+AlignmentRun is created); `XWIN_PLAN_UID` replaces it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Iterator, TextIO
+
+import yaml
+
+from .builders import OperatorConfig, build_step
+from .graph import stages_of
+from .spec import AlignmentRun
+from .steps import steps_of
+from .tasks import stage_task
+
+PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+def planned_manifests(run: AlignmentRun, uid: str = PLACEHOLDER_UID,
+                      config: OperatorConfig | None = None) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(stage, step, manifest) for every child of every stage, in pipeline order."""
+    config = config or OperatorConfig()
+    for stage in stages_of(run.spec):
+        if getattr(run.spec.stages, stage).reused:
+            continue
+        task = stage_task(run, stage, config.store or None)
+        for step in steps_of(run.spec, stage):
+            for manifest in build_step(run, stage, step, 1, uid, task, config):
+                yield stage, step.name, manifest
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def write_plan(run: AlignmentRun, out: TextIO, uid: str = PLACEHOLDER_UID,
+               config: OperatorConfig | None = None) -> int:
+    """Write the YAML stream; returns the number of manifests."""
+    meta = run.metadata
+    out.write(f"# xwin plan: the children of AlignmentRun {meta.namespace}/{meta.name} "
+              f"(first attempt of every step; owner uid {uid})\n")
+    count, last_stage = 0, None
+    for stage in stages_of(run.spec):
+        st = getattr(run.spec.stages, stage)
+        if st.reused:
+            out.write(f"# stage: {stage}: reused from {st.from_}; nothing to create\n")
+    for stage, step, manifest in planned_manifests(run, uid, config):
+        out.write("---\n")
+        if stage != last_stage:
+            out.write(f"# stage: {stage}\n")
+            last_stage = stage
+        out.write(f"# step: {step}: {manifest['kind']}/{manifest['metadata']['name']}\n")
+        out.write(yaml.dump(manifest, Dumper=_Dumper, sort_keys=False, width=100))
+        count += 1
+    return count
+
+
+def print_plan(run: AlignmentRun, args: Any = None) -> int:
+    """Entry point of `xwin plan` (cli.cmd_plan); exit status."""
+    uid = getattr(args, "uid", None) or os.environ.get("XWIN_PLAN_UID") or PLACEHOLDER_UID
+    try:
+        write_plan(run, sys.stdout, uid, OperatorConfig.from_env())
+        sys.stdout.flush()
+    except BrokenPipeError:  # `xwin plan run.yaml | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0

@@ -1,0 +1,168 @@
+"""`.status` of an AlignmentRun, recomputed from the planner's stage views, and the Events of
+its transitions. Pure.
+
+Conditions (lastTransitionTime kept from the previous status while `status` is unchanged):
+  * Succeeded: True (AllStagesSucceeded) | False, reason StageRunning, Pending, Backoff,
+    Suspended, SecretNotFound, StageFailed, InputNotFound or NoMarker;
+  * Suspended: True when spec.suspend holds the run;
+  * SecretsReady: False (SecretNotFound) naming the field and the Secret (never its value);
+  * SpecChangeNeedsNewRun: present (True) while a finished stage's settings differ from the
+    spec: such a stage is never rerun silently; create a new run, or delete the stage's
+    `_SUCCESS.json` to rerun it in this one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .planner import EmitEvent, Observed, PatchStatus
+from .spec import AlignmentRun
+
+_FAILED_REASONS = ("StageFailed", "InputNotFound", "NoMarker")
+
+
+def _stage_status(v, prev: dict[str, Any], suspended: bool) -> dict[str, Any]:
+    phase = "Suspended" if suspended and v.phase == "Running" else v.phase
+    created = [c.created for c in v.children if c.created]
+    finished = [c.finished for c in v.children if c.finished]
+    out: dict[str, Any] = {"name": v.name, "phase": phase,
+                           "attempts": max(v.attempts, int(prev.get("attempts") or 0))}
+    start = prev.get("startTime") or (min(created) if created else None)
+    if start:
+        out["startTime"] = start
+    if v.phase in ("Succeeded", "Failed"):
+        end = (v.marker or {}).get("finishedAt") or prev.get("completionTime") or (
+            max(finished) if finished else None)
+        if end:
+            out["completionTime"] = end
+    if v.artifact:
+        out["artifact"] = v.artifact
+    out["children"] = [f"{c.kind}/{c.name}" for c in v.children]
+    metrics = (v.marker or {}).get("metrics") or {}
+    if metrics:
+        out["metrics"] = dict(metrics)
+    message = v.message
+    if v.changed:
+        message = (f"spec.stages.{v.name} changed after the stage finished: not rerun (create a new "
+                   f"AlignmentRun, or delete {v.artifact}_SUCCESS.json to rerun it)")
+    if message:
+        out["message"] = message
+    return out
+
+
+def _condition(prev: dict[str, dict], now: str, type_: str, status: str, reason: str,
+               message: str) -> dict[str, Any]:
+    old = prev.get(type_)
+    when = old.get("lastTransitionTime") if old and old.get("status") == status else None
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": when or now}
+
+
+def build_status(run: AlignmentRun, views: dict, prev_status: dict | None, generation: int,
+                 observed: Observed, missing_secrets: dict[str, str]) -> dict[str, Any]:
+    prev_status = prev_status or {}
+    prev_stages = {s.get("name"): s for s in prev_status.get("stages", [])}
+    prev_conds = {c.get("type"): c for c in prev_status.get("conditions", [])}
+    suspended = bool(run.spec.suspend)
+    ordered = list(views.values())
+    failed = [v for v in ordered if v.phase == "Failed"]
+    done = all(v.phase in ("Succeeded", "Skipped") for v in ordered)
+    active = [v for v in ordered if v.phase == "Running"]
+    started = any(v.children or v.phase in ("Running", "Succeeded") for v in ordered)
+
+    if failed:
+        phase, current = "Failed", failed[0]
+        message = "; ".join(v.message for v in failed) + _needed_by(run, failed)
+        reason = current.reason if current.reason in _FAILED_REASONS else "StageFailed"
+    elif done:
+        phase, current, reason, message = "Succeeded", None, "AllStagesSucceeded", "every stage succeeded"
+    else:
+        current = (active or [v for v in ordered if v.phase not in ("Succeeded", "Skipped")])[0]
+        phase = "Suspended" if suspended else ("Running" if started else "Pending")
+        reason = "Suspended" if suspended else (current.reason or "Pending")
+        message = ("suspended (spec.suspend): no new children; running ones are suspended"
+                   if suspended else current.message)
+    now = observed.now or prev_conds.get("Succeeded", {}).get("lastTransitionTime") or ""
+    conditions = [_condition(prev_conds, now, "Succeeded", "True" if phase == "Succeeded" else "False",
+                             reason, message)]
+    conditions.append(_condition(prev_conds, now, "Suspended", "True" if suspended and phase == "Suspended"
+                                 else "False", "SpecSuspend" if suspended else "NotSuspended",
+                                 "spec.suspend is true" if suspended else ""))
+    if missing_secrets:
+        conditions.append(_condition(prev_conds, now, "SecretsReady", "False", "SecretNotFound", "; ".join(
+            f"{p}: Secret '{n}' not found in namespace '{run.metadata.namespace}'"
+            for p, n in missing_secrets.items())))
+    else:
+        conditions.append(_condition(prev_conds, now, "SecretsReady", "True", "SecretsFound", ""))
+    changed = [v.name for v in ordered if v.changed]
+    if changed:
+        conditions.append(_condition(prev_conds, now, "SpecChangeNeedsNewRun", "True", "FinishedStageChanged",
+                                     "settings of finished stage(s) " + ", ".join(changed) +
+                                     " changed; they are not rerun: create a new AlignmentRun"))
+    status: dict[str, Any] = {
+        "phase": phase, "observedGeneration": generation, "message": message,
+        "stages": [_stage_status(v, prev_stages.get(v.name, {}), suspended) for v in ordered],
+        "conditions": conditions}
+    if current is not None:
+        status["stage"] = current.name
+    return status
+
+
+def _needed_by(run: AlignmentRun, failed: list) -> str:
+    """'; needed by spec.stages.dpo.init' for the fields that name a failed stage."""
+    from .graph import stage_references, stages_of
+
+    names = {v.name for v in failed}
+    fields = [f"spec.stages.{s}.{f}" for s in stages_of(run.spec)
+              for f, ref in stage_references(run.spec, s).items() if ref in names]
+    return f" (needed by {', '.join(fields)})" if fields else ""
+
+
+_EVENT = {"Running": ("StageStarted", "Normal"), "Succeeded": ("StageSucceeded", "Normal"),
+          "Failed": ("StageFailed", "Warning"), "Suspended": ("StageSuspended", "Normal"),
+          "Skipped": ("StageReused", "Normal")}
+_RUN_EVENT = {"Succeeded": ("RunSucceeded", "Normal"), "Failed": ("RunFailed", "Warning"),
+              "Suspended": ("RunSuspended", "Normal"), "Running": ("RunRunning", "Normal")}
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in list(metrics.items())[:6] if not isinstance(v, (dict, list))]
+    return f" ({', '.join(items)})" if items else ""
+
+
+def status_actions(run: AlignmentRun, views: dict, prev_status: dict | None,
+                   new_status: dict[str, Any]) -> list:
+    """PatchStatus when anything changed, and an Event for every stage and run transition."""
+    prev_status = prev_status or {}
+    prev_stages = {s.get("name"): s for s in prev_status.get("stages", [])}
+    events: list = []
+    for s in new_status["stages"]:
+        old = prev_stages.get(s["name"], {})
+        backoff = views[s["name"]].reason == "Backoff"
+        if backoff and s.get("message") != old.get("message"):
+            events.append(EmitEvent("StageAttemptFailed", s["message"], "Warning"))
+            continue
+        if s["phase"] == old.get("phase", "Pending") and s["attempts"] <= int(old.get("attempts") or 0):
+            continue
+        if s["phase"] == "Running" and old.get("phase") == "Running":
+            events.append(EmitEvent("StageRetrying", f"stage {s['name']}: attempt {s['attempts']} of "
+                                    f"{run.spec.retries.maxAttempts}", "Warning"))
+            continue
+        if s["phase"] not in _EVENT:
+            continue
+        reason, type_ = _EVENT[s["phase"]]
+        text = f"stage {s['name']} {s['phase'].lower()}"
+        if s["phase"] == "Running":
+            text = f"stage {s['name']} started (attempt {s['attempts']})"
+        elif s["phase"] == "Succeeded":
+            text += _metrics_text(s.get("metrics", {})) + (f": {s['artifact']}" if s.get("artifact") else "")
+        elif s.get("message"):
+            text += f": {s['message']}"
+        events.append(EmitEvent(reason, text, type_))
+    if new_status["phase"] != prev_status.get("phase") and new_status["phase"] in _RUN_EVENT:
+        reason, type_ = _RUN_EVENT[new_status["phase"]]
+        events.append(EmitEvent(reason, f"run {new_status['phase'].lower()}: {new_status['message']}", type_))
+    ours = {k: prev_status.get(k) for k in new_status if k in prev_status}
+    patch = [] if ours == new_status else [PatchStatus(new_status)]
+    return patch + events

@@ -1,0 +1,117 @@
+"""The steps of each stage: one table, read by the operator's planner and by `xwin run`.
+
+A stage is a short, linear list of steps. Each step is one child on Kubernetes (a vLLM server
+is a Deployment plus its Service) and one process locally:
+
+| stage                                     | steps                                        |
+| ----------------------------------------- | -------------------------------------------- |
+| sft, rewardModel, rejectionSampling, dpo  | train                                        |
+| pairs                                     | serve, sample, judge                         |
+| bestOfN                                   | serve, sample, score                         |
+| evaluate                                  | serve-<m>, sample-<m> for each model m; judge |
+
+Kinds of step:
+  * `train`: `python -m xwin_jobs <job> --task ...` under torchrun (a PyTorchJob on Kubernetes);
+    `<job>` is the stage key for training stages and `<stage>-<step>` (`bestOfN-score`) for
+    the steps of other stages (xwin_jobs.stages.STEPS);
+  * `serve`: a vLLM OpenAI server for one model input of the task (a Deployment + Service). It
+    lives only while the sample step it serves runs: it starts right before it and is deleted
+    as soon as that step finishes, so GPUs are not held;
+  * `job`: `python -m xwin_jobs <job> --task ...` once (a Job).
+
+What a step's process gets besides the task (the StageTask is the same for every step of a
+stage, so its digest and `_SUCCESS.json` stay those of the stage; only the LAST step of a
+stage writes `_SUCCESS.json`):
+  * env `XWIN_STEP`: the step name (`sample`, `sample-sft`, ...);
+  * env `XWIN_MODEL_INPUT` (serve and sample steps): the name of the task input holding the
+    model served / sampled (`policy`, or `model:<m>` for evaluate);
+  * env `OPENAI_BASE_URL` (sample steps): the OpenAI-compatible base URL of the server
+    (`http://<service>:<port>/v1`), and `XWIN_SERVED_MODEL`: the model name it serves
+    (what `xwin_jobs.sampler` reads).
+
+Pure.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from xwin_jobs.task import StageTask
+
+from .spec import AlignmentRunSpec
+
+TRAINING_STAGES = ("sft", "rewardModel", "rejectionSampling", "dpo")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str                       # label xwin.ai/step and part of the child name
+    kind: str                       # train | serve | job
+    job: str | None = None          # `python -m xwin_jobs <job>`: the stage, or "<stage>-<step>"
+    image: str = "trainer"          # trainer | sampler | annotator (keys of spec.images)
+    model_input: str | None = None  # serve/sample: the task input with the model
+    serves: str | None = None       # serve: the sample step it exists for
+    served_by: str | None = None    # sample: its serve step (must be ready first)
+    resources: str = "training"     # training | scoring | serving | none: which settings size it
+    needs_judge: bool = False       # reads judge.apiKeySecret
+
+
+def model_slug(ref: str, index: int) -> str:
+    """A short DNS-safe name for an evaluated model: the stage key lowercased, else m<index>."""
+    slug = ref.lower()
+    return slug if re.fullmatch(r"[a-z][a-z0-9]{0,19}", slug) else f"m{index}"
+
+
+def _served_sampling(stage: str, model_input: str, suffix: str = "") -> list[Step]:
+    serve, sample = f"serve{suffix}", f"sample{suffix}"
+    return [Step(serve, "serve", image="sampler", model_input=model_input, serves=sample,
+                 resources="serving"),
+            Step(sample, "job", job=f"{stage}-sample", image="sampler", model_input=model_input,
+                 served_by=serve, resources="none")]
+
+
+def _judge(stage: str) -> Step:
+    return Step("judge", "job", job=f"{stage}-judge", image="annotator", resources="none",
+                needs_judge=True)
+
+
+def stage_steps(stage: str, models: Sequence[str] = ()) -> list[Step]:
+    """The steps of a stage; `models` are evaluate's `models` (stage keys or URIs)."""
+    if stage in TRAINING_STAGES:
+        return [Step("train", "train", job=stage)]
+    if stage == "pairs":
+        return _served_sampling(stage, "policy") + [_judge(stage)]
+    if stage == "bestOfN":
+        return _served_sampling(stage, "policy") + [
+            Step("score", "train", job=f"{stage}-score", resources="scoring")]
+    if stage == "evaluate":
+        steps: list[Step] = []
+        for i, ref in enumerate(models):
+            steps += _served_sampling(stage, f"model:{ref}", f"-{model_slug(ref, i)}")
+        return steps + [_judge(stage)]
+    raise KeyError(f"unknown stage {stage!r}")
+
+
+def steps_of(spec: AlignmentRunSpec, stage: str) -> list[Step]:
+    """The steps of one (non-reused) stage of a run, in order."""
+    models = spec.stages.evaluate.models if stage == "evaluate" else ()
+    return stage_steps(stage, models)
+
+
+def task_steps(task: StageTask) -> list[Step]:
+    """The steps of the stage a task is for (evaluate's models come from its params)."""
+    return stage_steps(task.stage, task.params.get("models") or ())
+
+
+def step_env(step: Step, server_url: str | None = None, served_model: str | None = None) -> dict[str, str]:
+    """The step-specific environment (see the module docstring), for pods and local processes."""
+    env = {"XWIN_STEP": step.name}
+    if step.model_input:
+        env["XWIN_MODEL_INPUT"] = step.model_input
+    if step.served_by and server_url:
+        env["OPENAI_BASE_URL"] = server_url
+    if step.served_by and served_model:
+        env["XWIN_SERVED_MODEL"] = served_model
+    return env

