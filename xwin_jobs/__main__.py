@@ -43,31 +43,34 @@ def build_parser(stage_names: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .stages import STAGES
+    from .stages import STAGES, STEPS, step_for
     from .task import StageTask
 
-    args = build_parser(list(STAGES)).parse_args(argv)
+    args = build_parser([*STAGES, *STEPS]).parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.stage not in STAGES:
-        print(f"error: unknown stage {args.stage!r}; known stages: {', '.join(STAGES)}", file=sys.stderr)
+    short_steps = {name.split("-", 1)[1] for name in STEPS}  # the operator's job names
+    if args.stage not in STAGES and args.stage not in STEPS and args.stage not in short_steps:
+        print(f"error: unknown stage {args.stage!r}; known stages: {', '.join([*STAGES, *STEPS])}", file=sys.stderr)
         return 2
     try:
         task = StageTask.load(args.task)
     except (ValueError, TypeError) as e:
         print(f"error: bad task: {e}", file=sys.stderr)
         return 2
-    if task.stage != args.stage:
+    step = step_for(args.stage, task.stage)  # a step of a multi-process stage (bestOfN-sample)
+    if step is None and task.stage != args.stage:
         print(f"error: the task is for stage {task.stage!r}, not {args.stage!r}", file=sys.stderr)
         return 2
 
-    from .stages import run_stage
+    from .stages import run_stage, run_step
     from .store import Store
 
     expected = _expected_errors()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # log lines, not bars, in pods
     try:
-        marker = run_stage(task, Store(endpoint_url=args.store_endpoint))
+        store = Store(endpoint_url=args.store_endpoint)
+        marker = run_step(step, task, store) if step else run_stage(task, store)
     except expected as e:
         print(f"error: stage {task.stage} failed: {e}", file=sys.stderr)
         return 1

@@ -5,7 +5,10 @@ stage that samples: `bestOfN` (n responses), `pairs` (k candidates) and `evaluat
 It sends each prompt to the completions endpoint as token ids made by `encode(messages)`
 (the stages pass `chat.encode_prompt` with the run's chat template and the policy's tokenizer,
 so the model sees exactly the text it was trained on, special tokens included) and yields
-`(prompt_record, [n texts])` as answers arrive (not in input order).
+`(prompt_record, [n texts])` as answers arrive (not in input order). `chat_format` makes that
+encoder plus `to_content`, which removes the separator the template puts before an
+assistant message (vicuna's space after "ASSISTANT:"), so a sampled answer stored as message
+content renders in later training exactly as it was generated.
 
 Per request: `n`, `temperature`, `top_p`, `max_tokens`, and a seed derived from the sampling
 seed and the prompt id (`prompt_seed`), so a prompt's responses do not depend on the order or
@@ -108,7 +111,8 @@ class ClientConfig:
                  env: Mapping[str, str] | None = None, **overrides: Any) -> "ClientConfig":
         """`OPENAI_BASE_URL` (required), `XWIN_SERVED_MODEL` (optional), `OPENAI_API_KEY`
         (optional; vLLM needs none), concurrency from the stage's resolved `serving`
-        (`concurrency` per replica times `replicas`)."""
+        (`concurrency` per replica times `replicas`); `XWIN_SAMPLER_MAX_ATTEMPTS` and
+        `XWIN_SAMPLER_BACKOFF_SECONDS` override the retry policy."""
         env = os.environ if env is None else env
         url = overrides.pop("base_url", None) or env.get("OPENAI_BASE_URL")
         if not url:
@@ -119,6 +123,13 @@ class ClientConfig:
         kwargs: dict[str, Any] = dict(base_url=url.rstrip("/"), concurrency=concurrency,
                                       model=env.get("XWIN_SERVED_MODEL") or None,
                                       api_key=env.get("OPENAI_API_KEY") or "EMPTY")
+        try:
+            if env.get("XWIN_SAMPLER_MAX_ATTEMPTS"):
+                kwargs["max_attempts"] = max(1, int(env["XWIN_SAMPLER_MAX_ATTEMPTS"]))
+            if env.get("XWIN_SAMPLER_BACKOFF_SECONDS"):
+                kwargs["backoff_s"] = float(env["XWIN_SAMPLER_BACKOFF_SECONDS"])
+        except ValueError as e:
+            raise SamplerError(f"sampler retry settings: {e}") from None
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -144,6 +155,43 @@ class SampleStats:
         return (f"sampled {self.prompts}{of} prompts ({self.prompts / elapsed:.2f}/s), "
                 f"{self.responses} responses, {self.empty} empty, {self.truncated} truncated, "
                 f"{self.retries} retries")
+
+
+def assistant_separator(messages: Sequence[dict], template: str, tokenizer: Any) -> str:
+    """The text the chat template puts between the sampling prompt and the content of the
+    assistant message that follows it (" " for vicuna's "ASSISTANT: <content>"). A model
+    trained on that template generates it as part of its first token."""
+    from .chat import render_prompt, render_with_spans
+
+    marker = "\x00xwin-content\x00"
+    prompt = render_prompt(messages, template, tokenizer)
+    full, _ = render_with_spans([*messages, {"role": "assistant", "content": marker}], template,
+                                tokenizer)
+    at = full.find(marker)
+    if at < 0 or not full.startswith(prompt) or at < len(prompt):
+        return ""
+    return full[len(prompt):at]
+
+
+def chat_format(template: str, tokenizer: Any) -> tuple[Callable, Callable]:
+    """(encode, to_content) for `sample_responses`: prompt token ids exactly as in training
+    (`chat.encode_prompt`), and a completion turned back into message content (the
+    template's separator removed), so a sampled answer renders in training as it was
+    generated."""
+    from .chat import encode_prompt
+
+    def encode(messages: Sequence[dict]) -> list[int]:
+        return encode_prompt(messages, template, tokenizer)
+
+    last: list = [None, ""]  # the n completions of a prompt come one after another
+
+    def to_content(messages: Sequence[dict], text: str) -> str:
+        if last[0] is not messages:
+            last[:] = [messages, assistant_separator(messages, template, tokenizer)]
+        sep = last[1]
+        return text[len(sep):] if sep and text.startswith(sep) else text
+
+    return encode, to_content
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -229,8 +277,8 @@ async def server_info(client: Any, cfg: ClientConfig, stats: SampleStats) -> Ser
 
 
 async def _sample_one(client: Any, record: dict, ids: list[int], n: int, sampling: SamplingParams,
-                      cfg: ClientConfig, server: ServerInfo, stats: SampleStats
-                      ) -> tuple[dict, list[str], list[str | None]]:
+                      cfg: ClientConfig, server: ServerInfo, stats: SampleStats,
+                      to_content: Callable | None) -> tuple[dict, list[str], list[str | None]]:
     pid = record["id"]
     max_tokens = sampling.max_tokens
     if server.max_model_len is not None:
@@ -252,6 +300,8 @@ async def _sample_one(client: Any, record: dict, ids: list[int], n: int, samplin
                            f"responses, got {len(choices)}"
                            + ("" if len(choices) != n else " with duplicate indices"))
     texts = [c.text or "" for c in choices]
+    if to_content is not None:
+        texts = [to_content(record["messages"], t) for t in texts]
     reasons = [c.finish_reason for c in choices]
     stats.prompts += 1
     stats.responses += n
@@ -262,7 +312,7 @@ async def _sample_one(client: Any, record: dict, ids: list[int], n: int, samplin
 
 async def sample_with_reasons(prompts: Iterable[dict], n: int, sampling: SamplingParams,
                               client_cfg: ClientConfig, encode: Callable[[Sequence[dict]], list[int]],
-                              stats: SampleStats | None = None
+                              stats: SampleStats | None = None, to_content: Callable | None = None
                               ) -> AsyncIterator[tuple[dict, list[str], list[str | None]]]:
     """Like `sample_responses`, also yielding each response's finish_reason."""
     from openai import AsyncOpenAI
@@ -270,6 +320,8 @@ async def sample_with_reasons(prompts: Iterable[dict], n: int, sampling: Samplin
     if n < 1:
         raise SamplerError(f"n must be >= 1, got {n}")
     stats = stats if stats is not None else SampleStats()
+    for name in ("httpx", "httpx2", "httpcore"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
     client = AsyncOpenAI(base_url=client_cfg.base_url, api_key=client_cfg.api_key,
                          max_retries=0, timeout=client_cfg.timeout_s)
     pending: set[asyncio.Task] = set()
@@ -290,7 +342,8 @@ async def sample_with_reasons(prompts: Iterable[dict], n: int, sampling: Samplin
                 seen.add(pid)
                 ids = list(encode(record["messages"]))
                 pending.add(asyncio.create_task(
-                    _sample_one(client, record, ids, n, sampling, client_cfg, server, stats)))
+                    _sample_one(client, record, ids, n, sampling, client_cfg, server, stats,
+                                to_content)))
             if not pending:
                 break
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -306,10 +359,12 @@ async def sample_with_reasons(prompts: Iterable[dict], n: int, sampling: Samplin
 
 async def sample_responses(prompts: Iterable[dict], n: int, sampling: SamplingParams,
                            client_cfg: ClientConfig, encode: Callable[[Sequence[dict]], list[int]],
-                           stats: SampleStats | None = None
+                           stats: SampleStats | None = None, to_content: Callable | None = None
                            ) -> AsyncIterator[tuple[dict, list[str]]]:
     """(prompt_record, [exactly n texts]) for every prompt record ({"id", "messages"}), as the
-    answers arrive. See the module docstring for errors and counted skips."""
+    answers arrive. `encode(messages)` gives the prompt's token ids and `to_content(messages,
+    text)` (optional) turns a completion into message content: `chat_format(template,
+    tokenizer)` makes both. See the module docstring for errors and counted skips."""
     async for record, texts, _ in sample_with_reasons(prompts, n, sampling, client_cfg, encode,
-                                                      stats):
+                                                      stats, to_content):
         yield record, texts

@@ -163,17 +163,20 @@ class RewardScorer:
         self.max_length = max_length or positions
 
     def score(self, items: Sequence[tuple[Sequence[dict], str]], *, grouped: bool = True,
-              batch_size: int = 32) -> tuple[list[float | None], ScoringStats]:
+              batch_size: int = 32, max_rows: int | None = None
+              ) -> tuple[list[float | None], ScoringStats]:
         """Score of every (prompt messages, response text), None for skipped ones.
 
-        grouped=False scores fixed-size batches in input order (the baseline benchmark)."""
+        Length-grouped batches under the token budget (and at most `max_rows` rows);
+        grouped=False scores `batch_size` batches in input order (the benchmark's baseline)."""
         stats = ScoringStats(responses=len(items))
         keep = [i for i, (_, response) in enumerate(items) if response.strip()]
         stats.empty = len(items) - len(keep)
         sequences, stats.truncated = encode_items([items[i] for i in keep], self.template,
                                                   self.tokenizer, self.max_length)
         if grouped:
-            batches = length_grouped_batches([len(s) for s in sequences], self.token_budget)
+            batches = length_grouped_batches([len(s) for s in sequences], self.token_budget,
+                                             max_rows)
         else:
             batches = fixed_batches(len(sequences), batch_size)
         values = score_token_ids(self.model, sequences, self.pad_id, batches, self.device, stats)

@@ -224,13 +224,38 @@ class LocalVllmServer:
         log.info("vLLM server stopped")
 
     def __enter__(self) -> "LocalVllmServer":
+        self._trap_sigterm()
         self.start()
         try:
             self.wait_healthy()
         except BaseException:
             self.stop()
+            self._restore_sigterm()
             raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._restore_sigterm()
+
+    # A SIGTERM (kill, a pod's shutdown) would end Python without leaving the `with` block,
+    # orphaning the server in its own session; turn it into an exception that does.
+    _previous_sigterm: Any = None
+
+    def _trap_sigterm(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def terminate(signum, frame):
+            raise SystemExit(128 + signum)
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, terminate)
+
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None

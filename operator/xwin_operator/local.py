@@ -168,3 +168,4 @@ def python_for_jobs() -> str:
 
 # Multi-process stage runners register themselves in STAGE_RUNNERS on import.
 from . import local_sampling  # noqa: E402,F401  (bestOfN: vLLM server, sampler, scorer)
+from . import local_judge  # noqa: E402,F401  (pairs, evaluate: vLLM servers, samplers, judge)

@@ -129,6 +129,8 @@ class BatchJudge:
         run = JudgeRun()
         started = time.monotonic()
         by_key = {r.key: r for r in requests}
+        run.stats["cached"] = sum(1 for r in requests
+                                  if is_final(self.cache.get(r.key), self.settings.max_reasks))
         own_client = self.client is None
         if own_client:
             self.client = make_client(self.settings)

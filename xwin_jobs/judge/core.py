@@ -138,7 +138,10 @@ class JudgeSettings:
 
     def describe(self) -> dict[str, Any]:
         """The settings for metrics and logs (no secrets here by construction)."""
-        return {"model": self.model, "mode": self.mode, "baseURL": self.base_url or "openai",
+        from ..store import redact_endpoint
+
+        return {"model": self.model, "mode": self.mode,
+                "baseURL": redact_endpoint(self.base_url) if self.base_url else "openai",
                 "maxConcurrency": self.max_concurrency,
                 "requestsPerMinute": self.requests_per_minute,
                 "tokensPerMinute": self.tokens_per_minute, "budgetUSD": self.budget_usd}

@@ -117,7 +117,7 @@ def reask_messages(messages: Sequence[dict[str, str]], bad_reply: str, problem: 
                    template: Template) -> list[dict[str, str]]:
     """`messages` followed by the unusable reply and a request to answer in the format."""
     return [*messages, {"role": "assistant", "content": bad_reply},
-            {"role": "user", "content": template.reask.format(problem=problem)}]
+            {"role": "user", "content": template.reask.replace("{problem}", problem)}]
 
 
 def extract_payload(messages: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

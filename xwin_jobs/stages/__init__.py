@@ -35,6 +35,22 @@ STAGES: dict[str, str] = {
     "rewardModel": "xwin_jobs.stages.reward_model:run",
     "rejectionSampling": "xwin_jobs.stages.rejection_sampling:run",
     "dpo": "xwin_jobs.stages.dpo:run",
+    "bestOfN": "xwin_jobs.stages.best_of_n:run",
+    "pairs": "xwin_jobs.stages.pairs:run",
+    "evaluate": "xwin_jobs.stages.evaluate:run",
+}
+
+# Steps of stages that run as several processes, each given the stage's own task:
+# "<stage>-<step>" -> "module:function(task, store) -> dict". Only a stage's last step
+# writes its marker. The operator's short job names (`sample`, `score`) resolve through
+# `step_for`.
+STEPS: dict[str, str] = {
+    "bestOfN-sample": "xwin_jobs.stages.best_of_n:sample_step",
+    "bestOfN-score": "xwin_jobs.stages.best_of_n:score_step",
+    "pairs-sample": "xwin_jobs.stages.pairs:sample_step",
+    "pairs-judge": "xwin_jobs.stages.pairs:judge_step",
+    "evaluate-sample": "xwin_jobs.stages.evaluate:sample_step",
+    "evaluate-judge": "xwin_jobs.stages.evaluate:judge_step",
 }
 
 class StageError(Exception):
@@ -93,6 +109,20 @@ def load_stage(name: str) -> Callable[[StageContext], StageResult]:
         raise StageError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}") from None
     module, _, func = target.partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def step_for(job: str, stage: str) -> str | None:
+    """The registered step a job name means for a task of `stage` (`bestOfN-sample`, or the
+    short `sample`), or None when it is not a step of that stage."""
+    for name in (job, f"{stage}-{job}"):
+        if name in STEPS and name.startswith(f"{stage}-"):
+            return name
+    return None
+
+
+def run_step(name: str, task: StageTask, store: Store) -> dict[str, Any]:
+    module, _, func = STEPS[name].partition(":")
+    return getattr(importlib.import_module(module), func)(task, store)
 
 
 def upstream_digests(store: Store, task: StageTask) -> dict[str, str]:

@@ -1,0 +1,234 @@
+"""Operator benchmark: N AlignmentRuns created at once against KMock, children completing instantly.
+
+    python benchmarks/bench_operator.py [--runs 1000] [--interval 3] [--no-results]
+
+Both operators run as real processes (kopf) against a fresh fake API server (KMock plus the
+API-server behaviours of tests/kube/cluster.py) in this process, with the same kopf settings:
+  * xwin: `python -m xwin_operator`; each run has one stage (sft), whose PyTorchJob the test
+    kubelet completes at once, writing the stage's `_SUCCESS.json` (file:// store) first, as
+    the real job does; the operator then patches the run to Succeeded;
+  * noop: a kopf operator whose on.create handler patches `status.phase: Succeeded` at once
+    (the floor: what kopf itself costs per run on this server).
+One warm-up run is driven to Succeeded first (not measured). Then N runs are POSTed at once
+(64 in flight); times are taken inside the API server when it stores each write:
+create -> first child created (xwin), create -> Succeeded, runs/s = N / (last Succeeded -
+first create), the operator's peak RSS (VmHWM), children per run (1 expected: no duplicates).
+A run that is not Succeeded within --timeout is reported as stuck.
+With no --no-results, the `## Operator` section of benchmarks/RESULTS.md is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from kube import Cluster, Kubelet  # noqa: E402
+from kube.harness import RUNS, OperatorProcess, complete_with_marker  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Operator"
+NS = "bench"
+CHILD_PLURALS = ("pytorchjobs", "jobs", "deployments", "services")
+
+NOOP_OPERATOR = '''
+import logging
+import kopf
+
+@kopf.on.startup()
+def configure(settings, **_):
+    settings.peering.standalone = True
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="xwin.ai")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="xwin.ai", key="last-handled-configuration")
+    settings.persistence.finalizer = "xwin.ai/finalizer"
+    settings.posting.level = logging.WARNING
+
+@kopf.on.create("xwin.ai", "v1alpha1", "alignmentruns")
+def created(patch, **_):
+    patch.status["phase"] = "Succeeded"
+'''
+
+
+class Recorder:
+    """Server-side times of the writes that matter, from FakeApiServer.on_write."""
+
+    def __init__(self) -> None:
+        self.created: dict[str, float] = {}
+        self.first_child: dict[str, float] = {}
+        self.succeeded: dict[str, float] = {}
+        self.children: Counter[str] = Counter()
+
+    def on_write(self, request, t: float) -> None:
+        plural = request.resource.plural
+        data = request.data if isinstance(request.data, dict) else {}
+        action = str(getattr(request.action, "value", request.action)).lower()
+        if plural == "alignmentruns" and action == "create":
+            self.created[data["metadata"]["name"]] = t
+        elif plural == "alignmentruns" and action == "update" and request.name not in self.succeeded:
+            if (data.get("status") or {}).get("phase") == "Succeeded":
+                self.succeeded[request.name] = t
+        elif plural in CHILD_PLURALS and action == "create":
+            run = (data.get("metadata", {}).get("labels") or {}).get("xwin.ai/run")
+            if run:
+                self.children[run] += 1
+                self.first_child.setdefault(run, t)
+
+
+def run_manifest(name: str, store: Path, base: str) -> dict:
+    return {"apiVersion": "xwin.ai/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": name, "namespace": NS},
+            "spec": {"baseModel": base, "storage": {"uri": f"file://{store}"},
+                     "defaults": {"resources": {"nodes": 1, "gpusPerNode": 0}},
+                     "stages": {"sft": {"data": f"{base}/sft.jsonl"}}}}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def measure(kind: str, runs: int, interval: float, timeout: float, work: Path) -> dict:
+    from xwin_operator.crd import crd
+
+    store, base = work / f"{kind}-store", f"file://{work}/inputs"
+    rec = Recorder()
+    with Cluster(namespaces=(NS,), crds=(crd(),), keep_history=False) as cluster:
+        cluster.api.on_write = rec.on_write
+        kubelet = Kubelet(cluster, work=work / f"{kind}-node", namespace=NS,
+                          instant=complete_with_marker()).start()
+        if kind == "noop":
+            module = work / "noop_operator.py"
+            module.write_text(NOOP_OPERATOR)
+            argv = [sys.executable, "-m", "kopf", "run", "--quiet", "--standalone", "-n", NS, str(module)]
+        else:
+            argv = [sys.executable, "-m", "xwin_operator", "--quiet", "-n", NS]
+        op = OperatorProcess(cluster, work / f"{kind}-operator", namespace=NS, interval=interval, argv=argv).start()
+        try:
+            cluster.create(RUNS, run_manifest("warmup", store, base))
+            cluster.wait_for(lambda: "warmup" in rec.succeeded or not op.alive, timeout=120, what="the warm-up run")
+            if not op.alive:
+                raise RuntimeError(f"{kind} operator exited:\n{op.output()[-3000:]}")
+
+            async def burst() -> None:
+                gate = asyncio.Semaphore(64)
+
+                async def one(i: int) -> None:
+                    async with gate:
+                        await cluster._request("post", f"/apis/xwin.ai/v1alpha1/namespaces/{NS}/alignmentruns",
+                                               run_manifest(f"run-{i:05d}", store, base))
+                await asyncio.gather(*(one(i) for i in range(runs)))
+
+            started, cpu0, own0 = time.monotonic(), op.cpu_seconds(), time.process_time()
+            cluster.call(burst, timeout=timeout)
+            names = [f"run-{i:05d}" for i in range(runs)]
+            deadline = started + timeout
+            while time.monotonic() < deadline and not all(n in rec.succeeded for n in names):
+                if not op.alive:
+                    raise RuntimeError(f"{kind} operator exited:\n{op.output()[-3000:]}")
+                time.sleep(0.25)
+            rss, cpu, own = op.peak_rss_mb(), op.cpu_seconds() - cpu0, time.process_time() - own0
+        finally:
+            op.stop()
+            kubelet.stop()
+    done = [n for n in names if n in rec.succeeded]
+    first = min(rec.created[n] for n in names)
+    last = max((rec.succeeded[n] for n in done), default=float("nan"))
+    to_child = [rec.first_child[n] - rec.created[n] for n in names if n in rec.first_child]
+    to_done = [rec.succeeded[n] - rec.created[n] for n in done]
+    return {"kind": kind, "runs": runs, "succeeded": len(done), "stuck": runs - len(done),
+            "runs_per_s": len(done) / (last - first) if done else 0.0, "wall_s": last - first,
+            "child_p50": percentile(to_child, 0.5), "child_p99": percentile(to_child, 0.99),
+            "done_p50": percentile(to_done, 0.5), "done_p99": percentile(to_done, 0.99),
+            "rss_mb": rss, "operator_cpu_s": cpu, "server_cpu_s": own, "max_children": max((rec.children[n] for n in names), default=0),
+            "duplicates": sum(1 for n in names if rec.children[n] > 1)}
+
+
+def table(xwin: dict, noop: dict) -> str:
+    def row(r: dict) -> str:
+        child = (f"{r['child_p50']:.2f} / {r['child_p99']:.2f}" if r["kind"] == "xwin" else "n/a")
+        return (f"| {'xwin_operator' if r['kind'] == 'xwin' else 'no-op kopf operator'} | {child} | "
+                f"{r['done_p50']:.2f} / {r['done_p99']:.2f} | {r['runs_per_s']:.1f} | {r['rss_mb']:.0f} | "
+                f"{r['succeeded']}/{r['runs']} | {r['stuck']} |")
+    ratio = xwin["runs_per_s"] / noop["runs_per_s"] if noop["runs_per_s"] else float("nan")
+    verdict = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    return "\n".join([
+        "| operator | create -> first child p50 / p99 (s) | create -> Succeeded p50 / p99 (s) | runs/s | peak RSS (MiB) | Succeeded | stuck |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        row(xwin), row(noop), "",
+        f"Goals: first-child p50 <= 1 s: {verdict(xwin['child_p50'] <= 1.0)} ({xwin['child_p50']:.2f} s); "
+        f"peak RSS <= 250 MiB: {verdict(xwin['rss_mb'] <= 250)} ({xwin['rss_mb']:.0f} MiB); "
+        f"throughput >= 0.8x the no-op operator: {verdict(ratio >= 0.8)} ({ratio:.2f}x); "
+        f"no run lost or stuck: {verdict(xwin['stuck'] == 0 and noop['stuck'] == 0)}; "
+        f"no child created twice: {verdict(xwin['duplicates'] == 0)}.",
+    ])
+
+
+def write_section(text: str, args: argparse.Namespace, path: Path = RESULTS) -> None:
+    import kopf
+    import kmock
+
+    body = "\n".join([
+        SECTION, "",
+        f"`python benchmarks/bench_operator.py --runs {args.runs} --interval {args.interval}` on "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, kopf {kopf.__version__ if hasattr(kopf, '__version__') else _version('kopf')}, "
+        f"kmock {kmock.__version__}, {_dt.date.today().isoformat()}. {args.runs} AlignmentRuns POSTed at once "
+        "(64 in flight) to a fresh fake API server (KMock + tests/kube/cluster.py) per operator; the test "
+        "kubelet completes each child at once after writing its stage marker (file:// store). Each xwin "
+        "run has one stage (sft): one PyTorchJob. Times are taken by the API server as it stores each "
+        "write; runs/s = runs / (last Succeeded - first create). The API server, the kubelet and the "
+        "operator share the machine's cores.",
+        "", text, "",
+    ])
+    current = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    start = current.find(SECTION + "\n")
+    if start < 0:
+        current = current.rstrip("\n") + "\n\n" + body
+    else:
+        end = current.find("\n## ", start + len(SECTION))
+        current = current[:start] + body + ("\n" + current[end + 1:] if end >= 0 else "")
+    path.write_text(current)
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--interval", type=float, default=3.0, help="the xwin operator's timer (s)")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
+        work = Path(tmp)
+        (work / "inputs").mkdir()
+        noop = measure("noop", args.runs, args.interval, args.timeout, work)
+        print(noop, flush=True)
+        xwin = measure("xwin", args.runs, args.interval, args.timeout, work)
+        print(xwin, flush=True)
+    text = table(xwin, noop)
+    print(text)
+    if not args.no_results:
+        write_section(text, args)
+        print(f"updated {RESULTS}")
+    return 0 if xwin["stuck"] == 0 and noop["stuck"] == 0 and xwin["duplicates"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""`python -m xwin_operator`: run the AlignmentRun operator (kopf) against the current cluster.
+
+Equivalent to `kopf run --standalone -m xwin_operator.handlers [-n NS ... | -A]` plus the
+settings of handlers.configure (progress under `xwin.ai/` annotations, Events posted from
+WARNING up, no peering). Credentials: the in-cluster service account, else $KUBECONFIG /
+~/.kube/config. S3 credentials for reading stage markers: the usual AWS_* environment.
+
+Environment: XWIN_RECONCILE_INTERVAL (timer seconds, default 3), XWIN_NAMESPACE (watched
+namespace when no -n/-A is given), and OperatorConfig's XWIN_* fields (images, backoff...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m xwin_operator",
+                                description="Run the AlignmentRun operator (kopf).")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[],
+                       help="namespace to watch (repeatable; default $XWIN_NAMESPACE, else all)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    p.add_argument("--interval", type=float, default=None,
+                   help="seconds between reconciles of an unfinished run (default $XWIN_RECONCILE_INTERVAL or 3)")
+    p.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.interval is not None:
+        if args.interval <= 0:
+            print("error: --interval must be positive", file=sys.stderr)
+            return 2
+        os.environ["XWIN_RECONCILE_INTERVAL"] = str(args.interval)
+    namespaces = args.namespace or ([os.environ["XWIN_NAMESPACE"]] if os.environ.get("XWIN_NAMESPACE") else [])
+
+    import kopf
+
+    kopf.configure(verbose=args.verbose, quiet=args.quiet)
+    from . import handlers  # noqa: F401  (registers the handlers; reads XWIN_RECONCILE_INTERVAL)
+
+    kopf.run(standalone=True, clusterwide=args.all_namespaces or not namespaces,
+             namespaces=namespaces, liveness_endpoint=args.liveness)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

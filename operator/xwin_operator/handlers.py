@@ -1,0 +1,332 @@
+"""The kopf handlers of the AlignmentRun operator: observe -> decide -> act, nothing else.
+
+Triggers, all running the same `reconcile` (serialised per run by a lock):
+  * create, resume (every run, when the operator starts) and update (spec, labels,
+    annotations) of an AlignmentRun;
+  * a resync every XWIN_RECONCILE_INTERVAL seconds (default 3) of each unfinished run not
+    reconciled meanwhile (backoffs, missing Secrets and inputs heal without any event);
+  * a child changing phase (a PyTorchJob or Job finishing, a vLLM Deployment becoming
+    available, a child deleted), so stages follow each other without waiting for the resync.
+
+`reconcile` observes the run's children from kopf indexes (the watch streams of the four child
+kinds labelled `app.kubernetes.io/managed-by=xwin-operator`, grouped by `xwin.ai/run`; kopf
+fills them completely before any handler runs, so a restarted operator sees every child it
+made before), the stages' `_SUCCESS.json` markers and the run's inputs in the store, and the
+Secrets the run names; `planner.decide` says what to do; `act` does it through kube.KubeApi.
+Status is patched explicitly (never through handler return values); kopf keeps its own
+progress in `xwin.ai/*` annotations. Transient API or store errors are kopf.TemporaryError;
+nothing here is a PermanentError: whatever is wrong may heal (a Secret created, RBAC fixed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping
+
+import kopf
+
+from xwin_jobs.store import StoreError
+
+from .builders import LABEL_RUN, MANAGED_BY, OperatorConfig
+from .graph import stages_of
+from .kube import ApiError, Connection, KubeApi, StoreReader
+from .observe import child_state, parse_run
+from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, SuspendChild,
+                      decide, input_uris, secret_refs)
+from .spec import API_GROUP, API_VERSION, KIND, PLURAL
+from .tasks import run_root, stage_uri
+
+RUNS = (API_GROUP, API_VERSION, PLURAL)
+CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("batch", "v1", "jobs"),
+                   ("apps", "v1", "deployments"), ("", "v1", "services"))
+CHILD_INDEXES = tuple(f"{plural}_by_run" for _, _, plural in CHILD_RESOURCES)
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+INTERVAL = float(os.environ.get("XWIN_RECONCILE_INTERVAL", "3"))
+FINISHED = ("Succeeded", "Failed")
+
+
+class RunGone(Exception):
+    """The run was deleted while it was being reconciled."""
+
+
+@dataclass
+class RunGate:
+    """Per-run state of this process: one reconcile at a time, the status it last wrote (newer
+    than a body the watch has not caught up with), the child phases it last saw, and when it
+    was last reconciled."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    status: dict | None = None
+    phases: dict[tuple[str, str], str] = field(default_factory=dict)
+    queued: bool = False
+    last: float = 0.0
+
+
+@dataclass
+class OperatorState:
+    api: KubeApi
+    store: StoreReader
+    config: OperatorConfig
+    login: Callable[[], Any]
+    interval: float = INTERVAL
+    gates: dict[str, RunGate] = field(default_factory=dict)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the indexes are complete
+    resync: asyncio.Task | None = None
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _state(memo: Any) -> OperatorState:
+    return memo.xwin
+
+
+# --- operator settings and credentials ------------------------------------------------------
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
+                    **indexes: Any) -> None:
+    settings.peering.standalone = True
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.posting.level = logging.WARNING  # our own Events tell the stage story
+    settings.watching.server_timeout = 600
+    settings.watching.client_timeout = 660
+
+    def login() -> Any:
+        return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+
+    state = OperatorState(api=KubeApi(lambda: Connection.from_info(login())), store=StoreReader(),
+                          config=OperatorConfig.from_env(), login=login)
+    state.resync = asyncio.create_task(resync_forever(state, indexes, logging.getLogger("xwin_operator.resync")))
+    memo.xwin = state
+
+
+@kopf.on.login()
+def authenticate(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo | None:
+    return _state(memo).login()
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    if state.resync is not None:
+        state.resync.cancel()
+    await state.api.close()
+
+
+# --- what is observed: indexes of children and runs -----------------------------------------
+
+
+def _index_child(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict | None:
+    state = child_state(body)
+    return {(namespace, labels[LABEL_RUN]): state} if state is not None and LABEL_RUN in labels else None
+
+
+for (_group, _version, _plural), _index_id in zip(CHILD_RESOURCES, CHILD_INDEXES):
+    kopf.index(_group, _version, _plural, labels=MANAGED, id=_index_id)(_index_child)
+
+
+@kopf.index(*RUNS)
+def runs_by_name(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+    return {(namespace, name): body}
+
+
+def _children(kwargs: Mapping[str, Any], namespace: str, name: str) -> list:
+    return [c for index_id in CHILD_INDEXES for c in kwargs[index_id].get((namespace, name), [])]
+
+
+# --- reconcile: observe -> decide -> act -----------------------------------------------------
+
+
+async def reconcile(state: OperatorState, body: Mapping[str, Any], children: list,
+                    logger: logging.Logger | logging.LoggerAdapter) -> None:
+    meta = body["metadata"]
+    if meta.get("deletionTimestamp"):
+        return  # being deleted: its children go with it (owner references); nothing to start
+    gate = state.gates.setdefault(meta["uid"], RunGate())
+    async with gate.lock:
+        gate.queued = False
+        try:
+            await _reconcile(state, gate, body, children, logger)
+        except RunGone:
+            state.gates.pop(meta["uid"], None)  # deleted meanwhile: nothing left to do
+        finally:
+            gate.last = time.monotonic()
+
+
+async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any], children: list,
+                     logger: logging.Logger | logging.LoggerAdapter) -> None:
+    meta = body["metadata"]
+    ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    generation = int(meta.get("generation") or 1)
+    current = dict(body.get("status") or {})
+    previous = gate.status if gate.status is not None else current
+    run, actions = parse_run(body, previous, generation, now_iso())
+    if run is not None:
+        observed = await observe(state, run, children)
+        gate.phases = {(c.kind, c.name): c.phase for c in children}
+        actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config)
+    await act(state, gate, body, actions, current, logger)
+
+
+async def observe(state: OperatorState, run: Any, children: list) -> Observed:
+    spec, meta = run.spec, run.metadata
+    root = run_root(spec, meta.namespace, meta.name, state.config.store or None)
+    stage_uris = {s: stage_uri(root, s) for s in stages_of(spec) if not getattr(spec.stages, s).reused}
+    endpoint = spec.storage.endpoint
+    markers = await state.store.markers(endpoint, stage_uris)
+    missing_inputs = await state.store.missing(endpoint, list(input_uris(run).values()))
+    missing_secrets = [n for n in dict.fromkeys(secret_refs(run).values())
+                       if not await state.api.secret_exists(meta.namespace, n)]
+    return Observed(children=list(children), markers=markers, now=now_iso(),
+                    missing_secrets=missing_secrets, missing_inputs=missing_inputs)
+
+
+async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], actions: list,
+              current: dict, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    api = state.api
+    events: list[EmitEvent] = []
+    for action in actions:
+        if isinstance(action, CreateChild):
+            m = action.manifest
+            if await api.create(m):
+                logger.info(f"created {m['kind']}/{m['metadata']['name']}")
+        elif isinstance(action, DeleteChild):
+            if await api.delete(action.kind, ns, action.name):
+                logger.info(f"deleted {action.kind}/{action.name}")
+        elif isinstance(action, SuspendChild):
+            await api.set_suspended(action.kind, ns, action.name, action.suspend)
+            logger.info(f"{'suspended' if action.suspend else 'resumed'} {action.kind}/{action.name}")
+        elif isinstance(action, PatchStatus):
+            old_keys = set(current) | set(gate.status or {})
+            patch = {**action.status, **{k: None for k in old_keys if k not in action.status}}
+            try:
+                await api.patch_status(ns, name, patch)
+            except ApiError as e:
+                raise RunGone() if e.status == 404 else e from None
+            gate.status = dict(action.status)
+        elif isinstance(action, EmitEvent):
+            events.append(action)
+            logger.info(f"{action.reason}: {action.message}")
+    if events:  # after the status they tell about; best effort, as Events are
+        involved = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": name,
+                    "namespace": ns, "uid": meta["uid"]}
+        results = await asyncio.gather(*(api.post_event(involved, e.reason, e.message, e.type) for e in events),
+                                       return_exceptions=True)
+        for e, result in zip(events, results):
+            if isinstance(result, Exception):
+                logger.warning(f"could not post Event {e.reason}: {result}")
+
+
+async def reconcile_or_retry(state: OperatorState, body: Mapping[str, Any], children: list,
+                             logger: logging.Logger | logging.LoggerAdapter) -> None:
+    try:
+        await reconcile(state, body, children, logger)
+    except ApiError as e:
+        raise kopf.TemporaryError(f"Kubernetes API: {e}", delay=2 if e.transient else 30) from None
+    except StoreError as e:
+        raise kopf.TemporaryError(f"artifact store: {e}", delay=5) from None
+
+
+# --- triggers ------------------------------------------------------------------------------------
+
+
+def finished(body: Mapping[str, Any], written: dict | None) -> bool:
+    """Succeeded or Failed for the current spec (by the newest status known here)."""
+    status = written if written is not None else (body.get("status") or {})
+    return status.get("phase") in FINISHED and status.get("observedGeneration") == body["metadata"].get("generation")
+
+
+async def resync_forever(state: OperatorState, indexes: Mapping[str, Any], logger: logging.Logger) -> None:
+    """The periodic trigger: every unfinished run not reconciled for `interval` seconds is
+    reconciled again (backoffs expire, Secrets and inputs appear, missed events heal).
+
+    One loop for all runs rather than a kopf timer per run: kopf gives every object with a
+    timer or daemon a finalizer, so runs could not be deleted while the operator is down, and
+    a thousand timers firing together cost more than the work they trigger."""
+    await state.ready.wait()
+    limit = asyncio.Semaphore(16)
+
+    async def one(body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        async with limit:
+            try:
+                await reconcile(state, body, _children(indexes, meta["namespace"], meta["name"]), logger)
+            except (ApiError, StoreError) as e:
+                logger.warning(f"[{meta['namespace']}/{meta['name']}] resync: {e} (retried in {state.interval:g}s)")
+            except Exception:  # noqa: BLE001 - one run's bug must not stop the others' resync
+                logger.exception(f"[{meta['namespace']}/{meta['name']}] resync failed")
+
+    while True:
+        await asyncio.sleep(state.interval / 2)
+        now, due = time.monotonic(), []
+        for runs in list(indexes["runs_by_name"].values()):
+            body = next(iter(runs), None)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                continue
+            gate = state.gates.get(body["metadata"]["uid"])
+            if gate is not None and (now - gate.last < state.interval or gate.lock.locked()):
+                continue
+            if not finished(body, gate.status if gate else None):
+                due.append(body)
+        await asyncio.gather(*(one(b) for b in due))
+
+
+@kopf.on.resume(*RUNS)
+@kopf.on.create(*RUNS)
+@kopf.on.update(*RUNS)
+async def run_changed(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                      logger: logging.LoggerAdapter, **kwargs: Any) -> None:
+    _state(memo).ready.set()  # kopf calls handlers only once every index is filled
+    await reconcile_or_retry(_state(memo), body, _children(kwargs, namespace, name), logger)
+
+
+async def _child_event(type: str | None, body: kopf.Body, namespace: str, name: str,
+                       labels: Mapping[str, str], memo: kopf.Memo, logger: logging.LoggerAdapter,
+                       **kwargs: Any) -> None:
+    """Reconcile the parent run when a child's phase moved from what the run last saw."""
+    state, run_name = _state(memo), labels.get(LABEL_RUN)
+    owners = [o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or [] if o.get("kind") == KIND]
+    gate = state.gates.get(owners[0]) if owners else None
+    if gate is None or run_name is None:
+        return  # not reconciled by this process yet: its resume/create handler will see it
+    child = child_state(body)
+    phase = "Deleted" if type == "DELETED" or child is None else child.phase
+    seen = gate.phases.get((body.get("kind", ""), name))
+    if seen == phase or gate.queued or not decisive(body.get("kind", ""), phase):
+        return  # nothing the planner acts on (a child created or started by us echoes back)
+    run_body = next(iter(kwargs["runs_by_name"].get((namespace, run_name), [])), None)
+    if run_body is None or run_body["metadata"].get("uid") != owners[0]:
+        return
+    gate.queued = True
+    try:
+        await reconcile(state, run_body, _children(kwargs, namespace, run_name), logger)
+    except (ApiError, StoreError) as e:
+        logger.warning(f"reconciling {namespace}/{run_name} after a child event: {e} (the resync retries)")
+
+
+def decisive(kind: str, phase: str) -> bool:
+    """Child phases the planner acts on: finished, gone, or a vLLM server ready to serve."""
+    return phase in ("Succeeded", "Failed", "Deleted") or (kind == "Deployment" and phase == "Running")
+
+
+for _group, _version, _plural in CHILD_RESOURCES:
+    kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_event")(_child_event)
+
+
+@kopf.on.event(*RUNS)
+def run_event(type: str | None, uid: str, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        _state(memo).gates.pop(uid, None)

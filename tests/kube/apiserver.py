@@ -1,0 +1,408 @@
+"""The fake Kubernetes API server: KMock's emulator plus what a real API server adds.
+
+KMock (`kmock.KubernetesEmulator`) stores objects and serves list/watch/create/patch/delete over
+HTTP, so kopf runs against it unchanged. It is a database over HTTP; a real API server also
+stamps `uid`, `resourceVersion`, `creationTimestamp` and `generation`, honours `labelSelector`,
+keeps `status` behind the status subresource (and the rest out of it), names `generateName`
+objects, marks objects with finalizers for deletion instead of deleting them, answers a failed
+JSON-patch `test` with 422, lists namespaces, and garbage-collects objects whose owner is gone.
+`FakeApiServer` adds exactly those, and serves plain requests without KMock's reaction DSL
+when a test defined no reaction of its own (most of KMock's time per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import itertools
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+
+# resource -> (kind, namespaced, subresources): the built-in kinds the operator touches.
+BUILTIN_RESOURCES: dict[str, tuple[str, bool, frozenset[str]]] = {
+    "v1/namespaces": ("Namespace", False, frozenset({"status"})),
+    "v1/events": ("Event", True, frozenset()),
+    "v1/secrets": ("Secret", True, frozenset()),
+    "v1/services": ("Service", True, frozenset({"status"})),
+    "v1/pods": ("Pod", True, frozenset({"status"})),
+    "apps/v1/deployments": ("Deployment", True, frozenset({"status", "scale"})),
+    "batch/v1/jobs": ("Job", True, frozenset({"status"})),
+    "kubeflow.org/v1/pytorchjobs": ("PyTorchJob", True, frozenset({"status"})),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, frozenset({"status"})),
+}
+_FAST_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE, kmock.action.FETCH,
+                 kmock.action.LIST)
+_NAMESPACES_PATH = re.compile(r"^/api/v1/namespaces/?([^/]+)?/?$")
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (None deletes a key), without mutating `target`."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def _pointer(doc: Any, path: str) -> Any:
+    """The value at a JSON pointer, or a sentinel when absent."""
+    for part in [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]:
+        if isinstance(doc, dict) and part in doc:
+            doc = doc[part]
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return _ABSENT
+    return doc
+
+
+_ABSENT = object()
+
+
+def parse_selector(text: str | None) -> list[tuple[str, str, str | None]]:
+    """`a=b,c!=d,e,!f` -> [(op, key, value)]; set-based `in`/`notin` are not needed here."""
+    terms: list[tuple[str, str, str | None]] = []
+    for raw in (text or "").split(","):
+        term = raw.strip()
+        if not term:
+            continue
+        if "!=" in term:
+            k, v = term.split("!=", 1)
+            terms.append(("!=", k.strip(), v.strip()))
+        elif "==" in term or "=" in term:
+            k, v = term.split("==", 1) if "==" in term else term.split("=", 1)
+            terms.append(("=", k.strip(), v.strip()))
+        elif term.startswith("!"):
+            terms.append(("!", term[1:].strip(), None))
+        else:
+            terms.append(("exists", term, None))
+    return terms
+
+
+def selector_matches(terms: list[tuple[str, str, str | None]], labels: dict[str, str] | None) -> bool:
+    labels = labels or {}
+    for op, key, value in terms:
+        if op == "=" and labels.get(key) != value:
+            return False
+        if op == "!=" and labels.get(key) == value:
+            return False
+        if op == "exists" and key not in labels:
+            return False
+        if op == "!" and key in labels:
+            return False
+    return True
+
+
+@attrs.define(kw_only=True)
+class FakeApiServer(kmock.KubernetesEmulator):
+    """KMock's emulator with the API-server behaviours listed in the module docstring.
+
+    keep_history=False keeps only the latest version of each object and forgets served
+    requests: for long benchmarks, where KMock's assertion history would grow without bound.
+    """
+
+    keep_history: bool = True
+    on_write: Any = None  # on_write(request, time.monotonic()) after each create/patch/delete (benchmarks)
+    _owned: dict = attrs.field(factory=dict, init=False)  # owner uid -> {object keys}
+    _gone: set = attrs.field(factory=set, init=False)     # uids of deleted objects
+    _builtin_reactions: int | None = attrs.field(default=None, init=False)
+    _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _last_version: int = attrs.field(default=0, init=False)
+
+    def _next_version(self) -> str:
+        self._last_version = next(self._versions)
+        return str(self._last_version)
+
+    def _current(self, request: kmock.Request) -> dict | None:
+        key = (request.resource, request.namespace, request.name)
+        if key in self._objects and not self._objects[key].deleted:
+            return self._objects[key].raw
+        return None
+
+    def _has_status(self, resource: Any) -> bool:
+        return resource in self._resources and "status" in self._resources[resource].subresources
+
+    def _stamp(self, request: kmock.Request) -> None:
+        data = request.data
+        if request.action == kmock.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:8]
+            if request.namespace and not meta.get("namespace"):
+                meta["namespace"] = request.namespace
+            meta.update(uid=str(uuid.uuid4()), resourceVersion=self._next_version(),
+                        creationTimestamp=now_iso(), generation=1)
+            if self._has_status(request.resource):
+                data.pop("status", None)
+        elif request.action == kmock.action.UPDATE and request.name is not None:
+            current = self._current(request) or {}
+            if isinstance(data, list):  # JSON patch; a failed `test` is 422 as on a real server
+                for op in data:
+                    if isinstance(op, dict) and op.get("op") == "test" and \
+                            _pointer(current, op.get("path", "")) != op.get("value"):
+                        raise kmock.KubernetesError(status=422, reason="Invalid",
+                                                    message=f"the test of {op.get('path')} failed")
+                data.append({"op": "replace", "path": "/metadata/resourceVersion", "value": self._next_version()})
+                return
+            if not isinstance(data, dict):
+                return
+            if self._has_status(request.resource):
+                if request.subresource == "status":
+                    for key in list(data):
+                        if key not in ("status", "metadata"):
+                            data.pop(key)
+                    data["metadata"] = {}
+                else:
+                    data.pop("status", None)
+            meta = data.setdefault("metadata", {}) or {}
+            data["metadata"] = meta
+            for key in ("uid", "creationTimestamp", "generation", "name", "namespace"):
+                meta.pop(key, None)
+            meta["resourceVersion"] = self._next_version()
+            if request.subresource is None and "spec" in data:
+                new_spec = merge_patch(current.get("spec"), data["spec"])
+                if new_spec != current.get("spec"):
+                    meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        match = _NAMESPACES_PATH.match(raw_request.path)
+        if match:  # KMock's path parser takes `/api/v1/namespaces` for a namespace prefix
+            return await self._serve_namespaces(raw_request, match.group(1))
+        return await super().__call__(raw_request)
+
+    async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest, name: str | None):
+        items = [obj.raw for (res, _ns, n), obj in self._objects.items()
+                 if res == kmock.resource("v1/namespaces") and not obj.deleted and (name is None or n == name)]
+        if name is not None:
+            if not items:
+                return aiohttp.web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
+            return aiohttp.web.json_response(items[0])
+        if raw_request.query.get("watch") != "true":
+            return aiohttp.web.json_response({"kind": "NamespaceList", "apiVersion": "v1", "items": items,
+                                              "metadata": {"resourceVersion": str(self._last_version)}})
+        response = aiohttp.web.StreamResponse()
+        await response.prepare(raw_request)
+        for item in items:
+            await response.write(json.dumps({"type": "ADDED", "object": item}).encode() + b"\n")
+        await asyncio.sleep(float(raw_request.query.get("timeoutSeconds", 3600)))
+        return response
+
+    async def _handle(self, request: kmock.Request):  # type: ignore[override]
+        uid = None
+        if request.action == kmock.action.DELETE and request.name is not None:
+            obj = self._stored(request)
+            meta = obj.raw.get("metadata", {}) if obj is not None and not obj.deleted else {}
+            if meta.get("finalizers") and not meta.get("deletionTimestamp"):
+                # marked for deletion, as a new version (KMock keeps the old resourceVersion)
+                async with self._lock:
+                    obj.patch({"metadata": {"deletionTimestamp": now_iso(), "resourceVersion": self._next_version()}})
+                    await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+                return aiohttp.web.json_response(obj.raw)
+        if request.resource is not None:
+            self._stamp(request)
+            if request.action in (kmock.action.DELETE, kmock.action.UPDATE) and request.name:
+                uid = (self._current(request) or {}).get("metadata", {}).get("uid")
+        try:
+            if request.action in _FAST_ACTIONS and request.resource is not None and request.resource.plural \
+                    and self._only_builtin_reactions():
+                response = await self._fast_handle(request)
+            else:
+                response = await super()._handle(request)
+        finally:
+            if uid is not None and self._current(request) is None:
+                await self._collect_garbage({uid})
+            if not self.keep_history:
+                self._forget(request)
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict) and response.status < 300:
+            meta = request.data.get("metadata") or {}
+            owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+            for owner in owners:
+                self._owned.setdefault(owner, set()).add((request.resource, meta.get("namespace"), meta.get("name")))
+            if owners & self._gone:  # created after its owner went: the collector takes it too
+                await self._collect_garbage(owners & self._gone)
+        if self.on_write is not None and request.action in (
+                kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE) and response.status < 300:
+            self.on_write(request, time.monotonic())
+        return response
+
+    def _only_builtin_reactions(self) -> bool:
+        if self._builtin_reactions is None:
+            self._builtin_reactions = len(self._payloads)
+        return len(self._payloads) == self._builtin_reactions
+
+    async def _fast_handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """KubernetesEmulator's behaviour for plain create/patch/delete/get/list requests, without
+        matching the request against KMock's reaction DSL (most of its time per request) when no
+        test-defined reaction exists. Same storage, same change bus, same responses."""
+        action, key = request.action, (request.resource, request.namespace, request.name)
+        if action == kmock.action.LIST:
+            return aiohttp.web.json_response(await self._serve_list(request))
+        async with self._lock:
+            if action == kmock.action.CREATE:
+                meta = request.data.get("metadata", {}) if isinstance(request.data, dict) else {}
+                key = (request.resource, request.namespace or meta.get("namespace"), meta.get("name"))
+                if key not in self._objects:
+                    self._objects[key] = request.data
+                elif not self._objects[key].deleted:
+                    raise kmock.KubernetesError(status=409, reason="AlreadyExists",
+                                                message=f'{request.resource.plural} "{key[2]}" already exists')
+                else:
+                    self._objects[key].create(request.data)
+                await self._buses[request.resource].put({"type": "ADDED", "object": self._objects[key].last.raw})
+                return aiohttp.web.json_response(self._objects[key].last.raw, status=201)
+            if key not in self._objects or self._objects[key].deleted:
+                raise kmock.KubernetesObjectNotFoundError()
+            obj = self._objects[key]
+            if action == kmock.action.FETCH:
+                return aiohttp.web.json_response(obj.raw)
+            if action == kmock.action.UPDATE:
+                obj.patch(request.data)
+                meta = obj.raw.get("metadata", {})
+                if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+                    last = obj.raw
+                    obj.delete()
+                    await self._buses[request.resource].put({"type": "DELETED", "object": last})
+                    return aiohttp.web.json_response(last)
+                await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+                return aiohttp.web.json_response(obj.raw)
+            last = obj.raw  # DELETE (objects with finalizers were marked in _handle)
+            obj.delete()
+            await self._buses[request.resource].put({"type": "DELETED", "object": last})
+            return aiohttp.web.json_response(last)
+
+    async def _collect_garbage(self, gone: set[str]) -> None:
+        """Delete (cascading) every object whose ownerReferences name a deleted uid."""
+        while gone:
+            self._gone |= gone
+            found: set[str] = set()
+            async with self._lock:
+                keys = {k for uid in gone for k in self._owned.pop(uid, ())}
+                for key in keys:
+                    if key not in self._objects or self._objects[key].deleted:
+                        continue
+                    resource, obj = key[0], self._objects[key]
+                    meta = obj.raw.get("metadata", {})
+                    if any(ref.get("uid") in gone for ref in meta.get("ownerReferences") or []):
+                        raw = obj.raw
+                        obj.delete()
+                        found.add(meta.get("uid"))
+                        await self._buses[resource].put({"type": "DELETED", "object": raw})
+            gone = found - {None}
+
+    def _forget(self, request: kmock.Request) -> None:
+        self._requests.clear()
+        if request.resource is None:
+            return
+        name = request.name
+        if name is None and isinstance(request.data, dict):
+            name = request.data.get("metadata", {}).get("name")
+        key = (request.resource, request.namespace, name)
+        if key in self._objects:
+            obj = self._objects[key]
+            if obj.deleted:
+                del self._objects[key]
+            elif len(obj.history) > 1:
+                obj.history = [obj.last.raw]
+
+    # O(1) lookups by key (KMock scans every stored object for each of these).
+    def _stored(self, request: kmock.Request, name: str | None = None) -> Any:
+        if name is None and isinstance(request.data, dict):
+            name = request.data.get("metadata", {}).get("name")
+        namespace = request.namespace
+        if namespace is None and isinstance(request.data, dict):
+            namespace = request.data.get("metadata", {}).get("namespace")
+        key = (request.resource, namespace, request.name or name)
+        return self._objects[key] if key in self._objects else None
+
+    async def _serve_create(self, request: kmock.Request):  # type: ignore[override]
+        return self._stored(request).last.raw
+
+    async def _serve_fetch(self, request: kmock.Request):  # type: ignore[override]
+        obj = self._stored(request)
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        return obj.raw
+
+    async def _serve_update(self, request: kmock.Request):  # type: ignore[override]
+        return self._stored(request).last.raw
+
+    async def _serve_delete(self, request: kmock.Request):  # type: ignore[override]
+        return self._stored(request).last.raw
+
+    async def _serve_list(self, request: kmock.Request):  # type: ignore[override]
+        result = await super()._serve_list(request)
+        terms = parse_selector(request.params.get("labelSelector"))
+        items = [i for i in result["items"] if selector_matches(terms, i.get("metadata", {}).get("labels"))]
+        return {"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": str(self._last_version)},
+                "items": items}
+
+    async def _serve_watch(self, request: kmock.Request):  # type: ignore[override]
+        # KMock's own watch snapshots the objects, then subscribes to the change bus: a change
+        # in between is lost. Here the bus position is marked under the same lock as the snapshot.
+        terms = parse_selector(request.params.get("labelSelector"))
+        yield b""
+        bus = self._buses[request.resource]
+        async with self._lock:
+            marker = await bus.mark()
+            initial = [{"type": "ADDED", "object": obj.raw}
+                       for (res, ns, name), obj in self._objects.items()
+                       if res == request.resource and not obj.deleted
+                       and (request.namespace is None or ns == request.namespace)
+                       and (request.name is None or name == request.name)]
+        try:
+            for event in initial:
+                if selector_matches(terms, event["object"].get("metadata", {}).get("labels")):
+                    yield event
+            async for event in bus.stream(since=marker):
+                meta = (event.get("object") or {}).get("metadata", {})
+                if request.namespace is not None and meta.get("namespace") != request.namespace:
+                    continue
+                if request.name is not None and meta.get("name") != request.name:
+                    continue
+                if selector_matches(terms, meta.get("labels")):
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
+def resource_path(resource: str, namespace: str | None = None, name: str | None = None,
+                  subresource: str | None = None) -> str:
+    """`batch/v1/jobs` + ns + name -> `/apis/batch/v1/namespaces/ns/jobs/name`."""
+    parts = resource.split("/")
+    group_version, plural = "/".join(parts[:-1]), parts[-1]
+    path = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+    if namespace:
+        path += f"/namespaces/{namespace}"
+    path += f"/{plural}"
+    if name:
+        path += f"/{name}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+def crd_resource(crd: dict) -> tuple[str, dict]:
+    """(kmock resource key, ResourceInfo kwargs) for a CustomResourceDefinition."""
+    spec = crd["spec"]
+    version = next(v for v in spec["versions"] if v.get("served", True))
+    names = spec["names"]
+    return (f"{spec['group']}/{version['name']}/{names['plural']}", dict(
+        kind=names["kind"], singular=names.get("singular"), shortnames=set(names.get("shortNames", [])),
+        categories=set(names.get("categories", [])), namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+        subresources=set(version.get("subresources", {})), verbs=VERBS))

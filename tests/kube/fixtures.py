@@ -1,0 +1,86 @@
+"""pytest fixtures and run builders shared by the operator tests (import them by name).
+
+    from kube.fixtures import cluster, kubelet_factory, operator_factory, tiny_run  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .cluster import Cluster
+from .harness import RUNS, OperatorProcess
+from .kubelet import REPO_ROOT, Kubelet
+
+NS = "demo"
+TINY = Path(REPO_ROOT) / "examples" / "tiny" / "run.yaml"
+
+
+def tiny_run(name: str = "tiny", *, storage: dict, inputs: dict[str, str] | None = None,
+             **spec_changes: Any) -> dict:
+    """examples/tiny/run.yaml as an object: relative file:// URIs made absolute (or replaced by
+    `inputs`: {"baseModel": uri, "sft.data": uri, "pairs.from": uri, ...}), `storage` replaced."""
+    run = yaml.safe_load(TINY.read_text())
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: absolute(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        if isinstance(value, str) and value.startswith("file://./"):
+            return f"file://{REPO_ROOT}/{value[len('file://./'):]}"
+        return value
+
+    run = absolute(run)
+    run["metadata"] = {"name": name, "namespace": NS}
+    run["spec"]["storage"] = dict(storage)
+    for path, uri in (inputs or {}).items():
+        target = run["spec"]
+        *parents, leaf = ["stages", *path.split(".")] if "." in path else [path]
+        for p in parents:
+            target = target[p]
+        target[leaf] = uri
+    run["spec"].update(copy.deepcopy(spec_changes))
+    return run
+
+
+@pytest.fixture
+def cluster():
+    from xwin_operator.crd import crd
+
+    with Cluster(namespaces=(NS,), crds=(crd(),)) as c:
+        yield c
+
+
+@pytest.fixture
+def kubelet_factory(cluster, tmp_path):
+    made: list[Kubelet] = []
+
+    def make(**kwargs: Any) -> Kubelet:
+        k = Kubelet(cluster, work=tmp_path / "node", namespace=NS, **kwargs).start()
+        made.append(k)
+        return k
+    yield make
+    for k in made:
+        k.stop()
+
+
+@pytest.fixture
+def operator_factory(cluster, tmp_path):
+    made: list[OperatorProcess] = []
+
+    def make(**kwargs: Any) -> OperatorProcess:
+        op = OperatorProcess(cluster, tmp_path / "operator", namespace=NS, **kwargs).start()
+        made.append(op)
+        return op
+    yield make
+    for op in made:
+        op.stop()
+
+
+def create_run(cluster: Cluster, run: dict) -> dict:
+    return cluster.create(RUNS, run)

@@ -1,0 +1,373 @@
+"""`bestOfN`: Xwin-Set. The policy answers every prompt n times; the reward model scores each.
+
+Task: inputs {policy: model URI, rewardModel: model URI, prompts: prompt records};
+params {n, sampling, serving, scoringResources}.
+
+Two steps, each its own process, both given the stage's task (only the last writes the marker):
+
+- `bestOfN-sample` (`sample_step`): a vLLM server already serves the policy at
+  `OPENAI_BASE_URL` (served name `XWIN_SERVED_MODEL`, else the server's only model). Prompts
+  are rendered with the run's chat template and the policy's own tokenizer, and the n
+  responses of each are written to `<output>/samples/` shards as they arrive: records
+  `{"id", "prompt", "responses": [{"content", "finish_reason"}]}`. Shards are closed every
+  few seconds, so a killed sampler loses at most the last few seconds; re-run, it skips the
+  prompt ids already written. `samples/_PROGRESS.json` records which inputs the samples
+  belong to (policy, prompts, n, sampling, template, the policy stage's digest): samples made
+  for other inputs are deleted first, and `complete: true` is set once every prompt is there.
+- `bestOfN-score` (`score_step`, the same as the single-process stage `bestOfN`): reads the
+  samples, scores every response with the reward model in length-grouped batches
+  (xwin_jobs.scoring), writes the scored set `{"id", "prompt", "responses": [{"content",
+  "score", "finish_reason"}]}` to `<output>/data/` chunk by chunk (resumable the same way,
+  `data/_PROGRESS.json`), then `metrics.json` and `_SUCCESS.json` (last, by run_stage).
+  Run as the stage `bestOfN` with OPENAI_BASE_URL set and samples incomplete, it samples first.
+
+Errors and counted skips: see xwin_jobs.sampler (server down, fewer than n responses, ...)
+and xwin_jobs.scoring (empty responses and NaN scores get score null and are counted in
+metrics: emptyResponses, nanScores; selection later skips them).
+
+Tunables for operators (environment): XWIN_SAMPLER_FLUSH_SECONDS (default 5),
+XWIN_SCORING_TOKEN_BUDGET (tokens per scoring batch, default 16384).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..records import ShardWriter, existing_ids, iter_records, shard_uris
+from ..store import Store, as_folder, join_uri
+from ..task import StageTask
+from . import StageContext, StageError, StageResult, run_stage, upstream_digests
+
+log = logging.getLogger("xwin_jobs.stage.bestOfN")
+
+SAMPLES, DATA, PROGRESS = "samples/", "data/", "_PROGRESS.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "config.json",
+                   "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json")
+SAMPLE_SHARD_RECORDS = 512
+SCORE_CHUNK_RESPONSES = 8192
+
+
+# ----------------------------------------------------------------------------- progress files
+
+
+def _digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def sampling_digest(task: StageTask, upstream: dict[str, str]) -> str:
+    """What the samples depend on (not the reward model: a new RM reuses the samples)."""
+    policy = task.inputs.get("policy", "")
+    policy_stage = {u: d for u, d in upstream.items() if policy.startswith(as_folder(u))}
+    return _digest({"policy": policy, "prompts": task.inputs.get("prompts"),
+                    "n": task.params.get("n"), "sampling": task.params.get("sampling"),
+                    "chat_template": task.chat_template, "upstream": policy_stage})
+
+
+def _progress_uri(folder: str) -> str:
+    return join_uri(as_folder(folder), PROGRESS)
+
+
+def read_progress(store: Store, folder: str) -> dict:
+    uri = _progress_uri(folder)
+    return store.read_json(uri) if store.exists(uri) else {}
+
+
+def prepare_folder(store: Store, folder: str, digest: str) -> dict:
+    """Keep `folder` when it was made for `digest` (a resume), else empty it and start
+    over. Returns its progress record."""
+    progress = read_progress(store, folder)
+    if progress.get("digest") == digest:
+        return progress
+    if store.list_files(folder):
+        log.info("%s was made for other inputs: starting it over", folder)
+        store.delete_prefix(as_folder(folder))
+    progress = {"digest": digest, "complete": False}
+    store.write_json(_progress_uri(folder), progress)
+    return progress
+
+
+def samples_complete(store: Store, task: StageTask, upstream: dict[str, str]) -> bool:
+    samples = join_uri(as_folder(task.output), SAMPLES)
+    progress = read_progress(store, samples)
+    return bool(progress.get("complete")) and progress.get("digest") == sampling_digest(task, upstream)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _n(task: StageTask) -> int:
+    n = task.params.get("n", 64)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise StageError(f"params.n: must be an integer >= 1, got {n!r}")
+    return n
+
+
+def _tokenizer_source(store: Store, uri: str, workdir: Path) -> str:
+    """A folder (or Hub id) holding the model's tokenizer; for a remote model only the
+    tokenizer and config files are downloaded, never the weights."""
+    from ..modeling import HF_SCHEME, resolve_model_source
+    from ..store import check_model_folder
+
+    if uri.startswith(HF_SCHEME) or store.local_path(uri) is not None:
+        return resolve_model_source(store, uri, workdir)
+    folder = as_folder(uri)
+    files = check_model_folder(store, uri)
+    dest = workdir / "tokenizer"
+    for f in files:
+        rel = f[len(folder):]
+        if "/" not in rel and rel in TOKENIZER_FILES:
+            store.download_file(f, dest / rel)
+    return str(dest)
+
+
+def _load_prompts(store: Store, uri: str) -> list[dict]:
+    prompts = []
+    seen: set[str] = set()
+    for record in iter_records(store, uri, "prompt"):
+        if record["id"] in seen:
+            raise StageError(f"{uri}: prompt id {record['id']!r} appears more than once "
+                             "(ids must be unique: results are matched to prompts by id)")
+        seen.add(record["id"])
+        prompts.append(record)
+    return prompts
+
+
+def sample_into_store(task: StageTask, store: Store, upstream: dict[str, str], workdir: Path,
+                      env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Sample every prompt not yet in `<output>/samples/`; mark the samples complete."""
+    from ..modeling import load_tokenizer
+    from ..sampler import ClientConfig, SampleStats, SamplerError, SamplingParams, chat_format
+
+    n = _n(task)
+    samples = join_uri(as_folder(task.output), SAMPLES)
+    digest = sampling_digest(task, upstream)
+    prepare_folder(store, samples, digest)
+    prompts = _load_prompts(store, _input(task, "prompts"))
+    done = existing_ids(store, samples)
+    todo = [p for p in prompts if p["id"] not in done]
+    log.info("sampling n=%d for %d prompt(s) (%d already in %s)", n, len(todo),
+             len(prompts) - len(todo), samples)
+    stats = SampleStats()
+    if todo:
+        env = dict(os.environ if env is None else env)
+        model_input = env.get("XWIN_MODEL_INPUT") or "policy"
+        try:
+            sampling = SamplingParams.from_params(task.params.get("sampling"))
+            client = ClientConfig.from_env(task.params.get("serving"), env)
+        except SamplerError as e:
+            raise StageError(str(e)) from None
+        tokenizer = load_tokenizer(_tokenizer_source(store, _input(task, model_input), workdir))
+        fmt = chat_format(task.chat_template, tokenizer)
+
+        flush_s = float(env.get("XWIN_SAMPLER_FLUSH_SECONDS") or 5)
+        try:
+            asyncio.run(_sample_and_write(store, samples, todo, n, sampling, client, fmt,
+                                          stats, flush_s))
+        except SamplerError as e:
+            raise StageError(f"{e} ({stats.prompts} prompt(s) sampled in this attempt are "
+                             f"kept in {samples}; re-run to continue)") from None
+    written = existing_ids(store, samples)
+    missing = [p["id"] for p in prompts if p["id"] not in written]
+    if missing:
+        raise StageError(f"{samples}: {len(missing)} prompt(s) have no samples after "
+                         f"sampling (first: {missing[0]!r})")
+    progress = {"digest": digest, "complete": True, "prompts": len(prompts), "n": n,
+                "lastAttempt": stats.as_counts()}
+    store.write_json(_progress_uri(samples), progress)
+    log.info("samples complete: %d prompts x %d responses in %s", len(prompts), n, samples)
+    return progress
+
+
+def _input(task: StageTask, name: str) -> str:
+    if not task.inputs.get(name):
+        have = ", ".join(sorted(task.inputs)) or "none"
+        raise StageError(f"stage {task.stage}: task.inputs.{name} is required (inputs given: {have})")
+    return task.inputs[name]
+
+
+async def _sample_and_write(store, samples, todo, n, sampling, client, fmt, stats,
+                            flush_s: float) -> None:
+    from ..sampler import sample_with_reasons
+
+    total = len(todo)
+    writer = ShardWriter(store, samples, prefix="part", max_records=10**9)
+    unflushed, last_flush, last_log = 0, time.monotonic(), time.monotonic()
+    encode, to_content = fmt
+    failed = True
+    try:
+        async for record, texts, reasons in sample_with_reasons(todo, n, sampling, client,
+                                                                encode, stats, to_content):
+            writer.write({"id": record["id"], "prompt": record["messages"],
+                          "responses": [{"content": t, "finish_reason": r}
+                                        for t, r in zip(texts, reasons)]})
+            unflushed += 1
+            now = time.monotonic()
+            if unflushed >= SAMPLE_SHARD_RECORDS or now - last_flush >= flush_s:
+                await asyncio.to_thread(writer.flush)
+                unflushed, last_flush = 0, now
+            if now - last_log >= 10:
+                log.info(stats.line(total))
+                last_log = now
+        failed = False
+    finally:
+        try:
+            writer.flush()  # what arrived is complete and valid: keep it for the re-run
+        except Exception:  # noqa: BLE001 - never hide the error that stopped sampling
+            if not failed:
+                raise
+    log.info(stats.line(total))
+
+
+def sample_step(task: StageTask, store: Store) -> dict[str, Any]:
+    """`python -m xwin_jobs bestOfN-sample`: samples only; writes no marker."""
+    upstream = upstream_digests(store, task)
+    from ..store import read_marker
+
+    marker = read_marker(store, task.output)
+    if marker is not None and marker.get("digest") == task.digest(upstream):
+        log.info("stage bestOfN already done; nothing to sample")
+        return {**marker, "skipped": True}
+    if samples_complete(store, task, upstream):
+        log.info("samples already complete in %s", join_uri(as_folder(task.output), SAMPLES))
+        return {"metrics": {}, "skipped": True}
+    with tempfile.TemporaryDirectory(prefix="xwin-bestOfN-sample-",
+                                     dir=os.environ.get("XWIN_WORKDIR") or None) as tmp:
+        progress = sample_into_store(task, store, upstream, Path(tmp))
+    return {"metrics": progress.get("lastAttempt", {})}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_step(task: StageTask, store: Store) -> dict[str, Any]:
+    """`python -m xwin_jobs bestOfN-score`: the stage itself (marker last)."""
+    return run_stage(task, store)
+
+
+def run(ctx: StageContext) -> StageResult:
+    from ..scoring import DEFAULT_TOKEN_BUDGET, ScoringStats
+
+    task, store = ctx.task, ctx.store
+    n = _n(task)
+    upstream = upstream_digests(store, task)
+    samples = ctx.output(SAMPLES)
+    if not samples_complete(store, task, upstream):
+        if not os.environ.get("OPENAI_BASE_URL"):
+            progress = read_progress(store, samples)
+            state = "incomplete" if progress else "missing"
+            raise StageError(f"{samples}: samples are {state}; run the bestOfN-sample step "
+                             "first, or set OPENAI_BASE_URL to a vLLM server of the policy")
+        sample_into_store(task, store, upstream, ctx.workdir)
+
+    data = ctx.output(DATA)
+    prepare_folder(store, data, task.digest(upstream))
+    done = existing_ids(store, data)
+    budget = int(os.environ.get("XWIN_SCORING_TOKEN_BUDGET") or DEFAULT_TOKEN_BUDGET)
+    stats = ScoringStats()
+    chunk_prompts = max(1, SCORE_CHUNK_RESPONSES // n)
+    scorer = None
+    scored = 0
+    with ShardWriter(store, data, max_records=10**9) as writer:
+        chunk: list[dict] = []
+        for record in _unscored(store, samples, done, n):
+            chunk.append(record)
+            if len(chunk) < chunk_prompts:
+                continue
+            scorer = scorer or _scorer(ctx, budget, len(done))
+            scored += _score_chunk(scorer, chunk, writer, stats)
+            chunk = []
+            log.info("scored %d prompt(s) in this attempt", scored)
+        if chunk:
+            scorer = scorer or _scorer(ctx, budget, len(done))
+            scored += _score_chunk(scorer, chunk, writer, stats)
+    log.info("scored %d prompt(s) in this attempt (%d before)", scored, len(done))
+    store.write_json(join_uri(data, PROGRESS), {"digest": task.digest(upstream), "complete": True})
+    metrics, counts = scored_set_summary(store, data, n)
+    counts["scoringThisAttempt"] = stats.as_counts()
+    return StageResult(counts=counts, metrics=metrics, outputs={"data": data})
+
+
+def _unscored(store: Store, samples: str, done: set[str], n: int):
+    for record in iter_records(store, samples, "scored"):
+        if record["id"] in done:
+            continue
+        if len(record["responses"]) != n:
+            raise StageError(f"{samples}: prompt {record['id']!r} has "
+                             f"{len(record['responses'])} responses, expected n={n}")
+        yield record
+
+
+def _scorer(ctx: StageContext, budget: int, already: int):
+    from ..scoring import RewardScorer
+    from .common import model_source
+
+    log.info("loading the reward model (%d prompt(s) already scored)", already)
+    return RewardScorer(model_source(ctx, "rewardModel"), ctx.task.chat_template,
+                        token_budget=budget)
+
+
+def _score_chunk(scorer, chunk: list[dict], writer: ShardWriter, stats) -> int:
+    """Score one chunk of sample records (sorted by length inside) and write it as a shard."""
+    items = [(r["prompt"], resp["content"]) for r in chunk for resp in r["responses"]]
+    scores, chunk_stats = scorer.score(items)
+    stats.add(chunk_stats)
+    it = iter(scores)
+    for r in chunk:
+        writer.write({"id": r["id"], "prompt": r["prompt"],
+                      "responses": [{"content": resp["content"], "score": next(it),
+                                     "finish_reason": resp.get("finish_reason")}
+                                    for resp in r["responses"]]})
+    writer.flush()
+    return len(chunk)
+
+
+def scored_set_summary(store: Store, data: str, n: int) -> tuple[dict, dict]:
+    """metrics.json of the stage from the scored set as written (every attempt's part)."""
+    import math
+
+    import numpy as np
+
+    from ..selection import score_summary
+
+    rows: list[list[float]] = []
+    responses = empty = unscored = truncated = 0
+    for record in iter_records(store, data, "scored"):
+        row = []
+        for x in record["responses"]:
+            score, blank = x.get("score"), not x["content"].strip()
+            responses += 1
+            empty += blank
+            unscored += score is None
+            truncated += x.get("finish_reason") == "length"
+            row.append(math.nan if score is None or blank else float(score))
+        rows.append(row + [math.nan] * (n - len(row)))
+    table = np.asarray(rows, dtype=np.float64).reshape(len(rows), n)
+    prompts = len(rows)
+    summary = score_summary(table)
+    metrics = {
+        "n": n,
+        "prompts": prompts,
+        "responses": responses,
+        "responsesPerPrompt": responses / prompts if prompts else 0.0,
+        "validResponsesPerPromptMean": summary["responsesPerPromptMean"],
+        "validResponsesPerPromptMin": summary["responsesPerPromptMin"],
+        "promptsWithoutValidResponse": summary["promptsWithoutValidResponse"],
+        "meanScore": summary["meanScore"],
+        "meanMaxScore": summary["meanMaxScore"],
+        "meanMinScore": summary["meanMinScore"],
+        "emptyResponses": empty,
+        "nanScores": unscored - empty,
+        "truncatedResponses": truncated,
+    }
+    counts = {"prompts": prompts, "responses": responses, "emptyResponses": empty,
+              "nanScores": unscored - empty, "shards": len(shard_uris(store, data))}
+    return metrics, counts
