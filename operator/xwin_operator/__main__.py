@@ -5,7 +5,7 @@ settings of handlers.configure (progress under `xwin.ai/` annotations, Events po
 WARNING up, no peering). Credentials: the in-cluster service account, else $KUBECONFIG /
 ~/.kube/config. S3 credentials for reading stage markers: the usual AWS_* environment.
 
-Environment: XWIN_RECONCILE_INTERVAL (timer seconds, default 3), XWIN_NAMESPACE (watched
+Environment: XWIN_RECONCILE_INTERVAL (resync seconds, default 3), XWIN_NAMESPACE (watched
 namespace when no -n/-A is given), and OperatorConfig's XWIN_* fields (images, backoff...).
 """
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import kopf
 
     kopf.configure(verbose=args.verbose, quiet=args.quiet)
-    from . import handlers  # noqa: F401  (registers the handlers; reads XWIN_RECONCILE_INTERVAL)
+    from . import handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(standalone=True, clusterwide=args.all_namespaces or not namespaces,
              namespaces=namespaces, liveness_endpoint=args.liveness)

@@ -46,7 +46,6 @@ CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("batch", "v1", "jobs"
                    ("apps", "v1", "deployments"), ("", "v1", "services"))
 CHILD_INDEXES = tuple(f"{plural}_by_run" for _, _, plural in CHILD_RESOURCES)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
-INTERVAL = float(os.environ.get("XWIN_RECONCILE_INTERVAL", "3"))
 FINISHED = ("Succeeded", "Failed")
 
 
@@ -73,7 +72,7 @@ class OperatorState:
     store: StoreReader
     config: OperatorConfig
     login: Callable[[], Any]
-    interval: float = INTERVAL
+    interval: float = 3.0
     gates: dict[str, RunGate] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the indexes are complete
     resync: asyncio.Task | None = None
@@ -106,7 +105,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
         return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
 
     state = OperatorState(api=KubeApi(lambda: Connection.from_info(login())), store=StoreReader(),
-                          config=OperatorConfig.from_env(), login=login)
+                          config=OperatorConfig.from_env(), login=login,
+                          interval=float(os.environ.get("XWIN_RECONCILE_INTERVAL", "3")))
     state.resync = asyncio.create_task(resync_forever(state, indexes, logging.getLogger("xwin_operator.resync")))
     memo.xwin = state
 
@@ -151,11 +151,11 @@ def _children(kwargs: Mapping[str, Any], namespace: str, name: str) -> list:
 async def reconcile(state: OperatorState, body: Mapping[str, Any], children: list,
                     logger: logging.Logger | logging.LoggerAdapter) -> None:
     meta = body["metadata"]
-    if meta.get("deletionTimestamp"):
-        return  # being deleted: its children go with it (owner references); nothing to start
     gate = state.gates.setdefault(meta["uid"], RunGate())
     async with gate.lock:
         gate.queued = False
+        if meta.get("deletionTimestamp"):
+            return  # being deleted: its children go with it (owner references); nothing to start
         try:
             await _reconcile(state, gate, body, children, logger)
         except RunGone:

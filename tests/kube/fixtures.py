@@ -1,6 +1,6 @@
 """pytest fixtures and run builders shared by the operator tests (import them by name).
 
-    from kube.fixtures import cluster, kubelet_factory, operator_factory, tiny_run  # noqa: F401
+    from kube.fixtures import NS, cluster, kubelet_factory, operator_factory, tiny_run  # noqa: F401
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ NS = "demo"
 TINY = Path(REPO_ROOT) / "examples" / "tiny" / "run.yaml"
 
 
-def tiny_run(name: str = "tiny", *, storage: dict, inputs: dict[str, str] | None = None,
-             **spec_changes: Any) -> dict:
-    """examples/tiny/run.yaml as an object: relative file:// URIs made absolute (or replaced by
-    `inputs`: {"baseModel": uri, "sft.data": uri, "pairs.from": uri, ...}), `storage` replaced."""
+def tiny_run(name: str = "tiny", *, storage: dict, **spec_changes: Any) -> dict:
+    """examples/tiny/run.yaml as an object: relative file:// URIs made absolute, `storage`
+    replaced, top-level spec fields overridden by `spec_changes`."""
     run = yaml.safe_load(TINY.read_text())
 
     def absolute(value: Any) -> Any:
@@ -38,12 +37,6 @@ def tiny_run(name: str = "tiny", *, storage: dict, inputs: dict[str, str] | None
     run = absolute(run)
     run["metadata"] = {"name": name, "namespace": NS}
     run["spec"]["storage"] = dict(storage)
-    for path, uri in (inputs or {}).items():
-        target = run["spec"]
-        *parents, leaf = ["stages", *path.split(".")] if "." in path else [path]
-        for p in parents:
-            target = target[p]
-        target[leaf] = uri
     run["spec"].update(copy.deepcopy(spec_changes))
     return run
 

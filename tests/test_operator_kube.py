@@ -1,0 +1,126 @@
+"""The operator's I/O layer (kube.KubeApi) against the fake API server, and the pure mapping of
+child objects to what the planner sees (observe.child_state, observe.parse_run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kube import Cluster
+from xwin_operator.kube import ApiError, Connection, KubeApi
+from xwin_operator.observe import child_state, parse_run
+from xwin_operator.planner import EmitEvent, PatchStatus
+
+NS = "demo"
+LABELS = {"xwin.ai/run": "r", "xwin.ai/stage": "sft", "xwin.ai/step": "train", "xwin.ai/attempt": "2",
+          "app.kubernetes.io/managed-by": "xwin-operator"}
+
+
+def cond(type_: str, status: str = "True", **kw) -> dict:
+    return {"type": type_, "status": status, **kw}
+
+
+def pytorchjob(name: str = "r-sft-2", labels: dict | None = None, **status) -> dict:
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+            "metadata": {"name": name, "namespace": NS, "labels": labels or LABELS,
+                         "creationTimestamp": "2024-01-01T00:00:00Z"},
+            "spec": {"runPolicy": {"suspend": False}}, "status": status}
+
+
+@pytest.mark.parametrize("body, phase, reason", [
+    (pytorchjob(), "Pending", ""),
+    (pytorchjob(conditions=[cond("Created"), cond("Running")]), "Running", ""),
+    (pytorchjob(conditions=[cond("Created"), cond("Running", "False"), cond("Succeeded", reason="PyTorchJobSucceeded")]),
+     "Succeeded", "PyTorchJobSucceeded"),
+    (pytorchjob(conditions=[cond("Failed", reason="PyTorchJobFailed", message="1 Master replica(s) failed")]),
+     "Failed", "PyTorchJobFailed"),
+    ({**pytorchjob(), "kind": "Job", "status": {"active": 1}}, "Running", ""),
+    ({**pytorchjob(), "kind": "Job", "status": {"succeeded": 1, "completionTime": "2024-01-01T00:01:00Z"}}, "Succeeded", ""),
+    ({**pytorchjob(), "kind": "Job", "status": {"conditions": [cond(
+        "Failed", reason="PodFailurePolicy", message="Container main for pod demo/x failed with exit code 2 matching FailJob rule at index 0")]}},
+     "Failed", "PodFailurePolicy"),
+    ({**pytorchjob(), "kind": "Deployment", "status": {"availableReplicas": 1}}, "Running", ""),
+    ({**pytorchjob(), "kind": "Deployment", "status": {"conditions": [cond("Progressing", "False", reason="ProgressDeadlineExceeded")]}},
+     "Failed", "ProgressDeadlineExceeded"),
+    ({**pytorchjob(), "kind": "Service", "status": {}}, "Running", ""),
+])
+def test_child_state_reads_what_each_controller_writes(body, phase, reason):
+    state = child_state(body)
+    assert (state.phase, state.reason) == (phase, reason)
+    assert (state.stage, state.step, state.attempt, state.created) == ("sft", "train", 2, "2024-01-01T00:00:00Z")
+    if reason == "PodFailurePolicy":
+        assert state.exit_code == 2
+
+
+def test_objects_without_stage_labels_are_not_children():
+    assert child_state(pytorchjob(labels={"app": "x"})) is None
+
+
+def test_a_spec_the_model_rejects_becomes_one_failed_status_and_one_event():
+    body = {"apiVersion": "xwin.ai/v1alpha1", "metadata": {"name": "r", "namespace": NS},
+            "spec": {"baseModel": "s3://b/m", "storage": {"uri": "s3://b/runs"}, "stages": {"sft": {}}}}
+    run, actions = parse_run(body, None, 3, "2024-01-01T00:00:00Z")
+    assert run is None and isinstance(actions[0], PatchStatus) and isinstance(actions[1], EmitEvent)
+    status = actions[0].status
+    assert status["phase"] == "Failed" and status["observedGeneration"] == 3
+    assert "spec.stages.sft.data" in status["message"]
+    # reported once: the same problem again changes nothing
+    assert parse_run(body, status, 3, "2024-01-01T00:05:00Z") == (None, [])
+
+
+@pytest.fixture
+def api_cluster():
+    with Cluster(namespaces=(NS,)) as c:
+        yield c
+
+
+def test_kube_api_calls_against_the_api_server(api_cluster):
+    c = api_cluster
+    api = KubeApi(lambda: Connection(server=c.url))
+    c.create("v1/secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": NS},
+                            "data": {"k": "c2VjcmV0"}})
+    other = {**pytorchjob("other"), "metadata": {"name": "other", "namespace": NS, "labels": {**LABELS, "xwin.ai/run": "x"}}}
+
+    async def scenario() -> dict:
+        out: dict = {}
+        out["created"] = await api.create(pytorchjob())
+        out["again"] = await api.create(pytorchjob())       # 409: already there
+        await api.create(other)
+        out["children"] = [o["metadata"]["name"] for o in await api.list_children(NS, "r")]
+        await api.set_suspended("PyTorchJob", NS, "r-sft-2", True)
+        out["secret"] = (await api.secret_exists(NS, "s"), await api.secret_exists(NS, "nope"))
+        await api.post_event({"apiVersion": "v1", "kind": "Secret", "name": "s", "namespace": NS, "uid": "u"},
+                             "Tested", "hello", "Normal")
+        out["deleted"] = (await api.delete("PyTorchJob", NS, "r-sft-2"), await api.delete("PyTorchJob", NS, "r-sft-2"))
+        try:
+            await api.patch_status(NS, "missing", {"phase": "Running"})
+        except ApiError as e:
+            out["missing"] = (e.status, e.transient)
+        await api.close()
+        return out
+
+    out = c.call(scenario)
+    assert out["created"] is True and out["again"] is False
+    assert out["children"] == ["r-sft-2"]
+    assert c.history("kubeflow.org/v1/pytorchjobs", NS, "r-sft-2")[-2]["spec"]["runPolicy"]["suspend"] is True
+    assert out["secret"] == (True, False)
+    assert out["deleted"] == (True, False)
+    assert out["missing"] == (404, False)
+    event = c.list("v1/events", NS)[0]
+    assert event["involvedObject"]["name"] == "s" and event["reason"] == "Tested" and event["metadata"]["name"].startswith("s.")
+
+
+def test_unreachable_api_is_a_transient_error():
+    from kube.pods import free_port
+
+    api = KubeApi(lambda: Connection(server=f"http://127.0.0.1:{free_port()}"), timeout=2)
+    import asyncio
+
+    async def call() -> ApiError:
+        try:
+            await api.secret_exists(NS, "s")
+        except ApiError as e:
+            return e
+        finally:
+            await api.close()
+    error = asyncio.run(call())
+    assert error.status == 0 and error.transient
