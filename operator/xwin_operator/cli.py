@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print every child manifest the operator would create")
     pl.add_argument("file")
     pl.set_defaults(func=cmd_plan)
+    # `xwin operator ...` hands every argument to `python -m xwin_operator` (see main())
+    sub.add_parser("operator", help="run the operator (kopf) against the current cluster")
     r = sub.add_parser("run", help="run an AlignmentRun on this machine, stage by stage")
     r.add_argument("file")
     r.add_argument("--store", default="file://./xwin-runs",
@@ -150,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:
+        from .__main__ import main as operator_main
+
+        return operator_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
