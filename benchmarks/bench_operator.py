@@ -102,7 +102,7 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def measure(kind: str, runs: int, interval: float, timeout: float, work: Path) -> dict:
+def measure(kind: str, runs: int, interval: float, timeout: float, work: Path, profile: str | None = None) -> dict:
     from xwin_operator.crd import crd
 
     store, base = work / f"{kind}-store", f"file://{work}/inputs"
@@ -118,6 +118,13 @@ def measure(kind: str, runs: int, interval: float, timeout: float, work: Path) -
         else:
             argv = [sys.executable, "-m", "xwin_operator", "--quiet", "-n", NS]
         op = OperatorProcess(cluster, work / f"{kind}-operator", namespace=NS, interval=interval, argv=argv).start()
+        spy = None
+        if profile:  # py-spy samples the operator; collapsed stacks go to `profile`
+            import subprocess
+
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--nonblocking", "-r", "250",
+                                    "-f", "raw", "-o", profile, "--pid", str(op.proc.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             cluster.create(RUNS, run_manifest("warmup", store, base))
             cluster.wait_for(lambda: "warmup" in rec.succeeded or not op.alive, timeout=120, what="the warm-up run")
@@ -145,6 +152,8 @@ def measure(kind: str, runs: int, interval: float, timeout: float, work: Path) -
         finally:
             op.stop()
             kubelet.stop()
+            if spy is not None:
+                spy.wait(60)
     done = [n for n in names if n in rec.succeeded]
     first = min(rec.created[n] for n in names)
     last = max((rec.succeeded[n] for n in done), default=float("nan"))
@@ -220,14 +229,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--rounds", type=int, default=2, help="rounds of both operators; the best of each is kept")
     parser.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
+    parser.add_argument("--only", choices=("xwin", "noop"), help="measure one operator (implies --no-results)")
+    parser.add_argument("--profile", metavar="FILE", help="sample the operator with py-spy (pip install py-spy) "
+                        "into FILE (collapsed stacks; implies --no-results)")
     args = parser.parse_args(argv)
+    kinds = (args.only,) if args.only else ("noop", "xwin")
     results: dict[str, list[dict]] = {"noop": [], "xwin": []}
     for round_ in range(args.rounds):  # alternating, so both see the same machine load
-        for kind in ("noop", "xwin"):
+        for kind in kinds:
             with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
                 (Path(tmp) / "inputs").mkdir()
-                results[kind].append(measure(kind, args.runs, args.interval, args.timeout, Path(tmp)))
+                profile = f"{args.profile}.{kind}.{round_ + 1}" if args.profile else None
+                results[kind].append(measure(kind, args.runs, args.interval, args.timeout, Path(tmp), profile))
             print(f"round {round_ + 1} {kind}: {results[kind][-1]}", flush=True)
+    if args.only or args.profile:
+        return 0 if all(r["stuck"] == 0 and r.get("duplicates", 0) == 0 for k in kinds for r in results[k]) else 1
     noop, xwin = (max(results[k], key=lambda r: r["runs_per_s"]) for k in ("noop", "xwin"))
     xwin["stuck"] = max(r["stuck"] for r in results["xwin"])
     xwin["duplicates"] = sum(r["duplicates"] for r in results["xwin"])

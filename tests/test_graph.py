@@ -42,14 +42,14 @@ def test_ready_walks_the_pipeline(full):
 
 
 def test_reused_stages_count_as_done_and_have_no_task():
-    run = load_run(ROOT / "examples/tiny/run.yaml")
+    run = load_run(ROOT / "examples/tiny/run-training.yaml")
     assert ready(run.spec, set()) == ["sft"]
     assert ready(run.spec, {"sft"}) == ["rewardModel", "rejectionSampling"]
     assert downstream(run.spec, "sft") == ["rewardModel", "rejectionSampling", "dpo"]
 
 
 def test_tasks_point_at_upstream_artifacts_and_require_their_markers():
-    run = load_run(ROOT / "examples/tiny/run.yaml")
+    run = load_run(ROOT / "examples/tiny/run-training.yaml")
     rs = stage_task(run, "rejectionSampling", store="s3://bucket/root")
     assert rs.output == "s3://bucket/root/demo/tiny/rejectionSampling/"
     assert rs.inputs == {"model": "s3://bucket/root/demo/tiny/sft/model/",
@@ -68,10 +68,10 @@ def test_judge_secret_name_never_reaches_a_task(full):
 
 
 def test_digest_changes_with_params_and_upstream():
-    run = load_run(ROOT / "examples/tiny/run.yaml")
+    run = load_run(ROOT / "examples/tiny/run-training.yaml")
     t = stage_task(run, "rewardModel")
     assert t.digest({"x": "1"}) == t.digest({"x": "1"})
     assert t.digest({"x": "1"}) != t.digest({"x": "2"})
-    run2 = parse_run((ROOT / "examples/tiny/run.yaml").read_text().replace(
+    run2 = parse_run((ROOT / "examples/tiny/run-training.yaml").read_text().replace(
         "training: {epochs: 2, learningRate: 5.0e-4}", "training: {epochs: 3, learningRate: 5.0e-4}", 1))
     assert stage_task(run2, "rewardModel").digest({}) != t.digest({})

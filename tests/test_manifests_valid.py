@@ -33,7 +33,7 @@ from xwin_operator.spec_io import load_run  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 KUBEFLOW_SCHEMA = REPO.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
 K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest supported (podFailurePolicy beta, on by default) and newest bundled
-RUN_FILES = sorted([REPO / "examples/tiny/run.yaml", *(REPO / "manifests/samples").glob("*.yaml")])
+RUN_FILES = sorted([REPO / "examples/tiny/run-training.yaml", *(REPO / "manifests/samples").glob("*.yaml")])
 BUILTIN = ("Deployment", "Service", "Job")
 
 
@@ -113,7 +113,7 @@ def test_pytorchjobs_validate_against_the_kubeflow_crd(planned, pytorchjob_schem
 
 
 def test_a_typo_in_a_pytorchjob_is_caught(pytorchjob_schema):
-    run = load_run(REPO / "examples/tiny/run.yaml")
+    run = load_run(REPO / "examples/tiny/run-training.yaml")
     job = next(m for _, _, m in planned_manifests(run) if m["kind"] == "PyTorchJob")
     job = copy.deepcopy(job)
     job["spec"]["runPolicy"]["backofLimit"] = 3

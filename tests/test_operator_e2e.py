@@ -73,9 +73,7 @@ def test_tiny_run_succeeds_through_the_operator(cluster, kubelet_factory, operat
     sft = next(s for s in status["stages"] if s["name"] == "sft")
     assert sft["artifact"] == f"{s3_bucket}/runs/{NS}/tiny/sft/" and sft["attempts"] == 1
     assert sft["metrics"] == {"instant": 1}
-    # (the child may be listed, or already gone: the planner deletes a stage's still-active
-    # children once its marker is there, and the job writes its marker just before it exits)
-    assert sft["children"] in ([], ["PyTorchJob/tiny-sft-1"])
+    assert sft["children"] == ["PyTorchJob/tiny-sft-1"]
     # every planned child created exactly once
     assert sorted(n for _, n in created_names(cluster, NS)) == planned_children(run)
     reasons = [e["reason"] for e in events_of(cluster, NS, "tiny")]

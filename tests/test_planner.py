@@ -7,6 +7,7 @@ checks the actions and the status a user would see with `kubectl get ar -o yaml`
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 
@@ -150,6 +151,34 @@ def test_every_stage_done_is_a_succeeded_run_and_a_steady_state():
     assert cond(st, "Succeeded")["status"] == "True" and cond(st, "Succeeded")["reason"] == "AllStagesSucceeded"
     assert any(e.reason == "RunSucceeded" for e in of(acts, EmitEvent))
     assert plan(run, [], markers, status=copy.deepcopy(st), now="2024-05-02T00:00:00Z") == []
+
+
+def test_a_marker_written_just_before_its_job_exits_does_not_kill_the_job():
+    run = make_run()
+    markers = markers_for(run, "sft")
+    exiting = child("sft", phase="Running")  # the marker is there; the pod has not exited yet
+    acts = plan(run, [exiting], markers)
+    assert of(acts, DeleteChild) == []
+    sft = stage(status_of(acts), "sft")
+    assert sft["phase"] == "Succeeded" and sft["children"] == ["PyTorchJob/demo-sft-1"]
+    assert creates(acts) == ["PyTorchJob/demo-rewardmodel-1"]
+    # suspend leaves it alone too; an older attempt's leftover still goes
+    kids = [child("sft", attempt=1, phase="Running"), child("sft", attempt=2, phase="Running")]
+    assert of(plan(run, kids, markers), DeleteChild) == [DeleteChild("PyTorchJob", "demo-sft-1")]
+    assert of(plan(make_run(suspend=True), [exiting], markers), SuspendChild) == []
+    # once it exits it is a finished child, listed as before
+    done = plan(run, [replace(exiting, phase="Succeeded", finished=T0)], markers, status=status_of(acts))
+    assert of(done, DeleteChild) == [] and of(done, EmitEvent) == []
+
+
+def test_a_sampling_stage_whose_marker_is_there_frees_its_server_but_lets_its_scorer_exit():
+    run = make_run()
+    markers = markers_for(run, "sft", "rewardModel", "bestOfN")
+    kids = [child("bestOfN", "serve", kind="Deployment"), child("bestOfN", "serve", kind="Service"),
+            child("bestOfN", "sample", kind="Job", phase="Succeeded"), child("bestOfN", "score")]
+    deletes = of(plan(run, kids, markers), DeleteChild)
+    assert deletes == [DeleteChild("Deployment", "demo-bestofn-serve-1"),
+                       DeleteChild("Service", "demo-bestofn-serve-1")]
 
 
 # --- sampling: server, sampler, scorer ------------------------------------------------------

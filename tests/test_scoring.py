@@ -265,3 +265,24 @@ def test_score_step_reads_and_writes_s3(reward_model, s3_server, s3_bucket, tmp_
 
     scored = read_records(store, f"{s3_bucket}/runs/bestOfN/data/", "scored")
     assert [r["id"] for r in scored] == ["p0", "p1", "p2"]
+
+
+def test_score_step_under_torchrun_splits_the_work_across_ranks(reward_model, tmp_path):
+    task = score_task(tmp_path, reward_model, n=2)
+    out = tmp_path / "bestOfN"
+    write_samples(out, task, sample_records(7, 2))
+    task_file = tmp_path / "task.json"
+    task_file.write_text(task.to_json())
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_BASE_URL"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "0", "-m", "xwin_jobs", "score", "--task", str(task_file)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=180,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_data(out) + [json.loads(line) for shard in sorted((out / "data").glob("part-r*.jsonl"))
+                             for line in shard.read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert sorted(ids) == [f"p{i}" for i in range(7)] and len(set(ids)) == 7
+    assert {p.name.split("-0")[0] for p in (out / "data").glob("*.jsonl")} == {"part", "part-r001"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prompts"] == 7 and (out / MARKER).is_file()

@@ -15,7 +15,7 @@ from xwin_operator.spec import AlignmentRun, resolved_training
 from xwin_operator.spec_io import SpecError, load_run, parse_run
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = [ROOT / "examples/tiny/run.yaml", ROOT / "examples/xwin-7b.yaml"]
+EXAMPLES = [ROOT / "examples/tiny/run-training.yaml", ROOT / "examples/xwin-7b.yaml"]
 
 MINIMAL = """\
 apiVersion: xwin.ai/v1alpha1

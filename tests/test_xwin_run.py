@@ -34,7 +34,7 @@ def workdir(tiny_task, tmp_path):
     """A fresh directory laid out like the repository root, sharing the made data."""
     (tmp_path / "examples/tiny").mkdir(parents=True)
     os.symlink(tiny_task / "examples/tiny/work", tmp_path / "examples/tiny/work")
-    shutil.copy(ROOT / "examples/tiny/run.yaml", tmp_path / "run.yaml")
+    shutil.copy(ROOT / "examples/tiny/run-training.yaml", tmp_path / "run.yaml")
     return tmp_path
 
 
@@ -126,7 +126,7 @@ def test_invalid_spec_and_missing_base_model(workdir):
     res = xwin_run(workdir)
     assert res.returncode == 1 and "run.yaml:" in res.stdout and "spec.stages.dpo.beta: must be > 0" in res.stdout
 
-    shutil.copy(ROOT / "examples/tiny/run.yaml", workdir / "run.yaml")
+    shutil.copy(ROOT / "examples/tiny/run-training.yaml", workdir / "run.yaml")
     (workdir / "run.yaml").write_text((workdir / "run.yaml").read_text().replace(
         "file://./examples/tiny/work/base-model", "file://./nowhere/base-model"))
     res = xwin_run(workdir)

@@ -14,13 +14,15 @@ Counted skips, never errors: an empty (whitespace-only) response is not scored (
 scored on its first max_length tokens (`truncated`).
 
 `length_grouped_batches` and `fixed_batches` are pure; torch and transformers are imported
-inside the functions that need them.
+inside the functions that need them. At the end: what the bestOfN score step shares with
+other scoring shells (torchrun ranks, the scored set's summary).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -188,3 +190,79 @@ class RewardScorer:
             else:
                 stats.nan += 1
         return scores, stats
+
+
+# ----------------------------------------------------------------------------- the stage's shell
+
+
+def torchrun_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class RankGroup:
+    """A barrier across torchrun's ranks (gloo, CPU), a no-op for one process."""
+
+    def __init__(self, world: int):
+        self.world = world
+        if world > 1:
+            import datetime
+
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def scored_set_summary(store: Any, data: str, n: int) -> tuple[dict, dict]:
+    """metrics.json of the bestOfN stage from the scored set as written (every attempt's and
+    every rank's part)."""
+    from .records import iter_records, shard_uris
+    from .selection import score_summary
+
+    rows: list[list[float]] = []
+    responses = empty = unscored = truncated = 0
+    for record in iter_records(store, data, "scored"):
+        row = []
+        for x in record["responses"]:
+            score, blank = x.get("score"), not x["content"].strip()
+            responses += 1
+            empty += blank
+            unscored += score is None
+            truncated += x.get("finish_reason") == "length"
+            row.append(math.nan if score is None or blank else float(score))
+        rows.append(row + [math.nan] * (n - len(row)))
+    table = np.asarray(rows, dtype=np.float64).reshape(len(rows), n)
+    prompts = len(rows)
+    summary = score_summary(table)
+    metrics = {
+        "n": n,
+        "prompts": prompts,
+        "responses": responses,
+        "responsesPerPrompt": responses / prompts if prompts else 0.0,
+        "validResponsesPerPromptMean": summary["responsesPerPromptMean"],
+        "validResponsesPerPromptMin": summary["responsesPerPromptMin"],
+        "promptsWithoutValidResponse": summary["promptsWithoutValidResponse"],
+        "meanScore": summary["meanScore"],
+        "meanMaxScore": summary["meanMaxScore"],
+        "meanMinScore": summary["meanMinScore"],
+        "emptyResponses": empty,
+        "nanScores": unscored - empty,
+        "truncatedResponses": truncated,
+    }
+    counts = {"prompts": prompts, "responses": responses, "emptyResponses": empty,
+              "nanScores": unscored - empty, "shards": len(shard_uris(store, data))}
+    return metrics, counts

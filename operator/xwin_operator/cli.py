@@ -119,12 +119,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # The figures a person looks at first, in this order; the rest stay in metrics.json.
-HEADLINE = ("trainLoss", "heldOutAccuracy", "trainRewardAccuracy", "pairsKept", "meanScore",
-            "winRate", "steps")
+HEADLINE = ("trainLoss", "heldOutAccuracy", "trainRewardAccuracy", "pairs", "ties",
+            "meanMaxScore", "meanScore", "responsesPerPrompt", "steps")
 
 
 def headline_metrics(metrics: dict, most: int = 3) -> list[tuple[str, object]]:
     chosen = [(k, metrics[k]) for k in HEADLINE if k in metrics]
+    chosen += [(k, v) for k, v in metrics.items() if k.endswith(".alpacaWinRate")]  # evaluate
     return chosen[:most]
 
 

@@ -1,21 +1,30 @@
 """The kopf handlers of the AlignmentRun operator: observe -> decide -> act, nothing else.
 
 Triggers, all running the same `reconcile` (serialised per run by a lock):
-  * create, resume (every run, when the operator starts) and update (spec, labels,
-    annotations) of an AlignmentRun;
+  * a run seen for the first time by this process (created, or listed when the operator
+    starts) or whose `metadata.generation` moved (a spec change: suspend, stages, ...);
   * a resync every XWIN_RECONCILE_INTERVAL seconds (default 3) of each unfinished run not
-    reconciled meanwhile (backoffs, missing Secrets and inputs heal without any event);
+    reconciled meanwhile (backoffs, missing Secrets and inputs heal without any event; a
+    reconcile that failed on an API or store error is retried there);
   * a child changing phase (a PyTorchJob or Job finishing, a vLLM Deployment becoming
     available, a child deleted), so stages follow each other without waiting for the resync.
+
+Only watch-event handlers (`kopf.on.event`) and indexes are registered, no change-detection
+handlers (on.create/update/resume): the operator is level-based (state is recomputed from the
+children, the markers and `.status.observedGeneration`), so kopf's per-object bookkeeping
+(progress and last-handled-configuration annotations, each a PATCH that echoes back as one more
+watch event, and a deep copy of every body for its diff) would be pure overhead: none is
+written, and a killed operator has nothing of its own to recover. kopf's storages stay
+configured under the `xwin.ai` prefix for any such handler added later; see `WatchOnlyDiffBase`.
 
 `reconcile` observes the run's children from kopf indexes (the watch streams of the four child
 kinds labelled `app.kubernetes.io/managed-by=xwin-operator`, grouped by `xwin.ai/run`; kopf
 fills them completely before any handler runs, so a restarted operator sees every child it
 made before), the stages' `_SUCCESS.json` markers and the run's inputs in the store, and the
-Secrets the run names; `planner.decide` says what to do; `act` does it through kube.KubeApi.
-Status is patched explicitly (never through handler return values); kopf keeps its own
-progress in `xwin.ai/*` annotations. Transient API or store errors are kopf.TemporaryError;
-nothing here is a PermanentError: whatever is wrong may heal (a Secret created, RBAC fixed).
+Secrets the run names; `planner.decide` says what to do; `act` does it through kube.KubeApi,
+with at most one status patch per reconcile (none when nothing changed). Transient API or
+store errors are logged and retried by the resync: whatever is wrong may heal (a Secret
+created, RBAC fixed).
 """
 
 from __future__ import annotations
@@ -55,11 +64,13 @@ class RunGone(Exception):
 
 @dataclass
 class RunGate:
-    """Per-run state of this process: one reconcile at a time, the status it last wrote (newer
-    than a body the watch has not caught up with), the child phases it last saw, and when it
-    was last reconciled."""
+    """Per-run state of this process: one reconcile at a time, the newest body the watch
+    delivered, the status it last wrote (newer than a body the watch has not caught up with),
+    the child phases it last saw, and when it was last reconciled."""
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    body: Mapping[str, Any] | None = None   # the newest body of the run seen by the watch
+    generation: int | None = None           # the generation last reconciled
     status: dict | None = None
     phases: dict[tuple[str, str], str] = field(default_factory=dict)
     queued: bool = False
@@ -74,6 +85,7 @@ class OperatorState:
     login: Callable[[], Any]
     interval: float = 3.0
     gates: dict[str, RunGate] = field(default_factory=dict)
+    indexes: Mapping[str, Any] = field(default_factory=dict)     # kopf's live child indexes
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the indexes are complete
     resync: asyncio.Task | None = None
 
@@ -89,13 +101,26 @@ def _state(memo: Any) -> OperatorState:
 # --- operator settings and credentials ------------------------------------------------------
 
 
+class WatchOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff-base (`xwin.ai/last-handled-configuration`) for an operator without
+    change-detection handlers: kopf computes it for every event of every watched object (a deep
+    copy of the body) but only create/update/resume/delete handlers read it, and this operator
+    registers none, so nothing is built, read or written. Register such a handler and this must
+    go back to kopf.AnnotationsDiffBaseStorage."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: Any) -> Any:
+        return None
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
                     **indexes: Any) -> None:
     settings.peering.standalone = True
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=API_GROUP, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = WatchOnlyDiffBase(prefix=API_GROUP, key="last-handled-configuration")
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     settings.posting.level = logging.WARNING  # our own Events tell the stage story
     settings.watching.server_timeout = 600
@@ -106,8 +131,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
 
     state = OperatorState(api=KubeApi(lambda: Connection.from_info(login())), store=StoreReader(),
                           config=OperatorConfig.from_env(), login=login,
-                          interval=float(os.environ.get("XWIN_RECONCILE_INTERVAL", "3")))
-    state.resync = asyncio.create_task(resync_forever(state, indexes, logging.getLogger("xwin_operator.resync")))
+                          interval=float(os.environ.get("XWIN_RECONCILE_INTERVAL", "3")), indexes=indexes)
+    state.resync = asyncio.create_task(resync_forever(state, logging.getLogger("xwin_operator.resync")))
     memo.xwin = state
 
 
@@ -124,11 +149,11 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     await state.api.close()
 
 
-# --- what is observed: indexes of children and runs -----------------------------------------
+# --- what is observed: indexes of the children ----------------------------------------------
 
 
-def _index_child(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict | None:
-    state = child_state(body)
+async def _index_child(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict | None:
+    state = child_state(body)  # async: kopf runs a sync handler through a thread pool
     return {(namespace, labels[LABEL_RUN]): state} if state is not None and LABEL_RUN in labels else None
 
 
@@ -136,28 +161,26 @@ for (_group, _version, _plural), _index_id in zip(CHILD_RESOURCES, CHILD_INDEXES
     kopf.index(_group, _version, _plural, labels=MANAGED, id=_index_id)(_index_child)
 
 
-@kopf.index(*RUNS)
-def runs_by_name(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
-    return {(namespace, name): body}
-
-
-def _children(kwargs: Mapping[str, Any], namespace: str, name: str) -> list:
-    return [c for index_id in CHILD_INDEXES for c in kwargs[index_id].get((namespace, name), [])]
+def _children(indexes: Mapping[str, Any], namespace: str, name: str) -> list:
+    return [c for index_id in CHILD_INDEXES for c in indexes[index_id].get((namespace, name), [])]
 
 
 # --- reconcile: observe -> decide -> act -----------------------------------------------------
 
 
-async def reconcile(state: OperatorState, body: Mapping[str, Any], children: list,
+async def reconcile(state: OperatorState, gate: RunGate,
                     logger: logging.Logger | logging.LoggerAdapter) -> None:
-    meta = body["metadata"]
-    gate = state.gates.setdefault(meta["uid"], RunGate())
+    """Reconcile the run of `gate` (its newest body), with its children as the indexes hold
+    them once the lock is held (not when the trigger fired: a queued reconcile sees the
+    newest children)."""
     async with gate.lock:
         gate.queued = False
-        if meta.get("deletionTimestamp"):
+        body = gate.body
+        if body is None or body["metadata"].get("deletionTimestamp"):
             return  # being deleted: its children go with it (owner references); nothing to start
+        meta = body["metadata"]
         try:
-            await _reconcile(state, gate, body, children, logger)
+            await _reconcile(state, gate, body, _children(state.indexes, meta["namespace"], meta["name"]), logger)
         except RunGone:
             state.gates.pop(meta["uid"], None)  # deleted meanwhile: nothing left to do
         finally:
@@ -167,7 +190,7 @@ async def reconcile(state: OperatorState, body: Mapping[str, Any], children: lis
 async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any], children: list,
                      logger: logging.Logger | logging.LoggerAdapter) -> None:
     meta = body["metadata"]
-    ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    uid = meta["uid"]
     generation = int(meta.get("generation") or 1)
     current = dict(body.get("status") or {})
     previous = gate.status if gate.status is not None else current
@@ -177,6 +200,7 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
         gate.phases = {(c.kind, c.name): c.phase for c in children}
         actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config)
     await act(state, gate, body, actions, current, logger)
+    gate.generation = generation
 
 
 async def observe(state: OperatorState, run: Any, children: list) -> Observed:
@@ -194,6 +218,8 @@ async def observe(state: OperatorState, run: Any, children: list) -> Observed:
 
 async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], actions: list,
               current: dict, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Children first (a new child is the latency users wait for), then the one status patch
+    (the planner emits at most one, and none when nothing changed), then the Events."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     api = state.api
@@ -230,14 +256,14 @@ async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], acti
                 logger.warning(f"could not post Event {e.reason}: {result}")
 
 
-async def reconcile_or_retry(state: OperatorState, body: Mapping[str, Any], children: list,
-                             logger: logging.Logger | logging.LoggerAdapter) -> None:
+async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,
+                           logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Reconcile; an API or store error is logged and left to the resync (which retries every
+    unfinished run not reconciled for `interval` seconds): one run's trouble never stops the others."""
     try:
-        await reconcile(state, body, children, logger)
-    except ApiError as e:
-        raise kopf.TemporaryError(f"Kubernetes API: {e}", delay=2 if e.transient else 30) from None
-    except StoreError as e:
-        raise kopf.TemporaryError(f"artifact store: {e}", delay=5) from None
+        await reconcile(state, gate, logger)
+    except (ApiError, StoreError) as e:
+        logger.warning(f"reconcile ({why}): {e} (retried in {state.interval:g}s)")
 
 
 # --- triggers ------------------------------------------------------------------------------------
@@ -249,9 +275,10 @@ def finished(body: Mapping[str, Any], written: dict | None) -> bool:
     return status.get("phase") in FINISHED and status.get("observedGeneration") == body["metadata"].get("generation")
 
 
-async def resync_forever(state: OperatorState, indexes: Mapping[str, Any], logger: logging.Logger) -> None:
+async def resync_forever(state: OperatorState, logger: logging.Logger) -> None:
     """The periodic trigger: every unfinished run not reconciled for `interval` seconds is
-    reconciled again (backoffs expire, Secrets and inputs appear, missed events heal).
+    reconciled again (backoffs expire, Secrets and inputs appear, failed reconciles and missed
+    events heal).
 
     One loop for all runs rather than a kopf timer per run: kopf gives every object with a
     timer or daemon a finalizer, so runs could not be deleted while the operator is down, and
@@ -259,62 +286,63 @@ async def resync_forever(state: OperatorState, indexes: Mapping[str, Any], logge
     await state.ready.wait()
     limit = asyncio.Semaphore(16)
 
-    async def one(body: Mapping[str, Any]) -> None:
-        meta = body["metadata"]
+    async def one(gate: RunGate) -> None:
         async with limit:
             try:
-                await reconcile(state, body, _children(indexes, meta["namespace"], meta["name"]), logger)
-            except (ApiError, StoreError) as e:
-                logger.warning(f"[{meta['namespace']}/{meta['name']}] resync: {e} (retried in {state.interval:g}s)")
+                await reconcile_logged(state, gate, "resync", logger)
             except Exception:  # noqa: BLE001 - one run's bug must not stop the others' resync
-                logger.exception(f"[{meta['namespace']}/{meta['name']}] resync failed")
+                meta = (gate.body or {}).get("metadata", {})
+                logger.exception(f"[{meta.get('namespace')}/{meta.get('name')}] resync failed")
 
     while True:
         await asyncio.sleep(state.interval / 2)
         now, due = time.monotonic(), []
-        for runs in list(indexes["runs_by_name"].values()):
-            body = next(iter(runs), None)
+        for gate in list(state.gates.values()):
+            body = gate.body
             if body is None or body["metadata"].get("deletionTimestamp"):
                 continue
-            gate = state.gates.get(body["metadata"]["uid"])
-            if gate is not None and (now - gate.last < state.interval or gate.lock.locked()):
+            if now - gate.last < state.interval or gate.lock.locked():
                 continue
-            if not finished(body, gate.status if gate else None):
-                due.append(body)
-        await asyncio.gather(*(one(b) for b in due))
+            if not finished(body, gate.status):
+                due.append(gate)
+        await asyncio.gather(*(one(g) for g in due))
 
 
-@kopf.on.resume(*RUNS)
-@kopf.on.create(*RUNS)
-@kopf.on.update(*RUNS)
-async def run_changed(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
-                      logger: logging.LoggerAdapter, **kwargs: Any) -> None:
-    _state(memo).ready.set()  # kopf calls handlers only once every index is filled
-    await reconcile_or_retry(_state(memo), body, _children(kwargs, namespace, name), logger)
+@kopf.on.event(*RUNS)
+async def run_event(type: str | None, body: kopf.Body, uid: str, memo: kopf.Memo,
+                    logger: logging.LoggerAdapter, **_: Any) -> None:
+    """A run created, listed at start-up, changed or deleted. Reconciled when this process
+    sees it first (create, or resume after a restart) and when its generation moves (a spec
+    change); the echo of its own status patch, or a metadata-only change, wakes nothing."""
+    state = _state(memo)
+    if type == "DELETED":
+        state.gates.pop(uid, None)
+        return
+    state.ready.set()  # kopf calls handlers only once every index is filled
+    gate = state.gates.get(uid)
+    if gate is None:
+        gate = state.gates[uid] = RunGate()
+    gate.body = body
+    if gate.generation is not None and gate.generation == body.get("metadata", {}).get("generation"):
+        return
+    await reconcile_logged(state, gate, "run event", logger)
 
 
-async def _child_event(type: str | None, body: kopf.Body, namespace: str, name: str,
-                       labels: Mapping[str, str], memo: kopf.Memo, logger: logging.LoggerAdapter,
-                       **kwargs: Any) -> None:
+async def _child_event(type: str | None, body: kopf.Body, name: str, memo: kopf.Memo,
+                       logger: logging.LoggerAdapter, **_: Any) -> None:
     """Reconcile the parent run when a child's phase moved from what the run last saw."""
-    state, run_name = _state(memo), labels.get(LABEL_RUN)
+    state = _state(memo)
     owners = [o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or [] if o.get("kind") == KIND]
     gate = state.gates.get(owners[0]) if owners else None
-    if gate is None or run_name is None:
-        return  # not reconciled by this process yet: its resume/create handler will see it
+    if gate is None or gate.body is None or gate.queued:
+        return  # not seen by this process yet (its first run event reconciles it), or queued
     child = child_state(body)
     phase = "Deleted" if type == "DELETED" or child is None else child.phase
     seen = gate.phases.get((body.get("kind", ""), name))
-    if seen == phase or gate.queued or not decisive(body.get("kind", ""), phase):
+    if seen == phase or not decisive(body.get("kind", ""), phase):
         return  # nothing the planner acts on (a child created or started by us echoes back)
-    run_body = next(iter(kwargs["runs_by_name"].get((namespace, run_name), [])), None)
-    if run_body is None or run_body["metadata"].get("uid") != owners[0]:
-        return
     gate.queued = True
-    try:
-        await reconcile(state, run_body, _children(kwargs, namespace, run_name), logger)
-    except (ApiError, StoreError) as e:
-        logger.warning(f"reconciling {namespace}/{run_name} after a child event: {e} (the resync retries)")
+    await reconcile_logged(state, gate, "child event", logger)
 
 
 def decisive(kind: str, phase: str) -> bool:
@@ -324,9 +352,3 @@ def decisive(kind: str, phase: str) -> bool:
 
 for _group, _version, _plural in CHILD_RESOURCES:
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_event")(_child_event)
-
-
-@kopf.on.event(*RUNS)
-def run_event(type: str | None, uid: str, memo: kopf.Memo, **_: Any) -> None:
-    if type == "DELETED":
-        _state(memo).gates.pop(uid, None)

@@ -43,6 +43,7 @@ class StageView:
     deletes: list[tuple[str, str]] = field(default_factory=list)
     requeue: float | None = None
     needs_judge: bool = False     # the creates reference judge.apiKeySecret
+    finishing: list[ChildState] = field(default_factory=list)  # succeeded, its last child exiting
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -178,7 +179,11 @@ def _stage_view(run: AlignmentRun, stage: str, task: StageTask, cs: list[ChildSt
         if matches or finished_here:
             view.phase, view.marker, view.artifact = "Succeeded", marker, task.output
             view.changed = not matches
-            view.deletes += [(c.kind, c.name) for c in cs if c.phase in ACTIVE]
+            # the job writes its marker just before it exits: its child may still show Running.
+            # Let it finish (deleting it could kill it mid-exit); anything else still up goes.
+            view.finishing = [c for c in cs if c.phase in ACTIVE and c.step == last.name
+                              and c.attempt == view.attempts]
+            view.deletes += [(c.kind, c.name) for c in cs if c.phase in ACTIVE and c not in view.finishing]
             return view
     if input_problem:
         view.phase, view.reason, view.message = "Failed", "InputNotFound", input_problem
@@ -250,11 +255,13 @@ def reconcile(run: AlignmentRun, observed: Observed, status: dict | None, *, uid
     missing = {path: name for path, name in refs.items() if name in set(observed.missing_secrets)}
     actions: list[Action] = []
     deletes: list[tuple[str, str]] = []
+    finishing = {(c.kind, c.name) for v in views.values() for c in v.finishing}
     if failed:  # fail fast: nothing new starts, nothing keeps holding GPUs
-        deletes += [(c.kind, c.name) for c in observed.children if c.phase in ACTIVE]
+        deletes += [(c.kind, c.name) for c in observed.children
+                    if c.phase in ACTIVE and (c.kind, c.name) not in finishing]
     elif run.spec.suspend:
         for c in observed.children:
-            if c.phase not in ACTIVE:
+            if c.phase not in ACTIVE or (c.kind, c.name) in finishing:
                 continue
             if c.kind in ("Deployment", "Service"):
                 deletes.append((c.kind, c.name))

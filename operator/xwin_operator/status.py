@@ -133,7 +133,8 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
 
 def status_actions(run: AlignmentRun, views: dict, prev_status: dict | None,
                    new_status: dict[str, Any]) -> list:
-    """PatchStatus when anything changed, and an Event for every stage and run transition."""
+    """PatchStatus when anything changed, and an Event for every stage and run transition
+    (a new run going Running gets only its first stage's StageStarted: one Event, not two)."""
     prev_status = prev_status or {}
     prev_stages = {s.get("name"): s for s in prev_status.get("stages", [])}
     events: list = []
@@ -160,7 +161,9 @@ def status_actions(run: AlignmentRun, views: dict, prev_status: dict | None,
         elif s.get("message"):
             text += f": {s['message']}"
         events.append(EmitEvent(reason, text, type_))
-    if new_status["phase"] != prev_status.get("phase") and new_status["phase"] in _RUN_EVENT:
+    starting = prev_status.get("phase", "Pending") == "Pending" and any(e.reason == "StageStarted" for e in events)
+    if new_status["phase"] != prev_status.get("phase") and new_status["phase"] in _RUN_EVENT and not (
+            new_status["phase"] == "Running" and starting):  # a new run's first StageStarted says it
         reason, type_ = _RUN_EVENT[new_status["phase"]]
         events.append(EmitEvent(reason, f"run {new_status['phase'].lower()}: {new_status['message']}", type_))
     ours = {k: prev_status.get(k) for k in new_status if k in prev_status}

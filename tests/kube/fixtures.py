@@ -17,11 +17,11 @@ from .harness import RUNS, OperatorProcess
 from .kubelet import REPO_ROOT, Kubelet
 
 NS = "demo"
-TINY = Path(REPO_ROOT) / "examples" / "tiny" / "run.yaml"
+TINY = Path(REPO_ROOT) / "examples" / "tiny" / "run-training.yaml"
 
 
 def tiny_run(name: str = "tiny", *, storage: dict, **spec_changes: Any) -> dict:
-    """examples/tiny/run.yaml as an object: relative file:// URIs made absolute, `storage`
+    """examples/tiny/run-training.yaml as an object: relative file:// URIs made absolute, `storage`
     replaced, top-level spec fields overridden by `spec_changes`."""
     run = yaml.safe_load(TINY.read_text())
 

@@ -19,6 +19,8 @@ Two steps, each its own process, both given the stage's task (only the last writ
   (xwin_jobs.scoring), writes the scored set `{"id", "prompt", "responses": [{"content",
   "score", "finish_reason"}]}` to `<output>/data/` chunk by chunk (resumable the same way,
   `data/_PROGRESS.json`), then `metrics.json` and `_SUCCESS.json` (last, by run_stage).
+  Under torchrun (the operator's scoring PyTorchJob) the ranks split the records; rank 0
+  alone writes the marker, after every rank has written its shards.
   Run as the stage `bestOfN` with OPENAI_BASE_URL set and samples incomplete, it samples first.
 
 Errors and counted skips: see xwin_jobs.sampler (server down, fewer than n responses, ...)
@@ -41,9 +43,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..records import ShardWriter, existing_ids, iter_records, shard_uris
+from ..records import ShardWriter, existing_ids, iter_records
 from ..store import Store, as_folder, join_uri
 from ..task import StageTask
+from ..scoring import RankGroup, scored_set_summary, torchrun_rank
 from . import StageContext, StageError, StageResult, run_stage, upstream_digests
 
 log = logging.getLogger("xwin_jobs.stage.bestOfN")
@@ -249,14 +252,38 @@ def sample_step(task: StageTask, store: Store) -> dict[str, Any]:
 
 
 def score_step(task: StageTask, store: Store) -> dict[str, Any]:
-    """`python -m xwin_jobs bestOfN-score`: the stage itself (marker last)."""
-    return run_stage(task, store)
+    """`python -m xwin_jobs bestOfN-score` (or `torchrun ... score`): the stage itself.
+
+    Under torchrun the ranks share the work: rank r scores every world-th sample record
+    (counted from r) on its own device and writes `part-rNNN-*` shards; rank 0 prepares
+    `data/` first, waits for every rank, then writes metrics.json and `_SUCCESS.json`."""
+    rank, world = torchrun_rank()
+    if world == 1 or rank == 0:
+        return run_stage(task, store)
+    from ..store import read_marker
+
+    upstream = upstream_digests(store, task)
+    marker = read_marker(store, task.output)
+    if marker is not None and marker.get("digest") == task.digest(upstream):
+        return {**marker, "skipped": True}
+    ranks = RankGroup(world)
+    try:
+        ranks.barrier()  # rank 0 has checked the samples and prepared data/
+        with tempfile.TemporaryDirectory(prefix=f"xwin-bestOfN-score-{rank}-",
+                                         dir=os.environ.get("XWIN_WORKDIR") or None) as tmp:
+            stats, scored = _score_share(task, store, Path(tmp), rank, world)
+        ranks.barrier()  # every rank's shards are written
+    finally:
+        ranks.close()
+    return {"metrics": {"rank": rank, "scored": scored, **stats.as_counts()}}
 
 
 def run(ctx: StageContext) -> StageResult:
-    from ..scoring import DEFAULT_TOKEN_BUDGET, ScoringStats
-
     task, store = ctx.task, ctx.store
+    rank, world = torchrun_rank()
+    if rank != 0:
+        raise StageError("under torchrun, run the bestOfN-score step (it splits the scoring "
+                         "across ranks; only rank 0 may write the marker)")
     n = _n(task)
     upstream = upstream_digests(store, task)
     samples = ctx.output(SAMPLES)
@@ -270,35 +297,55 @@ def run(ctx: StageContext) -> StageResult:
 
     data = ctx.output(DATA)
     prepare_folder(store, data, task.digest(upstream))
-    done = existing_ids(store, data)
-    budget = int(os.environ.get("XWIN_SCORING_TOKEN_BUDGET") or DEFAULT_TOKEN_BUDGET)
-    stats = ScoringStats()
-    chunk_prompts = max(1, SCORE_CHUNK_RESPONSES // n)
-    scorer = None
-    scored = 0
-    with ShardWriter(store, data, max_records=10**9) as writer:
-        chunk: list[dict] = []
-        for record in _unscored(store, samples, done, n):
-            chunk.append(record)
-            if len(chunk) < chunk_prompts:
-                continue
-            scorer = scorer or _scorer(ctx, budget, len(done))
-            scored += _score_chunk(scorer, chunk, writer, stats)
-            chunk = []
-            log.info("scored %d prompt(s) in this attempt", scored)
-        if chunk:
-            scorer = scorer or _scorer(ctx, budget, len(done))
-            scored += _score_chunk(scorer, chunk, writer, stats)
-    log.info("scored %d prompt(s) in this attempt (%d before)", scored, len(done))
+    ranks = RankGroup(world)
+    try:
+        ranks.barrier()
+        stats, scored = _score_share(task, store, ctx.workdir, 0, world)
+        ranks.barrier()
+    finally:
+        ranks.close()
     store.write_json(join_uri(data, PROGRESS), {"digest": task.digest(upstream), "complete": True})
     metrics, counts = scored_set_summary(store, data, n)
     counts["scoringThisAttempt"] = stats.as_counts()
     return StageResult(counts=counts, metrics=metrics, outputs={"data": data})
 
 
-def _unscored(store: Store, samples: str, done: set[str], n: int):
-    for record in iter_records(store, samples, "scored"):
-        if record["id"] in done:
+def _score_share(task: StageTask, store: Store, workdir: Path, rank: int, world: int):
+    """Score this rank's share of the sample records not yet in data/, chunk by chunk (each
+    chunk sorted by length inside, written as one shard). Returns (stats, prompts scored)."""
+    from ..scoring import DEFAULT_TOKEN_BUDGET, ScoringStats
+
+    n = _n(task)
+    samples = join_uri(as_folder(task.output), SAMPLES)
+    data = join_uri(as_folder(task.output), DATA)
+    done = existing_ids(store, data)
+    budget = int(os.environ.get("XWIN_SCORING_TOKEN_BUDGET") or DEFAULT_TOKEN_BUDGET)
+    stats = ScoringStats()
+    chunk_prompts = max(1, SCORE_CHUNK_RESPONSES // n)
+    scorer = None
+    scored = 0
+    prefix = "part" if world == 1 else f"part-r{rank:03d}"
+    with ShardWriter(store, data, prefix=prefix, max_records=10**9) as writer:
+        chunk: list[dict] = []
+        for record in _unscored(store, samples, done, n, rank, world):
+            chunk.append(record)
+            if len(chunk) < chunk_prompts:
+                continue
+            scorer = scorer or _scorer(task, store, workdir, budget, len(done))
+            scored += _score_chunk(scorer, chunk, writer, stats)
+            chunk = []
+            log.info("scored %d prompt(s) in this attempt", scored)
+        if chunk:
+            scorer = scorer or _scorer(task, store, workdir, budget, len(done))
+            scored += _score_chunk(scorer, chunk, writer, stats)
+    log.info("scored %d prompt(s) in this attempt (%d before)", scored, len(done))
+    return stats, scored
+
+
+def _unscored(store: Store, samples: str, done: set[str], n: int, rank: int = 0,
+              world: int = 1):
+    for index, record in enumerate(iter_records(store, samples, "scored")):
+        if index % world != rank or record["id"] in done:
             continue
         if len(record["responses"]) != n:
             raise StageError(f"{samples}: prompt {record['id']!r} has "
@@ -306,13 +353,17 @@ def _unscored(store: Store, samples: str, done: set[str], n: int):
         yield record
 
 
-def _scorer(ctx: StageContext, budget: int, already: int):
+def _scorer(task: StageTask, store: Store, workdir: Path, budget: int, already: int):
+    import torch
+
+    from ..modeling import resolve_model_source
     from ..scoring import RewardScorer
-    from .common import model_source
 
     log.info("loading the reward model (%d prompt(s) already scored)", already)
-    return RewardScorer(model_source(ctx, "rewardModel"), ctx.task.chat_template,
-                        token_budget=budget)
+    device = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
+              else "cpu")
+    source = resolve_model_source(store, _input(task, "rewardModel"), workdir)
+    return RewardScorer(source, task.chat_template, token_budget=budget, device=device)
 
 
 def _score_chunk(scorer, chunk: list[dict], writer: ShardWriter, stats) -> int:
@@ -328,46 +379,3 @@ def _score_chunk(scorer, chunk: list[dict], writer: ShardWriter, stats) -> int:
                                     for resp in r["responses"]]})
     writer.flush()
     return len(chunk)
-
-
-def scored_set_summary(store: Store, data: str, n: int) -> tuple[dict, dict]:
-    """metrics.json of the stage from the scored set as written (every attempt's part)."""
-    import math
-
-    import numpy as np
-
-    from ..selection import score_summary
-
-    rows: list[list[float]] = []
-    responses = empty = unscored = truncated = 0
-    for record in iter_records(store, data, "scored"):
-        row = []
-        for x in record["responses"]:
-            score, blank = x.get("score"), not x["content"].strip()
-            responses += 1
-            empty += blank
-            unscored += score is None
-            truncated += x.get("finish_reason") == "length"
-            row.append(math.nan if score is None or blank else float(score))
-        rows.append(row + [math.nan] * (n - len(row)))
-    table = np.asarray(rows, dtype=np.float64).reshape(len(rows), n)
-    prompts = len(rows)
-    summary = score_summary(table)
-    metrics = {
-        "n": n,
-        "prompts": prompts,
-        "responses": responses,
-        "responsesPerPrompt": responses / prompts if prompts else 0.0,
-        "validResponsesPerPromptMean": summary["responsesPerPromptMean"],
-        "validResponsesPerPromptMin": summary["responsesPerPromptMin"],
-        "promptsWithoutValidResponse": summary["promptsWithoutValidResponse"],
-        "meanScore": summary["meanScore"],
-        "meanMaxScore": summary["meanMaxScore"],
-        "meanMinScore": summary["meanMinScore"],
-        "emptyResponses": empty,
-        "nanScores": unscored - empty,
-        "truncatedResponses": truncated,
-    }
-    counts = {"prompts": prompts, "responses": responses, "emptyResponses": empty,
-              "nanScores": unscored - empty, "shards": len(shard_uris(store, data))}
-    return metrics, counts
