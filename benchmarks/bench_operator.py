@@ -68,9 +68,11 @@ class Recorder:
         self.succeeded: dict[str, float] = {}
         self.children: Counter[str] = Counter()
         self.writes = 0
+        self.last_write = 0.0
 
     def on_write(self, request, t: float) -> None:
         self.writes += 1
+        self.last_write = t
         plural = request.resource.plural
         data = request.data if isinstance(request.data, dict) else {}
         action = str(getattr(request.action, "value", request.action)).lower()
@@ -140,7 +142,7 @@ def measure(kind: str, runs: int, interval: float, timeout: float, work: Path, p
                                                run_manifest(f"run-{i:05d}", store, base))
                 await asyncio.gather(*(one(i) for i in range(runs)))
 
-            started, cpu0, writes0 = time.monotonic(), op.cpu_seconds(), rec.writes
+            started, cpu0, writes0, server0 = time.monotonic(), op.cpu_seconds(), rec.writes, time.process_time()
             cluster.call(burst, timeout=timeout)
             names = [f"run-{i:05d}" for i in range(runs)]
             deadline = started + timeout
@@ -148,7 +150,15 @@ def measure(kind: str, runs: int, interval: float, timeout: float, work: Path, p
                 if not op.alive:
                     raise RuntimeError(f"{kind} operator exited:\n{op.output()[-3000:]}")
                 time.sleep(0.25)
-            rss, cpu, writes = op.peak_rss_mb(), op.cpu_seconds() - cpu0, rec.writes - writes0
+            # the operator may still be busy after the last Succeeded (Events are posted in the
+            # background): CPU and writes are counted until the API server sees no write for 1 s
+            quiet_since, seen = time.monotonic(), rec.writes
+            while time.monotonic() - quiet_since < 1.0 and time.monotonic() < deadline + 60:
+                time.sleep(0.1)
+                if rec.writes != seen:
+                    quiet_since, seen = time.monotonic(), rec.writes
+            rss, cpu, writes = op.peak_rss_mb(), op.cpu_seconds() - cpu0 - 1.0 * 0, rec.writes - writes0
+            server_cpu = time.process_time() - server0  # this process: the API server and the kubelet
         finally:
             op.stop()
             kubelet.stop()
@@ -161,9 +171,11 @@ def measure(kind: str, runs: int, interval: float, timeout: float, work: Path, p
     to_done = [rec.succeeded[n] - rec.created[n] for n in done]
     return {"kind": kind, "runs": runs, "succeeded": len(done), "stuck": runs - len(done),
             "runs_per_s": len(done) / (last - first) if done else 0.0, "wall_s": last - first,
+            "idle_after_s": rec.last_write - first,
             "child_p50": percentile(to_child, 0.5), "child_p99": percentile(to_child, 0.99),
             "done_p50": percentile(to_done, 0.5), "done_p99": percentile(to_done, 0.99),
             "rss_mb": rss, "cpu_ms_per_run": 1000 * cpu / runs, "writes_per_run": writes / runs,
+            "server_cpu_ms_per_run": 1000 * server_cpu / runs,
             "load": os.getloadavg()[0], "max_children": max((rec.children[n] for n in names), default=0),
             "duplicates": sum(1 for n in names if rec.children[n] > 1)}
 

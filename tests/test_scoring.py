@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -274,15 +275,21 @@ def test_score_step_under_torchrun_splits_the_work_across_ranks(reward_model, tm
     task_file = tmp_path / "task.json"
     task_file.write_text(task.to_json())
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_BASE_URL"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "0", "-m", "xwin_jobs", "score", "--task", str(task_file)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=180,
-                          env={**env, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = read_data(out) + [json.loads(line) for shard in sorted((out / "data").glob("part-r*.jsonl"))
-                             for line in shard.read_text().splitlines()]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", "-m", "xwin_jobs", "score",
+                             "--task", str(task_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**env, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    finally:  # never leave ranks behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    rows = read_data(out)                         # every shard: part-* and part-r001-*
     ids = [r["id"] for r in rows]
     assert sorted(ids) == [f"p{i}" for i in range(7)] and len(set(ids)) == 7
-    assert {p.name.split("-0")[0] for p in (out / "data").glob("*.jsonl")} == {"part", "part-r001"}
+    assert {p.name.split("-0")[0] for p in (out / "data").glob("*.jsonl")} == {"part-r000", "part-r001"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prompts"] == 7 and (out / MARKER).is_file()

@@ -1,8 +1,8 @@
 """`python -m xwin_operator`: run the AlignmentRun operator (kopf) against the current cluster.
 
 Equivalent to `kopf run --standalone -m xwin_operator.handlers [-n NS ... | -A]` plus the
-settings of handlers.configure (progress under `xwin.ai/` annotations, Events posted from
-WARNING up, no peering). Credentials: the in-cluster service account, else $KUBECONFIG /
+settings of handlers.configure (kopf's storages under the `xwin.ai/` prefix, though with only
+watch-event handlers kopf writes none; Events posted from WARNING up; no peering). Credentials: the in-cluster service account, else $KUBECONFIG /
 ~/.kube/config. S3 credentials for reading stage markers: the usual AWS_* environment.
 
 Environment: XWIN_RECONCILE_INTERVAL (resync seconds, default 3), XWIN_NAMESPACE (watched

@@ -56,6 +56,7 @@ CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("batch", "v1", "jobs"
 CHILD_INDEXES = tuple(f"{plural}_by_run" for _, _, plural in CHILD_RESOURCES)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 FINISHED = ("Succeeded", "Failed")
+SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
 
 
 class RunGone(Exception):
@@ -71,10 +72,48 @@ class RunGate:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     body: Mapping[str, Any] | None = None   # the newest body of the run seen by the watch
     generation: int | None = None           # the generation last reconciled
+    run: Any = None                         # its spec parsed, for `generation` (spec changes bump it)
     status: dict | None = None
     phases: dict[tuple[str, str], str] = field(default_factory=dict)
     queued: bool = False
     last: float = 0.0
+
+
+class EventPoster:
+    """Posts the runs' Events in the background, each run's batch in order, at most `workers`
+    requests at a time: under a burst of runs, creating children and patching status (what
+    the runs wait for) go first; Events (best effort, as in Kubernetes) follow."""
+
+    def __init__(self, api: KubeApi, workers: int = 4):
+        self.api, self.workers = api, workers
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+
+    def post(self, involved: dict, events: list[EmitEvent], logger: logging.Logger | logging.LoggerAdapter) -> None:
+        if not self.tasks:
+            self.tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
+        self.queue.put_nowait((involved, events, logger))
+
+    async def _work(self) -> None:
+        while True:
+            involved, events, logger = await self.queue.get()
+            try:
+                for e in events:
+                    try:
+                        await self.api.post_event(involved, e.reason, e.message, e.type)
+                    except ApiError as err:
+                        logger.warning(f"could not post Event {e.reason}: {err}")
+            finally:
+                self.queue.task_done()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Post what is queued (for up to `timeout` seconds), then stop."""
+        try:
+            await asyncio.wait_for(self.queue.join(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        for task in self.tasks:
+            task.cancel()
 
 
 @dataclass
@@ -86,8 +125,13 @@ class OperatorState:
     interval: float = 3.0
     gates: dict[str, RunGate] = field(default_factory=dict)
     indexes: Mapping[str, Any] = field(default_factory=dict)     # kopf's live child indexes
+    secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)  # -> when last found
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the indexes are complete
     resync: asyncio.Task | None = None
+    events: EventPoster = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events = EventPoster(self.api)
 
 
 def now_iso() -> str:
@@ -146,6 +190,7 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     state = _state(memo)
     if state.resync is not None:
         state.resync.cancel()
+    await state.events.close()
     await state.api.close()
 
 
@@ -194,13 +239,16 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
     generation = int(meta.get("generation") or 1)
     current = dict(body.get("status") or {})
     previous = gate.status if gate.status is not None else current
-    run, actions = parse_run(body, previous, generation, now_iso())
+    if gate.run is not None and gate.generation == generation:
+        run, actions = gate.run, []  # same spec: no need to validate it again
+    else:
+        run, actions = parse_run(body, previous, generation, now_iso())
     if run is not None:
         observed = await observe(state, run, children)
         gate.phases = {(c.kind, c.name): c.phase for c in children}
         actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config)
     await act(state, gate, body, actions, current, logger)
-    gate.generation = generation
+    gate.generation, gate.run = generation, run
 
 
 async def observe(state: OperatorState, run: Any, children: list) -> Observed:
@@ -211,9 +259,22 @@ async def observe(state: OperatorState, run: Any, children: list) -> Observed:
     markers = await state.store.markers(endpoint, stage_uris)
     missing_inputs = await state.store.missing(endpoint, list(input_uris(run).values()))
     missing_secrets = [n for n in dict.fromkeys(secret_refs(run).values())
-                       if not await state.api.secret_exists(meta.namespace, n)]
+                       if not await secret_exists(state, meta.namespace, n)]
     return Observed(children=list(children), markers=markers, now=now_iso(),
                     missing_secrets=missing_secrets, missing_inputs=missing_inputs)
+
+
+async def secret_exists(state: OperatorState, namespace: str, name: str) -> bool:
+    """Whether the Secret exists; one found is not asked for again for SECRET_TTL seconds (a
+    missing one is asked for on every reconcile, so a Secret created heals the run at once)."""
+    key, now = (namespace, name), time.monotonic()
+    if now - state.secrets_found.get(key, -SECRET_TTL) < SECRET_TTL:
+        return True
+    if await state.api.secret_exists(namespace, name):
+        state.secrets_found[key] = now
+        return True
+    state.secrets_found.pop(key, None)
+    return False
 
 
 async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], actions: list,
@@ -249,11 +310,7 @@ async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], acti
     if events:  # after the status they tell about; best effort, as Events are
         involved = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": name,
                     "namespace": ns, "uid": meta["uid"]}
-        results = await asyncio.gather(*(api.post_event(involved, e.reason, e.message, e.type) for e in events),
-                                       return_exceptions=True)
-        for e, result in zip(events, results):
-            if isinstance(result, Exception):
-                logger.warning(f"could not post Event {e.reason}: {result}")
+        state.events.post(involved, events, logger)
 
 
 async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,
@@ -308,41 +365,62 @@ async def resync_forever(state: OperatorState, logger: logging.Logger) -> None:
         await asyncio.gather(*(one(g) for g in due))
 
 
-@kopf.on.event(*RUNS)
-async def run_event(type: str | None, body: kopf.Body, uid: str, memo: kopf.Memo,
-                    logger: logging.LoggerAdapter, **_: Any) -> None:
-    """A run created, listed at start-up, changed or deleted. Reconciled when this process
-    sees it first (create, or resume after a restart) and when its generation moves (a spec
-    change); the echo of its own status patch, or a metadata-only change, wakes nothing."""
+def _run_matters(type: str | None, body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any) -> bool:
+    """kopf's filter of run events (called for each, cheaper than a handler call): keeps the
+    newest body of the run, and says whether `run_event` has anything to do: a run deleted, a
+    run this process sees first (created, or listed at start-up: resume), or a new generation
+    (a spec change). The echo of the run's own status patch, or a metadata-only change, wakes
+    nothing."""
     state = _state(memo)
     if type == "DELETED":
-        state.gates.pop(uid, None)
-        return
-    state.ready.set()  # kopf calls handlers only once every index is filled
+        return True
+    state.ready.set()  # kopf runs filters and handlers only once every index is filled
     gate = state.gates.get(uid)
     if gate is None:
         gate = state.gates[uid] = RunGate()
     gate.body = body
-    if gate.generation is not None and gate.generation == body.get("metadata", {}).get("generation"):
-        return
-    await reconcile_logged(state, gate, "run event", logger)
+    return gate.generation is None or gate.generation != body.get("metadata", {}).get("generation")
 
 
-async def _child_event(type: str | None, body: kopf.Body, name: str, memo: kopf.Memo,
-                       logger: logging.LoggerAdapter, **_: Any) -> None:
-    """Reconcile the parent run when a child's phase moved from what the run last saw."""
+@kopf.on.event(*RUNS, when=_run_matters)
+async def run_event(type: str | None, uid: str, memo: kopf.Memo, logger: logging.LoggerAdapter,
+                    **_: Any) -> None:
+    """A run created, listed at start-up, changed (new generation) or deleted (see _run_matters)."""
+    state = _state(memo)
+    if type == "DELETED":
+        state.gates.pop(uid, None)
+    elif uid in state.gates:
+        await reconcile_logged(state, state.gates[uid], "run event", logger)
+
+
+def _child_gate(type: str | None, body: Mapping[str, Any], name: str, memo: kopf.Memo, **_: Any) -> RunGate | None:
+    """The gate of the child's run when the child's phase moved from what the run last saw
+    to one the planner acts on, and no reconcile of the run is queued yet; else None."""
     state = _state(memo)
     owners = [o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or [] if o.get("kind") == KIND]
     gate = state.gates.get(owners[0]) if owners else None
     if gate is None or gate.body is None or gate.queued:
-        return  # not seen by this process yet (its first run event reconciles it), or queued
+        return None  # not seen by this process yet (its first run event reconciles it), or queued
     child = child_state(body)
     phase = "Deleted" if type == "DELETED" or child is None else child.phase
-    seen = gate.phases.get((body.get("kind", ""), name))
-    if seen == phase or not decisive(body.get("kind", ""), phase):
-        return  # nothing the planner acts on (a child created or started by us echoes back)
-    gate.queued = True
-    await reconcile_logged(state, gate, "child event", logger)
+    kind = body.get("kind", "")
+    if gate.phases.get((kind, name)) == phase or not decisive(kind, phase):
+        return None  # nothing the planner acts on (a child created or started by us echoes back)
+    return gate
+
+
+def _child_matters(**kwargs: Any) -> bool:
+    """kopf's filter of child events: most (a child created or started, echoing back) need
+    no handler call at all."""
+    return _child_gate(**kwargs) is not None
+
+
+async def _child_event(logger: logging.LoggerAdapter, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Reconcile the parent run when a child's phase moved from what the run last saw."""
+    gate = _child_gate(memo=memo, **kwargs)
+    if gate is not None:
+        gate.queued = True
+        await reconcile_logged(_state(memo), gate, "child event", logger)
 
 
 def decisive(kind: str, phase: str) -> bool:
@@ -351,4 +429,4 @@ def decisive(kind: str, phase: str) -> bool:
 
 
 for _group, _version, _plural in CHILD_RESOURCES:
-    kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_event")(_child_event)
+    kopf.on.event(_group, _version, _plural, labels=MANAGED, when=_child_matters, id=f"{_plural}_event")(_child_event)

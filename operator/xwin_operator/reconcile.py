@@ -144,10 +144,14 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask, uid: str,
     view.message = f"stage {view.name}: step {current.name} (attempt {attempt})"
 
     def ensure(step: Step) -> None:
-        made = build_step(run, view.name, step, attempt, uid, task, config)
-        have = {(c.kind, c.name) for c in cs}
-        view.creates += [m for m in made if (m["kind"], m["metadata"]["name"]) not in have]
         view.needs_judge |= step.needs_judge
+        have = {(c.kind, c.name) for c in cs}
+        name = child_name(run.metadata.name, view.name, step.name, attempt)
+        kinds = (STEP_KIND[step.kind], "Service") if step.kind == "serve" else (STEP_KIND[step.kind],)
+        if all((k, name) in have for k in kinds):
+            return  # every child of the step exists: no manifest to build (the common case)
+        made = build_step(run, view.name, step, attempt, uid, task, config)
+        view.creates += [m for m in made if (m["kind"], m["metadata"]["name"]) not in have]
 
     if current.kind == "serve":
         ensure(current)
