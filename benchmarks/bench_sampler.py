@@ -175,7 +175,7 @@ def table(r: dict) -> str:
 
 
 def write_section(r: dict) -> None:
-    from bench_scoring import replace_section
+    from results_md import replace_section
 
     import openai
 
@@ -198,7 +198,7 @@ def write_section(r: dict) -> None:
         "benchmark process, both arms run in it) is what the sampler itself costs, "
         "independent of that noise.", "",
     ])
-    replace_section(SECTION, body)
+    replace_section(SECTION, body, RESULTS)
 
 
 if __name__ == "__main__":

@@ -116,19 +116,6 @@ def table(r: dict) -> str:
     return "\n".join(rows)
 
 
-def replace_section(section: str, body: str, path: Path = RESULTS) -> None:
-    text = path.read_text() if path.exists() else (
-        "# Benchmark results\n\nMeasured numbers for the side-by-side benchmarks in this "
-        "folder; each section is written by its benchmark script.\n\n")
-    start = text.find(section + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(section))
-        text = text[:start] + body + ("\n" + text[end + 1:] if end >= 0 else "")
-    path.write_text(text)
-
-
 def write_section(r: dict) -> None:
     import torch
 
@@ -146,7 +133,9 @@ def write_section(r: dict) -> None:
         f"Same scores: the largest difference between the two arms is {r['max_abs_diff']:.1e} "
         f"(tolerance 1e-4). Real tokens: {r['tokens']:,}.", "",
     ])
-    replace_section(SECTION, body)
+    from results_md import replace_section
+
+    replace_section(SECTION, body, RESULTS)
 
 
 if __name__ == "__main__":

@@ -191,16 +191,9 @@ def write_section(result: dict, path: Path = RESULTS) -> None:
         "building the inputs (dense array, long DataFrame) is not timed.",
         "", result["table"], "",
     ])
-    text = path.read_text() if path.exists() else (
-        "# Benchmark results\n\nMeasured numbers for the side-by-side benchmarks in this "
-        "folder; each section is written by its benchmark script.\n\n")
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + ("\n" + text[end + 1:] if end >= 0 else "")
-    path.write_text(text)
+    from results_md import replace_section
+
+    replace_section(SECTION, body, path)
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ def shard_uris(store: Store, uri: str) -> list[str]:
     return [u for u in store.list_files(uri) if is_shard(u)]
 
 
-def _open_lines(store: Store, uri: str) -> Iterator[tuple[int, bytes]]:
+def open_lines(store: Store, uri: str) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) of one shard, gunzipped when it ends in .gz; blank lines
     skipped."""
     local = store.local_path(uri)
@@ -248,7 +248,7 @@ def iter_records(store: Store, uri: str, kind: str) -> Iterator[dict]:
         raise RecordError(uri, None, None, "no records: no *.jsonl or *.jsonl.gz files there")
     count = 0
     for shard in shards:
-        for number, text in _open_lines(store, shard):
+        for number, text in open_lines(store, shard):
             yield parse_line(text, kind, shard, number)
             count += 1
     if count == 0:
@@ -264,7 +264,7 @@ def existing_ids(store: Store, data_uri: str) -> set[str]:
     can skip them."""
     ids: set[str] = set()
     for shard in shard_uris(store, data_uri):
-        for number, text in _open_lines(store, shard):
+        for number, text in open_lines(store, shard):
             try:
                 obj = json.loads(text)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -16,53 +16,29 @@ its own runner in `local.STAGE_RUNNERS`, which wins over this one.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from xwin_jobs.task import StageTask
 
-from .local import LocalContext, StageFailed, run_job
-from .steps import Step, step_env, task_steps
-
-
-def _serve(task: StageTask, step: Step, ctx: LocalContext, scratch: Path):
-    from xwin_jobs.modeling import resolve_model_source
-    from xwin_jobs.store import Store
-    from xwin_jobs.vllm_server import LocalVllmServer, VllmServerError, vllm_python
-
-    try:
-        python = vllm_python(ctx.env)
-    except VllmServerError as e:
-        raise StageFailed(task.stage, str(e)) from None
-    uri = task.inputs[step.model_input]
-    store = Store(endpoint_url=ctx.env.get("AWS_ENDPOINT_URL"))
-    model = resolve_model_source(store, uri, scratch)
-    timeout = float(ctx.env.get("XWIN_VLLM_STARTUP_TIMEOUT") or 600)
-    ctx.on_line(task.stage, f"starting vLLM for {uri}")
-    return LocalVllmServer(python, model, task.params.get("serving"),
-                           ctx.log_dir / f"{task.stage}.{step.name}.vllm.log", env=ctx.env,
-                           device="cpu", startup_timeout_s=timeout)
+from .local import LocalContext, run_job
+from .steps import step_env, task_steps
 
 
 def run_steps(task: StageTask, ctx: LocalContext) -> None:
-    from xwin_jobs.vllm_server import SERVED_MODEL_NAME, VllmServerError
+    from xwin_jobs.store import Store
+    from xwin_jobs.vllm_server import SERVED_MODEL_NAME
+
+    from .local_sampling import run_served_step
 
     steps = task_steps(task)
     by_name = {s.name: s for s in steps}
     for step in steps:
-        if step.kind == "serve" or step.served_by:
-            if step.kind == "serve":
-                continue  # started together with the sample step it serves, below
+        if step.kind == "serve":
+            continue  # started together with the sample step it serves, below
+        if step.served_by:
             serve = by_name[step.served_by]
-            with tempfile.TemporaryDirectory(prefix="xwin-model-") as scratch:
-                server = _serve(task, serve, ctx, Path(scratch))
-                try:
-                    with server:
-                        env = {**ctx.env, **step_env(step, server.base_url, SERVED_MODEL_NAME)}
-                        run_job(task, LocalContext(ctx.python, env, ctx.log_dir, ctx.on_line),
-                                step=step.job)
-                except VllmServerError as e:
-                    raise StageFailed(task.stage, str(e)) from None
+            run_served_step(task, ctx, Store(endpoint_url=ctx.env.get("AWS_ENDPOINT_URL")),
+                            serve.model_input, step.job, log_name=f"{task.stage}.{serve.name}",
+                            step_env=lambda url, step=step: {
+                                **ctx.env, **step_env(step, url, SERVED_MODEL_NAME)})
         else:
             env = {**ctx.env, **step_env(step)}
             run_job(task, LocalContext(ctx.python, env, ctx.log_dir, ctx.on_line), step=step.job)

@@ -33,13 +33,8 @@ XWIN_SCORING_TOKEN_BUDGET (tokens per scoring batch, default 16384).
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
 import logging
 import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,63 +43,31 @@ from ..store import Store, as_folder, join_uri
 from ..task import StageTask
 from ..scoring import RankGroup, scored_set_summary, torchrun_rank
 from . import StageContext, StageError, StageResult, run_stage, upstream_digests
+from .sampling_common import (PROGRESS, done_marker, folder_complete, json_digest,
+                              load_prompts, model_stage_digest, prepare_folder, read_progress,
+                              required_input, sample_into_folder, scratch_dir)
 
 log = logging.getLogger("xwin_jobs.stage.bestOfN")
 
-SAMPLES, DATA, PROGRESS = "samples/", "data/", "_PROGRESS.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "chat_template.jinja", "config.json",
-                   "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json")
-SAMPLE_SHARD_RECORDS = 512
+SAMPLES, DATA = "samples/", "data/"
 SCORE_CHUNK_RESPONSES = 8192
 
 
-# ----------------------------------------------------------------------------- progress files
-
-
-def _digest(body: dict) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+# ----------------------------------------------------------------------------- sampling
 
 
 def sampling_digest(task: StageTask, upstream: dict[str, str]) -> str:
     """What the samples depend on (not the reward model: a new RM reuses the samples)."""
     policy = task.inputs.get("policy", "")
-    policy_stage = {u: d for u, d in upstream.items() if policy.startswith(as_folder(u))}
-    return _digest({"policy": policy, "prompts": task.inputs.get("prompts"),
-                    "n": task.params.get("n"), "sampling": task.params.get("sampling"),
-                    "chat_template": task.chat_template, "upstream": policy_stage})
-
-
-def _progress_uri(folder: str) -> str:
-    return join_uri(as_folder(folder), PROGRESS)
-
-
-def read_progress(store: Store, folder: str) -> dict:
-    uri = _progress_uri(folder)
-    return store.read_json(uri) if store.exists(uri) else {}
-
-
-def prepare_folder(store: Store, folder: str, digest: str) -> dict:
-    """Keep `folder` when it was made for `digest` (a resume), else empty it and start
-    over. Returns its progress record."""
-    progress = read_progress(store, folder)
-    if progress.get("digest") == digest:
-        return progress
-    if store.list_files(folder):
-        log.info("%s was made for other inputs: starting it over", folder)
-        store.delete_prefix(as_folder(folder))
-    progress = {"digest": digest, "complete": False}
-    store.write_json(_progress_uri(folder), progress)
-    return progress
+    return json_digest({"policy": policy, "prompts": task.inputs.get("prompts"),
+                        "n": task.params.get("n"), "sampling": task.params.get("sampling"),
+                        "chat_template": task.chat_template,
+                        "upstream": model_stage_digest(policy, upstream)})
 
 
 def samples_complete(store: Store, task: StageTask, upstream: dict[str, str]) -> bool:
     samples = join_uri(as_folder(task.output), SAMPLES)
-    progress = read_progress(store, samples)
-    return bool(progress.get("complete")) and progress.get("digest") == sampling_digest(task, upstream)
-
-
-# ----------------------------------------------------------------------------- sampling
+    return folder_complete(store, samples, sampling_digest(task, upstream))
 
 
 def _n(task: StageTask) -> int:
@@ -114,136 +77,35 @@ def _n(task: StageTask) -> int:
     return n
 
 
-def _tokenizer_source(store: Store, uri: str, workdir: Path) -> str:
-    """A folder (or Hub id) holding the model's tokenizer; for a remote model only the
-    tokenizer and config files are downloaded, never the weights."""
-    from ..modeling import HF_SCHEME, resolve_model_source
-    from ..store import check_model_folder
-
-    if uri.startswith(HF_SCHEME) or store.local_path(uri) is not None:
-        return resolve_model_source(store, uri, workdir)
-    folder = as_folder(uri)
-    files = check_model_folder(store, uri)
-    dest = workdir / "tokenizer"
-    for f in files:
-        rel = f[len(folder):]
-        if "/" not in rel and rel in TOKENIZER_FILES:
-            store.download_file(f, dest / rel)
-    return str(dest)
-
-
-def _load_prompts(store: Store, uri: str) -> list[dict]:
-    prompts = []
-    seen: set[str] = set()
-    for record in iter_records(store, uri, "prompt"):
-        if record["id"] in seen:
-            raise StageError(f"{uri}: prompt id {record['id']!r} appears more than once "
-                             "(ids must be unique: results are matched to prompts by id)")
-        seen.add(record["id"])
-        prompts.append(record)
-    return prompts
-
-
 def sample_into_store(task: StageTask, store: Store, upstream: dict[str, str], workdir: Path,
                       env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Sample every prompt not yet in `<output>/samples/`; mark the samples complete."""
-    from ..modeling import load_tokenizer
-    from ..sampler import ClientConfig, SampleStats, SamplerError, SamplingParams, chat_format
+    """Sample every prompt not yet in `<output>/samples/` from the server at OPENAI_BASE_URL
+    (the model input named by XWIN_MODEL_INPUT, default policy); mark the samples complete."""
+    from ..sampler import ClientConfig
 
     n = _n(task)
     samples = join_uri(as_folder(task.output), SAMPLES)
     digest = sampling_digest(task, upstream)
-    prepare_folder(store, samples, digest)
-    prompts = _load_prompts(store, _input(task, "prompts"))
-    done = existing_ids(store, samples)
-    todo = [p for p in prompts if p["id"] not in done]
-    log.info("sampling n=%d for %d prompt(s) (%d already in %s)", n, len(todo),
-             len(prompts) - len(todo), samples)
-    stats = SampleStats()
-    if todo:
-        env = dict(os.environ if env is None else env)
-        model_input = env.get("XWIN_MODEL_INPUT") or "policy"
-        try:
-            sampling = SamplingParams.from_params(task.params.get("sampling"))
-            client = ClientConfig.from_env(task.params.get("serving"), env)
-        except SamplerError as e:
-            raise StageError(str(e)) from None
-        tokenizer = load_tokenizer(_tokenizer_source(store, _input(task, model_input), workdir))
-        fmt = chat_format(task.chat_template, tokenizer)
-
-        flush_s = float(env.get("XWIN_SAMPLER_FLUSH_SECONDS") or 5)
-        try:
-            asyncio.run(_sample_and_write(store, samples, todo, n, sampling, client, fmt,
-                                          stats, flush_s))
-        except SamplerError as e:
-            raise StageError(f"{e} ({stats.prompts} prompt(s) sampled in this attempt are "
-                             f"kept in {samples}; re-run to continue)") from None
-    written = existing_ids(store, samples)
-    missing = [p["id"] for p in prompts if p["id"] not in written]
-    if missing:
-        raise StageError(f"{samples}: {len(missing)} prompt(s) have no samples after "
-                         f"sampling (first: {missing[0]!r})")
-    progress = {"digest": digest, "complete": True, "prompts": len(prompts), "n": n,
-                "lastAttempt": stats.as_counts()}
-    store.write_json(_progress_uri(samples), progress)
+    prompts = load_prompts(store, required_input(task, "prompts"))
+    env = dict(os.environ if env is None else env)
+    progress = sample_into_folder(
+        task, store, samples, prompts, n, digest, env.get("XWIN_MODEL_INPUT") or "policy",
+        workdir, lambda e: ClientConfig.from_env(task.params.get("serving"), e), env)
     log.info("samples complete: %d prompts x %d responses in %s", len(prompts), n, samples)
     return progress
-
-
-def _input(task: StageTask, name: str) -> str:
-    if not task.inputs.get(name):
-        have = ", ".join(sorted(task.inputs)) or "none"
-        raise StageError(f"stage {task.stage}: task.inputs.{name} is required (inputs given: {have})")
-    return task.inputs[name]
-
-
-async def _sample_and_write(store, samples, todo, n, sampling, client, fmt, stats,
-                            flush_s: float) -> None:
-    from ..sampler import sample_with_reasons
-
-    total = len(todo)
-    writer = ShardWriter(store, samples, prefix="part", max_records=10**9)
-    unflushed, last_flush, last_log = 0, time.monotonic(), time.monotonic()
-    encode, to_content = fmt
-    failed = True
-    try:
-        async for record, texts, reasons in sample_with_reasons(todo, n, sampling, client,
-                                                                encode, stats, to_content):
-            writer.write({"id": record["id"], "prompt": record["messages"],
-                          "responses": [{"content": t, "finish_reason": r}
-                                        for t, r in zip(texts, reasons)]})
-            unflushed += 1
-            now = time.monotonic()
-            if unflushed >= SAMPLE_SHARD_RECORDS or now - last_flush >= flush_s:
-                await asyncio.to_thread(writer.flush)
-                unflushed, last_flush = 0, now
-            if now - last_log >= 10:
-                log.info(stats.line(total))
-                last_log = now
-        failed = False
-    finally:
-        try:
-            writer.flush()  # what arrived is complete and valid: keep it for the re-run
-        except Exception:  # noqa: BLE001 - never hide the error that stopped sampling
-            if not failed:
-                raise
-    log.info(stats.line(total))
 
 
 def sample_step(task: StageTask, store: Store) -> dict[str, Any]:
     """`python -m xwin_jobs bestOfN-sample`: samples only; writes no marker."""
     upstream = upstream_digests(store, task)
-    from ..store import read_marker
-
-    marker = read_marker(store, task.output)
-    if marker is not None and marker.get("digest") == task.digest(upstream):
+    marker = done_marker(store, task, upstream)
+    if marker is not None:
         log.info("stage bestOfN already done; nothing to sample")
         return {**marker, "skipped": True}
     if samples_complete(store, task, upstream):
         log.info("samples already complete in %s", join_uri(as_folder(task.output), SAMPLES))
         return {"metrics": {}, "skipped": True}
-    with tempfile.TemporaryDirectory(prefix="xwin-bestOfN-sample-",
-                                     dir=os.environ.get("XWIN_WORKDIR") or None) as tmp:
+    with scratch_dir("xwin-bestOfN-sample-") as tmp:
         progress = sample_into_store(task, store, upstream, Path(tmp))
     return {"metrics": progress.get("lastAttempt", {})}
 
@@ -260,17 +122,13 @@ def score_step(task: StageTask, store: Store) -> dict[str, Any]:
     rank, world = torchrun_rank()
     if world == 1 or rank == 0:
         return run_stage(task, store)
-    from ..store import read_marker
-
-    upstream = upstream_digests(store, task)
-    marker = read_marker(store, task.output)
-    if marker is not None and marker.get("digest") == task.digest(upstream):
+    marker = done_marker(store, task, upstream_digests(store, task))
+    if marker is not None:
         return {**marker, "skipped": True}
     ranks = RankGroup(world)
     try:
         ranks.barrier()  # rank 0 has checked the samples and prepared data/
-        with tempfile.TemporaryDirectory(prefix=f"xwin-bestOfN-score-{rank}-",
-                                         dir=os.environ.get("XWIN_WORKDIR") or None) as tmp:
+        with scratch_dir(f"xwin-bestOfN-score-{rank}-") as tmp:
             stats, scored = _score_share(task, store, Path(tmp), rank, world)
         ranks.barrier()  # every rank's shards are written
     finally:
@@ -362,7 +220,7 @@ def _scorer(task: StageTask, store: Store, workdir: Path, budget: int, already: 
     log.info("loading the reward model (%d prompt(s) already scored)", already)
     device = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
               else "cpu")
-    source = resolve_model_source(store, _input(task, "rewardModel"), workdir)
+    source = resolve_model_source(store, required_input(task, "rewardModel"), workdir)
     return RewardScorer(source, task.chat_template, token_budget=budget, device=device)
 
 

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,11 +33,12 @@ from ..judge.cost import BudgetExceeded
 from ..judge.templates import PAIRWISE, SINGLE, pairwise_messages, single_messages
 from ..judge.verdict import verdict_from_dict
 from ..records import RecordError, iter_records
-from ..store import Store, as_folder, join_uri, read_marker
+from ..store import Store, as_folder, join_uri
 from ..task import StageTask
 from . import StageContext, StageError, StageResult, run_stage, upstream_digests
-from .pairs import (_digest, folder_complete, judge_request, judge_settings, load_prompts,
-                    model_stage_digest, sample_into_folder, sampling_server_url)
+from .pairs import judge_request, judge_settings, sample_from_server, sampling_server_url
+from .sampling_common import (done_marker, folder_complete, json_digest, load_prompts,
+                              model_stage_digest, scratch_dir)
 
 log = logging.getLogger("xwin_jobs.stage.evaluate")
 ANSWERS, DATA, JUDGE = "answers/", "data/", "judge/"
@@ -68,42 +68,49 @@ def answers_folder(task: StageTask, name: str, part: str) -> str:
 def part_digest(task: StageTask, name: str, part: str, upstream: Mapping[str, str]) -> str:
     model = task.inputs[f"model:{name}"]
     source = task.inputs.get("alpacaPrompts") if part == "alpaca" else task.inputs.get("mtBenchQuestions")
-    own = _digest({"model": model, "source": source, "part": part,
-                   "sampling": task.params.get("sampling"), "chat_template": task.chat_template,
-                   "upstream": model_stage_digest(model, upstream)})
+    own = json_digest({"model": model, "source": source, "part": part,
+                       "sampling": task.params.get("sampling"), "chat_template": task.chat_template,
+                       "upstream": model_stage_digest(model, upstream)})
     if part == "mtbench-2":   # turn 2 follows the model's own turn-1 answers
-        return _digest({"turn1": part_digest(task, name, "mtbench-1", upstream), "own": own})
+        return json_digest({"turn1": part_digest(task, name, "mtbench-1", upstream), "own": own})
     return own
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def read_mt_bench(store: Store, uri: str) -> list[dict[str, Any]]:
-    """MT-bench questions: {"id", "turns": [q1, q2]} (two non-empty strings)."""
-    from ..records import _open_lines, shard_uris
+def _json_lines(store: Store, uri: str):
+    """(shard, line number, parsed JSON) of every line of the shards behind `uri`."""
     import json
 
-    out, seen = [], set()
+    from ..records import open_lines, shard_uris
+
     for shard in shard_uris(store, uri):
-        for number, raw in _open_lines(store, shard):
+        for number, raw in open_lines(store, shard):
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise RecordError(shard, number, "<json>", f"invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise RecordError(shard, number, "<record>", "must be a JSON object")
-            qid = obj.get("id", obj.get("question_id"))
-            if qid is None or str(qid) == "":
-                raise RecordError(shard, number, "id", "is required")
-            turns = obj.get("turns")
-            if not isinstance(turns, list) or len(turns) != 2 or \
-                    not all(isinstance(t, str) and t.strip() for t in turns):
-                raise RecordError(shard, number, "turns", "must be a list of two non-empty strings")
-            if str(qid) in seen:
-                raise RecordError(shard, number, "id", f"{qid!r} appears more than once")
-            seen.add(str(qid))
-            out.append({"id": str(qid), "turns": turns})
+            yield shard, number, obj
+
+
+def read_mt_bench(store: Store, uri: str) -> list[dict[str, Any]]:
+    """MT-bench questions: {"id", "turns": [q1, q2]} (two non-empty strings)."""
+    out, seen = [], set()
+    for shard, number, obj in _json_lines(store, uri):
+        if not isinstance(obj, dict):
+            raise RecordError(shard, number, "<record>", "must be a JSON object")
+        qid = obj.get("id", obj.get("question_id"))
+        if qid is None or str(qid) == "":
+            raise RecordError(shard, number, "id", "is required")
+        turns = obj.get("turns")
+        if not isinstance(turns, list) or len(turns) != 2 or \
+                not all(isinstance(t, str) and t.strip() for t in turns):
+            raise RecordError(shard, number, "turns", "must be a list of two non-empty strings")
+        if str(qid) in seen:
+            raise RecordError(shard, number, "id", f"{qid!r} appears more than once")
+        seen.add(str(qid))
+        out.append({"id": str(qid), "turns": turns})
     if not out:
         raise RecordError(uri, None, None, "no MT-bench questions there")
     return out
@@ -111,21 +118,13 @@ def read_mt_bench(store: Store, uri: str) -> list[dict[str, Any]]:
 
 def read_references(store: Store, uri: str) -> dict[str, str]:
     """AlpacaEval reference outputs by prompt id: {"id", "output"} records."""
-    from ..records import _open_lines, shard_uris
-    import json
-
     refs: dict[str, str] = {}
-    for shard in shard_uris(store, uri):
-        for number, raw in _open_lines(store, shard):
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise RecordError(shard, number, "<json>", f"invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict) or obj.get("id") in (None, ""):
-                raise RecordError(shard, number, "id", "is required")
-            if not isinstance(obj.get("output"), str):
-                raise RecordError(shard, number, "output", "must be a string")
-            refs[str(obj["id"])] = obj["output"]
+    for shard, number, obj in _json_lines(store, uri):
+        if not isinstance(obj, dict) or obj.get("id") in (None, ""):
+            raise RecordError(shard, number, "id", "is required")
+        if not isinstance(obj.get("output"), str):
+            raise RecordError(shard, number, "output", "must be a string")
+        refs[str(obj["id"])] = obj["output"]
     if not refs:
         raise RecordError(uri, None, None, "no reference outputs there")
     return refs
@@ -142,13 +141,13 @@ def sample_model(task: StageTask, store: Store, name: str, server_url: str | Non
     done: dict[str, Any] = {}
     if task.inputs.get("alpacaPrompts"):
         prompts = load_prompts(store, task.inputs["alpacaPrompts"])
-        done["alpaca"] = sample_into_folder(
+        done["alpaca"] = sample_from_server(
             task, store, answers_folder(task, name, "alpaca"), prompts, 1,
             part_digest(task, name, "alpaca", upstream), model_input, workdir, server_url, env)
     if task.inputs.get("mtBenchQuestions"):
         questions = read_mt_bench(store, task.inputs["mtBenchQuestions"])
         first = answers_folder(task, name, "mtbench-1")
-        done["mtbench-1"] = sample_into_folder(
+        done["mtbench-1"] = sample_from_server(
             task, store, first, [{"id": q["id"], "messages": [{"role": "user", "content": q["turns"][0]}]}
                                  for q in questions], 1,
             part_digest(task, name, "mtbench-1", upstream), model_input, workdir, server_url, env)
@@ -157,7 +156,7 @@ def sample_model(task: StageTask, store: Store, name: str, server_url: str | Non
             {"role": "user", "content": q["turns"][0]},
             {"role": "assistant", "content": answers[q["id"]]},
             {"role": "user", "content": q["turns"][1]}]} for q in questions]
-        done["mtbench-2"] = sample_into_folder(
+        done["mtbench-2"] = sample_from_server(
             task, store, answers_folder(task, name, "mtbench-2"), second, 1,
             part_digest(task, name, "mtbench-2", upstream), model_input, workdir, server_url, env)
     return done
@@ -178,8 +177,8 @@ def answers_complete(task: StageTask, store: Store, name: str) -> bool:
 def sample_step(task: StageTask, store: Store) -> dict[str, Any]:
     """`python -m xwin_jobs evaluate-sample` for the model named by XWIN_MODEL_INPUT."""
     upstream = upstream_digests(store, task)
-    marker = read_marker(store, task.output)
-    if marker is not None and marker.get("digest") == task.digest(upstream):
+    marker = done_marker(store, task, upstream)
+    if marker is not None:
         log.info("stage evaluate already done; nothing to sample")
         return {**marker, "skipped": True}
     names = model_names(task)
@@ -194,8 +193,7 @@ def sample_step(task: StageTask, store: Store) -> dict[str, Any]:
     else:
         raise StageError("set XWIN_MODEL_INPUT=model:<name> to say which model the server "
                          f"serves (one of {', '.join(names)})")
-    with tempfile.TemporaryDirectory(prefix="xwin-evaluate-sample-",
-                                     dir=os.environ.get("XWIN_WORKDIR") or None) as tmp:
+    with scratch_dir("xwin-evaluate-sample-") as tmp:
         done = sample_model(task, store, name, sampling_server_url(os.environ, True), Path(tmp))
     return {"metrics": {part: p.get("lastAttempt", {}) for part, p in done.items()}}
 

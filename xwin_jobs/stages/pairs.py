@@ -29,12 +29,8 @@ marker), so each resumes on its own:
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,34 +41,29 @@ from ..judge.core import JudgeError, JudgeRequest, JudgeSettings, redact
 from ..judge.cost import BudgetExceeded
 from ..judge.templates import PAIRWISE, Template, pairwise_messages
 from ..judge.verdict import verdict_from_dict
-from ..records import ShardWriter, existing_ids, iter_records
-from ..store import Store, as_folder, join_uri, read_marker
+from ..records import ShardWriter, iter_records
+from ..store import Store, as_folder, join_uri
 from ..task import StageTask
 from . import StageContext, StageError, StageResult, run_stage, upstream_digests
+from .sampling_common import PROGRESS  # noqa: F401  (the candidates' progress file)
+from .sampling_common import (done_marker, folder_complete, json_digest, load_prompts,
+                              model_stage_digest, required_input, sample_into_folder, scratch_dir)
 
 log = logging.getLogger("xwin_jobs.stage.pairs")
 
-CANDIDATES, DATA, TIES, JUDGE, PROGRESS = "candidates/", "data/", "ties/", "judge/", "_PROGRESS.json"
+CANDIDATES, DATA, TIES, JUDGE = "candidates/", "data/", "ties/", "judge/"
 
 
 # ----------------------------------------------------------------------------- sampling
 
 
-def _digest(body: dict) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def model_stage_digest(model_uri: str, upstream: Mapping[str, str]) -> dict[str, str]:
-    """The upstream digest of the stage that made `model_uri` (empty for outside models)."""
-    return {u: d for u, d in upstream.items() if model_uri.startswith(as_folder(u))}
-
-
 def candidates_digest(task: StageTask, upstream: Mapping[str, str]) -> str:
     policy = task.inputs.get("policy", "")
-    return _digest({"policy": policy, "prompts": task.inputs.get("prompts"),
-                    "k": task.params.get("candidatesPerPrompt"),
-                    "sampling": task.params.get("sampling"), "chat_template": task.chat_template,
-                    "upstream": model_stage_digest(policy, upstream)})
+    return json_digest({"policy": policy, "prompts": task.inputs.get("prompts"),
+                        "k": task.params.get("candidatesPerPrompt"),
+                        "sampling": task.params.get("sampling"),
+                        "chat_template": task.chat_template,
+                        "upstream": model_stage_digest(policy, upstream)})
 
 
 def sampling_server_url(env: Mapping[str, str], allow_openai_base_url: bool) -> str | None:
@@ -81,97 +72,22 @@ def sampling_server_url(env: Mapping[str, str], allow_openai_base_url: bool) -> 
     return env.get("XWIN_SERVER_URL") or (env.get("OPENAI_BASE_URL") if allow_openai_base_url else None)
 
 
-def folder_complete(store: Store, folder: str, digest: str) -> bool:
-    from .best_of_n import read_progress
-
-    progress = read_progress(store, folder)
-    return bool(progress.get("complete")) and progress.get("digest") == digest
-
-
-def sample_into_folder(task: StageTask, store: Store, folder: str, prompts: list[dict], n: int,
+def sample_from_server(task: StageTask, store: Store, folder: str, prompts: list[dict], n: int,
                        digest: str, model_input: str, workdir: Path, server_url: str | None,
                        env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """n responses for every prompt not yet in `folder` (records {"id", "prompt",
-    "responses": [{"content", "finish_reason"}]}); marks the folder complete."""
-    from ..sampler import ClientConfig, SampleStats, SamplerError, SamplingParams, chat_format
-    from .best_of_n import _tokenizer_source, prepare_folder
+    """`sample_into_folder` from the vLLM server at `server_url`, which never gets the
+    judge's OpenAI key."""
+    from ..sampler import ClientConfig
 
-    env = dict(os.environ if env is None else env)
-    prepare_folder(store, folder, digest)
-    done = existing_ids(store, folder)
-    todo = [p for p in prompts if p["id"] not in done]
-    log.info("sampling n=%d for %d prompt(s) (%d already in %s)", n, len(todo),
-             len(prompts) - len(todo), folder)
-    stats = SampleStats()
-    if todo:
+    def connect(env: dict[str, str]):
         if not server_url:
             raise StageError(f"{folder}: samples are incomplete and no sampling server is given "
                              "(set XWIN_SERVER_URL to the vLLM server of the model)")
-        try:
-            sampling = SamplingParams.from_params(task.params.get("sampling"))
-            # never send the judge's OpenAI key to the policy server
-            client = ClientConfig.from_env(task.params.get("serving"), env, base_url=server_url,
-                                           api_key="EMPTY")
-        except SamplerError as e:
-            raise StageError(str(e)) from None
-        from ..modeling import load_tokenizer
+        return ClientConfig.from_env(task.params.get("serving"), env, base_url=server_url,
+                                     api_key="EMPTY")
 
-        tokenizer = load_tokenizer(_tokenizer_source(store, task.inputs[model_input], workdir))
-        flush_s = float(env.get("XWIN_SAMPLER_FLUSH_SECONDS") or 5)
-        try:
-            asyncio.run(_write_samples(store, folder, todo, n, sampling, client,
-                                       chat_format(task.chat_template, tokenizer), stats, flush_s))
-        except SamplerError as e:
-            raise StageError(f"{e} ({stats.prompts} prompt(s) sampled in this attempt are kept "
-                             f"in {folder}; re-run to continue)") from None
-    written = existing_ids(store, folder)
-    missing = [p["id"] for p in prompts if p["id"] not in written]
-    if missing:
-        raise StageError(f"{folder}: {len(missing)} prompt(s) have no samples after sampling "
-                         f"(first: {missing[0]!r})")
-    progress = {"digest": digest, "complete": True, "prompts": len(prompts), "n": n,
-                "lastAttempt": stats.as_counts()}
-    store.write_json(join_uri(folder, PROGRESS), progress)
-    return progress
-
-
-async def _write_samples(store: Store, folder: str, todo: list[dict], n: int, sampling, client,
-                         fmt, stats, flush_s: float) -> None:
-    """Sample and write shards as answers arrive (a shard closes every `flush_s` seconds, so
-    a killed sampler keeps all but the last few seconds)."""
-    import time
-
-    from ..sampler import sample_with_reasons
-
-    encode, to_content = fmt
-    writer = ShardWriter(store, folder, max_records=10**9)
-    last_flush = last_log = time.monotonic()
-    try:
-        async for record, texts, reasons in sample_with_reasons(todo, n, sampling, client, encode,
-                                                                stats, to_content):
-            writer.write({"id": record["id"], "prompt": record["messages"],
-                          "responses": [{"content": t, "finish_reason": r} for t, r in zip(texts, reasons)]})
-            now = time.monotonic()
-            if now - last_flush >= flush_s:
-                await asyncio.to_thread(writer.flush)
-                last_flush = now
-            if now - last_log >= 10:
-                log.info(stats.line(len(todo)))
-                last_log = now
-    finally:
-        writer.flush()   # what arrived is complete: keep it for the re-run
-    log.info(stats.line(len(todo)))
-
-
-def load_prompts(store: Store, uri: str) -> list[dict]:
-    """Prompt records with unique ids (answers are matched back by id)."""
-    prompts, seen = [], set()
-    for record in iter_records(store, uri, "prompt"):
-        if record["id"] in seen:
-            raise StageError(f"{uri}: prompt id {record['id']!r} appears more than once")
-        seen.add(record["id"])
-        prompts.append(record)
-    return prompts
+    return sample_into_folder(task, store, folder, prompts, n, digest, model_input, workdir,
+                              connect, env)
 
 
 def _k(task: StageTask) -> int:
@@ -181,35 +97,27 @@ def _k(task: StageTask) -> int:
     return k
 
 
-def _input(task: StageTask, name: str) -> str:
-    if not task.inputs.get(name):
-        have = ", ".join(sorted(task.inputs)) or "none"
-        raise StageError(f"stage {task.stage}: task.inputs.{name} is required (inputs given: {have})")
-    return task.inputs[name]
-
-
 def sample_candidates(task: StageTask, store: Store, upstream: Mapping[str, str],
                       server_url: str | None, workdir: Path,
                       env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    prompts = load_prompts(store, _input(task, "prompts"))
+    prompts = load_prompts(store, required_input(task, "prompts"))
     folder = join_uri(as_folder(task.output), CANDIDATES)
-    return sample_into_folder(task, store, folder, prompts, _k(task),
+    return sample_from_server(task, store, folder, prompts, _k(task),
                               candidates_digest(task, upstream), "policy", workdir, server_url, env)
 
 
 def sample_step(task: StageTask, store: Store) -> dict[str, Any]:
     """`python -m xwin_jobs pairs-sample`: candidates only; writes no stage marker."""
     upstream = upstream_digests(store, task)
-    marker = read_marker(store, task.output)
-    if marker is not None and marker.get("digest") == task.digest(upstream):
+    marker = done_marker(store, task, upstream)
+    if marker is not None:
         log.info("stage pairs already done; nothing to sample")
         return {**marker, "skipped": True}
     folder = join_uri(as_folder(task.output), CANDIDATES)
     if folder_complete(store, folder, candidates_digest(task, upstream)):
         log.info("candidates already complete in %s", folder)
         return {"metrics": {}, "skipped": True}
-    with tempfile.TemporaryDirectory(prefix="xwin-pairs-sample-",
-                                     dir=os.environ.get("XWIN_WORKDIR") or None) as tmp:
+    with scratch_dir("xwin-pairs-sample-") as tmp:
         progress = sample_candidates(task, store, upstream,
                                      sampling_server_url(os.environ, True), Path(tmp))
     return {"metrics": progress.get("lastAttempt", {})}
