@@ -11,6 +11,12 @@
 
 A failure leaves no marker, and nothing outside `task.output` is ever written.
 
+The training stages (`DATA_PARALLEL`) may run under torchrun (data parallel, see
+xwin_jobs.training.engine): every rank runs the stage, rank 0 decides "already done" and
+broadcasts it, only rank 0 writes to the store (clears, checkpoints, model/, metrics.json,
+the marker), and the other ranks wait for its marker before they exit. Other stages handle
+torchrun ranks themselves (bestOfN's score step).
+
 A stage is a function `run(ctx: StageContext) -> StageResult`, registered in `STAGES` by
 "module:function" so that listing stages imports nothing heavy. Adding a stage is one line.
 """
@@ -53,6 +59,10 @@ STEPS: dict[str, str] = {
     "evaluate-judge": "xwin_jobs.stages.evaluate:judge_step",
 }
 
+# Stages run data parallel when launched by torchrun (WORLD_SIZE > 1).
+DATA_PARALLEL = frozenset({"sft", "rewardModel", "rejectionSampling", "dpo"})
+
+
 class StageError(Exception):
     """An expected failure (bad parameter, nothing to train on, ...); the message says
     what and where, and the CLI prints it without a traceback."""
@@ -67,11 +77,19 @@ class StageResult:
 
 @dataclass
 class StageContext:
-    """What a stage function gets: the task, the store, a scratch folder."""
+    """What a stage function gets: the task, the store, a scratch folder, and for a
+    data-parallel stage the torchrun ranks (`xwin_jobs.training.engine.Distributed`; None:
+    a single process)."""
 
     task: StageTask
     store: Store
     workdir: Path
+    dist: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes to the store (rank 0, or the only process)."""
+        return self.dist is None or self.dist.is_main
 
     def output(self, *parts: str) -> str:
         return join_uri(as_folder(self.task.output), *parts)
@@ -89,7 +107,9 @@ class StageContext:
 
     def clear(self, *parts: str) -> None:
         """Delete leftovers of an earlier attempt under the output folder (stages that can
-        resume, like samplers, keep theirs)."""
+        resume, like samplers, keep theirs). Rank 0's job under torchrun."""
+        if not self.is_main:
+            return
         for part in parts:
             self.store.delete_prefix(self.output(part))
 
@@ -133,25 +153,49 @@ def upstream_digests(store: Store, task: StageTask) -> dict[str, str]:
 def run_stage(task: StageTask, store: Store, workdir: str | Path | None = None) -> dict[str, Any]:
     """Run (or skip) one stage; returns its marker. See the module docstring."""
     stage_fn = load_stage(task.stage)
+    dist = None
+    if task.stage in DATA_PARALLEL and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        from ..training.engine import Distributed
+
+        dist = Distributed.from_env()
+    marker = _run_stage(stage_fn, task, store, workdir, dist)
+    # Only on success: a failed rank must not wait in a barrier the others never reach; it
+    # exits and torchrun stops the rest of the group.
+    if dist is not None:
+        dist.close()
+    return marker
+
+
+def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | None,
+               dist: Any) -> dict[str, Any]:
+    main = dist is None or dist.is_main
     upstream = upstream_digests(store, task)
     digest = task.digest(upstream)
-    existing = read_marker(store, task.output)
+    existing = read_marker(store, task.output) if main else None
+    if dist is not None:  # the same decision on every rank
+        existing = dist.broadcast_object(existing)
     if existing is not None and existing.get("digest") == digest:
         log.info("stage %s: already done (%s has a marker for the same inputs)", task.stage,
                  as_folder(task.output))
         return {**existing, "skipped": True}
-    if existing is not None:
-        log.info("stage %s: inputs changed since the last run; replacing %s", task.stage,
-                 as_folder(task.output))
-    store.delete_prefix(join_uri(as_folder(task.output), MARKER))
+    if main:
+        if existing is not None:
+            log.info("stage %s: inputs changed since the last run; replacing %s", task.stage,
+                     as_folder(task.output))
+        store.delete_prefix(join_uri(as_folder(task.output), MARKER))
 
     scratch_root = workdir or os.environ.get("XWIN_WORKDIR") or None
     if scratch_root:
         Path(scratch_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"xwin-{task.stage}-", dir=scratch_root) as tmp:
-        result = stage_fn(StageContext(task=task, store=store, workdir=Path(tmp)))
-    store.write_json(join_uri(as_folder(task.output), "metrics.json"), result.metrics)
-    marker = {"stage": task.stage, "digest": digest, "inputs": task.inputs,
-              "inputDigests": upstream, "counts": result.counts, "metrics": result.metrics,
-              "outputs": result.outputs, "run": task.run}
-    return write_marker(store, task.output, marker)
+        result = stage_fn(StageContext(task=task, store=store, workdir=Path(tmp), dist=dist))
+    marker = None
+    if main:
+        store.write_json(join_uri(as_folder(task.output), "metrics.json"), result.metrics)
+        marker = {"stage": task.stage, "digest": digest, "inputs": task.inputs,
+                  "inputDigests": upstream, "counts": result.counts, "metrics": result.metrics,
+                  "outputs": result.outputs, "run": task.run}
+        marker = write_marker(store, task.output, marker)
+    if dist is not None:  # the other ranks exit once rank 0's marker is written
+        marker = dist.broadcast_object(marker)
+    return marker

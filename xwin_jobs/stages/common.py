@@ -2,7 +2,8 @@
 
 `train_and_publish` is the whole life of a training stage once its examples exist:
 seed, build the engine, run the loop (checkpoints to `checkpoints/step-N/`), upload the
-final model to `model/`, and return the loop's metrics.
+final model to `model/`, and return the loop's metrics. Under torchrun every rank trains
+(data parallel) and only rank 0 uploads.
 """
 
 from __future__ import annotations
@@ -58,11 +59,13 @@ def train_and_publish(ctx: StageContext, model: Any, tokenizer: Any, config, num
     from ..training.loop import plan_total_steps, train_loop
 
     _, total = plan_total_steps(num_examples, config)
-    engine = Engine(model, config, total_steps=total)
+    engine = Engine(model, config, total_steps=total, dist=ctx.dist)
     if before_training:
         before_training(engine)
 
     def checkpoint(step: int) -> None:
+        if not engine.is_main:
+            return
         uri = ctx.output("checkpoints", f"step-{step}/")
         publish_model(ctx.store, engine.unwrap(), tokenizer, ctx.workdir / "checkpoint", uri)
         log.info("checkpoint step %d -> %s", step, uri)
@@ -71,6 +74,8 @@ def train_and_publish(ctx: StageContext, model: Any, tokenizer: Any, config, num
     metrics = result.metrics()
     if after_training:
         metrics.update(after_training(engine))
-    uri = publish_model(ctx.store, engine.unwrap(), tokenizer, ctx.workdir / "model", ctx.output("model/"))
-    log.info("model -> %s", uri)
+    uri = ctx.output("model/")
+    if engine.is_main:
+        uri = publish_model(ctx.store, engine.unwrap(), tokenizer, ctx.workdir / "model", uri)
+        log.info("model -> %s", uri)
     return metrics, uri

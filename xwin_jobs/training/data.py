@@ -143,3 +143,10 @@ def split_held_out(num_examples: int, fraction: float, seed: int) -> tuple[list[
     if fraction > 0 and num_examples >= 2:
         n_held = min(max(n_held, 1), num_examples - 1)
     return sorted(order[n_held:]), sorted(order[:n_held])
+
+
+def rank_share(micro_batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """This rank's micro-batches of one optimizer step: every world_size-th, counted from
+    `rank`, so the ranks together visit exactly the single-process micro-batches (same
+    composition, so per-micro-batch means are unchanged). May be empty for a small step."""
+    return micro_batches[rank::world_size]

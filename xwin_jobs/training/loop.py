@@ -5,10 +5,19 @@ every `checkpointEvery` steps, stop at `maxSteps`.
 The stage supplies `micro_step(indices) -> (loss, stats)`: the loss of one micro-batch (the
 mean over its examples) and float statistics to average (e.g. accuracy). Everything about
 devices stays in the engine.
+
+Data parallel (engine.world_size > 1): every rank walks the same seeded plan; each takes
+its share of every step's micro-batches (`rank_share`). A micro-batch's loss is weighted by
+len/step_size * world_size because DDP averages the ranks' gradients, so the applied gradient
+is the single-process one: the mean over the global batch. A rank whose share of a step is
+empty runs one zero-weighted micro-batch so that it still joins the step's all-reduce.
+Statistics are summed over ranks (each already weighted by len/step_size), so every rank
+logs and returns the single-process numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -16,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import TrainingConfig
-from .data import batch_plan
+from .data import batch_plan, rank_share
 
 log = logging.getLogger("xwin_jobs.train")
 
@@ -55,6 +64,28 @@ def plan_total_steps(num_examples: int, config: TrainingConfig) -> tuple[int, in
     return per_epoch, total
 
 
+def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
+                n_step: int) -> dict[str, float]:
+    """Forward/backward this rank's micro-batches of one step; the step's statistics
+    (weighted means over the whole step, summed over ranks)."""
+    world = engine.world_size
+    mine = rank_share(micro_batches, engine.rank, world)
+    # an empty share still joins the all-reduce, with a zero-weighted pass
+    passes = [(mb, len(mb) / n_step) for mb in mine] or [(micro_batches[0], 0.0)]
+    sums: dict[str, float] = {}
+    for i, (mb, weight) in enumerate(passes):
+        last = i == len(passes) - 1
+        with (contextlib.nullcontext() if last else engine.no_sync()):
+            with engine.autocast():
+                loss, stats = micro_step(mb)
+            engine.backward(loss * (weight * world))
+        for key, value in {"loss": float(loss.detach()), **stats}.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * weight
+    if world > 1:
+        sums = engine.dist.all_reduce_sum(sums)
+    return sums
+
+
 def train_loop(engine, num_examples: int, micro_step: MicroStep, config: TrainingConfig,
                on_checkpoint: Callable[[int], None] | None = None,
                log_every: int | None = None) -> LoopResult:
@@ -66,19 +97,15 @@ def train_loop(engine, num_examples: int, micro_step: MicroStep, config: Trainin
     log.info("training: %d examples, %d steps (%d per epoch), %d micro-batches of %d per step",
              num_examples, total, per_epoch, config.accumulation_steps,
              min(config.micro_batch_size, config.global_batch_size))
+    if engine.world_size > 1:
+        log.info("data parallel: rank %d of %d takes every %d-th micro-batch of each step",
+                 engine.rank, engine.world_size, engine.world_size)
     started = time.monotonic()
     for epoch in range(config.epochs):
         for micro_batches in batch_plan(num_examples, config.global_batch_size,
                                         config.micro_batch_size, config.seed, epoch):
             n_step = sum(len(mb) for mb in micro_batches)
-            sums: dict[str, float] = {}
-            for mb in micro_batches:
-                weight = len(mb) / n_step
-                with engine.autocast():
-                    loss, stats = micro_step(mb)
-                engine.backward(loss * weight)
-                for key, value in {"loss": float(loss.detach()), **stats}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * weight
+            sums = _accumulate(engine, micro_step, micro_batches, n_step)
             lr = engine.lr  # the rate this step uses (the scheduler moves on in step())
             grad_norm = engine.step()
             result.steps += 1

@@ -2,6 +2,11 @@
 
 Each `*_step(engine, examples, ...)` returns `micro_step(indices) -> (loss, stats)`.
 The math lives in xwin_jobs.losses; this module only batches, runs the model and reads out.
+
+Outside the training step (held-out evaluation, reference log-probabilities) the forward
+passes use `engine.unwrap()` (no DDP synchronisation); under data parallelism each rank
+computes every world_size-th batch and the results are all-gathered, so every rank ends
+with the same full table, batched exactly as a single process batches it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,26 @@ def reward_step(engine, pairs: Sequence[PairExample], pad_id: int):
     return micro_step
 
 
+def _gathered_batches(engine, count: int, batch_size: int, compute) -> list:
+    """`compute(indices)` of every batch of `batch_size` consecutive indices, in order, in
+    eval mode; under data parallelism each rank computes its share and all ranks gather."""
+    starts = list(range(0, count, batch_size))
+    rank, world = engine.rank, engine.world_size
+    done: dict[int, Any] = {}
+    with engine.eval_mode():
+        for start in starts[rank::world]:
+            done[start] = compute(list(range(start, min(start + batch_size, count))))
+    if world > 1:  # CPU results, pickled
+        for share in engine.dist.all_gather_object(done):
+            done.update(share)
+    return [done[start] for start in starts]
+
+
+def _chunk_rewards(engine, chunk: Sequence[PairExample], pad_id: int):
+    rewards = _rewards(engine.unwrap(), engine.to_device(collate_pairs(chunk, pad_id))).cpu()
+    return rewards[: len(chunk)], rewards[len(chunk) :]
+
+
 def evaluate_rewards(engine, pairs: Sequence[PairExample], pad_id: int,
                      batch_size: int) -> dict[str, float]:
     """Held-out pair accuracy (chosen reward > rejected), loss and mean margin."""
@@ -52,13 +77,9 @@ def evaluate_rewards(engine, pairs: Sequence[PairExample], pad_id: int,
 
     if not pairs:
         return {}
-    chosen, rejected = [], []
-    with engine.eval_mode():
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            rewards = _rewards(engine.model, engine.to_device(collate_pairs(chunk, pad_id)))
-            chosen.append(rewards[: len(chunk)].cpu())
-            rejected.append(rewards[len(chunk) :].cpu())
+    rows = _gathered_batches(engine, len(pairs), batch_size, lambda chunk: _chunk_rewards(
+        engine, [pairs[i] for i in chunk], pad_id))
+    chosen, rejected = [row[0] for row in rows], [row[1] for row in rows]
     c, r = torch.cat(chosen), torch.cat(rejected)
     loss, accuracy = bradley_terry_loss(c, r)
     return {"heldOutAccuracy": float(accuracy), "heldOutLoss": float(loss),
@@ -76,12 +97,12 @@ def reference_logprobs(engine, pairs: Sequence[PairExample], pad_id: int, batch_
     in memory suffices."""
     import torch
 
-    rows = []
-    with engine.eval_mode():
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            c, r = _pair_logprobs(engine.model, engine.to_device(collate_pairs(chunk, pad_id)), len(chunk))
-            rows.append(torch.stack([c, r], dim=-1).float().cpu())
+    def chunk_logprobs(chunk: list[int]):
+        batch = engine.to_device(collate_pairs([pairs[i] for i in chunk], pad_id))
+        c, r = _pair_logprobs(engine.unwrap(), batch, len(chunk))
+        return torch.stack([c, r], dim=-1).float().cpu()
+
+    rows = _gathered_batches(engine, len(pairs), batch_size, chunk_logprobs)
     return torch.cat(rows)
 
 

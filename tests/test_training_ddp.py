@@ -1,0 +1,186 @@
+"""Training stages under torchrun (data parallel) give the single-process result.
+
+Each stage runs as a pod runs it, `torchrun -m xwin_jobs <stage> --task FILE` with two
+ranks (gloo on CPU, nccl on GPU), and as one plain process on the same task; the saved
+weights must agree, only one marker may be written, and the metrics must be equal.
+The plans below make ranks' shares uneven (3 micro-batches per step over 2 ranks) and give a
+rank an empty share in some steps (a final step of one micro-batch).
+"""
+
+import importlib.util
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xwin_jobs.store import MARKER
+from xwin_jobs.task import StageTask
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING = {"epochs": 2, "learningRate": 1e-3, "globalBatchSize": 6, "microBatchSize": 2,
+            "maxLength": 96, "seed": 3, "checkpointEvery": 2, "warmupRatio": 0.0,
+            "weightDecay": 0.0, "lrScheduler": "linear", "maxSteps": 0, "zeroStage": 2}
+TIMEOUT_S = 120
+GRAD_LINE = re.compile(r"step (\d+)/\d+ .* grad ([0-9.]+) ")
+
+
+def _write_jsonl(path: Path, records) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base model, 14 conversations and 10 pairs (last step: one micro-batch)."""
+    root = tmp_path_factory.mktemp("ddp")
+    spec = importlib.util.spec_from_file_location("tiny_model", ROOT / "examples" / "tiny_model.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    rng = random.Random(1)
+    conversations, pairs = [], []
+    for i in range(14):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        question = [{"role": "user", "content": f"what is {a} plus {b}?"}]
+        answer = {"role": "assistant", "content": f"{a} plus {b} is {a + b}"}
+        conversations.append({"id": f"c{i}", "messages": question + [answer]})
+        if i < 10:
+            pairs.append({"id": f"p{i}", "prompt": question, "chosen": [answer],
+                          "rejected": [{"role": "assistant", "content": "no idea, sorry"}]})
+    corpus = [m["content"] for c in conversations for m in c["messages"]] + [
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:",
+        "no idea, sorry"]
+    base = tiny.build_tiny_model(root / "base", corpus, seed=0)
+    return {"root": root, "base": str(base),
+            "conversations": _write_jsonl(root / "data" / "sft.jsonl", conversations),
+            "pairs": _write_jsonl(root / "data" / "pairs.jsonl", pairs)}
+
+
+def _task(world, stage: str, name: str, inputs: dict, **params) -> StageTask:
+    return StageTask(stage=stage, output=f"file://{world['root']}/runs/{name}/", inputs=inputs,
+                     params={"training": dict(TRAINING), **params}, run={"namespace": "t", "name": name})
+
+
+def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run in a new session; on timeout kill the whole group (torchrun and its workers)."""
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(args)} timed out after {TIMEOUT_S}s\n{err[-4000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _env(device: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_stage_both_ways(world, tmp_path, stage: str, inputs: dict, device: str = "cpu",
+                        grad_rel: float = 1e-3, **params):
+    """(single-process output folder, 2-rank output folder) of the same task, and the
+    logged (step, grad norm) lines of each run (every rank's)."""
+    outs, grads = [], []
+    for name, launcher in (("single", [sys.executable, "-m", "xwin_jobs"]),
+                           ("ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc-per-node", "2", "-m", "xwin_jobs"])):
+        task = _task(world, stage, f"{stage}-{device}-{name}", inputs, **params)
+        task_file = tmp_path / f"{name}.json"
+        task_file.write_text(task.to_json())
+        done = _run([*launcher, stage, "--task", str(task_file)], _env(device))
+        assert done.returncode == 0, done.stderr[-4000:]
+        outs.append(Path(task.output[len("file://"):]))
+        grads.append(sorted(set(GRAD_LINE.findall(done.stderr))))
+    # DDP averages gradients over ranks: the loss weighting must undo it, or the pre-clip
+    # gradient norm (and clipping) would differ from one process's (Adam hides the scale)
+    single_grads, ddp_grads = ({int(step): float(g) for step, g in run} for run in grads)
+    assert len(grads[1]) == len(ddp_grads)  # both ranks logged the same numbers
+    assert single_grads and ddp_grads == pytest.approx(single_grads, rel=grad_rel, abs=2e-3)
+    return outs
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_training(single: Path, ddp: Path, tolerance: float) -> dict:
+    markers = [p for p in ddp.rglob(MARKER)]
+    assert markers == [ddp / MARKER]  # exactly one marker, the stage's own
+    a, b = _weights(single / "model"), _weights(ddp / "model")
+    assert a.keys() == b.keys()
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert diff < tolerance, f"max abs weight difference {diff}"
+    base = _weights(Path(json.loads((single / MARKER).read_text())["inputs"]["model"]))
+    shared = base.keys() & b.keys()
+    assert shared and any(float((base[k].float() - b[k].float()).abs().max()) > 1e-3
+                          for k in shared)  # it trained
+    m1, m2 = (json.loads((f / "metrics.json").read_text()) for f in (single, ddp))
+    assert m1.keys() == m2.keys()
+    for key in m1:
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-5), key
+    assert json.loads((ddp / MARKER).read_text())["metrics"] == m2
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (single / "checkpoints").iterdir())
+    return m2
+
+
+def test_sft_two_ranks_match_one_process(world, tmp_path):
+    single, ddp = run_stage_both_ways(world, tmp_path, "sft",
+                                      {"model": world["base"], "data": world["conversations"]})
+    metrics = assert_same_training(single, ddp, tolerance=1e-4)
+    assert metrics["steps"] == 6  # 14 examples / 6 per step -> 3 steps, 2 epochs
+
+    # a rerun under torchrun is a no-op on every rank: the marker is left as it is
+    marker = (ddp / MARKER).read_text()
+    task_file = tmp_path / "ddp.json"
+    again = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                  "2", "-m", "xwin_jobs", "sft", "--task", str(task_file)], _env("cpu"))
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stderr.count("stage sft: already done") == 2
+    assert (ddp / MARKER).read_text() == marker
+
+
+def test_dpo_two_ranks_match_one_process(world, tmp_path):
+    single, ddp = run_stage_both_ways(world, tmp_path, "dpo",
+                                      {"model": world["base"], "pairs": world["pairs"]},
+                                      pairsFrom="pairs", beta=0.5)
+    metrics = assert_same_training(single, ddp, tolerance=1e-4)
+    assert metrics["steps"] == 4 and "trainRewardAccuracy" in metrics
+
+
+def test_reward_model_two_ranks_match_one_process(world, tmp_path):
+    single, ddp = run_stage_both_ways(world, tmp_path, "rewardModel",
+                                      {"model": world["base"], "pairs": world["pairs"]},
+                                      heldOutFraction=0.3)
+    metrics = assert_same_training(single, ddp, tolerance=1e-4)
+    assert metrics["heldOutPairs"] == 3 and "heldOutAccuracy" in metrics
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_sft_two_ranks_on_gpu(world, tmp_path):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("nccl data parallelism needs two GPUs (one rank per GPU)")
+    single, ddp = run_stage_both_ways(world, tmp_path, "sft",
+                                      {"model": world["base"], "data": world["conversations"]},
+                                      device="cuda", grad_rel=2e-2)
+    # bf16 autocast: reductions in another order move weights by more than fp32 rounding
+    assert_same_training(single, ddp, tolerance=5e-3)
