@@ -76,6 +76,9 @@ def test_tiny_run_succeeds_through_the_operator(cluster, kubelet_factory, operat
     assert sft["children"] == ["PyTorchJob/tiny-sft-1"]
     # every planned child created exactly once
     assert sorted(n for _, n in created_names(cluster, NS)) == planned_children(run)
+    # Events follow the status patch they tell about: wait for the last one
+    cluster.wait_for(lambda: any(e["reason"] == "RunSucceeded" for e in events_of(cluster, NS, "tiny")),
+                     timeout=10, what="the RunSucceeded Event")
     reasons = [e["reason"] for e in events_of(cluster, NS, "tiny")]
     assert reasons.count("StageSucceeded") == list(expected_phases(run).values()).count("Succeeded")
     assert reasons[-1] == "RunSucceeded"

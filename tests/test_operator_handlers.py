@@ -10,6 +10,7 @@ a run removes its children (owner references) and keeps its artifacts.
 from __future__ import annotations
 
 import asyncio
+import time
 import base64
 import json
 from collections import defaultdict
@@ -19,7 +20,8 @@ import pytest
 
 from kube import Cluster, Kubelet, Outcome
 from kube.fixtures import NS, tiny_run
-from kube.harness import RUNS, OperatorProcess, created_names, events_of, run_status, wait_phase, write_marker_for
+from kube.harness import (RUNS, OperatorProcess, created_names, events_of, run_status, versions_of, wait_phase,
+                          write_marker_for)
 
 BASE = tiny_run(storage={"uri": "file:///unused"})["spec"]["baseModel"]
 SFT_DATA = tiny_run(storage={"uri": "file:///unused"})["spec"]["stages"]["sft"]["data"]
@@ -88,8 +90,26 @@ def test_a_failed_child_is_retried_as_a_new_attempt(env):
     sft = status["stages"][0]
     assert sft["attempts"] == 2 and sft["phase"] == "Succeeded"
     assert [n for _, n in created_names(cluster, NS) if n.startswith("retry-")] == ["retry-sft-1", "retry-sft-2"]
+    # Events follow the status patch they tell about: wait for the last one
+    cluster.wait_for(lambda: any(e["reason"] == "RunSucceeded" for e in events_of(cluster, NS, "retry")),
+                     timeout=10, what="the RunSucceeded Event")
     reasons = [e["reason"] for e in events_of(cluster, NS, "retry")]
     assert "StageRetrying" in reasons and reasons[-1] == "RunSucceeded"
+
+
+def test_a_run_is_written_once_per_transition_and_carries_no_bookkeeping_of_kopf(env):
+    cluster, op, bucket = env
+    cluster.create(RUNS, sft_run("lean", bucket))
+    wait_phase(cluster, NS, "lean", timeout=30, operator=op)
+    cluster.wait_for(lambda: any(e["reason"] == "RunSucceeded" for e in events_of(cluster, NS, "lean")),
+                     timeout=10, what="the RunSucceeded Event")
+    time.sleep(1.0)  # several resyncs (0.3 s) and the child's echoes: nothing writes to it again
+    versions = versions_of(cluster, RUNS, NS, "lean")
+    assert [(v.get("status") or {}).get("phase") for v in versions] == [None, "Running", "Succeeded"]
+    meta = versions[-1]["metadata"]
+    assert not meta.get("finalizers") and not [a for a in meta.get("annotations") or {} if a.startswith("xwin.ai/")]
+    assert [e["reason"] for e in events_of(cluster, NS, "lean")] == ["StageStarted", "StageSucceeded", "RunSucceeded"]
+    assert run_status(cluster, NS, "lean")["stages"][0]["children"] == ["PyTorchJob/lean-sft-1"]
 
 
 def test_a_stage_failing_every_attempt_fails_the_run_naming_stage_child_and_reason(env):

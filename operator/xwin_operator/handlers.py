@@ -57,6 +57,7 @@ CHILD_INDEXES = tuple(f"{plural}_by_run" for _, _, plural in CHILD_RESOURCES)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
+SLOW_LANE = 32     # status patches and Event posts in flight at once (creates are not limited)
 
 
 class RunGone(Exception):
@@ -79,43 +80,6 @@ class RunGate:
     last: float = 0.0
 
 
-class EventPoster:
-    """Posts the runs' Events in the background, each run's batch in order, at most `workers`
-    requests at a time: under a burst of runs, creating children and patching status (what
-    the runs wait for) go first; Events (best effort, as in Kubernetes) follow."""
-
-    def __init__(self, api: KubeApi, workers: int = 4):
-        self.api, self.workers = api, workers
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.tasks: list[asyncio.Task] = []
-
-    def post(self, involved: dict, events: list[EmitEvent], logger: logging.Logger | logging.LoggerAdapter) -> None:
-        if not self.tasks:
-            self.tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
-        self.queue.put_nowait((involved, events, logger))
-
-    async def _work(self) -> None:
-        while True:
-            involved, events, logger = await self.queue.get()
-            try:
-                for e in events:
-                    try:
-                        await self.api.post_event(involved, e.reason, e.message, e.type)
-                    except ApiError as err:
-                        logger.warning(f"could not post Event {e.reason}: {err}")
-            finally:
-                self.queue.task_done()
-
-    async def close(self, timeout: float = 5.0) -> None:
-        """Post what is queued (for up to `timeout` seconds), then stop."""
-        try:
-            await asyncio.wait_for(self.queue.join(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        for task in self.tasks:
-            task.cancel()
-
-
 @dataclass
 class OperatorState:
     api: KubeApi
@@ -128,10 +92,9 @@ class OperatorState:
     secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)  # -> when last found
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the indexes are complete
     resync: asyncio.Task | None = None
-    events: EventPoster = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.events = EventPoster(self.api)
+    # status patches and Events wait here, children creates do not: under a burst of new runs,
+    # the children (what users wait for) go first
+    slow_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SLOW_LANE))
 
 
 def now_iso() -> str:
@@ -190,7 +153,6 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     state = _state(memo)
     if state.resync is not None:
         state.resync.cancel()
-    await state.events.close()
     await state.api.close()
 
 
@@ -280,7 +242,10 @@ async def secret_exists(state: OperatorState, namespace: str, name: str) -> bool
 async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], actions: list,
               current: dict, logger: logging.Logger | logging.LoggerAdapter) -> None:
     """Children first (a new child is the latency users wait for), then the one status patch
-    (the planner emits at most one, and none when nothing changed), then the Events."""
+    (the planner emits at most one, and none when nothing changed), then the Events, in order.
+    The status patch and the Events go through `slow_lane` (SLOW_LANE requests at once, of the
+    API client's 64): under a burst of new runs, creating children is not queued behind the
+    other runs' bookkeeping."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     api = state.api
@@ -300,17 +265,23 @@ async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], acti
             old_keys = set(current) | set(gate.status or {})
             patch = {**action.status, **{k: None for k in old_keys if k not in action.status}}
             try:
-                await api.patch_status(ns, name, patch)
+                async with state.slow_lane:
+                    await api.patch_status(ns, name, patch)
             except ApiError as e:
                 raise RunGone() if e.status == 404 else e from None
             gate.status = dict(action.status)
         elif isinstance(action, EmitEvent):
             events.append(action)
             logger.info(f"{action.reason}: {action.message}")
-    if events:  # after the status they tell about; best effort, as Events are
+    if events:  # after the status they tell about, in order; best effort, as Events are
         involved = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": name,
                     "namespace": ns, "uid": meta["uid"]}
-        state.events.post(involved, events, logger)
+        async with state.slow_lane:
+            for e in events:
+                try:
+                    await api.post_event(involved, e.reason, e.message, e.type)
+                except ApiError as err:
+                    logger.warning(f"could not post Event {e.reason}: {err}")
 
 
 async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,

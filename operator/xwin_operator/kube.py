@@ -121,7 +121,9 @@ class KubeApi:
             self._session = None
 
     async def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
-                      content_type: str = "application/json") -> Any:
+                      content_type: str = "application/json", *, reply: bool = True) -> Any:
+        """The decoded JSON reply (None with reply=False: the body of a success is not even
+        parsed; an error's still is, for its message)."""
         for attempt in (1, 2):
             if self._conn is None:
                 self._conn = self._connect()
@@ -135,6 +137,9 @@ class KubeApi:
             try:
                 async with self._session.request(method, self._conn.server + path, json=body, params=params,
                                                  headers=headers, ssl=self._conn.ssl) as resp:
+                    if resp.status < 400 and not reply:
+                        await resp.read()  # drained, so the connection is reused
+                        return None
                     data = await resp.json(content_type=None) if resp.content_length != 0 else None
                     if resp.status == 401 and attempt == 1:
                         self._conn = None
@@ -165,7 +170,7 @@ class KubeApi:
         """Create; False when it already exists (409 Conflict)."""
         meta = manifest["metadata"]
         try:
-            await self.request("post", path_of(manifest["kind"], meta["namespace"]), manifest)
+            await self.request("post", path_of(manifest["kind"], meta["namespace"]), manifest, reply=False)
             return True
         except ApiError as e:
             if e.status == 409:
@@ -175,7 +180,8 @@ class KubeApi:
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete (children of it go with it: background propagation); False if already gone."""
         try:
-            await self.request("delete", path_of(kind, namespace, name), {"propagationPolicy": "Background"})
+            await self.request("delete", path_of(kind, namespace, name), {"propagationPolicy": "Background"},
+                               reply=False)
             return True
         except ApiError as e:
             if e.status == 404:
@@ -185,14 +191,14 @@ class KubeApi:
     async def set_suspended(self, kind: str, namespace: str, name: str, suspend: bool) -> None:
         patch = {"spec": {"runPolicy": {"suspend": suspend}}} if kind == "PyTorchJob" else {"spec": {"suspend": suspend}}
         try:
-            await self.request("patch", path_of(kind, namespace, name), patch, content_type=MERGE_PATCH)
+            await self.request("patch", path_of(kind, namespace, name), patch, content_type=MERGE_PATCH, reply=False)
         except ApiError as e:
             if e.status != 404:
                 raise
 
-    async def patch_status(self, namespace: str, name: str, status_patch: dict) -> dict:
-        return await self.request("patch", path_of("AlignmentRun", namespace, name, "status"),
-                                  {"status": status_patch}, content_type=MERGE_PATCH)
+    async def patch_status(self, namespace: str, name: str, status_patch: dict) -> None:
+        await self.request("patch", path_of("AlignmentRun", namespace, name, "status"),
+                           {"status": status_patch}, content_type=MERGE_PATCH, reply=False)
 
     async def post_event(self, involved: dict, reason: str, message: str, type_: str = "Normal",
                          component: str = MANAGED_BY) -> None:
@@ -205,11 +211,11 @@ class KubeApi:
             "metadata": {"generateName": f"{involved['name']}.", "namespace": ns},
             "involvedObject": involved, "reason": reason, "message": message[:1024], "type": type_,
             "source": {"component": component}, "reportingComponent": component,
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1})
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1}, reply=False)
 
     async def secret_exists(self, namespace: str, name: str) -> bool:
         try:
-            await self.request("get", path_of("Secret", namespace, name))
+            await self.request("get", path_of("Secret", namespace, name), reply=False)  # its data is not even parsed
             return True
         except ApiError as e:
             if e.status == 404:

@@ -50,6 +50,9 @@ Jobs and PyTorchJobs and deletes vLLM servers; `false` unsuspends them (a sample
 server is back). A missing Secret holds back the children that reference it (condition
 SecretsReady=False naming the field); a missing external input fails the run (InputNotFound
 naming the field). Children of a stage no longer run (removed, or now `from:`) are deleted.
+A stage whose marker is there is Succeeded and its still-active children are deleted (a vLLM
+server, a leftover of an older attempt), except the current attempt's last-step child: its
+job writes the marker just before it exits, so it is let finish (and stays in `children`).
 
 Status written (DESIGN.md): phase (Pending | Running | Succeeded | Failed | Suspended), stage
 (the stage in progress, or the failed one), observedGeneration, message, stages[] (name,

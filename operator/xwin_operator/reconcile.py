@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from xwin_jobs.task import StageTask
 
-from .builders import OperatorConfig, build_step, child_name
+from .builders import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP, OperatorConfig, build_step, child_name
 from .graph import dependencies, stage_references, stages_of
 from .planner import (Action, ChildState, CreateChild, DeleteChild, Observed, RequeueAfter,
                       SuspendChild, secret_refs)
@@ -226,6 +226,16 @@ def _input_problems(run: AlignmentRun, tasks: dict[str, StageTask],
     return out
 
 
+def _created(manifest: dict, now: str) -> ChildState:
+    """A child being created by this decision, as the status lists it (so the status written
+    with the create already names it, instead of a second patch once the watch shows it)."""
+    meta = manifest["metadata"]
+    labels = meta.get("labels") or {}
+    return ChildState(kind=manifest["kind"], name=meta["name"], stage=labels.get(LABEL_STAGE, ""),
+                      step=labels.get(LABEL_STEP, ""), attempt=int(labels.get(LABEL_ATTEMPT, "1")),
+                      phase="Pending", created=now)
+
+
 def walk(run: AlignmentRun, observed: Observed, status: dict | None, uid: str,
          config: OperatorConfig) -> dict[str, StageView]:
     spec = run.spec
@@ -289,6 +299,7 @@ def reconcile(run: AlignmentRun, observed: Observed, status: dict | None, *, uid
                     for p, n in missing.items())
             else:
                 actions += [CreateChild(m) for m in v.creates]
+                v.children = v.children + [_created(m, observed.now) for m in v.creates]
         for v in views.values():
             deletes += v.deletes
     planned = {s for s in stages_of(run.spec) if not getattr(run.spec.stages, s).reused}

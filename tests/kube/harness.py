@@ -147,6 +147,16 @@ def created_names(cluster: Cluster, namespace: str) -> list[tuple[str, str]]:
     return cluster.call(run)
 
 
+def versions_of(cluster: Cluster, resource: str, namespace: str, name: str) -> list[dict | None]:
+    """Every version the API server stored of one object, oldest first (None: a deletion)."""
+    async def run() -> list:
+        assert cluster.api is not None
+        return [v for (res, ns, n), obj in list(cluster.api.objects.items())
+                if ns == namespace and n == name and f"{res.group}/{res.version}/{res.plural}".lstrip("/") == resource
+                for v in obj.history]
+    return cluster.call(run)
+
+
 def run_status(cluster: Cluster, namespace: str, name: str) -> dict:
     return (cluster.get(RUNS, namespace, name) or {}).get("status") or {}
 
