@@ -31,12 +31,16 @@ over blocks of ~4 MiB of rows (cache blocking: the temporaries stay in cache).
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 
 _ITERATIVE_TOP_MAX = 16  # up to this many ranks, repeated argmax beats a full stable sort
+_MAX_THREADS = 8
 _BLOCK_BYTES = 1 << 22   # rows are processed in blocks of about 4 MiB (cache-sized)
 
 
@@ -123,6 +127,27 @@ def _row_blocks(s: np.ndarray):
         yield slice(start, min(start + step, s.shape[0]))
 
 
+def _each_block(s: np.ndarray, fn) -> None:
+    """fn(rows) for every row block; blocks write disjoint rows, and numpy releases the GIL
+    in these kernels, so large tables are shared among the machine's cores."""
+    blocks = list(_row_blocks(s))
+    per_thread = threading.local()   # one scratch block per thread, reused (no page faults)
+
+    def run(rows: slice) -> None:
+        buf = getattr(per_thread, "buf", None)
+        if buf is None:
+            buf = per_thread.buf = np.empty((blocks[0].stop - blocks[0].start, s.shape[1]), s.dtype)
+        fn(rows, buf[:rows.stop - rows.start])
+
+    workers = min(len(blocks), os.cpu_count() or 1, _MAX_THREADS)
+    if workers < 2:
+        for rows in blocks:
+            run(rows)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, blocks))
+
+
 def _ranked(s: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (P, upto) of ranks 1..upto in the total order and their scores, -inf where a
     prompt has no such rank (its index is then meaningless)."""
@@ -134,9 +159,8 @@ def _ranked(s: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray]:
         idx[:, :ranks] = order                        # stable: ties -> lower index first
         val[:, :ranks] = np.fmax(np.take_along_axis(s, order, axis=1), -np.inf)
         return idx, val
-    buf = np.empty_like(s[:_BLOCK_BYTES // (s.shape[1] * s.itemsize) or 1])
-    for rows in _row_blocks(s):
-        work = np.fmax(s[rows], -np.inf, out=buf[:rows.stop - rows.start])  # NaN -> -inf
+    def block(rows: slice, buf: np.ndarray) -> None:
+        work = np.fmax(s[rows], -np.inf, out=buf)  # NaN -> -inf, in the scratch block
         local = np.arange(work.shape[0])
         for i in range(ranks):
             j = work.argmax(axis=1)       # the first maximum: ties go to the lower index
@@ -144,6 +168,8 @@ def _ranked(s: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray]:
             val[rows, i] = work[local, j]
             if i + 1 < ranks:
                 work[local, j] = -np.inf  # finite scores still beat every removed cell
+
+    _each_block(s, block)
     return idx, val
 
 
@@ -162,12 +188,13 @@ def _worst(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     among ties); the score is +inf where a prompt has no valid response."""
     idx = np.empty(s.shape[0], dtype=np.int64)
     val = np.empty(s.shape[0], dtype=s.dtype)
-    buf = np.empty_like(s[:_BLOCK_BYTES // (s.shape[1] * s.itemsize) or 1])
-    for rows in _row_blocks(s):
-        low = np.fmin(s[rows], np.inf, out=buf[:rows.stop - rows.start])    # NaN -> +inf
+    def block(rows: slice, buf: np.ndarray) -> None:
+        low = np.fmin(s[rows], np.inf, out=buf)    # NaN -> +inf
         j = low[:, ::-1].argmin(axis=1)   # first minimum of the reversed row = the latest
         idx[rows] = (s.shape[1] - 1) - j
         val[rows] = low[np.arange(j.shape[0]), idx[rows]]
+
+    _each_block(s, block)
     if np.isneginf(val).any():
         return _worst(_finite_only(s))
     return idx, val
