@@ -35,13 +35,13 @@ $(VLLM_STAMP):
 
 # Every stage of the recipe on a tiny model: vLLM servers, the loopback judge, training.
 demo: $(STAMP) $(VLLM_STAMP)
-	XWIN_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(VPY) examples/tiny/demo.py --store file://./xwin-runs
+	XWIN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VPY) examples/tiny/demo.py --store file://./xwin-runs
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
 
 test-slow: $(STAMP) $(VLLM_STAMP)
-	XWIN_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(VPY) -m pytest -q -m slow
+	XWIN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VPY) -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(VPY) benchmarks/run_all.py
