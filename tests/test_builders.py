@@ -127,8 +127,12 @@ def test_vllm_server_uses_the_shared_arguments_and_health_probe(run7b, children)
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
     serving = stage_task(run7b, "bestOfN").params["serving"]
     assert c["command"] == ["python", "-m", "vllm.entrypoints.openai.api_server", *vllm_server_args(
-        "s3://xwin-artifacts/runs/alignment/xwin-7b/sft/model/", serving, 8000, host="0.0.0.0",
-        served_model_name="policy", device="gpu", extra_args=("--load-format", "runai_streamer"))]
+        "/scratch/model", serving, 8000, host="0.0.0.0", served_model_name="policy", device="gpu")]
+    # the model is copied from the store into the pod's scratch volume before vLLM starts
+    (fetch,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert fetch["command"][-2:] == ["s3://xwin-artifacts/runs/alignment/xwin-7b/sft/model/", "/scratch/model"]
+    assert {"name": "scratch", "mountPath": "/scratch"} in fetch["volumeMounts"]
+    assert "OPENAI_API_KEY" not in env_of(fetch) and "AWS_ENDPOINT_URL" in env_of(fetch)
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     service = children["Service/xwin-7b-bestofn-serve-1"]

@@ -24,6 +24,8 @@ Pure: no kubernetes client imports.
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import os
 import re
@@ -245,15 +247,30 @@ def model_location(uri: str) -> str:
     return uri
 
 
+MODEL_DIR = f"{SCRATCH}/model"
+_FETCH_MODEL = ("import sys; from xwin_jobs.store import Store; "
+                "Store().download_dir(sys.argv[1], sys.argv[2])")
+
+
+def fetch_model_container(run: AlignmentRun, uri: str, env: list[dict], config: OperatorConfig) -> dict[str, Any]:
+    """The init container that copies a model from the store (s3://) into the pod's scratch
+    volume, where vLLM serves it from (the trainer image has the store's S3 client)."""
+    return {"name": "fetch-model", "image": config.image(run, "trainer"),
+            "imagePullPolicy": config.image_pull_policy,
+            "command": ["python", "-c", _FETCH_MODEL, uri, MODEL_DIR],
+            "env": copy.deepcopy([e for e in env if e["name"].startswith("AWS_") or e["name"] == "HOME"]),
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}]}
+
+
 def server_command(model: str, serving: dict[str, Any], port: int) -> tuple[list[str], dict[str, str]]:
     """The vLLM server's command and extra env, from `xwin_jobs.vllm_server` (the functions
     the local executor uses too). No GPU asked for -> vLLM's CPU settings."""
     from xwin_jobs.vllm_server import VLLM_MODULE, vllm_server_args, vllm_server_env
 
     device = "gpu" if serving.get("gpusPerReplica") else "cpu"
-    extra = ("--load-format", "runai_streamer") if model.startswith("s3://") else ()
     args = vllm_server_args(model, serving, port, host="0.0.0.0", served_model_name=SERVED_MODEL,
-                            device=device, extra_args=extra)
+                            device=device)
     return ["python", "-m", VLLM_MODULE, *args], vllm_server_env(device)
 
 
@@ -264,13 +281,14 @@ def vllm_server(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: st
     name = child_name(run.metadata.name, stage, step.name, attempt)
     labels = child_labels(run, stage, step.name, attempt)
     model = model_location(task.inputs[step.model_input])
+    fetched_from = model if model.startswith("s3://") else None
     port = config.server_port
-    command, server_env = server_command(model, serving, port)
+    command, server_env = server_command(MODEL_DIR if fetched_from else model, serving, port)
+    env = [e for e in container_env(run, task, step, {**step_env(step), **server_env}) if e["name"] != "XWIN_TASK"]
     container = {
         "name": "vllm", "image": config.image(run, step.image),
         "command": command,
-        "env": [e for e in container_env(run, task, step, {**step_env(step), **server_env})
-                if e["name"] != "XWIN_TASK"],
+        "env": env,
         "ports": [{"name": "http", "containerPort": port}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
                            "periodSeconds": 5, "failureThreshold": 3},
@@ -285,6 +303,8 @@ def vllm_server(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: st
                  "progressDeadlineSeconds": 3600,
                  "template": {"metadata": {"labels": labels},
                               "spec": pod_spec(run, container, config)}}}
+    if fetched_from:
+        deployment["spec"]["template"]["spec"]["initContainers"] = [fetch_model_container(run, fetched_from, env, config)]
     service = {
         "apiVersion": "v1", "kind": "Service",
         "metadata": _metadata(run, name, labels, uid),

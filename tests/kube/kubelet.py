@@ -3,8 +3,9 @@
 It watches PyTorchJobs, Jobs, Deployments and Services over the API and, for each child:
   * runs each pod's command as a local process (see pods.py): every PyTorchJob replica with
     MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK (and torchrun's PET_*) as the Kubeflow Training
-    Operator sets them; a Job's single pod; a Deployment's server on a loopback port that its
-    Service name resolves to for the pods started after it;
+    Operator sets them; a Job's single pod; a Deployment's initContainers (to completion), then
+    its server on a loopback port that its Service name resolves to for the pods started after
+    it (with `server_python` when given: the vLLM virtualenv);
   * writes back the status the real controller would: PyTorchJob conditions (Created, Running,
     Restarting, Suspended, Succeeded, Failed) with `restartPolicy: ExitCode` semantics and
     `runPolicy.backoffLimit`; Job active/succeeded/failed counts and Complete/Failed/Suspended
@@ -43,10 +44,11 @@ CHILD_RESOURCES = {"kubeflow.org/v1/pytorchjobs": "PyTorchJob", "batch/v1/jobs":
 class Kubelet:
     def __init__(self, cluster: Cluster, *, work: Path, namespace: str | None = None,
                  cwd: str = REPO_ROOT, python: str = sys.executable,
-                 python_for_image: Callable[[str], str] | None = None,
+                 python_for_image: Callable[[str], str] | None = None, server_python: str | None = None,
                  extra_env: dict[str, str] | None = None, instant: InstantFn | None = None):
         self.cluster, self.work, self.namespace, self.cwd = cluster, Path(work), namespace, cwd
         self.python_for_image = python_for_image or (lambda image: python)
+        self.server_python = server_python  # Deployments' servers (vLLM); None: by image
         self.extra_env = dict(extra_env or {})
         self.instant = instant
         self.base_env = default_base_env()

@@ -148,10 +148,10 @@ def training_operator_env(job_name: str, replica_type: str, index: int, total_re
 def pod_process(pod_name: str, namespace: str, template: dict, *, python: str, cwd: str,
                 work: Path, base_env: dict[str, str], extra_env: dict[str, str],
                 secrets: Callable[[str], dict | None], services: dict[str, int],
-                port: int | None = None) -> LocalProcess:
-    """The local process for the first container of a pod template."""
+                port: int | None = None, container: dict | None = None) -> LocalProcess:
+    """The local process for a container of a pod template (default: its first container)."""
     spec = template.get("spec") or {}
-    container = spec["containers"][0]
+    container = container or spec["containers"][0]
     pod_dir = work / "pods" / pod_name
     mounts = mount_map(spec, container, pod_dir)
     env = {**base_env, **extra_env}
@@ -161,7 +161,8 @@ def pod_process(pod_name: str, namespace: str, template: dict, *, python: str, c
     argv = [rewrite(a, mounts, services) for a in local_command(argv, python)]
     if port is not None:
         argv = serve_on(argv, port)
-    return LocalProcess(argv=argv, env=env, cwd=cwd, log=work / "logs" / f"{pod_name}.log",
+    log = f"{pod_name}.log" if container is spec["containers"][0] else f"{pod_name}.{container.get('name', 'init')}.log"
+    return LocalProcess(argv=argv, env=env, cwd=cwd, log=work / "logs" / log,
                         folders=list(mounts.values()))
 
 

@@ -142,16 +142,18 @@ class ChildRunner:
         self.procs = []
 
     async def process_for(self, pod_name: str, template: dict, extra: dict[str, str] | None = None,
-                          port: int | None = None) -> LocalProcess | None:
-        """The local process of a pod, or None while its config cannot be resolved
-        (the kubelet's CreateContainerConfigError: retried until it can)."""
+                          port: int | None = None, container: dict | None = None,
+                          python: str | None = None) -> LocalProcess | None:
+        """The local process of a pod's container (default: the first), or None while its
+        config cannot be resolved (the kubelet's CreateContainerConfigError: retried until it can)."""
         try:
             secrets = await self.kubelet.secrets_for(self.ns, template)
-            image = template["spec"]["containers"][0].get("image", "")
-            return pod_process(pod_name, self.ns, template, python=self.kubelet.python_for_image(image),
+            image = (container or template["spec"]["containers"][0]).get("image", "")
+            return pod_process(pod_name, self.ns, template, python=python or self.kubelet.python_for_image(image),
                                cwd=self.kubelet.cwd, work=self.kubelet.work, base_env=self.kubelet.base_env,
                                extra_env={**self.kubelet.extra_env, **(extra or {})},
-                               secrets=secrets.get, services=self.kubelet.service_ports(self.ns), port=port)
+                               secrets=secrets.get, services=self.kubelet.service_ports(self.ns), port=port,
+                               container=container)
         except PodConfigError:
             return None
 
@@ -352,7 +354,11 @@ class DeploymentRunner(ChildRunner):
         port = free_port()
         try:
             while True:
-                lp = await self.process_for(f"{self.name}-0", spec["template"], port=port)
+                if not await self._init_containers(spec["template"]):
+                    await asyncio.sleep(1.0)  # Init:CrashLoopBackOff, briefly
+                    continue
+                lp = await self.process_for(f"{self.name}-0", spec["template"], port=port,
+                                            python=self.kubelet.server_python)
                 if lp is None:
                     await self.wait_change_or(asyncio.sleep(1.0))
                     continue
@@ -370,6 +376,18 @@ class DeploymentRunner(ChildRunner):
                 await asyncio.sleep(1.0)  # CrashLoopBackOff, briefly
         finally:
             self.kubelet.ports.pop((self.ns, self.name), None)
+
+    async def _init_containers(self, template: dict) -> bool:
+        """Run the pod's initContainers one after the other; True when all exited 0."""
+        for init in (template.get("spec") or {}).get("initContainers") or []:
+            lp = await self.process_for(f"{self.name}-0", template, container=init)
+            if lp is None:
+                return False
+            proc = await self.start(lp)
+            if await proc.wait() != 0:
+                self.kill()
+                return False
+        return True
 
     async def _available(self, replicas: int) -> None:
         await self.patch_status(readyReplicas=replicas, availableReplicas=replicas, updatedReplicas=replicas,

@@ -90,8 +90,12 @@ def done_marker(store: Store, task: StageTask, upstream: Mapping[str, str]) -> d
 
 
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
-    """A temporary folder for a step, under XWIN_WORKDIR when that is set."""
-    return tempfile.TemporaryDirectory(prefix=prefix, dir=os.environ.get("XWIN_WORKDIR") or None)
+    """A temporary folder for a step, under XWIN_WORKDIR when that is set (created if missing:
+    in a pod it names a folder of a fresh, empty scratch volume)."""
+    workdir = os.environ.get("XWIN_WORKDIR") or None
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=workdir)
 
 
 # ----------------------------------------------------------------------------- inputs
