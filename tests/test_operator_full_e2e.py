@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from judge_fixtures import FAKE_KEY, judge_server  # noqa: F401
-from kube.fixtures import NS, cluster, create_run, kubelet_factory, operator_factory  # noqa: F401
+from kube.fixtures import NS, cluster, create_run, example_run, kubelet_factory, operator_factory  # noqa: F401
 from kube.harness import created_names, events_of, versions_of, wait_phase
 from kube.kubelet import REPO_ROOT
 from test_operator_e2e import inputs_on_s3, s3_secret, storage, tiny_task  # noqa: F401
@@ -28,22 +27,9 @@ SAMPLED_STAGES = ("pairs", "bestOfN", "evaluate")
 
 
 def full_run(name: str, *, storage: dict, judge_url: str) -> dict:
-    """examples/tiny/run.yaml as an object: relative file:// URIs absolute, `storage` replaced,
-    the judge pointed at `judge_url` with its key in the Secret JUDGE_SECRET."""
-    run = yaml.safe_load(FULL.read_text())
-
-    def absolute(value):
-        if isinstance(value, dict):
-            return {k: absolute(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [absolute(v) for v in value]
-        if isinstance(value, str) and value.startswith("file://./"):
-            return f"file://{REPO_ROOT}/{value[len('file://./'):]}"
-        return value
-
-    run = absolute(run)
-    run["metadata"] = {"name": name, "namespace": NS}
-    run["spec"]["storage"] = dict(storage)
+    """examples/tiny/run.yaml via `example_run`, the judge pointed at `judge_url` with its key
+    in the Secret JUDGE_SECRET."""
+    run = example_run(FULL, name, storage=storage)
     run["spec"]["judge"] = {**run["spec"]["judge"], "baseURL": judge_url, "apiKeySecret": JUDGE_SECRET}
     return run
 

@@ -20,10 +20,9 @@ NS = "demo"
 TINY = Path(REPO_ROOT) / "examples" / "tiny" / "run-training.yaml"
 
 
-def tiny_run(name: str = "tiny", *, storage: dict, **spec_changes: Any) -> dict:
-    """examples/tiny/run-training.yaml as an object: relative file:// URIs made absolute, `storage`
-    replaced, top-level spec fields overridden by `spec_changes`."""
-    run = yaml.safe_load(TINY.read_text())
+def example_run(path: Path, name: str, *, storage: dict) -> dict:
+    """An example AlignmentRun file as an object: relative file:// URIs made absolute (the
+    kubelet's processes do not run from the repository root), metadata and `storage` replaced."""
 
     def absolute(value: Any) -> Any:
         if isinstance(value, dict):
@@ -34,9 +33,16 @@ def tiny_run(name: str = "tiny", *, storage: dict, **spec_changes: Any) -> dict:
             return f"file://{REPO_ROOT}/{value[len('file://./'):]}"
         return value
 
-    run = absolute(run)
+    run = absolute(yaml.safe_load(path.read_text()))
     run["metadata"] = {"name": name, "namespace": NS}
     run["spec"]["storage"] = dict(storage)
+    return run
+
+
+def tiny_run(name: str = "tiny", *, storage: dict, **spec_changes: Any) -> dict:
+    """examples/tiny/run-training.yaml via `example_run`, top-level spec fields overridden by
+    `spec_changes`."""
+    run = example_run(TINY, name, storage=storage)
     run["spec"].update(copy.deepcopy(spec_changes))
     return run
 
