@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow,
 def test_demo_runs_every_stage(tmp_path):
     env = {**os.environ, "XWIN_VLLM_PYTHON": str(VLLM_PYTHON)}
     done = subprocess.run([sys.executable, str(ROOT / "examples/tiny/demo.py"),
-                           "--store", f"file://{tmp_path}/runs"],
+                           "--store", f"file://{tmp_path}/runs", "--judge-port", "0"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     root = tmp_path / "runs/demo/tiny-xwin"

@@ -18,6 +18,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,20 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default=str(HERE / "run.yaml"))
     ap.add_argument("--store", default="file://./xwin-runs")
+    ap.add_argument("--judge-port", type=int, default=None,
+                    help="serve the judge on this port instead of the spec's (0: any free port)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
 
     make_task(HERE / "work")
-    judge_url = urlparse(yaml.safe_load(Path(args.spec).read_text())["spec"]["judge"]["baseURL"])
+    run = yaml.safe_load(Path(args.spec).read_text())
+    judge_url = urlparse(run["spec"]["judge"]["baseURL"])
+    port = judge_url.port if args.judge_port is None else args.judge_port
     try:
-        server = JudgeServer(ServerConfig(host=judge_url.hostname, port=judge_url.port,
+        server = JudgeServer(ServerConfig(host=judge_url.hostname, port=port,
                                           api_key=DEMO_KEY)).start()
     except OSError as e:
         print(f"cannot start the judge server on {judge_url.netloc}: {e}", file=sys.stderr)
         return 1
     print(f"judge server (exact grader standing in for GPT-4) on {server.base_url}", flush=True)
+    spec_file = args.spec
+    if server.base_url != run["spec"]["judge"]["baseURL"]:  # another port: a copy of the spec
+        run["spec"]["judge"]["baseURL"] = server.base_url
+        spec_file = str(Path(tempfile.mkdtemp(prefix="xwin-demo-")) / Path(args.spec).name)
+        Path(spec_file).write_text(yaml.safe_dump(run, sort_keys=False))
     env = {**os.environ, "OPENAI_API_KEY": DEMO_KEY}
-    cmd = [str(Path(sys.executable).parent / "xwin"), "run", args.spec, "--store", args.store]
+    cmd = [str(Path(sys.executable).parent / "xwin"), "run", spec_file, "--store", args.store]
     try:
         code = subprocess.call(cmd + (["-v"] if args.verbose else []), env=env)
     finally:
