@@ -84,21 +84,25 @@ class StageTask:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def upstream_digests(task: StageTask, store: Any) -> dict[str, str]:
-    """The digests recorded in the markers of the stages this task reads.
+def upstream_digests(store: Any, task: StageTask) -> dict[str, str]:
+    """The digests recorded in the markers of the stages this task reads, by stage folder.
 
     Raises MissingInputError (from xwin_jobs.store) naming the first stage without a marker:
-    a stage never reads an input that has not finished."""
-    from .store import require_marker
+    a stage never reads an input that has not finished. The one implementation: the jobs and
+    `xwin run` must compute the same digest to agree on what is done."""
+    from .store import as_folder, require_marker
 
-    return {uri: str(require_marker(store, uri).get("digest", "")) for uri in task.markers}
+    return {as_folder(uri): str(require_marker(store, uri).get("digest", "")) for uri in task.markers}
 
 
-def completed_marker(task: StageTask, store: Any) -> dict[str, Any] | None:
+def done_marker(store: Any, task: StageTask, upstream: dict[str, str]) -> dict[str, Any] | None:
     """The stage's own `_SUCCESS.json` if it was written for exactly these inputs, else None."""
     from .store import read_marker
 
     marker = read_marker(store, task.output)
-    if marker and marker.get("digest") == task.digest(upstream_digests(task, store)):
-        return marker
-    return None
+    return marker if marker is not None and marker.get("digest") == task.digest(upstream) else None
+
+
+def completed_marker(task: StageTask, store: Any) -> dict[str, Any] | None:
+    """`done_marker` with the upstream digests read from the store."""
+    return done_marker(store, task, upstream_digests(store, task))

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..store import MARKER, Store, as_folder, join_uri, read_marker, require_marker, write_marker
-from ..task import StageTask
+from ..store import MARKER, Store, as_folder, join_uri, read_marker, write_marker
+from ..task import StageTask, upstream_digests  # noqa: F401  (re-exported for the stages)
 
 log = logging.getLogger("xwin_jobs.stage")
 
@@ -143,11 +143,6 @@ def step_for(job: str, stage: str) -> str | None:
 def run_step(name: str, task: StageTask, store: Store) -> dict[str, Any]:
     module, _, func = STEPS[name].partition(":")
     return getattr(importlib.import_module(module), func)(task, store)
-
-
-def upstream_digests(store: Store, task: StageTask) -> dict[str, str]:
-    """Digest recorded in each input stage's marker (MissingInputError when one has none)."""
-    return {as_folder(uri): str(require_marker(store, uri).get("digest", "")) for uri in task.markers}
 
 
 def run_stage(task: StageTask, store: Store, workdir: str | Path | None = None) -> dict[str, Any]:

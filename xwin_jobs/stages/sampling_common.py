@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..records import ShardWriter, existing_ids, iter_records
-from ..store import Store, as_folder, join_uri, read_marker
-from ..task import StageTask
+from ..store import Store, as_folder, join_uri
+from ..task import StageTask, done_marker  # noqa: F401  (re-exported for the steps)
 from . import StageError
 
 log = logging.getLogger("xwin_jobs.stage.sampling")
@@ -80,13 +80,6 @@ def prepare_folder(store: Store, folder: str, digest: str) -> dict:
 def folder_complete(store: Store, folder: str, digest: str) -> bool:
     progress = read_progress(store, folder)
     return bool(progress.get("complete")) and progress.get("digest") == digest
-
-
-def done_marker(store: Store, task: StageTask, upstream: Mapping[str, str]) -> dict | None:
-    """The stage's marker when the stage is already done for these inputs, else None (a
-    step then has nothing to do)."""
-    marker = read_marker(store, task.output)
-    return marker if marker is not None and marker.get("digest") == task.digest(upstream) else None
 
 
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
