@@ -151,19 +151,30 @@ def test_pairs_match_a_reference_on_random_tables(chosen, rejected):
         assert sel.kept[p] == (row[c] - row[r] >= 1.0)
 
 
-def test_row_blocking_gives_the_same_result_as_one_block(monkeypatch):
-    import xwin_jobs.selection as selection
+@pytest.mark.parametrize("threads", [1, None])
+def test_kernels_match_the_reference_with_inf_nan_and_ties_on_any_thread_count(threads):
+    import numba
     rng = np.random.default_rng(1)
-    scores = rng.integers(0, 3, (1000, 9)).astype(np.float32)
-    scores[rng.random(scores.shape) < 0.3] = nan
-    whole = [build_pairs(scores, rejected=r, seed=2) for r in ("worst", "rank:3", "random")]
-    top = select_top_k(scores, 4)
-    monkeypatch.setattr(selection, "_BLOCK_BYTES", 7 * 9 * 4)     # 7 rows a block
-    for r, want in zip(("worst", "rank:3", "random"), whole):
-        got = build_pairs(scores, rejected=r, seed=2)
-        assert np.array_equal(got.rejected_idx, want.rejected_idx)
-        assert np.array_equal(got.margin, want.margin, equal_nan=True)
-    assert np.array_equal(select_top_k(scores, 4).indices, top.indices)
+    scores = rng.integers(0, 3, (2000, 9)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.2] = nan
+    scores[rng.random(scores.shape) < 0.05] = np.inf
+    scores[rng.random(scores.shape) < 0.05] = -np.inf
+    scores[7] = np.inf                                    # a row of +inf only: nothing valid
+    scores[8] = -np.inf
+    default = numba.get_num_threads()
+    numba.set_num_threads(threads or default)
+    try:
+        top = select_top_k(scores, 3)
+        pairs = build_pairs(scores, rejected="worst")
+    finally:
+        numba.set_num_threads(default)
+    for p, row in enumerate(scores.tolist()):
+        order = ranked(row)
+        assert [int(j) for j in top.indices[p][top.valid[p]]] == order[:3]
+        if len(order) >= 2:
+            assert (pairs.chosen_idx[p], pairs.rejected_idx[p]) == (order[0], order[-1])
+        else:
+            assert pairs.too_few_valid[p]
 
 
 def test_random_rejected_is_seeded_uniform_and_never_the_chosen():

@@ -24,25 +24,19 @@ A prompt without enough valid responses for a strategy is never dropped silently
 flagged in `too_few_valid` and counted. Rejection sampling keeps what a prompt has when it
 has fewer than k valid responses (flagged in `short`, counted in the summary).
 
-Everything is vectorised over prompts; the only Python loops are over k or a rank N and
-over blocks of ~4 MiB of rows (cache blocking: the temporaries stay in cache).
+Everything is vectorised over prompts, with no Python loop over prompts or responses: the
+ranks and the worst response of every row come from two compiled per-row kernels
+(selection_kernels.py, numba, parallel over rows, one pass each); pairs, margins, the random
+draw and the counts are numpy over whole columns.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
-
-_ITERATIVE_TOP_MAX = 16  # up to this many ranks, repeated argmax beats a full stable sort
-_MAX_THREADS = 8
-_BLOCK_BYTES = 1 << 22   # rows are processed in blocks of about 4 MiB (cache-sized)
-
 
 @dataclass
 class ScoreTable:
@@ -92,10 +86,9 @@ class PairSelection:
 
 # ---------------------------------------------------------------- dense core
 #
-# The hot path makes no separate validity pass: NaN is mapped to -inf (or +inf) on the fly
-# by np.fmax/np.fmin, and whether a rank exists is read off the selected value. An infinite
-# score is detected from the selected values too (a +inf is always a row's best, a -inf its
-# worst); only then is the table copied with every non-finite cell set to NaN.
+# The per-row work is two compiled kernels (selection_kernels.py: numba, parallel over rows),
+# each one pass over the table that skips non-finite cells inline; everything around them is
+# numpy over whole columns.
 
 def as_score_array(scores: Any) -> np.ndarray:
     """A 2-D floating array (float32 kept as is, anything else as float64)."""
@@ -119,85 +112,20 @@ def _gather(s: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(s).ravel().take(flat)
 
 
-def _row_blocks(s: np.ndarray):
-    """Slices of consecutive rows of about _BLOCK_BYTES each, so that the per-block
-    temporaries stay in cache and are not allocated (page-faulted) afresh for every pass."""
-    step = max(1, _BLOCK_BYTES // (s.shape[1] * s.itemsize))
-    for start in range(0, s.shape[0], step):
-        yield slice(start, min(start + step, s.shape[0]))
-
-
-def _each_block(s: np.ndarray, fn) -> None:
-    """fn(rows) for every row block; blocks write disjoint rows, and numpy releases the GIL
-    in these kernels, so large tables are shared among the machine's cores."""
-    blocks = list(_row_blocks(s))
-    per_thread = threading.local()   # one scratch block per thread, reused (no page faults)
-
-    def run(rows: slice) -> None:
-        buf = getattr(per_thread, "buf", None)
-        if buf is None:
-            buf = per_thread.buf = np.empty((blocks[0].stop - blocks[0].start, s.shape[1]), s.dtype)
-        fn(rows, buf[:rows.stop - rows.start])
-
-    workers = min(len(blocks), os.cpu_count() or 1, _MAX_THREADS)
-    if workers < 2:
-        for rows in blocks:
-            run(rows)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(run, blocks))
-
-
 def _ranked(s: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (P, upto) of ranks 1..upto in the total order and their scores, -inf where a
     prompt has no such rank (its index is then meaningless)."""
-    idx = np.zeros((s.shape[0], upto), dtype=np.int64)
-    val = np.full((s.shape[0], upto), -np.inf, dtype=s.dtype)
-    ranks = min(upto, s.shape[1])
-    if ranks > _ITERATIVE_TOP_MAX:
-        order = np.argsort(np.fmin(-s, np.inf), axis=1, kind="stable")[:, :ranks]
-        idx[:, :ranks] = order                        # stable: ties -> lower index first
-        val[:, :ranks] = np.fmax(np.take_along_axis(s, order, axis=1), -np.inf)
-        return idx, val
-    def block(rows: slice, buf: np.ndarray) -> None:
-        work = np.fmax(s[rows], -np.inf, out=buf)  # NaN -> -inf, in the scratch block
-        local = np.arange(work.shape[0])
-        for i in range(ranks):
-            j = work.argmax(axis=1)       # the first maximum: ties go to the lower index
-            idx[rows, i] = j
-            val[rows, i] = work[local, j]
-            if i + 1 < ranks:
-                work[local, j] = -np.inf  # finite scores still beat every removed cell
+    from .selection_kernels import ranked_rows
 
-    _each_block(s, block)
-    return idx, val
-
-
-def _top(s: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(table, indices, scores) of ranks 1..upto; the table comes back finite-only (inf ->
-    NaN) when it held a +inf."""
-    idx, val = _ranked(s, upto)
-    if np.isposinf(val[:, 0]).any():
-        s = _finite_only(s)
-        idx, val = _ranked(s, upto)
-    return s, idx, val
+    return ranked_rows(s, upto)
 
 
 def _worst(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index and score of the last response in the total order (lowest score, the latest
     among ties); the score is +inf where a prompt has no valid response."""
-    idx = np.empty(s.shape[0], dtype=np.int64)
-    val = np.empty(s.shape[0], dtype=s.dtype)
-    def block(rows: slice, buf: np.ndarray) -> None:
-        low = np.fmin(s[rows], np.inf, out=buf)    # NaN -> +inf
-        j = low[:, ::-1].argmin(axis=1)   # first minimum of the reversed row = the latest
-        idx[rows] = (s.shape[1] - 1) - j
-        val[rows] = low[np.arange(j.shape[0]), idx[rows]]
+    from .selection_kernels import worst_rows
 
-    _each_block(s, block)
-    if np.isneginf(val).any():
-        return _worst(_finite_only(s))
-    return idx, val
+    return worst_rows(s)
 
 
 def select_top_k(scores: Any, k: int) -> TopK:
@@ -205,7 +133,7 @@ def select_top_k(scores: Any, k: int) -> TopK:
     than k valid responses keeps all it has (`short` flags it, `valid` masks the gaps)."""
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"topK must be a positive integer, got {k!r}")
-    _, idx, val = _top(as_score_array(scores), k)
+    idx, val = _ranked(as_score_array(scores), k)
     valid = val > -np.inf
     idx[~valid] = -1
     return TopK(indices=idx, valid=valid, short=~valid[:, -1])
@@ -236,7 +164,8 @@ def build_pairs(scores: Any, chosen: str = "best", rejected: str = "worst",
                          f"i.e. N > {c_rank}")
     if not math.isfinite(float(min_margin)):
         raise ValueError(f"minMargin must be a finite number, got {min_margin!r}")
-    s, top, top_val = _top(as_score_array(scores), max(c_rank, r_rank))
+    s = as_score_array(scores)
+    top, top_val = _ranked(s, max(c_rank, r_rank))
     c_idx, c_val = top[:, c_rank - 1], top_val[:, c_rank - 1]
     has_chosen = c_val > -np.inf
     if r_kind == "rank":
@@ -264,7 +193,7 @@ def _random_below(s: np.ndarray, c_idx: np.ndarray, c_val: np.ndarray, seed: int
     n_prompts, n = s.shape
     cols = np.arange(n)[None, :]
     c_val = c_val[:, None]
-    below = (s > -np.inf) & ((s < c_val) | ((s == c_val) & (cols > c_idx[:, None])))
+    below = np.isfinite(s) & ((s < c_val) | ((s == c_val) & (cols > c_idx[:, None])))
     m = below.sum(axis=1)
     u = np.random.default_rng(seed).random(n_prompts)
     t = np.minimum((u * m).astype(np.int64), np.maximum(m - 1, 0))
