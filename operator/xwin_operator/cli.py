@@ -63,8 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from xwin_jobs.store import Store
 
-    from .local import (LocalContext, StageFailed, StageResult, default_log_dir, describe_root,
-                        execute, job_env, python_for_jobs)
+    from .local import (LocalContext, RunError, StageResult, default_log_dir, describe_root,
+                        execute, job_env, local_config, python_for_jobs)
 
     console = _console()
     try:
@@ -76,8 +76,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     log_dir = Path(args.logs) if args.logs else default_log_dir(run)
     env = job_env(run)
     store = Store(endpoint_url=env.get("AWS_ENDPOINT_URL"))
+    config = local_config(store_uri, env, args.backoff)
     console.print(f"[bold]AlignmentRun {run.metadata.namespace}/{run.metadata.name}[/] → "
-                  f"{describe_root(run, store_uri)}  (logs: {log_dir})")
+                  f"{describe_root(run, store_uri)}  (logs: {log_dir}, status: {log_dir}/status.json)")
     status = console.status("starting")
     started: dict[str, float] = {}
 
@@ -87,6 +88,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.verbose:
             console.print(f"  [dim]{stage}[/] {line}", markup=True, highlight=False)
 
+    def on_event(reason: str, message: str, type_: str) -> None:
+        """The planner's Events: warnings (a failed attempt, a retry) always, the rest with -v."""
+        if reason == "ChildCreated":
+            if args.verbose:
+                console.print(f"  [dim]· create {message}[/]", highlight=False)
+        elif type_ == "Warning" and reason not in ("StageFailed", "RunFailed"):
+            console.print(f"  [yellow]! {reason}:[/] {message}", highlight=False, markup=True)
+        elif args.verbose:
+            console.print(f"  [dim]· {reason}: {message}[/]", highlight=False)
+
     def on_stage(event: "StageResult | str") -> None:
         if isinstance(event, str):
             started[event] = time.monotonic()
@@ -95,14 +106,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         style = {"ran": "green", "skipped": "cyan", "reused": "cyan", "failed": "red"}[event.outcome]
         console.print(f"[{style}]{event.outcome:>7}[/] {event.stage}"
                       + (f" ({event.seconds:.1f}s)" if event.seconds else "")
-                      + (f"  {event.message}" if event.message and event.outcome == "failed" else ""))
+                      + (f"  {event.message}" if event.message and event.outcome == "failed" else ""),
+                      highlight=False)
 
-    ctx = LocalContext(python=python_for_jobs(), env=env, log_dir=log_dir, on_line=on_line)
+    ctx = LocalContext(python=python_for_jobs(), env=env, log_dir=log_dir, on_line=on_line,
+                       on_event=on_event)
     code, results = 0, []
     with status:
         try:
-            results = execute(run, store_uri=store_uri, ctx=ctx, store=store, on_stage=on_stage)
-        except StageFailed as e:
+            results = execute(run, store_uri=store_uri, ctx=ctx, store=store, on_stage=on_stage,
+                              config=config)
+        except RunError as e:
             results, code = getattr(e, "results", []), 1
             failure = str(e)
     table = Table(title="summary", expand=False)
@@ -142,12 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
     # `xwin operator ...` hands every argument to `python -m xwin_operator` (see main())
     sub.add_parser("operator", help="run the operator (kopf) against the current cluster")
-    r = sub.add_parser("run", help="run an AlignmentRun on this machine, stage by stage")
+    r = sub.add_parser("run", help="run an AlignmentRun on this machine with the operator's planner, "
+                                   "one process at a time")
     r.add_argument("file")
     r.add_argument("--store", default="file://./xwin-runs",
                    help="artifact root replacing spec.storage.uri (default file://./xwin-runs)")
     r.add_argument("--logs", default=None, help="folder for stage logs (default ./xwin-logs/<ns>/<name>)")
-    r.add_argument("-v", "--verbose", action="store_true", help="print every line the stages log")
+    r.add_argument("--backoff", type=float, default=None, metavar="SECONDS",
+                   help="wait before retrying a failed stage (attempt 2; doubles per attempt up to "
+                        "XWIN_BACKOFF_MAX_SECONDS); default XWIN_BACKOFF_SECONDS or 10, as the operator")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="print every line the stages log, every child created and every Event")
     r.set_defaults(func=cmd_run)
     return p
 

@@ -1,32 +1,61 @@
-"""`xwin run`: the local executor. Runs a run's stages on this machine, one after another.
+"""`xwin run`: the local executor. The operator's planner, with processes instead of children.
 
-Each stage is the same `python -m xwin_jobs <stage> --task ...` a pod runs, started as a
-subprocess with its output teed to a log file. The stage graph decides what is ready; a stage
-whose `_SUCCESS.json` matches its inputs is skipped, so re-running after a crash continues
-from the first unfinished stage. Nothing here knows how a stage works inside.
+`execute` is a loop around the SAME `planner.decide` the kopf handlers call, so both walk one
+graph with one set of rules (readiness, steps, retries with backoff, markers):
+
+    observe: the children it started (local_children.LocalChildren, as ChildStates) and then
+             each stage's `_SUCCESS.json`, read from the store exactly as the operator reads it
+    decide:  decide(run, observed, status, uid, generation, config=OperatorConfig(store=...))
+    act:     CreateChild -> queue a local process chosen by the child's labels (a job, a vLLM
+             server, nothing for a Service); DeleteChild -> stop it; SuspendChild -> n/a;
+             PatchStatus -> keep the status and write `<log dir>/status.json`; EmitEvent ->
+             a progress line; RequeueAfter -> sleep that long, or until a child changes
+    until the status phase is Succeeded or Failed.
+
+At most one job process runs at a time (plus the vLLM server its sample step needs). A stage
+whose marker matches its inputs is skipped, so re-running after a crash continues from the
+first unfinished stage. A failed child is retried as the operator retries it, up to
+`retries.maxAttempts`, after `config.backoff_seconds` (doubling; `XWIN_BACKOFF_SECONDS` or
+`xwin run --backoff`). Nothing here knows how a stage works inside.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import subprocess
+import signal
 import sys
+import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from xwin_jobs.task import StageTask, completed_marker
-
-from .graph import ready, stages_of
+from .builders import OperatorConfig
+from .graph import stages_of
+from .local_children import LocalChild, LocalChildren, now_iso
+from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, RequeueAfter,
+                      decide)
 from .spec import AlignmentRun
-from .tasks import run_root, stage_task
+from .steps import steps_of
+from .tasks import run_root, stage_task, stage_uri
+
+POLL_SECONDS = 5.0     # a safety net: children notify when they change
 
 
-class StageFailed(RuntimeError):
+class RunError(RuntimeError):
+    """The run stopped without succeeding; `.results` holds what happened so far."""
+
+    results: list = []
+
+
+class StageFailed(RunError):
     def __init__(self, stage: str, message: str):
-        super().__init__(f"stage '{stage}' failed: {message}")
+        for prefix in (f"stage {stage} failed ", f"stage {stage}: "):  # the planner's wording
+            if message.startswith(prefix):
+                message = message[len(prefix):]
+        sep = " " if message.startswith("after ") else ": "
+        super().__init__(f"stage '{stage}' failed{sep}{message}")
         self.stage = stage
 
 
@@ -42,12 +71,13 @@ class StageResult:
 
 @dataclass
 class LocalContext:
-    """What a stage runner needs from the executor."""
+    """What the local children need from the caller."""
 
     python: str
     env: dict[str, str]
     log_dir: Path
-    on_line: Callable[[str, str], None] = lambda stage, line: None
+    on_line: Callable[[str, str], None] = lambda stage, line: None      # (stage, output line)
+    on_event: Callable[[str, str, str], None] = lambda reason, message, type_: None
 
 
 def job_env(run: AlignmentRun, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -59,99 +89,157 @@ def job_env(run: AlignmentRun, base: dict[str, str] | None = None) -> dict[str, 
     return env
 
 
-def run_job(task: StageTask, ctx: LocalContext, step: str | None = None) -> None:
-    """Run `python -m xwin_jobs <step or stage> --task FILE`, teeing output to the stage log."""
-    ctx.log_dir.mkdir(parents=True, exist_ok=True)
-    name = step or task.stage
-    task_file = ctx.log_dir / f"{name}.task.json"
-    task_file.write_text(task.to_json())
-    log_path = ctx.log_dir / f"{name}.log"
-    tail: deque[str] = deque(maxlen=20)
-    cmd = [ctx.python, "-m", "xwin_jobs", name, "--task", str(task_file)]
-    with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=ctx.env, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                ctx.on_line(task.stage, line)
-        code = proc.wait()
-    if code != 0:
-        last = tail[-1] if tail else "(no output)"
-        raise StageFailed(task.stage, f"{name} exited with code {code}: {last} (log: {log_path})")
+def local_config(store_uri: str | None, env: dict[str, str] | None = None,
+                 backoff_seconds: float | None = None) -> OperatorConfig:
+    """The planner's settings for `xwin run`: XWIN_* variables (XWIN_BACKOFF_SECONDS,
+    XWIN_BACKOFF_MAX_SECONDS, ...), the store, and a backoff given on the command line."""
+    from dataclasses import replace
+
+    config = replace(OperatorConfig.from_env(env), store=store_uri or "")
+    return config if backoff_seconds is None else replace(config, backoff_seconds=backoff_seconds)
 
 
-# Stages whose local execution is more than one job (a server, a sampler, a scorer) register
-# their own runner here; everything else is one `python -m xwin_jobs <stage>` process.
-StageRunner = Callable[[StageTask, LocalContext], None]
-STAGE_RUNNERS: dict[str, StageRunner] = {}
+def read_markers(run: AlignmentRun, store, config: OperatorConfig) -> dict[str, dict | None]:
+    """stage -> its `_SUCCESS.json` (None if absent), as the operator's handlers read them; a
+    store error is a StageFailed naming the stage whose marker could not be read."""
+    from xwin_jobs.store import read_marker
+
+    spec, meta = run.spec, run.metadata
+    root = run_root(spec, meta.namespace, meta.name, config.store or None)
+    markers: dict[str, dict | None] = {}
+    for stage in stages_of(spec):
+        if getattr(spec.stages, stage).reused:
+            continue
+        try:
+            markers[stage] = read_marker(store, stage_uri(root, stage))
+        except Exception as e:  # unreachable endpoint, unreadable marker
+            raise StageFailed(stage, f"{type(e).__name__}: {e}") from None
+    return markers
 
 
-def run_stage(task: StageTask, ctx: LocalContext) -> None:
-    """A registered runner, else the steps of `steps.py` (the table the operator walks): one
-    `python -m xwin_jobs <stage>` for a one-step stage, `local_steps.run_steps` otherwise."""
-    runner = STAGE_RUNNERS.get(task.stage)
-    if runner is None:
-        from .steps import task_steps
+class _Progress:
+    """Stage results from the status the planner writes (ran / skipped / reused / failed)."""
 
-        if len(task_steps(task)) == 1:
-            runner = run_job
-        else:
-            from .local_steps import run_steps as runner
-    runner(task, ctx)
+    def __init__(self, on_stage: Callable[[StageResult | str], None]):
+        self.on_stage = on_stage
+        self.results: list[StageResult] = []
+        self.reported: set[str] = set()
+        self.announced: dict[str, float] = {}    # stage -> monotonic time of its first process
+
+    def started(self, child: LocalChild) -> None:
+        if child.stage not in self.announced and child.stage not in self.reported:
+            self.announced[child.stage] = child.started_at or time.monotonic()
+            self.on_stage(child.stage)
+
+    def update(self, status: dict) -> None:
+        for s in status.get("stages", []):
+            name, phase = s["name"], s["phase"]
+            if name in self.reported or phase not in ("Succeeded", "Skipped", "Failed"):
+                continue
+            ran = name in self.announced
+            seconds = time.monotonic() - self.announced[name] if ran else 0.0
+            if phase == "Skipped":
+                result = StageResult(name, "reused", artifact=s.get("artifact", ""))
+            elif phase == "Succeeded":
+                result = StageResult(name, "ran" if ran else "skipped", seconds,
+                                     s.get("artifact", ""), dict(s.get("metrics") or {}),
+                                     "" if ran else "already done")
+            else:
+                result = StageResult(name, "failed", seconds,
+                                     message=str(StageFailed(name, s.get("message", ""))))
+            self.reported.add(name)
+            self.results.append(result)
+            self.on_stage(result)
+
+    def fail(self, error: RunError) -> RunError:
+        stage = getattr(error, "stage", "")
+        if stage and stage not in self.reported:
+            self.reported.add(stage)
+            self.results.append(StageResult(stage, "failed", message=str(error)))
+            self.on_stage(self.results[-1])
+        error.results = self.results
+        return error
 
 
 def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, store,
-            on_stage: Callable[[StageResult | str], None] = lambda r: None) -> list[StageResult]:
-    """Run every stage of `run` in graph order. Raises StageFailed at the first failure
-    (results so far are attached as `.results`)."""
-    spec = run.spec
-    results: list[StageResult] = []
-    succeeded: set[str] = set()
-    for stage in stages_of(spec):
-        st = getattr(spec.stages, stage)
-        if st.reused:
-            results.append(StageResult(stage, "reused", artifact=st.from_))
-            on_stage(results[-1])
-            succeeded.add(stage)
-    while True:
-        todo = ready(spec, succeeded)
-        if not todo:
-            break
-        stage = todo[0]
-        task = stage_task(run, stage, store_uri)
-        started = time.monotonic()
-        try:
-            marker = completed_marker(task, store)
-            if marker is not None:
-                results.append(StageResult(stage, "skipped", artifact=task.output,
-                                           metrics=marker.get("metrics", {}), message="already done"))
-            else:
-                on_stage(stage)
-                run_stage(task, ctx)
-                marker = completed_marker(task, store)
-                if marker is None:
-                    raise StageFailed(stage, f"finished without writing {task.output}_SUCCESS.json")
-                results.append(StageResult(stage, "ran", time.monotonic() - started, task.output,
-                                           marker.get("metrics", {})))
-        except StageFailed as e:
-            results.append(StageResult(stage, "failed", time.monotonic() - started, message=str(e)))
-            on_stage(results[-1])
-            e.results = results  # type: ignore[attr-defined]
-            raise
-        except Exception as e:  # store errors, missing inputs: name the stage
-            failure = StageFailed(stage, f"{type(e).__name__}: {e}")
-            results.append(StageResult(stage, "failed", time.monotonic() - started, message=str(failure)))
-            on_stage(results[-1])
-            failure.results = results  # type: ignore[attr-defined]
-            raise failure from None
-        on_stage(results[-1])
-        succeeded.add(stage)
-    return results
+            on_stage: Callable[[StageResult | str], None] = lambda r: None,
+            config: OperatorConfig | None = None) -> list[StageResult]:
+    """Drive `run` to Succeeded with `planner.decide` and local processes. Returns the stage
+    results; raises StageFailed (results attached as `.results`) when the run fails."""
+    config = config or local_config(store_uri, ctx.env)
+    if run.spec.suspend:
+        raise RunError("spec.suspend is true: nothing would run (set it to false)")
+    tasks = {s: stage_task(run, s, config.store or None) for s in stages_of(run.spec)
+             if not getattr(run.spec.stages, s).reused}
+    progress = _Progress(on_stage)
+    children = LocalChildren(ctx, lambda stage: steps_of(run.spec, stage), tasks.__getitem__,
+                             on_start=progress.started)
+    status: dict | None = None
+    previous_sigterm = _trap_sigterm()
+    try:
+        while True:
+            children.start_ready()
+            states = children.states()            # children first, then the markers
+            observed = Observed(children=states, markers=read_markers(run, store, config),
+                                now=now_iso())
+            actions = decide(run, observed, status, uid=f"local-{run.metadata.name}",
+                             generation=1, config=config)
+            wait, acted = POLL_SECONDS, False
+            for action in actions:
+                if isinstance(action, CreateChild):
+                    child = children.create(action.manifest)
+                    if child is not None:
+                        acted = True
+                        ctx.on_event("ChildCreated", f"{child.kind}/{child.name}", "Normal")
+                elif isinstance(action, DeleteChild):
+                    acted |= children.delete(action.kind, action.name)
+                elif isinstance(action, PatchStatus):
+                    status = action.status
+                    write_status(ctx.log_dir, status)
+                    progress.update(status)
+                elif isinstance(action, EmitEvent):
+                    ctx.on_event(action.reason, action.message, action.type)
+                elif isinstance(action, RequeueAfter):
+                    wait = min(wait, max(action.seconds, 0.05))
+            phase = (status or {}).get("phase")
+            if phase == "Succeeded":
+                children.wait_jobs(timeout=60)
+                return progress.results
+            if phase == "Failed":
+                failed = [s for s in status["stages"] if s["phase"] == "Failed"]
+                stage = failed[0]["name"] if failed else status.get("stage", "")
+                raise progress.fail(StageFailed(stage, failed[0].get("message", "") if failed
+                                                else status.get("message", "")))
+            if not acted:
+                children.wait(wait)
+    except RunError as e:
+        raise progress.fail(e) from None
+    finally:
+        children.stop_all()
+        _restore_sigterm(previous_sigterm)
+
+
+def write_status(log_dir: Path, status: dict) -> None:
+    """`<log dir>/status.json`: the run's status as the operator would patch it."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tmp = log_dir / "status.json.tmp"
+    tmp.write_text(json.dumps(status, indent=2, sort_keys=True) + "\n")
+    tmp.replace(log_dir / "status.json")
+
+
+def _trap_sigterm():
+    """A SIGTERM ends the run through `finally` (servers and processes stopped), as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+    return signal.signal(signal.SIGTERM, terminate)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def default_log_dir(run: AlignmentRun) -> Path:
@@ -164,8 +252,3 @@ def describe_root(run: AlignmentRun, store_uri: str | None) -> str:
 
 def python_for_jobs() -> str:
     return os.environ.get("XWIN_PYTHON", sys.executable)
-
-
-# Multi-process stage runners register themselves in STAGE_RUNNERS on import.
-from . import local_sampling  # noqa: E402,F401  (bestOfN: vLLM server, sampler, scorer)
-from . import local_judge  # noqa: E402,F401  (pairs, evaluate: vLLM servers, samplers, judge)

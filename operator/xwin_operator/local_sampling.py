@@ -1,32 +1,34 @@
-"""`xwin run` for bestOfN: a real vLLM server for the policy, the sampler, then the scorer.
+"""`xwin run`'s serve and sample steps: a real vLLM server, and the sampler's environment.
 
-    start vLLM (its own virtual environment, a free loopback port, wait on /health)
-    -> python -m xwin_jobs bestOfN-sample   (OPENAI_BASE_URL / XWIN_SERVED_MODEL point at it)
-    -> stop vLLM (always: also on failure or Ctrl-C)
-    -> python -m xwin_jobs bestOfN-score    (writes data/, metrics.json, _SUCCESS.json last)
+    serve step (the Deployment the planner creates) -> start_server: the task input the step
+        names (downloaded to a scratch folder when remote, `resolve_model_source`) served by
+        `xwin_jobs.vllm_server.LocalVllmServer` with the same `vllm_server_args` as the
+        operator's Deployment; Running once `/health` answers
+    sample step (the Job)  -> python -m xwin_jobs <stage>-sample with `job_env_for`: the
+        server's URL (OPENAI_BASE_URL, XWIN_SERVED_MODEL, XWIN_MODEL_INPUT, XWIN_STEP) and
+        no OPENAI_API_KEY
+    the planner deletes the Deployment once its sampler is done -> the server is stopped
 
-The server's arguments come from `xwin_jobs.vllm_server.vllm_server_args`, the function the
-operator's Deployment builder uses too. The vLLM interpreter is `XWIN_VLLM_PYTHON`, else
-`.venv-vllm/bin/python` (`make vllm`). The server log is `<log dir>/bestOfN.vllm.log`; a
+The vLLM interpreter is `XWIN_VLLM_PYTHON`, else `.venv-vllm/bin/python` (`make vllm`); a
 server that does not come up within `XWIN_VLLM_STARTUP_TIMEOUT` seconds (default 600) fails
-the stage with the last lines of that log. When the samples are already complete (a re-run
-after the scorer failed) no server is started.
+the serve step with the last lines of its log, `<log dir>/<child name>.log`. When the samples
+the server would serve are already complete (a re-run after a later step failed) no server is
+started: the sample step finds its output complete and exits at once.
 
-`run_served_step` is the one way a local runner starts a server and runs a sampler against
-it; the pairs and evaluate runners (local_judge) and the step-table runner (local_steps) use
-it too. Importing this module registers the bestOfN runner in `local.STAGE_RUNNERS`.
+Only judge steps (`Step.needs_judge`) get the caller's OPENAI_API_KEY, as only their pods get
+`judge.apiKeySecret` on a cluster.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from xwin_jobs.store import Store
 from xwin_jobs.task import StageTask
 
-from .local import STAGE_RUNNERS, LocalContext, StageFailed, run_job
+from .steps import Step, step_env
 
 
 def sampler_env(env: dict[str, str], server_url: str, served_model: str,
@@ -38,54 +40,71 @@ def sampler_env(env: dict[str, str], server_url: str, served_model: str,
     return out
 
 
-def run_served_step(task: StageTask, ctx: LocalContext, store: Store, model_input: str,
-                    step: str, log_name: str | None = None,
-                    step_env: Callable[[str], dict[str, str]] | None = None) -> None:
-    """Start a vLLM server for `task.inputs[model_input]` (downloaded to a scratch folder
-    when remote; log `<log dir>/<log_name or stage>.vllm.log`), run `python -m xwin_jobs
-    <step>` against it, and stop the server (always: also on failure or Ctrl-C).
+def job_env_for(step: Step, env: dict[str, str], server_url: str | None) -> dict[str, str]:
+    """The environment of a step's process: the caller's (the judge key for judge steps only),
+    the step's (`steps.step_env`), and for a sample step its server's URL."""
+    from xwin_jobs.vllm_server import SERVED_MODEL_NAME
 
-    The step's environment is `step_env(server URL)`, by default `sampler_env`: the caller's
-    environment with the server's URL and served name, and without OPENAI_API_KEY."""
-    from xwin_jobs.modeling import resolve_model_source
-    from xwin_jobs.vllm_server import (SERVED_MODEL_NAME, LocalVllmServer, VllmServerError,
-                                       vllm_python)
-
-    try:
-        python = vllm_python(ctx.env)
-    except VllmServerError as e:
-        raise StageFailed(task.stage, str(e)) from None
-    if step_env is None:
-        def step_env(url: str) -> dict[str, str]:
-            return sampler_env(ctx.env, url, SERVED_MODEL_NAME, model_input)
-    uri = task.inputs[model_input]
-    timeout = float(ctx.env.get("XWIN_VLLM_STARTUP_TIMEOUT") or 600)
-    with tempfile.TemporaryDirectory(prefix="xwin-model-") as scratch:
-        model_dir = resolve_model_source(store, uri, Path(scratch))
-        server = LocalVllmServer(python, model_dir, task.params.get("serving"),
-                                 ctx.log_dir / f"{log_name or task.stage}.vllm.log",
-                                 env=ctx.env, device="cpu", startup_timeout_s=timeout)
-        ctx.on_line(task.stage, f"starting vLLM for {uri}")
-        try:
-            with server:
-                run_job(task, LocalContext(ctx.python, step_env(server.base_url), ctx.log_dir,
-                                           ctx.on_line), step=step)
-        except VllmServerError as e:
-            raise StageFailed(task.stage, str(e)) from None
+    if step.served_by and server_url:
+        base = sampler_env(env, server_url, SERVED_MODEL_NAME, step.model_input or "")
+    else:
+        base = {k: v for k, v in env.items() if step.needs_judge or k != "OPENAI_API_KEY"}
+    return {**base, **step_env(step, server_url, SERVED_MODEL_NAME)}
 
 
-def _samples_done(task: StageTask, store: Store) -> bool:
+def samples_done(task: StageTask, model_input: str, store: Store) -> bool:
+    """Whether the sample step for `task.inputs[model_input]` has nothing left to sample."""
     from xwin_jobs.stages import upstream_digests
-    from xwin_jobs.stages.best_of_n import samples_complete
+    from xwin_jobs.stages.sampling_common import folder_complete
+    from xwin_jobs.store import as_folder, join_uri
 
-    return samples_complete(store, task, upstream_digests(store, task))
+    upstream = upstream_digests(store, task)
+    if task.stage == "pairs":
+        from xwin_jobs.stages.pairs import CANDIDATES, candidates_digest
+
+        return folder_complete(store, join_uri(as_folder(task.output), CANDIDATES),
+                               candidates_digest(task, upstream))
+    if task.stage == "bestOfN":
+        from xwin_jobs.stages.best_of_n import samples_complete
+
+        return samples_complete(store, task, upstream)
+    if task.stage == "evaluate" and model_input.startswith("model:"):
+        from xwin_jobs.stages.evaluate import answers_complete
+
+        return answers_complete(task, store, model_input.split(":", 1)[1])
+    return False
 
 
-def run_best_of_n(task: StageTask, ctx: LocalContext) -> None:
+def start_server(child: Any, ctx: Any) -> str | None:
+    """Bring up the vLLM server of a serve-step child (`local_children.LocalChild`): sets
+    `child.handle`, `child.scratch`, `child.url`; returns the URL, or None when the samples
+    it would serve are complete. Raises VllmServerError (with the server log's last lines)."""
+    from xwin_jobs.modeling import resolve_model_source
+    from xwin_jobs.vllm_server import LocalVllmServer, vllm_python
+
+    task: StageTask = child.task
     store = Store(endpoint_url=ctx.env.get("AWS_ENDPOINT_URL"))
-    if not _samples_done(task, store):
-        run_served_step(task, ctx, store, "policy", f"{task.stage}-sample")
-    run_job(task, ctx, step=f"{task.stage}-score")
-
-
-STAGE_RUNNERS["bestOfN"] = run_best_of_n
+    if samples_done(task, child.step.model_input, store):
+        return None
+    python = vllm_python(ctx.env)
+    uri = task.inputs[child.step.model_input]
+    child.scratch = tempfile.TemporaryDirectory(prefix="xwin-model-")
+    model_dir = resolve_model_source(store, uri, Path(child.scratch.name))
+    server = LocalVllmServer(python, model_dir, task.params.get("serving"),
+                             ctx.log_dir / f"{child.name}.log", env=ctx.env, device="cpu",
+                             startup_timeout_s=float(ctx.env.get("XWIN_VLLM_STARTUP_TIMEOUT") or 600))
+    child.handle = server  # from here on, deleting the child stops the server
+    if child.stopped:      # deleted while the model was fetched
+        return None
+    ctx.on_line(child.stage, f"starting vLLM for {uri}")
+    server.start()
+    if child.stopped:      # deleted while it started
+        server.stop()
+        return None
+    try:
+        server.wait_healthy()
+    except BaseException:
+        server.stop()
+        raise
+    child.url = server.base_url
+    return child.url

@@ -1,5 +1,9 @@
 """The pure planner: what the operator (or `xwin run`) should do next for one AlignmentRun.
 
+One planner, two executors: the kopf handlers turn the actions into API calls (handlers.py),
+`xwin run` turns them into local processes (local.py), so both walk the same graph with the
+same rules.
+
     actions = decide(run, observed, status, uid=..., generation=..., config=OperatorConfig())
 
 Level-based: `decide` looks only at what exists now (the children, read by label, and the
@@ -19,6 +23,10 @@ Inputs (filled by the kopf handlers, or by the local executor):
       - Deployment (a vLLM server): availableReplicas >= 1 -> Running (= ready to serve);
         Progressing=False (ProgressDeadlineExceeded) -> Failed; else Pending.
       - Service: Running once it exists.
+    The local executor (`xwin run`, local.py) reports its processes the same way: a job
+    process (PyTorchJob / Job) is Pending while queued (one job at a time), Running, then
+    Succeeded or Failed (exit code, the last output line and the log path as message); a
+    local vLLM server (Deployment) is Running once /health answers; a Service at once.
   * `Observed.markers`: stage -> the parsed `_SUCCESS.json` of `<run root>/<stage>/` or None,
     for every stage of `graph.stages_of(spec)` that is not reused (`from:`); the run root is
     `tasks.run_root(spec, namespace, name, config.store or None)`. Read the children FIRST and

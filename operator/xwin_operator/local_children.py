@@ -1,0 +1,289 @@
+"""The children of `xwin run`: what a planner's CreateChild becomes on this machine.
+
+`LocalChildren` is the local stand-in for the Kubernetes objects the operator creates. A child
+is chosen by its labels (`xwin.ai/stage`, `xwin.ai/step`, `xwin.ai/attempt`) through the step
+table (steps.py), never by the manifest's container command:
+
+  * a `train` or `job` step (PyTorchJob, Job) -> `python -m xwin_jobs <job> --task FILE`
+    (`steps.step_env`; a sample step also gets its server's URL and never the judge's key,
+    `local_sampling.sampler_env`), output teed to `<log dir>/<child name>.log`;
+  * a `serve` step's Deployment -> a real vLLM server (`local_sampling.start_server`), Running
+    once `/health` answers; no server is started when the samples it would serve are already
+    complete (a re-run after a later step failed);
+  * its Service -> Running at once (the sample step reads the server's own URL).
+
+This is a laptop executor: at most ONE job process runs at a time, plus the vLLM server its
+sample step needs. Children the planner creates together (independent stages) are queued and
+started one by one; a queued child is observed as Pending. `state()` gives every child as a
+planner `ChildState`; `changed` is notified whenever a child changes phase, so the executor
+sleeps until something happens (or a backoff ends).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from xwin_jobs.task import StageTask
+
+from .builders import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP
+from .planner import ChildState
+from .steps import Step
+
+JOB_KINDS = ("PyTorchJob", "Job")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def run_job(cmd: list[str], env: dict[str, str], log_path: Path,
+            on_line: Callable[[str], None] = lambda line: None,
+            on_start: Callable[[subprocess.Popen], None] = lambda proc: None) -> tuple[int, str]:
+    """Run `cmd`, teeing its output to `log_path` (appended) and `on_line`; returns (exit code,
+    last non-empty output line)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: deque[str] = deque(maxlen=1)
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, bufsize=1, stdin=subprocess.DEVNULL)
+        on_start(proc)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                on_line(line)
+        code = proc.wait()
+    return code, (tail[-1] if tail else "(no output)")
+
+
+@dataclass
+class LocalChild:
+    """One child: its identity from the labels, its phase, and the process behind it."""
+
+    kind: str
+    name: str
+    stage: str
+    step: Step
+    attempt: int
+    task: StageTask
+    created: str
+    phase: str = "Pending"        # Pending (queued or starting) | Running | Succeeded | Failed
+    reason: str = ""
+    message: str = ""
+    exit_code: int | None = None
+    finished: str | None = None
+    started_at: float | None = None   # time.monotonic() when its process started
+    handle: Any = None                # Popen of a job, LocalVllmServer of a Deployment
+    scratch: Any = None               # the TemporaryDirectory a server's model was fetched into
+    url: str | None = None            # a server's OpenAI base URL (None: no server needed)
+    stopped: bool = False            # deleted: its thread must not report back
+
+    @property
+    def active(self) -> bool:
+        return self.started_at is not None and self.phase in ("Pending", "Running")
+
+    def state(self) -> ChildState:
+        phase, reason, message, finished = self.phase, self.reason, self.message, self.finished
+        server = self.handle if self.kind == "Deployment" else None
+        proc = getattr(server, "proc", None)
+        if phase == "Running" and proc is not None and proc.poll() is not None:
+            phase, reason, finished = "Failed", "ServerExited", now_iso()
+            message = f"the vLLM server exited with code {proc.returncode} (log: {server.log_path})"
+        return ChildState(kind=self.kind, name=self.name, stage=self.stage, step=self.step.name,
+                          attempt=self.attempt, phase=phase, reason=reason, message=message,
+                          exit_code=self.exit_code, created=self.created, finished=finished)
+
+
+class LocalChildren:
+    """The children of one `xwin run`, by name, with the one-job-at-a-time queue."""
+
+    def __init__(self, ctx: Any, steps: Callable[[str], list[Step]],
+                 task: Callable[[str], StageTask],
+                 on_start: Callable[[LocalChild], None] = lambda child: None):
+        self.ctx, self._steps, self._task, self.on_start = ctx, steps, task, on_start
+        self.children: dict[tuple[str, str], LocalChild] = {}   # (kind, name): a Deployment
+        # and its Service share a name, as on Kubernetes
+        self.queue: list[LocalChild] = []
+        self.changed = threading.Condition()
+        self._dirty = False
+
+    # --- what the planner sees ----------------------------------------------------------
+
+    def states(self) -> list[ChildState]:
+        with self.changed:
+            return [c.state() for c in self.children.values()]
+
+    def wait(self, timeout: float) -> None:
+        """Until a child changes phase, or `timeout` seconds."""
+        with self.changed:
+            if not self._dirty:
+                self.changed.wait(timeout)
+            self._dirty = False
+
+    def _notify(self) -> None:
+        with self.changed:
+            self._dirty = True
+            self.changed.notify_all()
+
+    # --- the planner's actions ------------------------------------------------------------
+
+    def create(self, manifest: dict) -> LocalChild | None:
+        """Queue the child a manifest describes (a name that exists is a 409: None)."""
+        meta = manifest["metadata"]
+        if (manifest["kind"], meta["name"]) in self.children:
+            return None
+        labels = meta.get("labels") or {}
+        stage, step_name = labels[LABEL_STAGE], labels[LABEL_STEP]
+        step = next((s for s in self._steps(stage) if s.name == step_name), None)
+        if step is None:
+            raise ValueError(f"{manifest['kind']}/{meta['name']}: stage {stage} has no step "
+                             f"{step_name!r} (steps.py)")
+        child = LocalChild(manifest["kind"], meta["name"], stage, step,
+                           int(labels.get(LABEL_ATTEMPT, "1")), self._task(stage), now_iso())
+        with self.changed:
+            self.children[child.kind, child.name] = child
+            if child.kind == "Service":  # nothing runs for it: the sampler gets the server's URL
+                child.phase, child.started_at = "Running", time.monotonic()
+            else:
+                self.queue.append(child)
+        return child
+
+    def delete(self, kind: str, name: str) -> bool:
+        """Stop the child's process or server and forget it (as a deleted object vanishes);
+        False when there is no such child (a 404)."""
+        with self.changed:
+            child = self.children.pop((kind, name), None)
+            if child is None:
+                return False
+            if child in self.queue:
+                self.queue.remove(child)
+        self._stop(child)
+        return True
+
+    def stop_all(self) -> None:
+        """Stop every process and server (the end of the run, an error, Ctrl-C)."""
+        with self.changed:
+            children, self.queue = list(self.children.values()), []
+        for child in children:
+            self._stop(child)
+
+    def wait_jobs(self, timeout: float) -> None:
+        """Let job processes still exiting (a last step after its marker) finish."""
+        deadline = time.monotonic() + timeout
+        for child in list(self.children.values()):
+            if child.kind in JOB_KINDS and child.handle is not None:
+                try:
+                    child.handle.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+
+    # --- starting children one by one -------------------------------------------------------
+
+    def start_ready(self) -> None:
+        """Start the queued children the one-job rule allows, in the order they were created."""
+        with self.changed:
+            active = [c for c in self.children.values() if c.active and c.kind != "Service"]
+            for child in list(self.queue):
+                jobs = [c for c in active if c.kind in JOB_KINDS]
+                servers = [c for c in active if c.kind == "Deployment"]
+                if child.kind == "Deployment":
+                    ok = not jobs and not servers
+                else:
+                    ok = not jobs and all(self._serves(s, child) for s in servers)
+                if not ok:
+                    continue
+                self.queue.remove(child)
+                child.started_at = time.monotonic()
+                active.append(child)
+                target = self._run_server if child.kind == "Deployment" else self._run_job
+                threading.Thread(target=target, args=(child,), name=child.name, daemon=True).start()
+                self.on_start(child)
+
+    @staticmethod
+    def _serves(server: LocalChild, job: LocalChild) -> bool:
+        return (server.stage, server.step.name, server.attempt) == (job.stage, job.step.served_by,
+                                                                    job.attempt)
+
+    def server_for(self, job: LocalChild) -> LocalChild | None:
+        return next((c for c in self.children.values()
+                     if c.kind == "Deployment" and self._serves(c, job)), None)
+
+    def _finish(self, child: LocalChild, phase: str, reason: str = "", message: str = "",
+                exit_code: int | None = None) -> None:
+        with self.changed:
+            if child.stopped:
+                return
+            child.phase, child.reason, child.message = phase, reason, message
+            child.exit_code = exit_code
+            if phase in ("Succeeded", "Failed"):
+                child.finished = now_iso()
+            self._dirty = True
+            self.changed.notify_all()
+
+    def _run_job(self, child: LocalChild) -> None:
+        from .local_sampling import job_env_for
+
+        ctx, log_path = self.ctx, self.ctx.log_dir / f"{child.name}.log"
+        try:
+            server = self.server_for(child) if child.step.served_by else None
+            env = job_env_for(child.step, ctx.env, server.url if server else None)
+            task_file = ctx.log_dir / f"{child.name}.task.json"
+            ctx.log_dir.mkdir(parents=True, exist_ok=True)
+            task_file.write_text(child.task.to_json())
+            cmd = [ctx.python, "-m", "xwin_jobs", child.step.job, "--task", str(task_file)]
+            self._finish(child, "Running")
+
+            def started(proc: subprocess.Popen) -> None:
+                child.handle = proc
+                if child.stopped:
+                    proc.terminate()
+            code, last = run_job(cmd, env, log_path, lambda line: ctx.on_line(child.stage, line),
+                                 started)
+        except Exception as e:  # cannot even start it: a failed child, never a crashed run
+            self._finish(child, "Failed", "StartError", f"{type(e).__name__}: {e} (log: {log_path})")
+            return
+        if code == 0:
+            self._finish(child, "Succeeded", exit_code=0)
+        else:
+            self._finish(child, "Failed", "Failed", f"{last} (log: {log_path})",
+                         exit_code=code)
+
+    def _run_server(self, child: LocalChild) -> None:
+        from .local_sampling import start_server
+
+        try:
+            started = start_server(child, self.ctx)
+        except Exception as e:  # VllmServerError, a model that cannot be fetched, ...
+            self._finish(child, "Failed", "ServerFailed", str(e))
+            return
+        if started is None:
+            self.ctx.on_line(child.stage, f"{child.name}: samples already complete, no vLLM server")
+        self._finish(child, "Running")
+
+    def _stop(self, child: LocalChild) -> None:
+        with self.changed:
+            child.stopped = True
+        handle = child.handle
+        if child.kind in JOB_KINDS and handle is not None and handle.poll() is None:
+            handle.terminate()
+            try:
+                handle.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                handle.kill()
+        elif child.kind == "Deployment" and handle is not None:
+            handle.stop()
+        if child.scratch is not None:
+            child.scratch.cleanup()
+            child.scratch = None
+
