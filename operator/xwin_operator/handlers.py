@@ -46,7 +46,7 @@ from .graph import stages_of
 from .kube import ApiError, Connection, KubeApi, StoreReader
 from .observe import child_state, parse_run
 from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, SuspendChild,
-                      decide, input_uris, secret_refs)
+                      decide, input_uris, secret_refs, stage_tasks)
 from .spec import API_GROUP, API_VERSION, KIND, PLURAL
 from .tasks import run_root, stage_uri
 
@@ -74,6 +74,8 @@ class RunGate:
     body: Mapping[str, Any] | None = None   # the newest body of the run seen by the watch
     generation: int | None = None           # the generation last reconciled
     run: Any = None                         # its spec parsed, for `generation` (spec changes bump it)
+    tasks: dict | None = None               # planner.stage_tasks(run) for that generation
+    inputs_found: bool = False              # every external input seen to exist (this generation)
     status: dict | None = None
     phases: dict[tuple[str, str], str] = field(default_factory=dict)
     queued: bool = False
@@ -205,21 +207,28 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
         run, actions = gate.run, []  # same spec: no need to validate it again
     else:
         run, actions = parse_run(body, previous, generation, now_iso())
+        gate.tasks = stage_tasks(run, state.config) if run is not None else None
+        gate.inputs_found = False
     if run is not None:
-        observed = await observe(state, run, children)
+        observed = await observe(state, run, children, probe_inputs=not gate.inputs_found)
+        gate.inputs_found = not observed.missing_inputs
         gate.phases = {(c.kind, c.name): c.phase for c in children}
-        actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config)
+        actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config,
+                         tasks=gate.tasks)
     await act(state, gate, body, actions, current, logger)
     gate.generation, gate.run = generation, run
 
 
-async def observe(state: OperatorState, run: Any, children: list) -> Observed:
+async def observe(state: OperatorState, run: Any, children: list, probe_inputs: bool = True) -> Observed:
+    """The run's stage markers, its missing Secrets and (with `probe_inputs`; once all were
+    found for a generation they are not probed again) its missing external inputs."""
     spec, meta = run.spec, run.metadata
     root = run_root(spec, meta.namespace, meta.name, state.config.store or None)
     stage_uris = {s: stage_uri(root, s) for s in stages_of(spec) if not getattr(spec.stages, s).reused}
     endpoint = spec.storage.endpoint
     markers = await state.store.markers(endpoint, stage_uris)
-    missing_inputs = await state.store.missing(endpoint, list(input_uris(run).values()))
+    missing_inputs = (await state.store.missing(endpoint, list(input_uris(run).values()))
+                      if probe_inputs else [])
     missing_secrets = [n for n in dict.fromkeys(secret_refs(run).values())
                        if not await secret_exists(state, meta.namespace, n)]
     return Observed(children=list(children), markers=markers, now=now_iso(),

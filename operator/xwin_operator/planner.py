@@ -155,12 +155,22 @@ Action = Union[CreateChild, DeleteChild, SuspendChild, PatchStatus, EmitEvent, R
 
 
 def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, uid: str,
-           generation: int, config: OperatorConfig | None = None) -> list[Action]:
-    """Everything to do now for `run`; see the module docstring."""
+           generation: int, config: OperatorConfig | None = None,
+           tasks: dict | None = None) -> list[Action]:
+    """Everything to do now for `run`; see the module docstring. `tasks` may pass
+    `stage_tasks(run, config)` computed once for this generation (it is derived from the spec
+    alone; a caller that reconciles the same spec often saves rebuilding it)."""
     from .reconcile import reconcile
 
     return reconcile(run, observed, status, uid=uid, generation=generation,
-                     config=config or OperatorConfig())
+                     config=config or OperatorConfig(), tasks=tasks)
+
+
+def stage_tasks(run: AlignmentRun, config: OperatorConfig | None = None) -> dict:
+    """{stage: StageTask} of every stage the run makes (what `decide` derives from the spec)."""
+    from .reconcile import stage_tasks as build
+
+    return build(run, config or OperatorConfig())
 
 
 def secret_refs(run: AlignmentRun) -> dict[str, str]:
@@ -182,5 +192,5 @@ def input_uris(run: AlignmentRun) -> dict[str, str]:
 
 
 __all__ = ["ChildState", "Observed", "CreateChild", "DeleteChild", "SuspendChild", "PatchStatus",
-           "EmitEvent", "RequeueAfter", "Action", "decide", "secret_refs", "input_uris",
+           "EmitEvent", "RequeueAfter", "Action", "decide", "stage_tasks", "secret_refs", "input_uris",
            "child_labels", "child_name", "OperatorConfig"]

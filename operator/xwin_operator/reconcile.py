@@ -236,13 +236,19 @@ def _created(manifest: dict, now: str) -> ChildState:
                       phase="Pending", created=now)
 
 
+def stage_tasks(run: AlignmentRun, config: OperatorConfig) -> dict[str, StageTask]:
+    """The StageTask of every stage the run makes (not `from:`): a function of the spec and
+    `config.store` only, so a caller may compute it once per generation and pass it to decide."""
+    return {s: stage_task(run, s, config.store or None) for s in stages_of(run.spec)
+            if not getattr(run.spec.stages, s).reused}
+
+
 def walk(run: AlignmentRun, observed: Observed, status: dict | None, uid: str,
-         config: OperatorConfig) -> dict[str, StageView]:
+         config: OperatorConfig, tasks: dict[str, StageTask] | None = None) -> dict[str, StageView]:
     spec = run.spec
     prev = {s.get("name"): s for s in (status or {}).get("stages", [])}
     deps = dependencies(spec)
-    store = config.store or None
-    tasks = {s: stage_task(run, s, store) for s in stages_of(spec) if not getattr(spec.stages, s).reused}
+    tasks = stage_tasks(run, config) if tasks is None else tasks
     problems = _input_problems(run, tasks, list(observed.missing_inputs))
     views: dict[str, StageView] = {}
     for stage in stages_of(spec):
@@ -258,12 +264,13 @@ def walk(run: AlignmentRun, observed: Observed, status: dict | None, uid: str,
 
 
 def reconcile(run: AlignmentRun, observed: Observed, status: dict | None, *, uid: str,
-              generation: int, config: OperatorConfig) -> list[Action]:
+              generation: int, config: OperatorConfig,
+              tasks: dict[str, StageTask] | None = None) -> list[Action]:
     from .status import build_status, status_actions
 
     if not observed.now:  # callers should pass it; never write an empty lastTransitionTime
         observed = replace(observed, now=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    views = walk(run, observed, status, uid, config)
+    views = walk(run, observed, status, uid, config, tasks)
     failed = [v for v in views.values() if v.phase == "Failed"]
     refs = secret_refs(run)
     missing = {path: name for path, name in refs.items() if name in set(observed.missing_secrets)}
@@ -318,4 +325,4 @@ def reconcile(run: AlignmentRun, observed: Observed, status: dict | None, *, uid
     return actions
 
 
-__all__ = ["reconcile", "walk", "external_inputs", "StageView", "child_name"]
+__all__ = ["reconcile", "walk", "stage_tasks", "external_inputs", "StageView", "child_name"]
