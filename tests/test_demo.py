@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,18 @@ pytestmark = [pytest.mark.slow,
 def test_demo_runs_every_stage(tmp_path):
     env = {**os.environ, "XWIN_VLLM_PYTHON": str(VLLM_PYTHON)}
     done = subprocess.run([sys.executable, str(ROOT / "examples/tiny/demo.py"),
-                           "--store", f"file://{tmp_path}/runs", "--judge-port", "0"],
+                           "--store", f"file://{tmp_path}/runs", "--judge-port", "0", "-v"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    # xwin run walked the operator's graph: every child decide plans (vLLM Deployments and
+    # Services, samplers, judges, trainers), in its order
+    from plan_walk import planned_creates
+
+    from xwin_operator.spec_io import load_run
+
+    created = re.findall(r"^\s+· create (\S+/\S+)", done.stdout, flags=re.M)
+    assert created == planned_creates(load_run(ROOT / "examples/tiny/run.yaml"), f"file://{tmp_path}/runs")
+    assert "Deployment/tiny-xwin-evaluate-serve-dpo-1" in created
     root = tmp_path / "runs/demo/tiny-xwin"
     for stage in STAGES:
         marker = json.loads((root / stage / "_SUCCESS.json").read_text())

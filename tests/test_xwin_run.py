@@ -228,3 +228,37 @@ def test_unreachable_s3_store_is_named(workdir, s3_server):
     assert res.returncode == 1
     assert "stage 'sft' failed" in res.stdout
     assert f"cannot reach S3 endpoint {endpoint}" in res.stdout
+
+
+def test_children_created_together_run_one_at_a_time(tmp_path):
+    """rewardModel and rejectionSampling are independent: decide creates both at once; the
+    local executor queues the second (Pending) and starts it once the first has ended."""
+    from xwin_operator.builders import OperatorConfig, build_step
+    from xwin_operator.local import LocalContext
+    from xwin_operator.local_children import LocalChildren
+    from xwin_operator.spec_io import load_run
+    from xwin_operator.steps import steps_of
+    from xwin_operator.tasks import stage_task
+
+    run = load_run(ROOT / "examples/tiny/run-training.yaml")
+    store = f"file://{tmp_path}/runs"   # no sft marker there: both jobs fail at once
+    tasks = {s: stage_task(run, s, store) for s in ("rewardModel", "rejectionSampling")}
+    ctx = LocalContext(sys.executable, dict(os.environ), tmp_path / "logs")
+    starts = []
+    children = LocalChildren(ctx, lambda s: steps_of(run.spec, s), tasks.__getitem__,
+                             on_start=lambda c: starts.append(
+                                 (c.name, [o.phase for o in children.children.values() if o is not c])))
+    for stage, task in tasks.items():
+        for manifest in build_step(run, stage, steps_of(run.spec, stage)[0], 1, "u", task,
+                                   OperatorConfig(store=store)):
+            assert children.create(manifest) is not None
+    children.start_ready()
+    assert {c.name: c.phase for c in children.states()}["tiny-rejectionsampling-1"] == "Pending"
+    deadline = time.monotonic() + 120
+    while any(c.phase not in ("Succeeded", "Failed") for c in children.states()):
+        assert time.monotonic() < deadline
+        children.wait(1)
+        children.start_ready()
+    assert starts == [("tiny-rewardmodel-1", ["Pending"]), ("tiny-rejectionsampling-1", ["Failed"])]
+    failed = {c.name: c for c in children.states()}["tiny-rejectionsampling-1"]
+    assert failed.exit_code and "sft" in failed.message and "tiny-rejectionsampling-1.log" in failed.message
