@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import re
 import subprocess
 import sys
@@ -262,3 +263,32 @@ def test_children_created_together_run_one_at_a_time(tmp_path):
     assert starts == [("tiny-rewardmodel-1", ["Pending"]), ("tiny-rejectionsampling-1", ["Failed"])]
     failed = {c.name: c for c in children.states()}["tiny-rejectionsampling-1"]
     assert failed.exit_code and "sft" in failed.message and "tiny-rejectionsampling-1.log" in failed.message
+
+
+def test_ctrl_c_stops_the_running_job(workdir):
+    proc = subprocess.Popen(xwin_cmd(), cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    task_file = str(workdir / "xwin-logs/demo/tiny/tiny-sft-1.task.json")
+
+    def job_pids() -> list[int]:
+        pids = []
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and "tiny-sft-1.task.json" in (p / "cmdline").read_text() and \
+                        (p / "cwd").resolve() == workdir.resolve():
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+        return pids
+    try:
+        deadline = time.monotonic() + 60
+        while not job_pids() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert job_pids(), f"no sft process for {task_file}"
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stdout
+    assert "interrupted (Ctrl-C)" in stdout and "Traceback" not in stdout
+    assert not job_pids()

@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from xwin_jobs.store import Store
 
-    from .local import (LocalContext, RunError, StageResult, default_log_dir, describe_root,
+    from .local import (Interrupted, LocalContext, RunError, StageResult, default_log_dir, describe_root,
                         execute, job_env, local_config, python_for_jobs)
 
     console = _console()
@@ -117,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             results = execute(run, store_uri=store_uri, ctx=ctx, store=store, on_stage=on_stage,
                               config=config)
         except RunError as e:
-            results, code = getattr(e, "results", []), 1
+            results, code = getattr(e, "results", []), 130 if isinstance(e, Interrupted) else 1
             failure = str(e)
     table = Table(title="summary", expand=False)
     for col in ("stage", "result", "seconds", "metrics", "artifact"):

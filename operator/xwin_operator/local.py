@@ -49,6 +49,10 @@ class RunError(RuntimeError):
     results: list = []
 
 
+class Interrupted(RunError):
+    """Ctrl-C: the children were stopped."""
+
+
 class StageFailed(RunError):
     def __init__(self, stage: str, message: str):
         for prefix in (f"stage {stage} failed ", f"stage {stage}: "):  # the planner's wording
@@ -214,6 +218,9 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
                 children.wait(wait)
     except RunError as e:
         raise progress.fail(e) from None
+    except KeyboardInterrupt:
+        raise progress.fail(Interrupted("interrupted (Ctrl-C): every process and vLLM server "
+                                        "of the run was stopped")) from None
     finally:
         children.stop_all()
         _restore_sigterm(previous_sigterm)
