@@ -35,10 +35,10 @@ from .builders import OperatorConfig
 from .graph import stages_of
 from .local_children import LocalChild, LocalChildren, now_iso
 from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, RequeueAfter,
-                      decide)
+                      decide, stage_tasks)
 from .spec import AlignmentRun
 from .steps import steps_of
-from .tasks import run_root, stage_task, stage_uri
+from .tasks import run_root, stage_uri
 
 POLL_SECONDS = 5.0     # a safety net: children notify when they change
 
@@ -173,8 +173,7 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
     config = config or local_config(store_uri, ctx.env)
     if run.spec.suspend:
         raise RunError("spec.suspend is true: nothing would run (set it to false)")
-    tasks = {s: stage_task(run, s, config.store or None) for s in stages_of(run.spec)
-             if not getattr(run.spec.stages, s).reused}
+    tasks = stage_tasks(run, config)      # the same tasks the planner builds its children from
     progress = _Progress(on_stage)
     children = LocalChildren(ctx, lambda stage: steps_of(run.spec, stage), tasks.__getitem__,
                              on_start=progress.started)
@@ -187,7 +186,7 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
             observed = Observed(children=states, markers=read_markers(run, store, config),
                                 now=now_iso())
             actions = decide(run, observed, status, uid=f"local-{run.metadata.name}",
-                             generation=1, config=config)
+                             generation=1, config=config, tasks=tasks)
             wait, acted = POLL_SECONDS, False
             for action in actions:
                 if isinstance(action, CreateChild):
