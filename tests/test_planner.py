@@ -16,9 +16,8 @@ from xwin_operator.planner import (ChildState, CreateChild, DeleteChild, EmitEve
                                    PatchStatus, RequeueAfter, SuspendChild, decide, input_uris,
                                    secret_refs)
 from xwin_operator.spec_io import parse_run
-from xwin_operator.tasks import run_root, stage_task, stage_uri
 
-T0 = "2024-05-01T10:00:00Z"
+from plan_walk import T0, markers_for, simulate
 
 RUN = """
 apiVersion: xwin.ai/v1alpha1
@@ -52,19 +51,6 @@ def make_run(text: str = RUN, **spec_changes):
             node[leaf] = value
         run = type(run).model_validate(data)
     return run
-
-
-def markers_for(run, *stages: str) -> dict:
-    """The `_SUCCESS.json` each stage would write for the current spec, in order."""
-    out: dict = {}
-    root = run_root(run.spec, run.metadata.namespace, run.metadata.name)
-    by_uri = {stage_uri(root, s): s for s in run.spec.stages.present()}
-    for stage in stages:
-        task = stage_task(run, stage)
-        upstream = {uri: out[by_uri[uri]]["digest"] for uri in task.markers}
-        out[stage] = {"stage": stage, "digest": task.digest(upstream), "finishedAt": T0,
-                      "metrics": {"trainLoss": 0.5}}
-    return out
 
 
 def child(stage, step="train", attempt=1, phase="Running", kind="PyTorchJob", **kw) -> ChildState:
@@ -407,63 +393,11 @@ def test_child_names_are_deterministic_dns_labels():
 # --- a whole run, level by level ---------------------------------------------------------------
 
 
-def _simulate(run, fail_once: set[str] = frozenset(), max_passes: int = 80):
-    """Drive `decide` against a world where every child does its job one pass after it is
-    created (the names in `fail_once` fail their first attempt). Returns (status, every
-    manifest created, every deletion)."""
-    from xwin_operator.steps import steps_of
-
-    world: dict[tuple[str, str], ChildState] = {}
-    markers: dict = {}
-    status, created, deleted = None, [], []
-    cfg = OperatorConfig(backoff_seconds=0)
-    for n in range(max_passes):
-        now = f"2024-05-01T10:{n:02d}:00Z"
-        # the controllers move each child on
-        for key, c in list(world.items()):
-            if c.phase != "Pending":
-                continue
-            if c.kind == "Deployment":
-                phase = "Running"
-            elif c.kind == "Service":
-                phase = "Running"
-            elif c.stage in fail_once and c.attempt == 1:
-                phase = "Failed"
-            else:
-                phase = "Succeeded"
-            world[key] = ChildState(**{**c.__dict__, "phase": phase, "finished": now})
-            last = steps_of(run.spec, c.stage)[-1].name
-            if phase == "Succeeded" and c.step == last:
-                markers.update(markers_for(run, *[s for s in run.spec.stages.present()
-                                                  if s in markers or s == c.stage
-                                                  if not getattr(run.spec.stages, s).reused]))
-        acts = decide(run, Observed(children=list(world.values()), markers=dict(markers), now=now),
-                      status, uid="uid-1", generation=1, config=cfg)
-        for a in acts:
-            if isinstance(a, CreateChild):
-                m = a.manifest
-                labels = m["metadata"]["labels"]
-                key = (m["kind"], m["metadata"]["name"])
-                assert key not in world, f"{key} created twice"
-                created.append(key)
-                world[key] = ChildState(m["kind"], m["metadata"]["name"], labels["xwin.ai/stage"],
-                                        labels["xwin.ai/step"], int(labels["xwin.ai/attempt"]),
-                                        "Pending", created=now)
-            elif isinstance(a, DeleteChild):
-                deleted.append((a.kind, a.name))
-                world.pop((a.kind, a.name), None)
-            elif isinstance(a, PatchStatus):
-                status = a.status
-        if status and status["phase"] in ("Succeeded", "Failed"):
-            return status, created, deleted
-    raise AssertionError(f"the run did not finish in {max_passes} passes: {status and status['message']}")
-
-
 def test_the_full_recipe_walks_every_stage_to_succeeded():
     text = (RUN.replace("pairs: {from: s3://data/pairs.jsonl}", "pairs: {prompts: s3://data/p.jsonl}")
             + "    evaluate: {models: [sft, dpo], mtBench: {questions: s3://eval/mt.jsonl}}\n")
     run = make_run(text)
-    status, created, deleted = _simulate(run, fail_once={"rewardModel", "bestOfN"})
+    status, created, deleted = simulate(run, fail_once={"rewardModel", "bestOfN"})
     assert status["phase"] == "Succeeded"
     assert [s["phase"] for s in status["stages"]] == ["Succeeded"] * 7
     assert stage(status, "rewardModel")["attempts"] == 2
