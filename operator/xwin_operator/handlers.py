@@ -171,7 +171,12 @@ for (_group, _version, _plural), _index_id in zip(CHILD_RESOURCES, CHILD_INDEXES
 
 
 def _children(indexes: Mapping[str, Any], namespace: str, name: str) -> list:
-    return [c for index_id in CHILD_INDEXES for c in indexes[index_id].get((namespace, name), [])]
+    key, out = (namespace, name), []
+    for index_id in CHILD_INDEXES:
+        index = indexes[index_id]
+        if key in index:   # kopf's O(1) membership test; .get() raises and catches KeyError
+            out.extend(index[key])
+    return out
 
 
 # --- reconcile: observe -> decide -> act -----------------------------------------------------

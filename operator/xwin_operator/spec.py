@@ -400,9 +400,11 @@ class AlignmentRun(_Model):
 
 
 def _merge(own: BaseModel, default: BaseModel, builtin: dict[str, Any]) -> dict[str, Any]:
+    """builtin, then the set fields of `default`, then those of `own` (flat models of scalars:
+    iterating gives what model_dump(exclude_none=True) would, several times faster)."""
     out = dict(builtin)
     for src in (default, own):
-        out.update({k: v for k, v in src.model_dump(exclude_none=True).items()})
+        out.update((k, v) for k, v in src if v is not None)
     return out
 
 
