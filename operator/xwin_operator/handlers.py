@@ -75,7 +75,6 @@ class RunGate:
     generation: int | None = None           # the generation last reconciled
     run: Any = None                         # its spec parsed, for `generation` (spec changes bump it)
     tasks: dict | None = None               # planner.stage_tasks(run) for that generation
-    inputs_found: bool = False              # every external input seen to exist (this generation)
     status: dict | None = None
     phases: dict[tuple[str, str], str] = field(default_factory=dict)
     queued: bool = False
@@ -213,10 +212,8 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
     else:
         run, actions = parse_run(body, previous, generation, now_iso())
         gate.tasks = stage_tasks(run, state.config) if run is not None else None
-        gate.inputs_found = False
     if run is not None:
-        observed = await observe(state, run, children, probe_inputs=not gate.inputs_found)
-        gate.inputs_found = not observed.missing_inputs
+        observed = await observe(state, run, children)
         gate.phases = {(c.kind, c.name): c.phase for c in children}
         actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config,
                          tasks=gate.tasks)
@@ -224,16 +221,15 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
     gate.generation, gate.run = generation, run
 
 
-async def observe(state: OperatorState, run: Any, children: list, probe_inputs: bool = True) -> Observed:
-    """The run's stage markers, its missing Secrets and (with `probe_inputs`; once all were
-    found for a generation they are not probed again) its missing external inputs."""
+async def observe(state: OperatorState, run: Any, children: list) -> Observed:
+    """The run's stage markers, its missing Secrets and its missing external inputs (an input
+    found once is not probed again: StoreReader remembers it)."""
     spec, meta = run.spec, run.metadata
     root = run_root(spec, meta.namespace, meta.name, state.config.store or None)
     stage_uris = {s: stage_uri(root, s) for s in stages_of(spec) if not getattr(spec.stages, s).reused}
     endpoint = spec.storage.endpoint
     markers = await state.store.markers(endpoint, stage_uris)
-    missing_inputs = (await state.store.missing(endpoint, list(input_uris(run).values()))
-                      if probe_inputs else [])
+    missing_inputs = await state.store.missing(endpoint, list(input_uris(run).values()))
     missing_secrets = [n for n in dict.fromkeys(secret_refs(run).values())
                        if not await secret_exists(state, meta.namespace, n)]
     return Observed(children=list(children), markers=markers, now=now_iso(),
