@@ -97,12 +97,19 @@ class Recorder:
                 self.first_child.setdefault(run, t)
 
 
-def write_a_file(path: Path):
-    """The peer's instant outcome: success after a small file write in a thread, what
-    complete_with_marker costs the kubelet (the peer's children have no stage marker to write)."""
+def write_a_marker(folder: Path):
+    """The peer's instant outcome: success after writing a `_SUCCESS.json` the way
+    complete_with_marker does for ours (xwin_jobs.store.write_marker, atomic and fsynced, in a
+    thread), so the kubelet costs the same per child for both (the peer's children carry no
+    task to derive the marker from)."""
+    from xwin_jobs.store import Store, write_marker
+
+    store = Store()
+
     async def outcome(child: dict) -> Outcome:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(path.write_text, "{}")
+        uri = f"file://{folder}/{child['metadata']['name']}/"
+        await asyncio.to_thread(write_marker, store, uri, {"stage": "sft", "digest": "-", "counts": {},
+                                                           "metrics": {"instant": 1}})
         return Outcome()
     return outcome
 
@@ -133,7 +140,7 @@ def measure(kind: str, runs: int, interval: float, timeout: float, work: Path, p
     rec = Recorder()
     with Cluster(namespaces=(NS,), crds=(crd(),), keep_history=False) as cluster:
         cluster.api.on_write = rec.on_write
-        instant = complete_with_marker() if kind != "peer" else write_a_file(work / "peer-node" / "marker.json")
+        instant = complete_with_marker() if kind != "peer" else write_a_marker(work / "peer-store")
         kubelet = Kubelet(cluster, work=work / f"{kind}-node", namespace=NS, instant=instant).start()
         if kind == "peer":
             argv = [sys.executable, "-m", "kopf", "run", "--quiet", "--standalone", "-n", NS,
