@@ -272,14 +272,9 @@ def write_section(text: str, args: argparse.Namespace, path: Path = RESULTS, not
         "machine's cores (with whatever else runs on it: see the load average).",
         "", text, "", *([notes, ""] if notes else []),
     ])
-    current = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = current.find(SECTION + "\n")
-    if start < 0:
-        current = current.rstrip("\n") + "\n\n" + body
-    else:
-        end = current.find("\n## ", start + len(SECTION))
-        current = current[:start] + body + ("\n" + current[end + 1:] if end >= 0 else "")
-    path.write_text(current)
+    from results_md import replace_section
+
+    replace_section(SECTION, body, path)
 
 
 def _version(dist: str) -> str:
