@@ -1,14 +1,11 @@
 """Chat templates: what is rendered, and exactly which tokens are trained on."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from tiny_files import tiny_model_module
 
 from xwin_jobs.chat import (IGNORE_INDEX, VICUNA_SYSTEM, ChatFormatError, encode_conversation,
                             encode_prompt, render_prompt, render_with_spans)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 CONVERSATION = [
     {"role": "user", "content": "what is 2 plus 3?"},
@@ -18,17 +15,10 @@ CONVERSATION = [
 ]
 
 
-def _tiny_model_module():
-    spec = importlib.util.spec_from_file_location("tiny_model", ROOT / "examples" / "tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     corpus = [m["content"] for m in CONVERSATION] + [VICUNA_SYSTEM, "USER: ASSISTANT: hello there"]
-    return _tiny_model_module().build_tiny_tokenizer(corpus * 5, vocab_size=400)
+    return tiny_model_module().build_tiny_tokenizer(corpus * 5, vocab_size=400)
 
 
 def labelled_runs(labels):

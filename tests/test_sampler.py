@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from tiny_files import tiny_model_module
 
 from xwin_jobs.sampler import (ClientConfig, SampleStats, SamplerError, SamplingParams,
                                prompt_seed, sample_responses, sample_with_reasons)
@@ -257,11 +258,7 @@ def test_finish_reasons_come_with_the_texts(stub):
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_model", ROOT / "examples" / "tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = tiny_model_module()
     root = tmp_path_factory.mktemp("policy")
     return module.build_tiny_model(root / "model", ["USER: q1 ASSISTANT: a1", "hello there"], seed=0)
 

@@ -3,7 +3,6 @@ random reward model built offline."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_files import tiny_model_module
 
 from xwin_jobs.scoring import (RewardScorer, encode_items, fixed_batches, length_grouped_batches,
                                score_token_ids)
@@ -31,9 +31,7 @@ def reward_model(tmp_path_factory) -> Path:
     """A tiny Llama with a scalar head (num_labels=1), as the rewardModel stage saves it."""
     from xwin_jobs.modeling import load_reward_model, load_tokenizer, save_model
 
-    spec = importlib.util.spec_from_file_location("tiny_model", ROOT / "examples" / "tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = tiny_model_module()
     root = tmp_path_factory.mktemp("rm")
     corpus = ["USER: what is 2 plus 3? ASSISTANT: 2 plus 3 is 5", "no idea, sorry", "hello there"]
     base = module.build_tiny_model(root / "base", corpus, seed=0)

@@ -7,7 +7,6 @@ The plans below make ranks' shares uneven (3 micro-batches per step over 2 ranks
 rank an empty share in some steps (a final step of one micro-batch).
 """
 
-import importlib.util
 import json
 import os
 import random
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_files import tiny_model_module, write_jsonl
 
 from xwin_jobs.store import MARKER
 from xwin_jobs.task import StageTask
@@ -30,19 +30,11 @@ TIMEOUT_S = 120
 GRAD_LINE = re.compile(r"step (\d+)/\d+ .* grad ([0-9.]+) ")
 
 
-def _write_jsonl(path: Path, records) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny base model, 14 conversations and 10 pairs (last step: one micro-batch)."""
     root = tmp_path_factory.mktemp("ddp")
-    spec = importlib.util.spec_from_file_location("tiny_model", ROOT / "examples" / "tiny_model.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
+    tiny = tiny_model_module()
     rng = random.Random(1)
     conversations, pairs = [], []
     for i in range(14):
@@ -59,8 +51,8 @@ def world(tmp_path_factory):
         "no idea, sorry"]
     base = tiny.build_tiny_model(root / "base", corpus, seed=0)
     return {"root": root, "base": str(base),
-            "conversations": _write_jsonl(root / "data" / "sft.jsonl", conversations),
-            "pairs": _write_jsonl(root / "data" / "pairs.jsonl", pairs)}
+            "conversations": write_jsonl(root / "data" / "sft.jsonl", conversations),
+            "pairs": write_jsonl(root / "data" / "pairs.jsonl", pairs)}
 
 
 def _task(world, stage: str, name: str, inputs: dict, **params) -> StageTask:

@@ -4,7 +4,6 @@ Runs stages the way a pod does (`python -m xwin_jobs <stage> --task FILE`) for t
 contract, and in-process (`run_stage`) for the rest, to keep the file fast.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_files import tiny_model_module, write_jsonl
 
 from xwin_jobs.stages import StageError, run_stage
 from xwin_jobs.store import MARKER, MissingInputError, Store, StoreError
@@ -24,19 +24,6 @@ TRAINING = {"epochs": 2, "learningRate": 1e-3, "globalBatchSize": 8, "microBatch
             "maxLength": 96, "zeroStage": 0, "gradientCheckpointing": False, "seed": 7,
             "checkpointEvery": 3, "warmupRatio": 0.0, "weightDecay": 0.0,
             "lrScheduler": "linear", "maxSteps": 0}
-
-
-def _tiny_model_module():
-    spec = importlib.util.spec_from_file_location("tiny_model", ROOT / "examples" / "tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _write_jsonl(path: Path, records) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +48,15 @@ def world(tmp_path_factory):
         "A chat between a curious user and an artificial intelligence assistant. The assistant "
         "gives helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:",
         "no idea, sorry"]
-    base = _tiny_model_module().build_tiny_model(root / "base", corpus, seed=0)
+    base = tiny_model_module().build_tiny_model(root / "base", corpus, seed=0)
     no_weights = root / "no-weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text((base / "config.json").read_text())
     return {
         "root": root, "base": str(base), "no_weights": str(no_weights),
-        "conversations": _write_jsonl(root / "data" / "sft.jsonl", conversations),
-        "pairs": _write_jsonl(root / "data" / "pairs.jsonl", pairs),
-        "scored": _write_jsonl(root / "data" / "scored" / "part-00000.jsonl", scored),
+        "conversations": write_jsonl(root / "data" / "sft.jsonl", conversations),
+        "pairs": write_jsonl(root / "data" / "pairs.jsonl", pairs),
+        "scored": write_jsonl(root / "data" / "scored" / "part-00000.jsonl", scored),
     }
 
 
