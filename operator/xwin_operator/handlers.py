@@ -42,13 +42,11 @@ import kopf
 from xwin_jobs.store import StoreError
 
 from .builders import LABEL_RUN, MANAGED_BY, OperatorConfig
-from .graph import stages_of
 from .kube import ApiError, Connection, KubeApi, StoreReader
 from .observe import child_state, parse_run
 from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, SuspendChild,
                       decide, input_uris, secret_refs, stage_tasks)
 from .spec import API_GROUP, API_VERSION, KIND, PLURAL
-from .tasks import run_root, stage_uri
 
 RUNS = (API_GROUP, API_VERSION, PLURAL)
 CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("batch", "v1", "jobs"),
@@ -213,7 +211,7 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
         run, actions = parse_run(body, previous, generation, now_iso())
         gate.tasks = stage_tasks(run, state.config) if run is not None else None
     if run is not None:
-        observed = await observe(state, run, children)
+        observed = await observe(state, run, gate.tasks, children)
         gate.phases = {(c.kind, c.name): c.phase for c in children}
         actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config,
                          tasks=gate.tasks)
@@ -221,14 +219,13 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
     gate.generation, gate.run = generation, run
 
 
-async def observe(state: OperatorState, run: Any, children: list) -> Observed:
-    """The run's stage markers, its missing Secrets and its missing external inputs (an input
-    found once is not probed again: StoreReader remembers it)."""
+async def observe(state: OperatorState, run: Any, tasks: dict, children: list) -> Observed:
+    """The markers of the run's stages (`tasks`: planner.stage_tasks, each with its output
+    folder), its missing Secrets and its missing external inputs (an input found once is not
+    probed again: StoreReader remembers it)."""
     spec, meta = run.spec, run.metadata
-    root = run_root(spec, meta.namespace, meta.name, state.config.store or None)
-    stage_uris = {s: stage_uri(root, s) for s in stages_of(spec) if not getattr(spec.stages, s).reused}
     endpoint = spec.storage.endpoint
-    markers = await state.store.markers(endpoint, stage_uris)
+    markers = await state.store.markers(endpoint, {s: t.output for s, t in tasks.items()})
     missing_inputs = await state.store.missing(endpoint, list(input_uris(run).values()))
     missing_secrets = [n for n in dict.fromkeys(secret_refs(run).values())
                        if not await secret_exists(state, meta.namespace, n)]

@@ -31,14 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from xwin_jobs.task import StageTask
+
 from .builders import OperatorConfig
-from .graph import stages_of
 from .local_children import LocalChild, LocalChildren, now_iso
 from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, RequeueAfter,
                       decide, stage_tasks)
 from .spec import AlignmentRun
 from .steps import steps_of
-from .tasks import run_root, stage_uri
+from .tasks import run_root
 
 POLL_SECONDS = 5.0     # a safety net: children notify when they change
 
@@ -103,19 +104,16 @@ def local_config(store_uri: str | None, env: dict[str, str] | None = None,
     return config if backoff_seconds is None else replace(config, backoff_seconds=backoff_seconds)
 
 
-def read_markers(run: AlignmentRun, store, config: OperatorConfig) -> dict[str, dict | None]:
-    """stage -> its `_SUCCESS.json` (None if absent), as the operator's handlers read them; a
-    store error is a StageFailed naming the stage whose marker could not be read."""
+def read_markers(tasks: dict[str, StageTask], store) -> dict[str, dict | None]:
+    """stage -> its `_SUCCESS.json` in its task's output folder (None if absent), as the
+    operator's handlers read them; a store error is a StageFailed naming the stage whose marker
+    could not be read."""
     from xwin_jobs.store import read_marker
 
-    spec, meta = run.spec, run.metadata
-    root = run_root(spec, meta.namespace, meta.name, config.store or None)
     markers: dict[str, dict | None] = {}
-    for stage in stages_of(spec):
-        if getattr(spec.stages, stage).reused:
-            continue
+    for stage, task in tasks.items():
         try:
-            markers[stage] = read_marker(store, stage_uri(root, stage))
+            markers[stage] = read_marker(store, task.output)
         except Exception as e:  # unreachable endpoint, unreadable marker
             raise StageFailed(stage, f"{type(e).__name__}: {e}") from None
     return markers
@@ -183,7 +181,7 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
         while True:
             children.start_ready()
             states = children.states()            # children first, then the markers
-            observed = Observed(children=states, markers=read_markers(run, store, config),
+            observed = Observed(children=states, markers=read_markers(tasks, store),
                                 now=now_iso())
             actions = decide(run, observed, status, uid=f"local-{run.metadata.name}",
                              generation=1, config=config, tasks=tasks)
