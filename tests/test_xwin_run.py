@@ -266,8 +266,10 @@ def test_children_created_together_run_one_at_a_time(tmp_path):
 
 
 def test_ctrl_c_stops_the_running_job(workdir):
+    # as from a terminal: SIGINT not ignored, even when the tests run as a background job
+    # (which inherits SIG_IGN for SIGINT, and Python then installs no KeyboardInterrupt)
     proc = subprocess.Popen(xwin_cmd(), cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     task_file = str(workdir / "xwin-logs/demo/tiny/tiny-sft-1.task.json")
 
     def job_pids() -> list[int]:
