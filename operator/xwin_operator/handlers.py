@@ -42,20 +42,24 @@ import kopf
 from xwin_jobs.store import StoreError
 
 from .builders import LABEL_RUN, MANAGED_BY, OperatorConfig
-from .kube import ApiError, Connection, KubeApi, StoreReader
+from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
+from .kube import ApiError, KubeApi, StoreReader
+from .kubeconfig import Login, LoginError, MemFiles, load_login
 from .observe import child_state, parse_run
 from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, SuspendChild,
                       decide, input_uris, secret_refs, stage_tasks)
 from .spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 RUNS = (API_GROUP, API_VERSION, PLURAL)
-CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("batch", "v1", "jobs"),
+CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+                   ("batch", "v1", "jobs"),
                    ("apps", "v1", "deployments"), ("", "v1", "services"))
 CHILD_INDEXES = tuple(f"{plural}_by_run" for _, _, plural in CHILD_RESOURCES)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
 SLOW_LANE = 32     # status patches and Event posts in flight at once (creates are not limited)
+LOGIN_RETRY = 15.0  # seconds between tries of a login that failed
 
 
 class RunGone(Exception):
@@ -77,6 +81,7 @@ class RunGate:
     phases: dict[tuple[str, str], str] = field(default_factory=dict)
     queued: bool = False
     last: float = 0.0
+    blocked: str | None = None              # the reason of the block last reported (blocked.py)
 
 
 @dataclass
@@ -84,7 +89,7 @@ class OperatorState:
     api: KubeApi
     store: StoreReader
     config: OperatorConfig
-    login: Callable[[], Any]
+    login: Callable[[], Login]
     interval: float = 3.0
     gates: dict[str, RunGate] = field(default_factory=dict)
     indexes: Mapping[str, Any] = field(default_factory=dict)     # kopf's live child indexes
@@ -132,10 +137,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
 
-    def login() -> Any:
-        return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    memfiles = MemFiles()  # key material of the kubeconfig, in memory only
 
-    state = OperatorState(api=KubeApi(lambda: Connection.from_info(login())), store=StoreReader(),
+    def login() -> Login:
+        return load_login(memfiles)
+
+    state = OperatorState(api=KubeApi(login), store=StoreReader(),
                           config=OperatorConfig.from_env(), login=login,
                           interval=float(os.environ.get("XWIN_RECONCILE_INTERVAL", "3")), indexes=indexes)
     state.resync = asyncio.create_task(resync_forever(state, logging.getLogger("xwin_operator.resync")))
@@ -143,8 +150,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
 
 
 @kopf.on.login()
-def authenticate(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo | None:
-    return _state(memo).login()
+def authenticate(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's login, through the same official-client loading as the operator's own calls: a
+    failure is one clear line (naming the kubeconfig, context, user and field), retried."""
+    try:
+        return kopf.ConnectionInfo(**_state(memo).login().connection_info())
+    except LoginError as e:
+        raise kopf.TemporaryError(f"cannot log in to the Kubernetes API: {e}", delay=LOGIN_RETRY) from None
 
 
 @kopf.on.cleanup()
@@ -192,10 +204,33 @@ async def reconcile(state: OperatorState, gate: RunGate,
         meta = body["metadata"]
         try:
             await _reconcile(state, gate, body, _children(state.indexes, meta["namespace"], meta["name"]), logger)
+            gate.blocked = None
+        except Blocked as b:
+            await report_blocked(state, gate, body, b, logger)
         except RunGone:
             state.gates.pop(meta["uid"], None)  # deleted meanwhile: nothing left to do
         finally:
             gate.last = time.monotonic()
+
+
+async def report_blocked(state: OperatorState, gate: RunGate, body: Mapping[str, Any], blocked: Blocked,
+                         logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """The run cannot progress: its status says why (phase never empty, a Progressing=False
+    condition naming the field or endpoint) and, once per distinct reason, a Warning Event."""
+    meta = body["metadata"]
+    previous = gate.status if gate.status is not None else dict(body.get("status") or {})
+    status = blocked_status(previous, blocked, now_iso())
+    logger.warning(f"blocked: {blocked}")
+    if status != previous:
+        try:
+            async with state.slow_lane:
+                await state.api.patch_status(meta["namespace"], meta["name"], status)
+        except ApiError as e:
+            raise RunGone() if e.status == 404 else e from None
+        gate.status = status
+    if gate.blocked != blocked.reason:
+        gate.blocked = blocked.reason
+        await post_events(state, meta, [EmitEvent(blocked.reason, blocked.message, "Warning")], logger)
 
 
 async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any], children: list,
@@ -225,10 +260,18 @@ async def observe(state: OperatorState, run: Any, tasks: dict, children: list) -
     probed again: StoreReader remembers it)."""
     spec, meta = run.spec, run.metadata
     endpoint = spec.storage.endpoint
-    markers = await state.store.markers(endpoint, {s: t.output for s, t in tasks.items()})
-    missing_inputs = await state.store.missing(endpoint, list(input_uris(run).values()))
-    missing_secrets = [n for n in dict.fromkeys(secret_refs(run).values())
-                       if not await secret_exists(state, meta.namespace, n)]
+    try:
+        markers = await state.store.markers(endpoint, {s: t.output for s, t in tasks.items()})
+        missing_inputs = await state.store.missing(endpoint, list(input_uris(run).values()))
+    except StoreError as e:
+        raise store_problem(state.config.store or spec.storage.uri, endpoint, e) from None
+    missing_secrets = []
+    for path, name in secret_refs(run).items():
+        try:
+            if name not in missing_secrets and not await secret_exists(state, meta.namespace, name):
+                missing_secrets.append(name)
+        except ApiError as e:
+            raise api_refusal(f"cannot look up Secret '{name}' ({path})", e.status, str(e)) from None
     return Observed(children=list(children), markers=markers, now=now_iso(),
                     missing_secrets=missing_secrets, missing_inputs=missing_inputs)
 
@@ -260,13 +303,23 @@ async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], acti
     for action in actions:
         if isinstance(action, CreateChild):
             m = action.manifest
-            if await api.create(m):
-                logger.info(f"created {m['kind']}/{m['metadata']['name']}")
+            kind, child = m["kind"], m["metadata"]["name"]
+            try:
+                if await api.create(m):
+                    logger.info(f"created {kind}/{child}")
+            except ApiError as e:
+                raise child_refusal(kind, child, e.status, str(e), "spec.scheduling.launcher") from None
         elif isinstance(action, DeleteChild):
-            if await api.delete(action.kind, ns, action.name):
-                logger.info(f"deleted {action.kind}/{action.name}")
+            try:
+                if await api.delete(action.kind, ns, action.name):
+                    logger.info(f"deleted {action.kind}/{action.name}")
+            except ApiError as e:
+                raise api_refusal(f"cannot delete {action.kind}/{action.name}", e.status, str(e)) from None
         elif isinstance(action, SuspendChild):
-            await api.set_suspended(action.kind, ns, action.name, action.suspend)
+            try:
+                await api.set_suspended(action.kind, ns, action.name, action.suspend)
+            except ApiError as e:
+                raise api_refusal(f"cannot (un)suspend {action.kind}/{action.name}", e.status, str(e)) from None
             logger.info(f"{'suspended' if action.suspend else 'resumed'} {action.kind}/{action.name}")
         elif isinstance(action, PatchStatus):
             old_keys = set(current) | set(gate.status or {})
@@ -280,15 +333,21 @@ async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], acti
         elif isinstance(action, EmitEvent):
             events.append(action)
             logger.info(f"{action.reason}: {action.message}")
-    if events:  # after the status they tell about, in order; best effort, as Events are
-        involved = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": name,
-                    "namespace": ns, "uid": meta["uid"]}
-        async with state.slow_lane:
-            for e in events:
-                try:
-                    await api.post_event(involved, e.reason, e.message, e.type)
-                except ApiError as err:
-                    logger.warning(f"could not post Event {e.reason}: {err}")
+    if events:  # after the status they tell about, in order
+        await post_events(state, meta, events, logger)
+
+
+async def post_events(state: OperatorState, meta: Mapping[str, Any], events: list[EmitEvent],
+                      logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Events on the run, in order; best effort, as Events are."""
+    involved = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
+                "namespace": meta["namespace"], "uid": meta["uid"]}
+    async with state.slow_lane:
+        for e in events:
+            try:
+                await state.api.post_event(involved, e.reason, e.message, e.type)
+            except ApiError as err:
+                logger.warning(f"could not post Event {e.reason}: {err}")
 
 
 async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,
@@ -299,6 +358,8 @@ async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,
         await reconcile(state, gate, logger)
     except (ApiError, StoreError) as e:
         logger.warning(f"reconcile ({why}): {e} (retried in {state.interval:g}s)")
+    except LoginError as e:
+        logger.error(f"cannot log in to the Kubernetes API: {e} (retried in {state.interval:g}s)")
 
 
 # --- triggers ------------------------------------------------------------------------------------

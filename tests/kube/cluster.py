@@ -89,15 +89,20 @@ class Cluster:
                 task.cancel()
             await asyncio.wait(tasks, timeout=5) if tasks else None
 
-    def kubeconfig(self, path: str | Path) -> Path:
-        """A kubeconfig pointing at this server (no auth), for the operator process."""
-        path = Path(path)
-        path.write_text(json.dumps({
+    def kubeconfig_doc(self, user: dict | None = None, cluster: dict | None = None) -> dict:
+        """A kubeconfig document pointing at this server; `user` (default: no auth) and extra
+        `cluster` fields (certificate-authority-data, ...) as a kubeconfig holds them."""
+        return {
             "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {}}],
+            "clusters": [{"name": "fake", "cluster": {"server": self.url, **(cluster or {})}}],
+            "users": [{"name": "fake", "user": dict(user or {})}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": self.namespaces[0]}}],
-        }))
+        }
+
+    def kubeconfig(self, path: str | Path, user: dict | None = None, cluster: dict | None = None) -> Path:
+        """`kubeconfig_doc` written to `path`, for the operator process and kubectl."""
+        path = Path(path)
+        path.write_text(json.dumps(self.kubeconfig_doc(user, cluster)))
         return path
 
     # --- running things on the server's loop ------------------------------------------------
