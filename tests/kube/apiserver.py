@@ -120,6 +120,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
 
     keep_history: bool = True
     on_write: Any = None  # on_write(request, time.monotonic()) after each create/patch/delete (benchmarks)
+    # authenticate(Authorization header, verified client certificate or None) -> bool; None: no auth
+    authenticate: Any = None
     _owned: dict = attrs.field(factory=dict, init=False)  # owner uid -> {object keys}
     _gone: set = attrs.field(factory=set, init=False)     # uids of deleted objects
     _builtin_reactions: int | None = attrs.field(default=None, init=False)
@@ -182,6 +184,13 @@ class FakeApiServer(kmock.KubernetesEmulator):
                     meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if self.authenticate is not None:
+            transport = raw_request.transport
+            peercert = transport.get_extra_info("peercert") if transport is not None else None
+            if not self.authenticate(raw_request.headers.get("Authorization"), peercert or None):
+                return aiohttp.web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                  "message": "Unauthorized", "reason": "Unauthorized",
+                                                  "code": 401}, status=401)
         match = _NAMESPACES_PATH.match(raw_request.path)
         if match:  # KMock's path parser takes `/api/v1/namespaces` for a namespace prefix
             return await self._serve_namespaces(raw_request, match.group(1))

@@ -30,9 +30,10 @@ LAST_STEPS = ("train", "judge", "score")
 class OperatorProcess:
     def __init__(self, cluster: Cluster, work: Path, *, namespace: str, interval: float = 0.5,
                  env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-                 argv: list[str] | None = None):
-        """`argv` replaces the whole command (e.g. another kopf operator to compare with)."""
-        self.cluster, self.work, self.namespace = cluster, Path(work), namespace
+                 argv: list[str] | None = None, user: dict | None = None):
+        """`argv` replaces the whole command (e.g. another kopf operator to compare with);
+        `user`: the kubeconfig's user (default: none, for a cluster without authentication)."""
+        self.cluster, self.work, self.namespace, self.user = cluster, Path(work), namespace, user
         self.interval, self.extra_env, self.args = interval, dict(env or {}), args
         self.argv = argv or [sys.executable, "-m", "xwin_operator", "-n", namespace, *args]
         self.proc: subprocess.Popen | None = None
@@ -41,7 +42,7 @@ class OperatorProcess:
 
     def start(self) -> "OperatorProcess":
         self.work.mkdir(parents=True, exist_ok=True)
-        kubeconfig = self.cluster.kubeconfig(self.work / "kubeconfig.json")
+        kubeconfig = self.cluster.kubeconfig(self.work / "kubeconfig.json", user=self.user)
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "XWIN_RECONCILE_INTERVAL": str(self.interval),
                "PYTHONUNBUFFERED": "1", **self.extra_env}
         self.starts += 1
