@@ -36,7 +36,7 @@ from .builders import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP
 from .planner import ChildState
 from .steps import Step
 
-JOB_KINDS = ("PyTorchJob", "Job")
+JOB_KINDS = ("PyTorchJob", "TrainJob", "Job")
 
 
 def now_iso() -> str:

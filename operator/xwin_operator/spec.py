@@ -259,6 +259,8 @@ class Scheduling(_Model):
     priorityClassName: Optional[str] = None
     nodeSelector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    launcher: Literal["PyTorchJob", "TrainJob"] = Field("PyTorchJob", description="What runs training and scoring steps: PyTorchJob (kubeflow.org/v1, Kubeflow Training Operator) or TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2).")
+    trainingRuntime: str = Field("torch-distributed", min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="The ClusterTrainingRuntime every TrainJob refers to (launcher: TrainJob).")
 
 
 class Retries(_Model):

@@ -36,6 +36,7 @@ BUILTIN_RESOURCES: dict[str, tuple[str, bool, frozenset[str]]] = {
     "apps/v1/deployments": ("Deployment", True, frozenset({"status", "scale"})),
     "batch/v1/jobs": ("Job", True, frozenset({"status"})),
     "kubeflow.org/v1/pytorchjobs": ("PyTorchJob", True, frozenset({"status"})),
+    "trainer.kubeflow.org/v1alpha1/trainjobs": ("TrainJob", True, frozenset({"status"})),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, frozenset({"status"})),
 }
 _FAST_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE, kmock.action.FETCH,
@@ -215,6 +216,10 @@ class FakeApiServer(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request):  # type: ignore[override]
         uid = None
+        if request.resource is not None and request.resource.plural and request.resource not in self._resources:
+            # a real API server serves only the kinds it knows (a CRD not installed: 404)
+            raise kmock.KubernetesError(status=404, reason="NotFound",
+                                        message="the server could not find the requested resource")
         if request.action == kmock.action.DELETE and request.name is not None:
             obj = self._stored(request)
             meta = obj.raw.get("metadata", {}) if obj is not None and not obj.deleted else {}

@@ -46,10 +46,13 @@ class Cluster:
 
     def __init__(self, *, namespaces: tuple[str, ...] = ("default",), crds: tuple[dict, ...] = (),
                  keep_history: bool = True, port: int | None = None, tls: Any = None,
-                 auth: Any = None, admin_token: str = "", work: Path | None = None):
+                 auth: Any = None, admin_token: str = "", work: Path | None = None,
+                 without: tuple[str, ...] = ()):
         """`tls` (tls.Pki, with `work` for the server's key files): serve HTTPS; `auth`
         (tls.TokenAuth): refuse unauthenticated requests, the test's own client sending
-        `admin_token`."""
+        `admin_token`. `without`: built-in resources this cluster does not serve (a CRD not
+        installed, e.g. `trainer.kubeflow.org/v1alpha1/trainjobs`)."""
+        self.without = without
         self.namespaces, self.crds, self.keep_history, self._port = namespaces, crds, keep_history, port
         self.tls, self.auth, self.admin_token, self.work = tls, auth, admin_token, work
         self.loop = asyncio.new_event_loop()
@@ -101,6 +104,8 @@ class Cluster:
             self.api = api
             self.url = str(srv.url).rstrip("/")
             for res, (kind, namespaced, subresources) in BUILTIN_RESOURCES.items():
+                if res in self.without:
+                    continue
                 api.resources[res] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs=VERBS,
                                                         subresources=set(subresources))
             for ns in self.namespaces:  # KMock cannot route /api/v1/namespaces: store them directly

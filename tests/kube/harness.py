@@ -23,7 +23,8 @@ from .cluster import Cluster
 from .kubelet import Outcome
 
 RUNS = "xwin.ai/v1alpha1/alignmentruns"
-CHILDREN = ("kubeflow.org/v1/pytorchjobs", "batch/v1/jobs", "apps/v1/deployments", "v1/services")
+CHILDREN = ("kubeflow.org/v1/pytorchjobs", "trainer.kubeflow.org/v1alpha1/trainjobs", "batch/v1/jobs",
+            "apps/v1/deployments", "v1/services")
 LAST_STEPS = ("train", "judge", "score")
 
 
@@ -96,6 +97,8 @@ class OperatorProcess:
 
 def container_env(child: dict) -> dict[str, str]:
     spec = child.get("spec") or {}
+    if "trainer" in spec:  # a TrainJob
+        return {e["name"]: e["value"] for e in spec["trainer"].get("env") or [] if "value" in e}
     template = ((spec.get("pytorchReplicaSpecs") or {}).get("Master") or {}).get("template") or spec.get("template") or {}
     containers = (template.get("spec") or {}).get("containers") or [{}]
     return {e["name"]: e["value"] for e in containers[0].get("env") or [] if "value" in e}
