@@ -115,6 +115,7 @@ class Cluster:
             for crd in self.crds:
                 res, info = crd_resource(crd)
                 api.resources[res] = kmock.ResourceInfo(**info)
+                api.crds[res] = crd
                 await self._request("post", resource_path("apiextensions.k8s.io/v1/customresourcedefinitions"), crd)
             self._ready.set()
             await self._stop.wait()
