@@ -13,7 +13,6 @@ when a test defined no reaction of its own (most of KMock's time per request).
 from __future__ import annotations
 
 import asyncio
-import copy
 import datetime
 import itertools
 import json
@@ -27,6 +26,7 @@ import attrs
 import kmock
 
 from . import kubectl_api
+from .selectors import _pointer, field_selector_matches, merge_patch, parse_selector, selector_matches  # noqa: F401
 
 # resource -> (kind, namespaced, subresources): the built-in kinds the operator touches.
 BUILTIN_RESOURCES: dict[str, tuple[str, bool, frozenset[str]]] = {
@@ -44,7 +44,6 @@ BUILTIN_RESOURCES: dict[str, tuple[str, bool, frozenset[str]]] = {
 _FAST_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE, kmock.action.FETCH,
                  kmock.action.LIST)
 _NAMESPACES_PATH = re.compile(r"^/api/v1/namespaces/?([^/]+)?/?$")
-_GROUP_VERSION_PATH = re.compile(r"^/api/v1$|^/apis/([^/]+)/([^/]+)$")
 # a collection (what a watch is on): core or group-version, optional namespace, plural
 _RESOURCE_PATH = re.compile(r"^/(?:api/(v1)|apis/([^/]+)/([^/]+))(?:/namespaces/([^/]+))?/([^/]+)$")
 # a collection or one object of it
@@ -72,68 +71,6 @@ VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletec
 
 def now_iso() -> str:
     return datetime.datetime.now(tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (None deletes a key), without mutating `target`."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
-
-
-def _pointer(doc: Any, path: str) -> Any:
-    """The value at a JSON pointer, or a sentinel when absent."""
-    for part in [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]:
-        if isinstance(doc, dict) and part in doc:
-            doc = doc[part]
-        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
-            doc = doc[int(part)]
-        else:
-            return _ABSENT
-    return doc
-
-
-_ABSENT = object()
-
-
-def parse_selector(text: str | None) -> list[tuple[str, str, str | None]]:
-    """`a=b,c!=d,e,!f` -> [(op, key, value)]; set-based `in`/`notin` are not needed here."""
-    terms: list[tuple[str, str, str | None]] = []
-    for raw in (text or "").split(","):
-        term = raw.strip()
-        if not term:
-            continue
-        if "!=" in term:
-            k, v = term.split("!=", 1)
-            terms.append(("!=", k.strip(), v.strip()))
-        elif "==" in term or "=" in term:
-            k, v = term.split("==", 1) if "==" in term else term.split("=", 1)
-            terms.append(("=", k.strip(), v.strip()))
-        elif term.startswith("!"):
-            terms.append(("!", term[1:].strip(), None))
-        else:
-            terms.append(("exists", term, None))
-    return terms
-
-
-def selector_matches(terms: list[tuple[str, str, str | None]], labels: dict[str, str] | None) -> bool:
-    labels = labels or {}
-    for op, key, value in terms:
-        if op == "=" and labels.get(key) != value:
-            return False
-        if op == "!=" and labels.get(key) == value:
-            return False
-        if op == "exists" and key not in labels:
-            return False
-        if op == "!" and key in labels:
-            return False
-    return True
 
 
 @attrs.define(kw_only=True)
@@ -257,7 +194,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
 
         async def stream() -> None:
             async for event in self._serve_watch(request):
-                if not event or not kubectl_api.field_selector_matches(fields, event.get("object") or {}):
+                if not event or not field_selector_matches(fields, event.get("object") or {}):
                     continue
                 obj = kubectl_api.table([event["object"]], crd, str(self._last_version)) if as_table else event["object"]
                 await response.write(json.dumps({"type": event["type"], "object": obj}).encode() + b"\n")
@@ -269,25 +206,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
 
     def _serve_for_kubectl(self, path: str) -> aiohttp.web.Response | None:
         """/version, discovery of one group-version, OpenAPI v3 (kubectl_api.py)."""
-        if path == "/version":
-            return aiohttp.web.json_response(kubectl_api.K8S_VERSION)
-        if path == "/openapi/v3":
-            return aiohttp.web.json_response(kubectl_api.openapi_index(list(self.crds.values())))
-        if path.startswith("/openapi/v3/apis/"):
-            gv = path[len("/openapi/v3/apis/"):]
-            crds = [c for k, c in self.crds.items() if k.rsplit("/", 1)[0] == gv]
-            if not crds:
-                return aiohttp.web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
-            return aiohttp.web.json_response(kubectl_api.openapi_document(crds))
-        match = _GROUP_VERSION_PATH.match(path)
-        if match:
-            gv = "v1" if path == "/api/v1" else f"{match.group(1)}/{match.group(2)}"
-            resources = [(r.plural, info) for r, info in self._resources.items()
-                         if (f"{r.group}/{r.version}" if r.group else r.version) == gv]
-            if not resources:
-                return aiohttp.web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
-            return aiohttp.web.json_response(kubectl_api.resource_list(gv, resources))
-        return None
+        served = kubectl_api.serve_document(path, self.crds, self._resources)
+        return None if served is None else aiohttp.web.json_response(served[1], status=served[0])
 
     async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest, name: str | None):
         items = [obj.raw for (res, _ns, n), obj in self._objects.items()
@@ -473,7 +393,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
         terms = parse_selector(request.params.get("labelSelector"))
         fields = request.params.get("fieldSelector")
         items = [i for i in result["items"] if selector_matches(terms, i.get("metadata", {}).get("labels"))
-                 and kubectl_api.field_selector_matches(fields, i)]
+                 and field_selector_matches(fields, i)]
         r = request.resource
         info = self._resources[r] if r in self._resources else None
         return {"kind": f"{info.kind}List" if info is not None and info.kind else "List",  # e.g. EventList

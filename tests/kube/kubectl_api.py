@@ -14,8 +14,7 @@ of the served resources and the CustomResourceDefinitions (apiserver.FakeApiServ
   openAPIV3Schema (types, enums, ranges, patterns) and its CEL `x-kubernetes-validations`
   rules; a failure is the 422 Invalid Status a real server answers, with each field path in
   `details.causes`; an unknown field under `fieldValidation=Strict` is 400 BadRequest;
-* `fieldSelector` equality terms (`involvedObject.name=x`, what `kubectl describe` asks the
-  Events of an object with).
+(`fieldSelector`s, what `kubectl describe` lists an object's Events with: selectors.py.)
 """
 
 from __future__ import annotations
@@ -32,6 +31,30 @@ K8S_VERSION = {"major": "1", "minor": "37", "gitVersion": "v1.37.0", "gitCommit"
                "compiler": "gc", "platform": "linux/amd64"}
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 LIST_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ListMeta"
+
+
+_GROUP_VERSION_PATH = re.compile(r"^/api/v1$|^/apis/([^/]+)/([^/]+)$")
+_NOT_FOUND = (404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"})
+
+
+def serve_document(path: str, crds: dict[str, dict], resources: Any) -> tuple[int, dict] | None:
+    """(status, body) of `/version`, `/openapi/v3[/apis/<gv>]` or a group-version's discovery
+    (`resources`: kmock resource -> ResourceInfo); None for any other path."""
+    if path == "/version":
+        return 200, K8S_VERSION
+    if path == "/openapi/v3":
+        return 200, openapi_index(list(crds.values()))
+    if path.startswith("/openapi/v3/apis/"):
+        gv = path[len("/openapi/v3/apis/"):]
+        found = [c for k, c in crds.items() if k.rsplit("/", 1)[0] == gv]
+        return (200, openapi_document(found)) if found else _NOT_FOUND
+    match = _GROUP_VERSION_PATH.match(path)
+    if match:
+        gv = "v1" if path == "/api/v1" else f"{match.group(1)}/{match.group(2)}"
+        listed = [(r.plural, info) for r, info in resources.items()
+                  if (f"{r.group}/{r.version}" if r.group else r.version) == gv]
+        return (200, resource_list(gv, listed)) if listed else _NOT_FOUND
+    return None
 
 
 # --- discovery ---------------------------------------------------------------------------------
@@ -279,23 +302,3 @@ def validation_failure(crd: dict, obj: dict, strict: bool) -> tuple[int, dict] |
     return 422, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
                  "message": message, "details": {"name": name, "group": crd["spec"]["group"],
                                                   "kind": kind, "causes": causes}}
-
-
-# --- field selectors ---------------------------------------------------------------------------
-
-
-def field_selector_matches(text: str | None, obj: dict) -> bool:
-    for term in (text or "").split(","):
-        if not term.strip():
-            continue
-        negate = "!=" in term
-        key, value = re.split(r"!=|==|=", term, maxsplit=1)
-        actual = obj
-        for part in key.strip().split("."):
-            actual = actual.get(part) if isinstance(actual, dict) else None
-        if (str(actual) if actual is not None else "") == value.strip():
-            if negate:
-                return False
-        elif not negate:
-            return False
-    return True
