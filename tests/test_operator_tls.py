@@ -4,7 +4,8 @@ anonymous calls, logged in with the kubeconfigs kind, EKS, GKE and AKS write:
 seconds (refreshed by the official client and by kopf), and `client-certificate-data` /
 `client-key-data`. The run reaches Succeeded; no key material is written to disk; the
 operator's log holds no credential. Bad logins (an unreadable kubeconfig, a failing plugin, a
-plugin printing garbage) are one clear line each, and the operator keeps running.
+plugin printing garbage, a token the server refuses and that cannot be refreshed) are one clear
+line each, and the operator keeps running.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def test_client_certificate_data(tls_cluster, tmp_path, pki):
     ("failing plugin", "the exec credential plugin"),
     ("garbage plugin", "its output is not an ExecCredential"),
     ("unreadable kubeconfig", "cannot be read"),
+    ("refused token", "the API server refused the credentials (401 Unauthorized)"),
 ])
 def test_a_bad_login_is_one_clear_line_and_no_crash(tls_cluster, tmp_path, case, expect):
     cluster, _ = tls_cluster
@@ -103,7 +105,8 @@ def test_a_bad_login_is_one_clear_line_and_no_crash(tls_cluster, tmp_path, case,
     plugin.write_text("#!/bin/sh\necho 'token: hunter2-not-json'\n" if case == "garbage plugin"
                       else "#!/bin/sh\necho 'no credentials for this profile' >&2\nexit 3\n")
     plugin.chmod(0o755)
-    op = OperatorProcess(cluster, tmp_path / "operator", namespace=NS, user=exec_user(plugin))
+    user = {"token": "hunter2-expired-token"} if case == "refused token" else exec_user(plugin)
+    op = OperatorProcess(cluster, tmp_path / "operator", namespace=NS, user=user)
     if case == "unreadable kubeconfig":
         bad = tmp_path / "bad-kubeconfig"
         bad.write_text("clusters: [unclosed\n")

@@ -41,7 +41,7 @@ from typing import Any, Mapping
 import kopf
 
 from .builders import LABEL_RUN, MANAGED_BY, OperatorConfig
-from .kube import KubeApi, StoreReader
+from .kube import KubeApi, StoreReader, verify_login
 from .kubeconfig import Login, LoginError, MemFiles, load_login
 from .observe import child_state
 from .reconciler import OperatorState, RunGate, finished, reconcile_logged
@@ -105,7 +105,9 @@ def authenticate(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> kopf.Conn
     """kopf's login, through the same official-client loading as the operator's own calls: a
     failure is one clear line (naming the kubeconfig, context, user and field), retried."""
     try:
-        return kopf.ConnectionInfo(**_state(memo).login().connection_info())
+        login = _state(memo).login()
+        verify_login(login)
+        return kopf.ConnectionInfo(**login.connection_info())
     except LoginError as e:
         raise kopf.TemporaryError(f"cannot log in to the Kubernetes API: {e}", delay=LOGIN_RETRY) from None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -69,6 +70,29 @@ def _error_of(status: int, reason: str, data: bytes | None) -> ApiError:
     return ApiError(status, str(d.get("message") or reason or ""), str(d.get("reason") or reason or ""))
 
 
+def verify_login(login: Login, timeout: float = 10.0) -> None:
+    """Raise LoginError when the API server refuses `login`'s credentials (401 on GET /api),
+    so a login that cannot work is reported (and retried) instead of handed to kopf, which
+    exits once every credential it was given has been refused. Unreachable: left to the caller."""
+    import urllib3
+    from kubernetes.client import ApiClient
+    from kubernetes.client.exceptions import ApiException
+
+    client = ApiClient(login.configuration)
+    try:
+        request = client.param_serialize(method="GET", resource_path="/api", header_params={"Accept": "application/json"},
+                                         auth_settings=["BearerToken"])
+        resp = client.call_api(*request, _request_timeout=timeout)
+        resp.read()
+    except (ApiException, urllib3.exceptions.HTTPError, OSError):
+        return
+    finally:
+        client.close()
+    if resp.status == 401:
+        raise LoginError(f"{login.source}: the API server refused the credentials (401 Unauthorized): the token "
+                         "expired and could not be refreshed, or the user or certificate is unknown to the cluster")
+
+
 class KubeApi:
     """The API calls of the handlers, through the official client. `login()` gives a
     kubeconfig.Login: called lazily, and again after a 401 (rotated or expired credentials).
@@ -78,6 +102,7 @@ class KubeApi:
         self._login, self._timeout, self._threads = login, timeout, threads
         self._client: Any = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kube-api")
+        self._lock = threading.Lock()
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -86,13 +111,14 @@ class KubeApi:
             self._client = None
 
     def _api_client(self) -> Any:
-        if self._client is None:
-            from kubernetes.client import ApiClient
+        with self._lock:  # one login, however many threads ask at once
+            if self._client is None:
+                from kubernetes.client import ApiClient
 
-            cfg = self._login().configuration
-            cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, self._threads)
-            self._client = ApiClient(cfg)
-        return self._client
+                cfg = self._login().configuration
+                cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, self._threads)
+                self._client = ApiClient(cfg)
+            return self._client
 
     def _call(self, method: str, path: str, body: Any, params: dict | None, content_type: str,
               reply: bool) -> Any:

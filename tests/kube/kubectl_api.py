@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import hashlib
 import json
 import re
@@ -233,6 +234,15 @@ def _path(error: Any) -> str:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _cel_program(rule: str) -> Any:
+    """A CEL rule compiled once (compiling is most of the cost of checking one)."""
+    import celpy
+
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
 def _cel_errors(schema: dict, value: Any, path: str) -> list[tuple[str, str]]:
     """(field path, message) of every CEL rule of `schema` (and its properties') that fails."""
     errors: list[tuple[str, str]] = []
@@ -240,10 +250,9 @@ def _cel_errors(schema: dict, value: Any, path: str) -> list[tuple[str, str]]:
     if rules and value is not None:
         import celpy
 
-        env = celpy.Environment()
         for rule in rules:
             try:
-                ok = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(value)})
+                ok = _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
             except Exception:  # noqa: BLE001 - a rule the evaluator cannot run is not enforced here
                 continue
             if not ok:
@@ -256,18 +265,44 @@ def _cel_errors(schema: dict, value: Any, path: str) -> list[tuple[str, str]]:
     return errors
 
 
-def validation_failure(crd: dict, obj: dict, strict: bool) -> tuple[int, dict] | None:
-    """(status, Status body) when `obj` does not validate against the CRD; None when it does."""
+_VALIDATORS: dict[tuple[int, bool], tuple[Any, dict, dict]] = {}
+
+
+def _validator(crd: dict, strict: bool) -> tuple[Any, dict]:
+    """(jsonschema validator, schema) of a CRD's body, built once per CRD object (the cache
+    keeps the object, so its id is not reused while cached)."""
     import jsonschema
 
-    schema = copy.deepcopy(_served(crd)["schema"]["openAPIV3Schema"])
-    props = schema.get("properties", {})
-    for key in ("apiVersion", "kind", "metadata"):
-        props.pop(key, None)
+    key = (id(crd), strict)
+    if key not in _VALIDATORS:
+        schema = copy.deepcopy(_served(crd)["schema"]["openAPIV3Schema"])
+        for field in ("apiVersion", "kind", "metadata"):
+            schema.get("properties", {}).pop(field, None)
+        _VALIDATORS[key] = (jsonschema.Draft4Validator(_strict(schema) if strict else schema), schema, crd)
+    validator, schema, _ = _VALIDATORS[key]
+    return validator, schema
+
+
+_CEL_RESULTS: dict[tuple[int, str], list[tuple[str, str]]] = {}
+
+
+def _cel_errors_of(schema: dict, body: dict) -> list[tuple[str, str]]:
+    """`_cel_errors` remembered per schema and body (evaluating CEL in Python takes a good part
+    of a second: a burst of identical runs, or a run patched outside its spec, is checked once)."""
+    key = (id(schema), json.dumps(body, sort_keys=True))
+    if key not in _CEL_RESULTS:
+        if len(_CEL_RESULTS) > 1024:
+            _CEL_RESULTS.clear()
+        _CEL_RESULTS[key] = _cel_errors(schema, body, "")
+    return _CEL_RESULTS[key]
+
+
+def validation_failure(crd: dict, obj: dict, strict: bool) -> tuple[int, dict] | None:
+    """(status, Status body) when `obj` does not validate against the CRD; None when it does."""
+    validator, schema = _validator(crd, strict)
     body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
     kind, name = crd["spec"]["names"]["kind"], obj.get("metadata", {}).get("name", "")
     qualified = f'{kind}.{crd["spec"]["group"]} "{name}"'
-    validator = jsonschema.Draft4Validator(_strict(schema) if strict else schema)
     unknown, causes = [], []
     for e in sorted(validator.iter_errors(body), key=lambda e: list(map(str, e.absolute_path))):
         path = _path(e)
@@ -294,7 +329,7 @@ def validation_failure(crd: dict, obj: dict, strict: bool) -> tuple[int, dict] |
                      "message": f"strict decoding error: {text}"}
     if not causes:
         causes = [{"reason": "FieldValueInvalid", "message": f"Invalid value: \"object\": {m}", "field": p}
-                  for p, m in _cel_errors(schema, body, "")]
+                  for p, m in _cel_errors_of(schema, body)]
     if not causes:
         return None
     text = ", ".join(f"{c['field']}: {c['message']}" for c in causes)
