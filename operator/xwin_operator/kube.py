@@ -41,6 +41,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
 }
 CHILD_KINDS = ("PyTorchJob", "TrainJob", "Job", "Deployment", "Service")
 MERGE_PATCH = "application/merge-patch+json"
+API_THREADS = 16  # calls in flight at once (worker threads of the synchronous official client)
 
 
 class ApiError(Exception):
@@ -98,7 +99,7 @@ class KubeApi:
     kubeconfig.Login: called lazily, and again after a 401 (rotated or expired credentials).
     `threads` calls run at once (the client is synchronous)."""
 
-    def __init__(self, login: Callable[[], Login], *, timeout: float = 30.0, threads: int = 16):
+    def __init__(self, login: Callable[[], Login], *, timeout: float = 30.0, threads: int = API_THREADS):
         self._login, self._timeout, self._threads = login, timeout, threads
         self._client: Any = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kube-api")

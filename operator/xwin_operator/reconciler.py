@@ -23,7 +23,7 @@ from xwin_jobs.store import StoreError
 
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
 from .builders import OperatorConfig
-from .kube import ApiError, KubeApi, StoreReader
+from .kube import API_THREADS, ApiError, KubeApi, StoreReader
 from .kubeconfig import Login, LoginError
 from .observe import parse_run
 from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, SuspendChild,
@@ -32,7 +32,9 @@ from .spec import API_GROUP, API_VERSION, KIND
 
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
-SLOW_LANE = 32     # status patches and Event posts in flight at once (creates are not limited)
+# status patches and Event posts in flight at once: half the client's threads, so creates always
+# have threads of their own (they are not limited)
+SLOW_LANE = API_THREADS // 2
 
 
 class RunGone(Exception):
@@ -197,8 +199,8 @@ async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], acti
               current: dict, logger: logging.Logger | logging.LoggerAdapter) -> None:
     """Children first (a new child is the latency users wait for), then the one status patch
     (the planner emits at most one, and none when nothing changed), then the Events, in order.
-    The status patch and the Events go through `slow_lane` (SLOW_LANE requests at once, of the
-    API client's 64): under a burst of new runs, creating children is not queued behind the
+    The status patch and the Events go through `slow_lane` (SLOW_LANE requests at once, half
+    the API client's threads): under a burst of new runs, creating children is not queued behind the
     other runs' bookkeeping."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
