@@ -360,22 +360,7 @@ def notes(best: dict[str, dict]) -> str:
             "Running first)." + ("\n\n" + BEFORE_NOTE if "before" in best else ""))
 
 
-BEFORE_NOTE = ("What changed against the row 'before' (profiled with py-spy under this benchmark, `--profile`: "
-            "kopf's per-event processing was most of the operator's samples, our whole reconcile about 11% and "
-            "`decide` about 0.1 ms a call): the runs are watched with `kopf.on.event` only (no "
-            "on.create/update/resume), so kopf writes no progress or last-handled-configuration annotation (one "
-            "PATCH less per run, and one watch event less) and builds no diff-base (a deep copy of every body "
-            "of every watched kind on every event); a run is reconciled when first seen, when its generation "
-            "moves, when a child's phase moves to one the planner acts on (both checked in kopf `when=` "
-            "filters, so the echoes of our own writes call no handler), and by the resync; index and event "
-            "handlers are async (no thread pool); the status written with a child's create already lists "
-            "that child (no second Running patch); a new run gets StageStarted without a redundant RunRunning "
-            "Event; a stage's manifests are built only when one of its children is missing; the status patch "
-            "and Events share a lane of 32 requests (of the client's 64) while creates do not, so under a burst the children "
-            "(what the first-child latency measures) are not queued behind other runs' bookkeeping (in "
-            "alternating single 1,000-run rounds at load 2-3.7 it took first-child p50 from 1.7-3.7 s to "
-            "0.2-0.9 s; runs/s to Succeeded ranged 87-182 without it and 95-153 with it: it may cost some "
-            "throughput, which the noise here cannot settle).")
+BEFORE_NOTE = ("What changed against the row 'before' (main at 69ba460, the same logic): every API call goes through the official `kubernetes` client (its ApiClient, synchronous, in 16 worker threads so kopf's event loop never blocks; bodies sent as the builders' dicts, replies parsed only when read) instead of a hand-written aiohttp client with its own TLS code, and kopf logs in through the same kubeconfig loading; the status/Event lane is half the client's threads. The test API server now also validates every AlignmentRun created or updated against the CRD (schema and CEL rules, as a real server does), which costs every operator's rows the same.")
 
 
 if __name__ == "__main__":
