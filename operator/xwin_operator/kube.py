@@ -71,6 +71,19 @@ def _error_of(status: int, reason: str, data: bytes | None) -> ApiError:
     return ApiError(status, str(d.get("message") or reason or ""), str(d.get("reason") or reason or ""))
 
 
+def _send(client: Any, method: str, path: str, *, body: Any = None, params: dict | None = None,
+          content_type: str = "application/json", timeout: float = 30.0) -> Any:
+    """One request through the official ApiClient (its auth, token refresh and TLS): the
+    client's RESTResponse, whatever its status."""
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = content_type
+    request = client.param_serialize(method=method.upper(), resource_path=path,
+                                     query_params=list((params or {}).items()), header_params=headers,
+                                     body=body, auth_settings=["BearerToken"])
+    return client.call_api(*request, _request_timeout=timeout)
+
+
 def verify_login(login: Login, timeout: float = 10.0) -> None:
     """Raise LoginError when the API server refuses `login`'s credentials (401 on GET /api),
     so a login that cannot work is reported (and retried) instead of handed to kopf, which
@@ -81,9 +94,7 @@ def verify_login(login: Login, timeout: float = 10.0) -> None:
 
     client = ApiClient(login.configuration)
     try:
-        request = client.param_serialize(method="GET", resource_path="/api", header_params={"Accept": "application/json"},
-                                         auth_settings=["BearerToken"])
-        resp = client.call_api(*request, _request_timeout=timeout)
+        resp = _send(client, "get", "/api", timeout=timeout)
         resp.read()
     except (ApiException, urllib3.exceptions.HTTPError, OSError):
         return
@@ -130,14 +141,9 @@ class KubeApi:
 
         for attempt in (1, 2):
             client = self._api_client()
-            headers = {"Accept": "application/json"}
-            if body is not None:
-                headers["Content-Type"] = content_type
             try:
-                request = client.param_serialize(method=method.upper(), resource_path=path,
-                                                 query_params=list((params or {}).items()),
-                                                 header_params=headers, body=body, auth_settings=["BearerToken"])
-                resp = client.call_api(*request, _request_timeout=self._timeout)
+                resp = _send(client, method, path, body=body, params=params, content_type=content_type,
+                             timeout=self._timeout)
             except ApiException as e:
                 raise ApiError(int(e.status or 0), f"{method.upper()} {path}: {e.reason}") from None
             except (urllib3.exceptions.HTTPError, OSError) as e:
