@@ -210,9 +210,26 @@ class ZeroEngine(EngineBase):
                         state[name] = p.detach().to("cpu", copy=True)
         if not self.is_main:
             return None
+        persistent = module.state_dict().keys()  # names only: the tensors are partitioned
         state.update({name: b.detach().cpu() for name, b in module.named_buffers()
-                      if name not in state})
+                      if name in persistent and name not in state})
         return save_model(module, tokenizer, out_dir, state_dict=state)
+
+
+def prebuild_cpu_ops() -> None:
+    """Compile (once, into torch's extension cache) the shared-memory collective DeepSpeed
+    builds on a CPU-only machine at its first process group, so the first ZeRO run does not
+    spend minutes compiling (`make setup` calls it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    _import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and builder.is_compatible():
+        builder.load()
 
 
 def _groups_by_bytes(named: list[tuple[str, Any]], limit: int) -> list[list[tuple[str, Any]]]:
