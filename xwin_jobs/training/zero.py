@@ -53,11 +53,15 @@ def _import_deepspeed():
 
 
 def _one_rank_group(device) -> None:
-    """DeepSpeed needs a process group even for one process: a one-rank group on loopback."""
+    """DeepSpeed needs a process group (and torchrun's LOCAL_RANK) even for one process: a
+    one-rank group on loopback."""
     import torch.distributed as tdist
 
     if tdist.is_initialized():
         return
+    for key in ("LOCAL_RANK", "RANK"):
+        os.environ.setdefault(key, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
