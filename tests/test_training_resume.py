@@ -50,7 +50,8 @@ def _task_file(world, tmp_path, name: str, training: dict) -> tuple[Path, Path]:
 
 def _run_until(cmd: list[str], step: int, sig: int) -> tuple[int, str]:
     """Start `cmd` in its own session; once a rank logs optimizer step `step`, send `sig` to
-    the launcher (SIGTERM, as the kubelet does) or to the whole group (SIGKILL)."""
+    the launcher (SIGTERM, as the kubelet does) or, SIGKILL, to every process of the tree at
+    once (as a killed container's; torchrun starts its workers in sessions of their own)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env=job_env("cpu"))
     lines = []
@@ -60,7 +61,7 @@ def _run_until(cmd: list[str], step: int, sig: int) -> tuple[int, str]:
             match = STEP_LINE.search(line)
             if match and int(match.group(1)) == step:
                 if sig == signal.SIGKILL:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    _kill_tree(proc.pid)
                 else:
                     proc.send_signal(sig)
                 break
@@ -69,6 +70,17 @@ def _run_until(cmd: list[str], step: int, sig: int) -> tuple[int, str]:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _steps_run(log: str) -> list[int]:
