@@ -167,3 +167,12 @@ def test_checkpoint_selection_other_inputs_half_uploaded_and_corrupt(world, tmp_
     assert _max_diff(whole, out) <= EXACT
     # on success the checkpoints are pruned to keepCheckpoints (10 here: all complete ones kept)
     assert (out / "checkpoints" / "step-2" / "_CHECKPOINT.json").is_file()
+
+
+def test_launcher_exit_code_keeps_a_signal_a_signal():
+    """A PyTorchJob restarts exit codes >= 128 only: workers killed by a signal (negative
+    codes) or preempted (143) make the launcher exit 128 + signal; a bug stays 1."""
+    from xwin_jobs.launch import worker_exit_code
+
+    assert worker_exit_code([-9]) == 137 and worker_exit_code([143, 143]) == 143
+    assert worker_exit_code([1]) == 1 and worker_exit_code([143, 1]) == 1

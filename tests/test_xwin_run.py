@@ -296,6 +296,7 @@ def test_ctrl_c_stops_the_running_job(workdir):
     assert not job_pids()
 
 
+@pytest.mark.slow
 def test_nproc_per_node_runs_training_stages_under_torchrun_with_zero(workdir):
     """`xwin run --nproc-per-node 2`: a training stage runs as a PyTorchJob replica runs it,
     torchrun with 2 ranks (here DeepSpeed ZeRO-2 over gloo), and the model it saves loads."""
