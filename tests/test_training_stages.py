@@ -239,7 +239,9 @@ def test_stage_reads_model_and_writes_outputs_on_s3(world, s3_server, s3_bucket)
     files = store.list_files(task.output)
     names = {f[len(task.output):] for f in files}
     assert {"model/model.safetensors", "model/config.json", "metrics.json", MARKER} <= names
-    assert "checkpoints/step-2/model.safetensors" in names
+    # the resumable checkpoint (keepCheckpoints 1 keeps it after the marker), marker last
+    assert {"checkpoints/step-2/state/torch_state.pt", "checkpoints/step-2/rng/rank-0.pt",
+            "checkpoints/step-2/trainer_state.json", "checkpoints/step-2/_CHECKPOINT.json"} <= names
     with pytest.raises(StoreError, match="no weights"):
         store.delete_prefix(f"{s3_bucket}/models/base/model.safetensors")
         run_stage(StageTask(stage="sft", output=f"{s3_bucket}/runs/t/demo/sft2/",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..records import read_records
 from . import StageContext, StageError, StageResult
-from .common import TRAINING_OUTPUTS, check_model_input, model_source, pad_id_of, require_examples, train_and_publish
+from .common import check_model_input, model_source, pad_id_of, require_examples, train_and_publish
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -26,7 +26,6 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"params.heldOutFraction: must be a number in [0, 1), got {fraction!r}")
     config = ctx.training()
     check_model_input(ctx)
-    ctx.clear(*TRAINING_OUTPUTS)
     records = read_records(ctx.store, ctx.input("pairs"), "pair")
     source = model_source(ctx)
     tokenizer = load_tokenizer(source)
@@ -38,9 +37,8 @@ def run(ctx: StageContext) -> StageResult:
     pad_id = pad_id_of(tokenizer)
 
     seed_everything(config.seed)  # the new score head's initialisation
-    model = load_reward_model(source, pad_id)
     metrics, uri = train_and_publish(
-        ctx, model, tokenizer, config, len(train_pairs),
+        ctx, lambda: load_reward_model(source, pad_id), tokenizer, config, len(train_pairs),
         lambda engine: reward_step(engine, train_pairs, pad_id),
         after_training=lambda engine: evaluate_rewards(engine, held_pairs, pad_id,
                                                        batch_size=config.micro_batch_size))

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..records import read_records
 from . import StageContext, StageResult
-from .common import TRAINING_OUTPUTS, check_model_input, model_source, pad_id_of, require_examples, train_and_publish
+from .common import check_model_input, model_source, pad_id_of, require_examples, train_and_publish
 
 
 def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
@@ -29,9 +29,8 @@ def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
                                            config.max_length)
     require_examples(examples, stats, "conversations")
     seed_everything(config.seed)
-    model = load_causal_lm(source)
     pad_id = pad_id_of(tokenizer)
-    metrics, uri = train_and_publish(ctx, model, tokenizer, config, len(examples),
+    metrics, uri = train_and_publish(ctx, lambda: load_causal_lm(source), tokenizer, config, len(examples),
                                      lambda engine: sft_step(engine, examples, pad_id))
     metrics["labelledTokens"] = stats.labelled_tokens
     return StageResult(counts={**(counts or {}), **stats.as_counts()}, metrics=metrics,
@@ -40,6 +39,5 @@ def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
 
 def run(ctx: StageContext) -> StageResult:
     check_model_input(ctx)
-    ctx.clear(*TRAINING_OUTPUTS)
     conversations = read_records(ctx.store, ctx.input("data"), "conversation")
     return finetune(ctx, conversations)

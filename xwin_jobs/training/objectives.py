@@ -6,7 +6,9 @@ The math lives in xwin_jobs.losses; this module only batches, runs the model and
 Outside the training step (held-out evaluation, reference log-probabilities) the forward
 passes use `engine.unwrap()` (no DDP synchronisation); under data parallelism each rank
 computes every world_size-th batch and the results are all-gathered, so every rank ends
-with the same full table, batched exactly as a single process batches it.
+with the same full table, batched exactly as a single process batches it. Every rank runs
+the same number of forward passes (a short share repeats a batch and drops the result):
+under ZeRO-3 each forward gathers the parameters collectively.
 """
 
 from __future__ import annotations
@@ -56,9 +58,13 @@ def _gathered_batches(engine, count: int, batch_size: int, compute) -> list:
     starts = list(range(0, count, batch_size))
     rank, world = engine.rank, engine.world_size
     done: dict[int, Any] = {}
+    mine = starts[rank::world]
     with engine.eval_mode():
-        for start in starts[rank::world]:
-            done[start] = compute(list(range(start, min(start + batch_size, count))))
+        for i in range(-(-len(starts) // world)):
+            start = mine[i] if i < len(mine) else starts[0]
+            value = compute(list(range(start, min(start + batch_size, count))))
+            if i < len(mine):
+                done[start] = value
     if world > 1:  # CPU results, pickled
         for share in engine.dist.all_gather_object(done):
             done.update(share)
