@@ -154,16 +154,11 @@ def split_pool(rng: random.Random, n_eval: int) -> tuple[list[str], list[str]]:
 
 
 def noisy_answer(rng: random.Random, a: int, b: int, noise: float) -> str:
-    """The worked sum, or with probability `noise` a flawed answer: a refusal, the number
-    without the worked sum (half credit), or a wrong sum."""
+    """The worked sum, or with probability `noise` a flawed answer: a refusal, or the number
+    without the worked sum (half credit). (Wrong sums the model makes by itself.)"""
     if rng.random() >= noise:
         return _answer(a, b)
-    kind = rng.random()
-    if kind < 0.5:
-        return "I do not know."
-    if kind < 0.75:
-        return f"It is {a + b}."
-    return f"{a} plus {b} is {a + b + rng.choice([-2, -1, 1, 2])}."
+    return "I do not know." if rng.random() < 0.6 else f"It is {a + b}."
 
 
 def noisy_conversation(rng: random.Random, idx: int, text: str, multi_turn: bool,
