@@ -1,6 +1,6 @@
 """The recipe measurably works: the demo pipeline with 3 seeds, SFT < RS < DPO on each.
 
-    python benchmarks/bench_recipe.py [--seeds 0 1 2] [--no-results]
+    python benchmarks/bench_recipe.py [--seeds 0 1 2] [--store URI] [--no-results]
 
 Runs `examples/tiny/demo.py --seed S` once per seed (task data, base model, training and
 sampling seeds all follow S; every stage, vLLM servers and the loopback judge included), each
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-results", action="store_true", help="print the section, leave RESULTS.md")
+    ap.add_argument("--store", default=None, help="artifact root to run in (default: a temporary "
+                    "folder); stages already done there for the same inputs are skipped")
     args = ap.parse_args(argv)
     vllm = Path(os.environ.get("XWIN_VLLM_PYTHON") or ROOT / ".venv-vllm/bin/python")
     if not vllm.exists():
@@ -131,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = yaml.safe_load((ROOT / "examples/tiny/run.yaml").read_text())
     per_seed, seconds = {}, {}
     with tempfile.TemporaryDirectory(prefix="xwin-bench-recipe-") as tmp:
+        store = args.store or f"file://{tmp}/runs"
         for seed in args.seeds:
-            store = f"file://{tmp}/runs"
             code, secs, tail = run_seed(seed, store)
             print(f"seed {seed}: exit {code} in {secs:.0f}s", flush=True)
             if code:
