@@ -191,9 +191,13 @@ class DPOStage(_TrainingStage):
     pairsFrom: str = Field("bestOfN", description="bestOfN (Xwin-LM-DPO) | pairs (plain DPO on judged pairs) | a pairs data URI.")
 
 
+EVAL_MODEL_KEYS = ("sft", "rejectionSampling", "dpo", "base")
+_REFERENCE_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+|" + "|".join(EVAL_MODEL_KEYS) + r")$"
+
+
 class AlpacaEval(_Model):
     prompts: str = Field(..., pattern=_URI_PATTERN, description="AlpacaEval instructions (prompt records).")
-    reference: str = Field(..., pattern=_URI_PATTERN, description="Reference outputs the models are compared with.")
+    reference: str = Field(..., pattern=_REFERENCE_PATTERN, description="What every model is compared with: a file of reference outputs ({id, output} records, one for every prompt id), or one of evaluate.models (sft, rejectionSampling, dpo, base): that model's own answers, as AlpacaEval compares with a fixed reference model.")
 
 
 class MTBench(_Model):
@@ -206,6 +210,7 @@ class EvaluateStage(_SamplingStage):
     models: list[str] = Field(default_factory=lambda: ["sft", "rejectionSampling", "dpo"], min_length=1, description="Stage keys or model URIs.")
     alpacaEval: Optional[AlpacaEval] = None
     mtBench: Optional[MTBench] = None
+    passGrade: Optional[int] = Field(None, ge=1, le=10, description="Also report accuracy: the share of graded MT-bench answers the judge grades at least this (10 with an exact grader: exactly right).")
 
 
 class Stages(_Model):
@@ -309,7 +314,7 @@ REFERENCE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("dpo", "init", ("sft", "rejectionSampling", "base")),
     ("dpo", "pairsFrom", ("bestOfN", "pairs")),
 )
-LIST_REFERENCE_RULES = (("evaluate", "models", ("sft", "rejectionSampling", "dpo", "base")),)
+LIST_REFERENCE_RULES = (("evaluate", "models", EVAL_MODEL_KEYS),)
 # (stage, field): required unless the stage is reused with `from:`.
 REQUIRED_UNLESS_REUSED = (("sft", "data"), ("pairs", "prompts"), ("bestOfN", "prompts"))
 JUDGE_STAGES = ("pairs", "evaluate")
@@ -345,6 +350,12 @@ def cross_field_errors(spec: AlignmentRunSpec) -> list[tuple[str, str]]:
             errs.append(("spec.judge", f"required when the {key} stage runs"))
     if s.evaluate and not s.evaluate.reused and not (s.evaluate.alpacaEval or s.evaluate.mtBench):
         errs.append(("spec.stages.evaluate", "give alpacaEval, mtBench or both"))
+    if s.evaluate and not s.evaluate.reused and s.evaluate.alpacaEval:
+        ref = s.evaluate.alpacaEval.reference
+        if not is_uri(ref) and ref not in s.evaluate.models:
+            errs.append(("spec.stages.evaluate.alpacaEval.reference",
+                         f"'{ref}' must be one of evaluate.models ({', '.join(s.evaluate.models)}) "
+                         "or a URI of reference outputs"))
     return errs
 
 
