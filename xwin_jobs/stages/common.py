@@ -41,6 +41,29 @@ def require_examples(examples: list, stats, what: str) -> None:
     raise StageError(f"no {what} to train on: {stats.records} record(s) read{hint}")
 
 
+def planned(config, workload):
+    """`workload` (training.batching.Workload) after checking that microBatchTokens holds
+    every example: a StageError naming the field, before any model is loaded."""
+    from ..training.batching import BudgetError, check_budget
+
+    try:
+        check_budget(workload.lengths, config.micro_batch_tokens, workload.packed)
+    except BudgetError as e:
+        raise StageError(str(e)) from None
+    return workload
+
+
+def use_packing(config, model) -> bool:
+    """Pack sequences padding-free when `training.packing` allows it and the model's
+    attention keeps packed sequences apart (training.packing.packing_supported)."""
+    from ..training.packing import packing_supported
+
+    packed = bool(config.packing) and packing_supported(model)
+    log.info("micro-batches: %s, grouped by length%s", "packed" if packed else "padded",
+             f", {config.micro_batch_tokens} positions each" if config.micro_batch_tokens else "")
+    return packed
+
+
 def pad_id_of(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is None:
         raise StageError("the tokenizer has no pad, unk or eos token to pad batches with")
@@ -49,12 +72,14 @@ def pad_id_of(tokenizer: Any) -> int:
 
 def train_and_publish(ctx: StageContext, model: Any, tokenizer: Any, config, num_examples: int,
                       make_step: Callable[[Any], Callable], before_training: Callable[[Any], None] | None = None,
-                      after_training: Callable[[Any], dict] | None = None) -> tuple[dict, str]:
+                      after_training: Callable[[Any], dict] | None = None,
+                      workload=None) -> tuple[dict, str]:
     """Train `model` with the micro-step `make_step(engine)` and upload the result.
 
     `before_training(engine)` runs once the model is on its device (DPO computes reference
     log-probabilities there); `after_training(engine)` returns extra metrics (the reward
-    model's held-out accuracy). Returns (metrics, model URI)."""
+    model's held-out accuracy); `workload` (training.batching.Workload) groups micro-batches
+    by length. Returns (metrics, model URI)."""
     from ..training.engine import Engine
     from ..training.loop import plan_total_steps, train_loop
 
@@ -70,7 +95,8 @@ def train_and_publish(ctx: StageContext, model: Any, tokenizer: Any, config, num
         publish_model(ctx.store, engine.unwrap(), tokenizer, ctx.workdir / "checkpoint", uri)
         log.info("checkpoint step %d -> %s", step, uri)
 
-    result = train_loop(engine, num_examples, make_step(engine), config, on_checkpoint=checkpoint)
+    result = train_loop(engine, num_examples, make_step(engine), config, on_checkpoint=checkpoint,
+                        workload=workload)
     metrics = result.metrics()
     if after_training:
         metrics.update(after_training(engine))

@@ -21,6 +21,8 @@ _KEYS = {
     "learningRate": "learning_rate",
     "globalBatchSize": "global_batch_size",
     "microBatchSize": "micro_batch_size",
+    "microBatchTokens": "micro_batch_tokens",
+    "packing": "packing",
     "maxLength": "max_length",
     "zeroStage": "zero_stage",
     "gradientCheckpointing": "gradient_checkpointing",
@@ -44,6 +46,8 @@ class TrainingConfig:
     learning_rate: float = 1e-5
     global_batch_size: int = 8
     micro_batch_size: int = 1
+    micro_batch_tokens: int = 0  # 0: micro-batches of micro_batch_size examples
+    packing: bool = True  # padding-free packing where the attention kernel keeps sequences apart
     max_length: int = 2048
     zero_stage: int = 0
     gradient_checkpointing: bool = False
@@ -82,6 +86,7 @@ class TrainingConfig:
             ("learningRate", self.learning_rate > 0, "must be > 0"),
             ("globalBatchSize", self.global_batch_size >= 1, "must be >= 1"),
             ("microBatchSize", self.micro_batch_size >= 1, "must be >= 1"),
+            ("microBatchTokens", self.micro_batch_tokens >= 0, "must be >= 0 (0 = use microBatchSize)"),
             ("maxLength", self.max_length >= 2, "must be >= 2"),
             ("zeroStage", self.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
             ("checkpointEvery", self.checkpoint_every >= 0, "must be >= 0"),

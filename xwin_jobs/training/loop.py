@@ -3,13 +3,18 @@ from microBatchSize up to globalBatchSize, a log line every few steps, a checkpo
 every `checkpointEvery` steps, stop at `maxSteps`.
 
 The stage supplies `micro_step(indices) -> (loss, stats)`: the loss of one micro-batch (the
-mean over its examples) and float statistics to average (e.g. accuracy). Everything about
-devices stays in the engine.
+mean over its loss units: examples, or labelled tokens for sft) and float statistics to
+average (e.g. accuracy), and optionally a `Workload` (batching.py): the examples' lengths and
+loss units. With one, each step's examples (the same as without) are regrouped into
+micro-batches by length (`microBatchSize` examples or `microBatchTokens` fed positions,
+packed when the workload says so) and a micro-batch's weight is its share of the step's
+units (batching.LOSS_NORMALISATION); the metrics then report real tokens, fed positions and
+padding efficiency. Everything about devices stays in the engine.
 
 Data parallel (engine.world_size > 1): every rank walks the same seeded plan; each takes
 its share of every step's micro-batches (`rank_share`). A micro-batch's loss is weighted by
-len/step_size * world_size because DDP averages the ranks' gradients, so the applied gradient
-is the single-process one: the mean over the global batch. A rank whose share of a step is
+units/step_units * world_size because DDP averages the ranks' gradients, so the applied
+gradient is the single-process one: the mean over the global batch. A rank whose share of a step is
 empty runs one zero-weighted micro-batch so that it still joins the step's all-reduce.
 Statistics are summed over ranks (each already weighted by len/step_size), so every rank
 logs and returns the single-process numbers.
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import TrainingConfig
+from .batching import Workload, step_plan
 from .data import batch_plan, rank_share
 
 log = logging.getLogger("xwin_jobs.train")
@@ -38,6 +44,8 @@ class LoopResult:
     epochs: float  # epochs seen, fractional when maxSteps stopped early
     history: list[dict[str, float]] = field(default_factory=list)
     steps_per_epoch: int = 1
+    tokens: int = 0  # real tokens fed to training forward passes (all ranks)
+    fed_positions: int = 0
 
     def mean(self, key: str) -> float | None:
         """Mean of `key` over the last epoch's worth of steps."""
@@ -52,6 +60,9 @@ class LoopResult:
             for key in self.history[-1]:
                 if key not in ("step", "loss", "lr", "gradNorm"):
                     out["train" + key[0].upper() + key[1:]] = self.mean(key)
+        if self.fed_positions:
+            out["trainTokens"] = self.tokens
+            out["paddingEfficiency"] = round(self.tokens / self.fed_positions, 4)
         return out
 
 
@@ -65,13 +76,14 @@ def plan_total_steps(num_examples: int, config: TrainingConfig) -> tuple[int, in
 
 
 def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
-                n_step: int) -> dict[str, float]:
+                weight_of: Callable[[list[int]], float]) -> dict[str, float]:
     """Forward/backward this rank's micro-batches of one step; the step's statistics
     (weighted means over the whole step, summed over ranks)."""
     world = engine.world_size
     mine = rank_share(micro_batches, engine.rank, world)
     # an empty share still joins the all-reduce, with a zero-weighted pass
-    passes = [(mb, len(mb) / n_step) for mb in mine] or [(micro_batches[0], 0.0)]
+    n_step = sum(weight_of(mb) for mb in micro_batches) or 1.0
+    passes = [(mb, weight_of(mb) / n_step) for mb in mine] or [(micro_batches[0], 0.0)]
     sums: dict[str, float] = {}
     for i, (mb, weight) in enumerate(passes):
         last = i == len(passes) - 1
@@ -88,7 +100,7 @@ def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
 
 def train_loop(engine, num_examples: int, micro_step: MicroStep, config: TrainingConfig,
                on_checkpoint: Callable[[int], None] | None = None,
-               log_every: int | None = None) -> LoopResult:
+               log_every: int | None = None, workload: Workload | None = None) -> LoopResult:
     if num_examples < 1:
         raise ValueError("no training examples")
     per_epoch, total = plan_total_steps(num_examples, config)
@@ -102,10 +114,18 @@ def train_loop(engine, num_examples: int, micro_step: MicroStep, config: Trainin
                  engine.rank, engine.world_size, engine.world_size)
     started = time.monotonic()
     for epoch in range(config.epochs):
-        for micro_batches in batch_plan(num_examples, config.global_batch_size,
-                                        config.micro_batch_size, config.seed, epoch):
-            n_step = sum(len(mb) for mb in micro_batches)
-            sums = _accumulate(engine, micro_step, micro_batches, n_step)
+        steps = batch_plan(num_examples, config.global_batch_size, config.micro_batch_size,
+                           config.seed, epoch)
+        if workload is not None:
+            steps = step_plan(steps, workload.lengths, config.micro_batch_size,
+                              config.micro_batch_tokens, workload.packed)
+        for micro_batches in steps:
+            sums = _accumulate(engine, micro_step, micro_batches,
+                               workload.weight if workload is not None else len)
+            if workload is not None:
+                for mb in micro_batches:  # the whole step, as every rank's metrics report it
+                    real, fed = workload.real_and_fed(mb)
+                    result.tokens, result.fed_positions = result.tokens + real, result.fed_positions + fed
             lr = engine.lr  # the rate this step uses (the scheduler moves on in step())
             grad_norm = engine.step()
             result.steps += 1
