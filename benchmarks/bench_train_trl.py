@@ -172,7 +172,7 @@ def ours(stage: str, work: Path, base: str, data: str, round_: int) -> dict:
     task_file.write_text(task.to_json())
     wall, rss, _ = measured([sys.executable, "-m", "xwin_jobs", stage, "--task", str(task_file)], ROOT)
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"wall": wall, "rss": rss, "loss": metrics["trainLoss"],
+    return {"wall": wall, "rss": rss, "loss": metrics["trainLoss"], "first": metrics["initialTrainLoss"],
             "efficiency": metrics.get("paddingEfficiency")}
 
 
@@ -183,7 +183,7 @@ def trl(stage: str, work: Path, base: str, rows: list[dict], round_: int) -> dic
     out = work / "runs" / f"trl-{stage}-{round_}"
     wall, rss, stdout = measured([str(TRL_PYTHON), str(HERE / "peer_trl.py"), str(workload), str(out)], ROOT)
     result = json.loads(stdout.strip().splitlines()[-1])
-    return {"wall": wall, "rss": rss, "loss": result["mean_loss"],
+    return {"wall": wall, "rss": rss, "loss": result["mean_loss"], "first": result["first_loss"],
             "efficiency": result["real_tokens"] / max(result["fed_positions"], 1)}
 
 
@@ -217,7 +217,7 @@ def main(rounds: int, n: int, stages: list[str]) -> dict:
                     res = ours(stage, work, base, data, r) if side == "ours" else trl(stage, work, base, rows, r)
                     runs[stage][side].append(res)
                     print(f"{stage} round {r} {side}: {res['wall']:.1f}s rss {res['rss']:.0f} MiB "
-                          f"loss {res['loss']:.4f} eff {res['efficiency']:.3f} (load {loads[-1]:.1f})",
+                          f"loss {res['first']:.4f} -> mean {res['loss']:.4f} eff {res['efficiency']:.3f} (load {loads[-1]:.1f})",
                           flush=True)
         vocab = len(tokenizer)
     return {"runs": runs, "workload": workload, "rounds": rounds, "n": n, "vocab": vocab,
@@ -230,7 +230,7 @@ def summary(res: dict) -> dict[str, dict]:
         row = {}
         for side, runs in sides.items():
             if runs:
-                row[side] = {k: statistics.median(r[k] for r in runs) for k in ("wall", "rss", "loss", "efficiency")}
+                row[side] = {k: statistics.median(r[k] for r in runs) for k in ("wall", "rss", "loss", "first", "efficiency")}
                 row[side]["walls"] = [r["wall"] for r in runs]
                 row[side]["tps"] = res["workload"][stage]["real"] * HP["epochs"] / row[side]["wall"]
         if "trl" in row:
@@ -242,8 +242,8 @@ def summary(res: dict) -> dict[str, dict]:
 def table(res: dict) -> str:
     s = summary(res)
     lines = ["| stage | side | wall (s), median | all rounds (s) | real tokens/s | peak RSS (MiB) | "
-             "padding efficiency | mean train loss | TRL ÷ ours (target) |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+             "padding efficiency | first-step loss | mean train loss | TRL ÷ ours (target) |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for stage, row in s.items():
         for side in ("ours", "trl"):
             if side not in row:
@@ -255,7 +255,8 @@ def table(res: dict) -> str:
                 ratio = f"{row['ratio']:.2f}x (>= {TARGETS[stage]}x: {ok})"
             lines.append(f"| {stage} | {'xwin' if side == 'ours' else 'TRL 1.16'} | {r['wall']:.1f} | "
                          + ", ".join(f"{w:.1f}" for w in r["walls"])
-                         + f" | {r['tps']:,.0f} | {r['rss']:.0f} | {r['efficiency']:.3f} | {r['loss']:.4f} | {ratio} |")
+                         + f" | {r['tps']:,.0f} | {r['rss']:.0f} | {r['efficiency']:.3f} | {r['first']:.4f} | "
+                         f"{r['loss']:.4f} | {ratio} |")
     return "\n".join(lines)
 
 

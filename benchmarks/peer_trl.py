@@ -30,7 +30,7 @@ def main(workload_path: str, out_dir: str) -> None:
     common = dict(output_dir=out_dir, per_device_train_batch_size=hp["microBatchSize"],
                   gradient_accumulation_steps=hp["globalBatchSize"] // hp["microBatchSize"],
                   learning_rate=hp["learningRate"], num_train_epochs=hp["epochs"],
-                  lr_scheduler_type=hp["lrScheduler"], warmup_ratio=hp["warmupRatio"],
+                  lr_scheduler_type=hp["lrScheduler"], warmup_steps=hp["warmupRatio"],
                   weight_decay=hp["weightDecay"], adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
                   max_grad_norm=hp["maxGradNorm"], seed=hp["seed"], logging_steps=1,
                   save_strategy="no", report_to="none", use_cpu=True, bf16=False,
