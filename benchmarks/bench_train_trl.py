@@ -1,7 +1,7 @@
 """Training throughput beside TRL 1.16: SFT, reward model and DPO on the same model and data.
 
     python benchmarks/bench_train_trl.py [--rounds 3] [--examples 512] [--stages sft,rewardModel,dpo]
-                                         [--no-results] [--gpu]
+                                         [--no-results]
 
 Both sides train the same tiny Llama (examples/tiny_model.py with a ~3,000-token BPE
 vocabulary, built offline) on the same long-tailed workload (sequence lengths ~19-500 tokens,
@@ -18,8 +18,7 @@ Each run is a fresh process; its whole wall time and peak RSS (wait4) are measur
 alternate the sides (ours first in even rounds, TRL first in odd ones); medians are reported
 with the machine's load average. Without .venv-trl the peer is skipped, with a message.
 
---gpu: the DPO step with the chunked labelled-positions head vs full logits on a 32k
-vocabulary (tokens/s, peak CUDA memory); skipped without CUDA.
+The GPU variant (chunked head vs full logits on a 32k vocabulary) is bench_train_gpu.py.
 """
 
 from __future__ import annotations
@@ -49,7 +48,12 @@ HP = {"epochs": 1, "globalBatchSize": 32, "microBatchSize": 4, "maxLength": 512,
       "warmupRatio": 0.0, "weightDecay": 0.0, "lrScheduler": "linear", "maxGradNorm": 1.0,
       "zeroStage": 0, "gradientCheckpointing": False, "checkpointEvery": 0}
 LEARNING_RATE = {"sft": 1e-3, "rewardModel": 1e-4, "dpo": 1e-4}
-MICRO_BATCH_TOKENS = 4096
+MICRO_BATCH_TOKENS = 1024
+# Both sides alike. One torch thread: on this machine (2 cores shared with other engineers'
+# test runs) torch's 2-thread OpenMP pool spins against the other load and runs 4x slower
+# than one thread; it would measure the machine's contention, not the trainers.
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+             "MKL_NUM_THREADS": "1"}
 BETA = 0.1
 
 
@@ -135,7 +139,7 @@ def measured(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
 
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+                            env={**os.environ, **CHILD_ENV})
     chunks = {"out": b"", "err": b""}
 
     def drain(name, pipe):
@@ -279,7 +283,7 @@ def write_section(res: dict) -> None:
         f"packed under microBatchTokens {MICRO_BATCH_TOKENS} (ours), learning rates "
         + ", ".join(f"{k} {v:g}" for k, v in LEARNING_RATE.items())
         + f", DPO beta {BETA}. Whole-process wall time (start to exit, model saved), medians of "
-        "alternating rounds; tokens/s = the workload's real tokens / that wall time; padding "
+        "alternating rounds; both sides with OMP_NUM_THREADS=1 (see CHILD_ENV); tokens/s = the workload's real tokens / that wall time; padding "
         "efficiency = real / fed positions of the training batches. Losses differ only by data "
         "order (each side's own seeded sampler) and float rounding.",
         "", table(res), "",
@@ -293,12 +297,7 @@ if __name__ == "__main__":
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--no-results", action="store_true")
-    parser.add_argument("--gpu", action="store_true")
     args = parser.parse_args()
-    if args.gpu:
-        from bench_train_gpu import main as gpu_main
-
-        raise SystemExit(gpu_main())
     res = main(args.rounds, args.examples, args.stages.split(","))
     print(table(res))
     if not args.no_results and res["have_trl"]:
