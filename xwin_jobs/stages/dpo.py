@@ -6,15 +6,20 @@ minMargin, pairsFrom}.
 
 From a scored set, one pair per prompt is built by xwin_jobs.selection (chosen `best` |
 `rank:N`; rejected `worst` | `rank:N` | `random`; pairs with score gap < minMargin dropped).
-Reference log-probabilities are computed once, by the init model before the first step.
+Reference log-probabilities are computed once, by the init model before the first step (and
+before any checkpoint is loaded), and stored with the stage (`reference/`, marker last), so a
+restarted stage reads them instead of recomputing them from a partly trained policy.
 """
 
 from __future__ import annotations
 
+import logging
+
 from ..records import read_records
 from . import StageContext, StageError, StageResult
-from .common import (TRAINING_OUTPUTS, check_model_input, model_source, pad_id_of, planned,
-                     require_examples, train_and_publish, use_packing)
+from .common import check_model_input, model_source, pad_id_of, planned, require_examples, train_and_publish
+
+log = logging.getLogger("xwin_jobs.stage")
 
 PAIRS_FROM = ("bestOfN", "pairs")
 
@@ -38,6 +43,35 @@ def load_pair_records(ctx: StageContext, pairs_from: str) -> tuple[list[dict], d
                      "promptsTooFewResponses": summary.get("promptsTooFewResponses", 0)}
 
 
+REFERENCE = "reference/logprobs.pt"
+REFERENCE_MARKER = "reference/_REFERENCE.json"
+
+
+def stored_reference(ctx: StageContext, engine, compute):
+    """The reference log-probabilities stored for these inputs, else `compute()` (every rank
+    runs it: forward passes are collective under ZeRO-3) stored by rank 0, marker last."""
+    import io
+
+    import torch
+
+    stored = None
+    if ctx.is_main and (ctx.store.exists(ctx.output(REFERENCE_MARKER))
+                        and ctx.store.read_json(ctx.output(REFERENCE_MARKER)).get("digest") == ctx.digest):
+        stored = torch.load(io.BytesIO(ctx.store.read_bytes(ctx.output(REFERENCE))))
+    stored = engine.dist.broadcast_object(stored)
+    if stored is not None:
+        log.info("reference log-probabilities: read from %s", ctx.output(REFERENCE))
+        return stored
+    logps = compute()
+    if ctx.is_main:
+        ctx.store.delete_prefix(ctx.output(REFERENCE_MARKER))
+        buf = io.BytesIO()
+        torch.save(logps, buf)
+        ctx.store.write_bytes(ctx.output(REFERENCE), buf.getvalue())
+        ctx.store.write_json(ctx.output(REFERENCE_MARKER), {"digest": ctx.digest, "pairs": len(logps)})
+    return logps
+
+
 def run(ctx: StageContext) -> StageResult:
     from ..modeling import load_causal_lm, load_tokenizer
     from ..training.data import encode_pairs
@@ -54,7 +88,6 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"params.pairsFrom: must be one of {', '.join(PAIRS_FROM)}, got {pairs_from!r}")
     config = ctx.training()
     check_model_input(ctx)
-    ctx.clear(*TRAINING_OUTPUTS)
     records, counts = load_pair_records(ctx, pairs_from)
     if not records:
         raise StageError("no DPO pairs: every prompt was dropped (too few valid responses or "
@@ -66,17 +99,16 @@ def run(ctx: StageContext) -> StageResult:
     workload = planned(config, pair_workload(pairs, packed=False))
     pad_id = pad_id_of(tokenizer)
     seed_everything(config.seed)
-    model = load_causal_lm(source)
-    packed = workload.packed = use_packing(config, model)
     reference = {}
 
     def compute_reference(engine) -> None:
-        reference["logps"] = reference_logprobs(engine, pairs, pad_id, config.micro_batch_size,
-                                                config.micro_batch_tokens, packed)
+        reference["logps"] = stored_reference(ctx, engine, lambda: reference_logprobs(
+            engine, pairs, pad_id, config.micro_batch_size, config.micro_batch_tokens,
+            workload.packed))
 
     metrics, uri = train_and_publish(
-        ctx, model, tokenizer, config, len(pairs),
-        lambda engine: dpo_step(engine, pairs, reference["logps"], pad_id, float(beta), packed),
+        ctx, lambda: load_causal_lm(source), tokenizer, config, len(pairs),
+        lambda engine: dpo_step(engine, pairs, reference["logps"], pad_id, float(beta), workload.packed),
         before_training=compute_reference, workload=workload)
     metrics["truncated"] = stats.truncated
     return StageResult(counts={**counts, **stats.as_counts()}, metrics=metrics, outputs={"model": uri})

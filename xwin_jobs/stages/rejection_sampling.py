@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..records import read_records
 from . import StageContext, StageError, StageResult
-from .common import TRAINING_OUTPUTS, check_model_input
+from .common import check_model_input
 from .sft import finetune
 
 
@@ -20,7 +20,6 @@ def run(ctx: StageContext) -> StageResult:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise StageError(f"params.topK: must be an integer >= 1, got {top_k!r}")
     check_model_input(ctx)
-    ctx.clear(*TRAINING_OUTPUTS)
     scored = read_records(ctx.store, ctx.input("scored"), "scored")
     conversations, summary = rejection_sampling_records(scored, top_k)
     if not conversations:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from ..records import read_records
 from . import StageContext, StageError, StageResult
-from .common import (TRAINING_OUTPUTS, check_model_input, model_source, pad_id_of, planned,
-                     require_examples, train_and_publish, use_packing)
+from .common import check_model_input, model_source, pad_id_of, planned, require_examples, train_and_publish
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -27,7 +26,6 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"params.heldOutFraction: must be a number in [0, 1), got {fraction!r}")
     config = ctx.training()
     check_model_input(ctx)
-    ctx.clear(*TRAINING_OUTPUTS)
     records = read_records(ctx.store, ctx.input("pairs"), "pair")
     source = model_source(ctx)
     tokenizer = load_tokenizer(source)
@@ -40,13 +38,12 @@ def run(ctx: StageContext) -> StageResult:
     workload = planned(config, pair_workload(train_pairs, packed=False))
 
     seed_everything(config.seed)  # the new score head's initialisation
-    model = load_reward_model(source, pad_id)
-    packed = workload.packed = use_packing(config, model)
     metrics, uri = train_and_publish(
-        ctx, model, tokenizer, config, len(train_pairs),
-        lambda engine: reward_step(engine, train_pairs, pad_id, packed),
+        ctx, lambda: load_reward_model(source, pad_id), tokenizer, config, len(train_pairs),
+        lambda engine: reward_step(engine, train_pairs, pad_id, workload.packed),
         after_training=lambda engine: evaluate_rewards(
-            engine, held_pairs, pad_id, config.micro_batch_size, config.micro_batch_tokens, packed),
+            engine, held_pairs, pad_id, config.micro_batch_size, config.micro_batch_tokens,
+            workload.packed),
         workload=workload)
     metrics["truncated"] = stats.truncated
     return StageResult(counts={**stats.as_counts(), "trainPairs": len(train_pairs),

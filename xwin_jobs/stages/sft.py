@@ -10,8 +10,7 @@ from typing import Any
 
 from ..records import read_records
 from . import StageContext, StageResult
-from .common import (TRAINING_OUTPUTS, check_model_input, model_source, pad_id_of, planned,
-                     require_examples, train_and_publish, use_packing)
+from .common import check_model_input, model_source, pad_id_of, planned, require_examples, train_and_publish
 
 
 def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
@@ -31,10 +30,8 @@ def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
     require_examples(examples, stats, "conversations")
     workload = planned(config, sft_workload(examples, packed=False))
     seed_everything(config.seed)
-    model = load_causal_lm(source)
     pad_id = pad_id_of(tokenizer)
-    workload.packed = use_packing(config, model)
-    metrics, uri = train_and_publish(ctx, model, tokenizer, config, len(examples),
+    metrics, uri = train_and_publish(ctx, lambda: load_causal_lm(source), tokenizer, config, len(examples),
                                      lambda engine: sft_step(engine, examples, pad_id, workload.packed),
                                      workload=workload)
     metrics["labelledTokens"] = stats.labelled_tokens
@@ -45,6 +42,5 @@ def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
 
 def run(ctx: StageContext) -> StageResult:
     check_model_input(ctx)
-    ctx.clear(*TRAINING_OUTPUTS)
     conversations = read_records(ctx.store, ctx.input("data"), "conversation")
     return finetune(ctx, conversations)

@@ -1,7 +1,8 @@
 """The `training` block of a stage task, as a typed, validated value.
 
-The planner always passes it fully resolved (camelCase keys as in the AlignmentRun spec);
-the defaults here only serve hand-written tasks and tests. Pure.
+The planner always passes it fully resolved (camelCase keys as in the AlignmentRun spec).
+`TRAINING_DEFAULTS` is the one set of defaults: the spec (operator/xwin_operator/spec.py)
+resolves unset fields with it and hand-written tasks get the same values here. Pure.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ _KEYS = {
     "lrScheduler": "lr_scheduler",
     "maxSteps": "max_steps",
     "maxGradNorm": "max_grad_norm",
+    "offloadOptimizer": "offload_optimizer",
+    "keepCheckpoints": "keep_checkpoints",
+}
+
+# spec key -> default: the built-in value of every training setting, for the spec and here.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "epochs": 1, "learningRate": 2.0e-5, "globalBatchSize": 128, "microBatchSize": 4,
+    "maxLength": 4096, "zeroStage": 3, "gradientCheckpointing": True, "seed": 42,
+    "checkpointEvery": 500, "warmupRatio": 0.03, "weightDecay": 0.0, "lrScheduler": "cosine",
+    "maxSteps": 0, "maxGradNorm": 1.0, "offloadOptimizer": False, "keepCheckpoints": 1,
 }
 
 
@@ -42,22 +53,25 @@ class TrainingConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    epochs: int = 1
-    learning_rate: float = 1e-5
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
+    epochs: int = TRAINING_DEFAULTS["epochs"]
+    learning_rate: float = TRAINING_DEFAULTS["learningRate"]
+    global_batch_size: int = TRAINING_DEFAULTS["globalBatchSize"]
+    micro_batch_size: int = TRAINING_DEFAULTS["microBatchSize"]
+    # Not in TRAINING_DEFAULTS (left out of resolved tasks, so their digests stay as they were):
     micro_batch_tokens: int = 0  # 0: micro-batches of micro_batch_size examples
     packing: bool = True  # padding-free packing where the attention kernel keeps sequences apart
-    max_length: int = 2048
-    zero_stage: int = 0
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    checkpoint_every: int = 0
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    max_steps: int = 0
-    max_grad_norm: float = 1.0
+    max_length: int = TRAINING_DEFAULTS["maxLength"]
+    zero_stage: int = TRAINING_DEFAULTS["zeroStage"]
+    gradient_checkpointing: bool = TRAINING_DEFAULTS["gradientCheckpointing"]
+    seed: int = TRAINING_DEFAULTS["seed"]
+    checkpoint_every: int = TRAINING_DEFAULTS["checkpointEvery"]
+    warmup_ratio: float = TRAINING_DEFAULTS["warmupRatio"]
+    weight_decay: float = TRAINING_DEFAULTS["weightDecay"]
+    lr_scheduler: str = TRAINING_DEFAULTS["lrScheduler"]
+    max_steps: int = TRAINING_DEFAULTS["maxSteps"]
+    max_grad_norm: float = TRAINING_DEFAULTS["maxGradNorm"]
+    offload_optimizer: bool = TRAINING_DEFAULTS["offloadOptimizer"]
+    keep_checkpoints: int = TRAINING_DEFAULTS["keepCheckpoints"]
 
     @property
     def accumulation_steps(self) -> int:
@@ -95,6 +109,9 @@ class TrainingConfig:
             ("lrScheduler", self.lr_scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
             ("maxSteps", self.max_steps >= 0, "must be >= 0"),
             ("maxGradNorm", self.max_grad_norm >= 0, "must be >= 0 (0 = no clipping)"),
+            ("keepCheckpoints", self.keep_checkpoints >= 0, "must be >= 0"),
+            ("offloadOptimizer", not self.offload_optimizer or self.zero_stage > 0,
+             "needs zeroStage 1, 2 or 3 (ZeRO-Offload is a DeepSpeed feature)"),
         ]
         for key, ok, msg in checks:
             if not ok:

@@ -1,6 +1,8 @@
 """The optimizer-step loop, nanoGPT style: epochs of seeded shuffles, gradient accumulation
 from microBatchSize up to globalBatchSize, a log line every few steps, a checkpoint callback
-every `checkpointEvery` steps, stop at `maxSteps`.
+every `checkpointEvery` steps, stop at `maxSteps`; resume after the step of a checkpoint
+(`start`), and on a stop request (SIGTERM) checkpoint after the current step and raise
+`Preempted`.
 
 The stage supplies `micro_step(indices) -> (loss, stats)`: the loss of one micro-batch (the
 mean over its loss units: examples, or labelled tokens for sft) and float statistics to
@@ -13,10 +15,12 @@ padding efficiency. Everything about devices stays in the engine.
 
 Data parallel (engine.world_size > 1): every rank walks the same seeded plan; each takes
 its share of every step's micro-batches (`rank_share`). A micro-batch's loss is weighted by
-units/step_units * world_size because DDP averages the ranks' gradients, so the applied
-gradient is the single-process one: the mean over the global batch. A rank whose share of a step is
-empty runs one zero-weighted micro-batch so that it still joins the step's all-reduce.
-Statistics are summed over ranks (each already weighted by len/step_size), so every rank
+units/step_units * world_size because DDP (and DeepSpeed) average the ranks' gradients, so the
+applied gradient is the single-process one: the mean over the global batch. Every rank runs
+the same number of passes per step (ceil(micro-batches / ranks)): a rank whose share is
+shorter adds zero-weighted passes, so that it joins every collective of the step (DDP's
+all-reduce, ZeRO's reduce-scatters and ZeRO-3's parameter gathers).
+Statistics are summed over ranks (each already weighted by units/step_units), so every rank
 logs and returns the single-process numbers.
 """
 
@@ -29,9 +33,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import TrainingConfig
 from .batching import Workload, step_plan
+from .config import TrainingConfig
 from .data import batch_plan, rank_share
+from .preempt import Preempted
 
 log = logging.getLogger("xwin_jobs.train")
 
@@ -44,7 +49,7 @@ class LoopResult:
     epochs: float  # epochs seen, fractional when maxSteps stopped early
     history: list[dict[str, float]] = field(default_factory=list)
     steps_per_epoch: int = 1
-    tokens: int = 0  # real tokens fed to training forward passes (all ranks)
+    tokens: int = 0  # real tokens fed to training forward passes (all ranks, this attempt)
     fed_positions: int = 0
 
     def mean(self, key: str) -> float | None:
@@ -81,9 +86,10 @@ def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
     (weighted means over the whole step, summed over ranks)."""
     world = engine.world_size
     mine = rank_share(micro_batches, engine.rank, world)
-    # an empty share still joins the all-reduce, with a zero-weighted pass
     n_step = sum(weight_of(mb) for mb in micro_batches) or 1.0
-    passes = [(mb, weight_of(mb) / n_step) for mb in mine] or [(micro_batches[0], 0.0)]
+    passes = [(mb, weight_of(mb) / n_step) for mb in mine]
+    # a short share still joins every collective, with zero-weighted passes
+    passes += [(micro_batches[0], 0.0)] * (-(-len(micro_batches) // world) - len(passes))
     sums: dict[str, float] = {}
     for i, (mb, weight) in enumerate(passes):
         last = i == len(passes) - 1
@@ -99,27 +105,39 @@ def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
 
 
 def train_loop(engine, num_examples: int, micro_step: MicroStep, config: TrainingConfig,
-               on_checkpoint: Callable[[int], None] | None = None,
-               log_every: int | None = None, workload: Workload | None = None) -> LoopResult:
+               on_checkpoint: Callable[[int, list], None] | None = None,
+               log_every: int | None = None, start=None,
+               stop_requested: Callable[[], bool] | None = None,
+               workload: Workload | None = None) -> LoopResult:
+    """`start` (checkpoints.Resumed): continue after its step with its history.
+    `workload`: group each step's micro-batches by length and weight them by loss units.
+    `on_checkpoint(step, history)`: every checkpointEvery steps, and after the step in which
+    `stop_requested()` became true on any rank (then `Preempted` is raised)."""
     if num_examples < 1:
         raise ValueError("no training examples")
     per_epoch, total = plan_total_steps(num_examples, config)
     log_every = log_every or max(1, total // 10)
-    result = LoopResult(steps=0, epochs=0.0, steps_per_epoch=per_epoch)
-    log.info("training: %d examples, %d steps (%d per epoch), %d micro-batches of %d per step",
+    done = start.step if start else 0
+    result = LoopResult(steps=done, epochs=done / per_epoch, steps_per_epoch=per_epoch,
+                        history=list(start.history) if start else [])
+    log.info("training: %d examples, %d steps (%d per epoch), %d micro-batches of %d per step%s",
              num_examples, total, per_epoch, config.accumulation_steps,
-             min(config.micro_batch_size, config.global_batch_size))
+             min(config.micro_batch_size, config.global_batch_size),
+             f", resuming after step {done}" if done else "")
     if engine.world_size > 1:
         log.info("data parallel: rank %d of %d takes every %d-th micro-batch of each step",
                  engine.rank, engine.world_size, engine.world_size)
     started = time.monotonic()
-    for epoch in range(config.epochs):
-        steps = batch_plan(num_examples, config.global_batch_size, config.micro_batch_size,
-                           config.seed, epoch)
+    for epoch in range(done // per_epoch, config.epochs):
+        plan = batch_plan(num_examples, config.global_batch_size, config.micro_batch_size,
+                          config.seed, epoch)
         if workload is not None:
-            steps = step_plan(steps, workload.lengths, config.micro_batch_size,
-                              config.micro_batch_tokens, workload.packed)
-        for micro_batches in steps:
+            plan = step_plan(plan, workload.lengths, config.micro_batch_size,
+                             config.micro_batch_tokens, workload.packed)
+        skip = done - epoch * per_epoch if epoch == done // per_epoch else 0
+        for micro_batches in plan[skip:]:
+            if result.steps >= total:
+                return result
             sums = _accumulate(engine, micro_step, micro_batches,
                                workload.weight if workload is not None else len)
             if workload is not None:
@@ -133,13 +151,17 @@ def train_loop(engine, num_examples: int, micro_step: MicroStep, config: Trainin
             entry = {"step": result.steps, **sums, "lr": lr, "gradNorm": grad_norm}
             result.history.append(entry)
             if result.steps == 1 or result.steps % log_every == 0 or result.steps == total:
-                rate = result.steps / max(time.monotonic() - started, 1e-9)
+                rate = (result.steps - done) / max(time.monotonic() - started, 1e-9)
                 values = " ".join(f"{k} {v:.4f}" for k, v in sums.items())
                 log.info("step %d/%d epoch %.2f %s lr %.2e grad %.3f (%.2f steps/s)",
                          result.steps, total, result.epochs, values, lr, grad_norm, rate)
-            if result.steps >= total:
+            stop = stop_requested is not None and engine.dist.any_true(stop_requested())
+            if result.steps >= total and not stop:
                 return result
             # The final step needs no checkpoint: the stage saves the final model.
-            if on_checkpoint and config.checkpoint_every and result.steps % config.checkpoint_every == 0:
-                on_checkpoint(result.steps)
+            due = bool(config.checkpoint_every) and result.steps % config.checkpoint_every == 0
+            if on_checkpoint and (stop or due):
+                on_checkpoint(result.steps, result.history)
+            if stop:
+                raise Preempted(getattr(stop_requested, "signum", None) or 15, result.steps)
     return result

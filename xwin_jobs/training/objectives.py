@@ -11,7 +11,8 @@ Outside the training step (held-out evaluation, reference log-probabilities) the
 passes use `engine.unwrap()` (no DDP synchronisation) over every example sorted by length;
 under data parallelism each rank computes every world_size-th batch and the results are
 all-gathered, so every rank ends with the same full table, batched exactly as a single
-process batches it.
+process batches it. Every rank runs the same number of forward passes (a short share repeats
+a batch and drops the result): under ZeRO-3 each forward gathers the parameters collectively.
 """
 
 from __future__ import annotations
@@ -90,9 +91,13 @@ def _gathered_batches(engine, batches: list[list[int]], compute) -> list:
     each rank computes its share and all ranks gather."""
     rank, world = engine.rank, engine.world_size
     done: dict[int, Any] = {}
+    mine = list(range(rank, len(batches), world))
     with engine.eval_mode():
-        for b in range(rank, len(batches), world):
-            done[b] = compute(batches[b])
+        for i in range(-(-len(batches) // world)):
+            b = mine[i] if i < len(mine) else 0
+            value = compute(batches[b])
+            if i < len(mine):
+                done[b] = value
     if world > 1:  # CPU results, pickled
         for share in engine.dist.all_gather_object(done):
             done.update(share)

@@ -1,0 +1,100 @@
+"""The DeepSpeed configuration of a ZeRO run, built from the stage's training settings. Pure.
+
+`deepspeed_config(config, world_size, bf16)` is the ONE place the DeepSpeed JSON is made:
+
+* batch: `train_micro_batch_size_per_gpu` = microBatchSize, `gradient_accumulation_steps` =
+  globalBatchSize / (microBatchSize x world size), `train_batch_size` = globalBatchSize. The
+  loop marks the accumulation boundary itself (ranks may get uneven shares of a short last
+  step), but DeepSpeed checks these three agree, so a globalBatchSize that is not a multiple
+  of microBatchSize x ranks is refused, naming the field.
+* optimizer: AdamW (betas 0.9/0.95, eps 1e-8, weightDecay on >= 2-D weights only), torch's
+  implementation (`torch_adam`) so nothing is compiled; with `offloadOptimizer` the optimizer
+  state lives in host memory and DeepSpeedCPUAdam updates it there.
+* clipping: `gradient_clipping` = maxGradNorm (0 = none).
+* precision: bf16 where the GPU has it (fp32 master weights in the optimizer), fp32 on CPU.
+* zero_optimization: the stage, optimizer offload, and for ZeRO-3 no 16-bit gather on save (the
+  engine gathers the fp32 weights one parameter group at a time when it saves).
+
+The learning-rate schedule is not in the JSON: the engine hands DeepSpeed the same
+transformers scheduler the torch path uses, so both follow one schedule.
+
+`offload_host_bytes` / `check_offload_memory`: ZeRO-Offload keeps, per parameter, an fp32
+master copy, two Adam moments and an fp32 gradient (16 bytes) in host memory, split over the
+ranks; the ranks of one node share that node's memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import TrainingConfig, TrainingConfigError
+
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+OFFLOAD_BYTES_PER_PARAM = 16  # fp32 master weights + 2 fp32 Adam moments + fp32 gradients
+
+
+def batch_geometry(config: TrainingConfig, world_size: int,
+                   where: str = "params.training") -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps) for DeepSpeed; a clear error naming
+    globalBatchSize when the product cannot reach it exactly."""
+    micro = min(config.micro_batch_size, config.global_batch_size)
+    per_pass = micro * world_size
+    if config.global_batch_size % per_pass:
+        raise TrainingConfigError(
+            f"{where}.globalBatchSize: {config.global_batch_size} is not a multiple of "
+            f"microBatchSize {micro} x {world_size} rank(s) = {per_pass}; DeepSpeed ZeRO "
+            f"(zeroStage {config.zero_stage}) needs globalBatchSize = microBatchSize x ranks x "
+            f"accumulation steps (e.g. {max(per_pass, config.global_batch_size // per_pass * per_pass)})")
+    return micro, config.global_batch_size // per_pass
+
+
+def deepspeed_config(config: TrainingConfig, world_size: int, bf16: bool,
+                     where: str = "params.training") -> dict[str, Any]:
+    """The DeepSpeed JSON for `config` on `world_size` ranks (see the module docstring)."""
+    if config.zero_stage not in (1, 2, 3):
+        raise TrainingConfigError(f"{where}.zeroStage: DeepSpeed runs stages 1-3, got {config.zero_stage}")
+    micro, accumulation = batch_geometry(config, world_size, where)
+    zero: dict[str, Any] = {"stage": config.zero_stage, "overlap_comm": False,
+                            "contiguous_gradients": True}
+    if config.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    if config.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_batch_size": config.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": float(config.max_grad_norm),
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": config.learning_rate, "betas": list(ADAM_BETAS), "eps": ADAM_EPS,
+            "weight_decay": config.weight_decay,
+            # torch's AdamW (no compiled op) unless the state is offloaded (DeepSpeedCPUAdam)
+            "torch_adam": not config.offload_optimizer, "adam_w_mode": True}},
+        "bf16": {"enabled": bool(bf16)},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def offload_host_bytes(num_params: int, world_size: int, ranks_on_node: int) -> int:
+    """Host memory ZeRO-Offload needs on one node: this node's ranks' shares of the state."""
+    per_rank = -(-num_params * OFFLOAD_BYTES_PER_PARAM // max(1, world_size))
+    return per_rank * max(1, ranks_on_node)
+
+
+def check_offload_memory(num_params: int, world_size: int, ranks_on_node: int,
+                         available_bytes: int, where: str = "params.training") -> None:
+    """A clear error naming offloadOptimizer when the node's free memory cannot hold it."""
+    need = offload_host_bytes(num_params, world_size, ranks_on_node)
+    if need > available_bytes:
+        gib = 2**30
+        raise TrainingConfigError(
+            f"{where}.offloadOptimizer: ZeRO-Offload of {num_params / 1e9:.2f}B parameters over "
+            f"{world_size} rank(s) needs {need / gib:.1f} GiB of host memory on this node "
+            f"({ranks_on_node} rank(s) x {OFFLOAD_BYTES_PER_PARAM} bytes/parameter / {world_size}), "
+            f"only {available_bytes / gib:.1f} GiB is available; set offloadOptimizer: false "
+            f"or use more nodes")
