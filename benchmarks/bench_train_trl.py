@@ -233,17 +233,25 @@ RUN_LINE = re.compile(r"^(\w+) round (\d+) (ours|trl): ([\d.]+)s rss ([\d.]+) Mi
                       r"([\d.]+) eff ([\d.]+) \(load ([\d.]+)\)$")
 
 
-def from_log(path: str, n: int) -> dict:
-    """The results of a run from its printed lines (a run cut short keeps its whole rounds)."""
+def from_logs(specs: list[str]) -> dict:
+    """The results of earlier runs from their printed lines, `LOG:EXAMPLES[:STAGE,...]` each
+    (a run cut short keeps the rounds both sides finished)."""
     from xwin_jobs.modeling import load_tokenizer
 
     runs: dict[str, dict[str, list[dict]]] = {}
+    counts: dict[str, int] = {}
     loads, rounds = [], 0
-    for line in Path(path).read_text().splitlines():
+    lines = []
+    for spec in specs:
+        path, n, *only = spec.split(":")
+        for line in Path(path).read_text().splitlines():
+            lines.append((int(n), only[0].split(",") if only else None, line))
+    for n, only, line in lines:
         m = RUN_LINE.match(line.strip())
-        if not m:
+        if not m or (only and m.group(1) not in only):
             continue
         stage, r, side = m.group(1), int(m.group(2)), m.group(3)
+        counts[stage] = n
         wall, rss, first, loss, eff, load = map(float, m.groups()[3:])
         runs.setdefault(stage, {"ours": [], "trl": []})[side].append(
             {"wall": wall, "rss": rss, "first": first, "loss": loss, "efficiency": eff})
@@ -253,15 +261,15 @@ def from_log(path: str, n: int) -> dict:
         k = min(len(v) for v in sides.values())
         for v in sides.values():
             del v[k:]
-    conversations, pairs, corpus = make_records(n)
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        base = str(tiny_model_module().build_tiny_model(Path(tmp) / "base", corpus, seed=0, vocab_size=3000))
-        tokenizer = load_tokenizer(base)
-        workload = {}
-        for stage in runs:
+    workload = {}
+    for stage, n in counts.items():  # the model is built from the records, as in main()
+        conversations, pairs, corpus = make_records(n)
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+            base = str(tiny_model_module().build_tiny_model(Path(tmp) / "base", corpus, seed=0, vocab_size=3000))
+            tokenizer = load_tokenizer(base)
             rows, real, labelled = trl_rows(stage, conversations if stage == "sft" else pairs, tokenizer)
             workload[stage] = {"real": real, "labelled": labelled, "rows": len(rows)}
-    return {"runs": runs, "workload": workload, "rounds": rounds, "n": n, "vocab": len(tokenizer),
+    return {"runs": runs, "workload": workload, "rounds": rounds, "n": counts, "vocab": len(tokenizer),
             "load": (min(loads), statistics.median(loads), max(loads)), "have_trl": True}
 
 
@@ -307,11 +315,16 @@ def write_section(res: dict) -> None:
     from results_md import replace_section
 
     lo, med, hi = res["load"]
+    if isinstance(res["n"], int):
+        command = f"`python benchmarks/bench_train_trl.py --rounds {res['rounds']} --examples {res['n']}`"
+    else:  # put together from runs with different sizes (--from-log)
+        command = "`python benchmarks/bench_train_trl.py` (" + "; ".join(
+            f"{st}: --examples {k}, {len(res['runs'][st]['ours'])} rounds" for st, k in res["n"].items()) + ")"
     work = "; ".join(f"{st}: {w['rows']} examples, {w['real']:,} real tokens, {w['labelled']:,} labelled"
                      for st, w in res["workload"].items())
     body = "\n".join([
         SECTION, "",
-        f"`python benchmarks/bench_train_trl.py --rounds {res['rounds']} --examples {res['n']}` on "
+        command + " on "
         f"{os.cpu_count()} shared CPU cores (load average {lo:.1f}-{hi:.1f}, median {med:.1f}, other "
         f"engineers' tests running), Python {platform.python_version()}, torch {torch.__version__}, "
         f"{_dt.date.today().isoformat()}. Tiny Llama (hidden 128, 2 layers, vocabulary {res['vocab']:,}), "
@@ -334,10 +347,11 @@ if __name__ == "__main__":
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--no-results", action="store_true")
-    parser.add_argument("--from-log", metavar="LOG", help="summarise the printed lines of an earlier run")
+    parser.add_argument("--from-log", metavar="LOG:EXAMPLES[:STAGES]", action="append",
+                        help="summarise the printed lines of earlier runs instead of running")
     args = parser.parse_args()
     if args.from_log:
-        res = from_log(args.from_log, args.examples)
+        res = from_logs(args.from_log)
     else:
         res = main(args.rounds, args.examples, args.stages.split(","))
     print(table(res))

@@ -84,7 +84,7 @@ def run_step(engine, micro_step, workload, step, tokens, packed):
         value, _ = micro_step(mb)
         weighted = value * (workload.weight(mb) / total)
         weighted.backward()
-        loss += float(weighted)
+        loss += float(weighted.detach())
     return loss, len(plan)
 
 

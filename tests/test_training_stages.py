@@ -214,6 +214,7 @@ def test_micro_batch_tokens_below_the_longest_example_is_refused_before_training
 
 def test_token_budget_packs_without_padding_and_counts_truncation(world):
     task = make_task(world, "sft", "sft-budget", {"model": world["base"], "data": world["conversations"]})
+    task.chat_template = "tokenizer"  # short: the first answer fits in maxLength, the second does not
     task.params["training"].update({"microBatchTokens": 128, "maxLength": 24, "epochs": 1})
     metrics = run_stage(task, Store())["metrics"]
     assert metrics["paddingEfficiency"] >= 0.9
