@@ -49,7 +49,7 @@ class LoopResult:
     epochs: float  # epochs seen, fractional when maxSteps stopped early
     history: list[dict[str, float]] = field(default_factory=list)
     steps_per_epoch: int = 1
-    tokens: int = 0  # real tokens fed to training forward passes (all ranks, this attempt)
+    tokens: int = 0  # real tokens of the training forward passes (all ranks, resumed steps too)
     fed_positions: int = 0
 
     def mean(self, key: str) -> float | None:
@@ -104,6 +104,13 @@ def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
     return sums
 
 
+def _count_tokens(result: LoopResult, workload: Workload | None, micro_batches) -> None:
+    """Real tokens and fed positions of a whole step (all ranks), into `result`."""
+    for mb in micro_batches if workload is not None else ():
+        real, fed = workload.real_and_fed(mb)
+        result.tokens, result.fed_positions = result.tokens + real, result.fed_positions + fed
+
+
 def train_loop(engine, num_examples: int, micro_step: MicroStep, config: TrainingConfig,
                on_checkpoint: Callable[[int, list], None] | None = None,
                log_every: int | None = None, start=None,
@@ -128,22 +135,28 @@ def train_loop(engine, num_examples: int, micro_step: MicroStep, config: Trainin
         log.info("data parallel: rank %d of %d takes every %d-th micro-batch of each step",
                  engine.rank, engine.world_size, engine.world_size)
     started = time.monotonic()
-    for epoch in range(done // per_epoch, config.epochs):
+    def epoch_plan(epoch: int) -> list[list[list[int]]]:
         plan = batch_plan(num_examples, config.global_batch_size, config.micro_batch_size,
                           config.seed, epoch)
-        if workload is not None:
-            plan = step_plan(plan, workload.lengths, config.micro_batch_size,
-                             config.micro_batch_tokens, workload.packed)
+        if workload is None:
+            return plan
+        return step_plan(plan, workload.lengths, config.micro_batch_size,
+                         config.micro_batch_tokens, workload.packed)
+
+    for epoch in range(done // per_epoch if workload is not None else 0):
+        for micro_batches in epoch_plan(epoch):  # steps a checkpoint already holds count too
+            _count_tokens(result, workload, micro_batches)
+    for epoch in range(done // per_epoch, config.epochs):
+        plan = epoch_plan(epoch)
         skip = done - epoch * per_epoch if epoch == done // per_epoch else 0
+        for micro_batches in plan[:skip]:
+            _count_tokens(result, workload, micro_batches)
         for micro_batches in plan[skip:]:
             if result.steps >= total:
                 return result
             sums = _accumulate(engine, micro_step, micro_batches,
                                workload.weight if workload is not None else len)
-            if workload is not None:
-                for mb in micro_batches:  # the whole step, as every rank's metrics report it
-                    real, fed = workload.real_and_fed(mb)
-                    result.tokens, result.fed_positions = result.tokens + real, result.fed_positions + fed
+            _count_tokens(result, workload, micro_batches)
             lr = engine.lr  # the rate this step uses (the scheduler moves on in step())
             grad_norm = engine.step()
             result.steps += 1
