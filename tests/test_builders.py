@@ -72,7 +72,13 @@ def test_training_stage_is_a_pytorchjob_with_master_and_workers(children):
     assert job["spec"]["nprocPerNode"] == "8"
     (container,) = replicas["Master"]["template"]["spec"]["containers"]
     assert container["name"] == "pytorch"
-    assert container["command"] == ["torchrun", "-m", "xwin_jobs", "sft", "--task", "$(XWIN_TASK)"]
+    # torchrun, exiting 128 + signal when preempted, so that `ExitCode` restarts the pod
+    assert container["command"] == ["python", "-m", "xwin_jobs.launch", "-m", "xwin_jobs", "sft",
+                                    "--task", "$(XWIN_TASK)"]
+    # time to finish the step and upload a checkpoint after SIGTERM; torchrun waits almost as long
+    assert replicas["Master"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "585"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert container["resources"]["requests"] == {"cpu": "64", "memory": "800Gi", "nvidia.com/gpu": 8}
 

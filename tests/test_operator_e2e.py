@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,48 @@ def test_tiny_run_trains_every_stage_through_the_operator(cluster, kubelet_facto
     assert all(kubelet.starts[k] == 1 for k in kubelet.starts), kubelet.starts
     rm = next(s for s in status["stages"] if s["name"] == "rewardModel")
     assert rm["metrics"], rm
+
+
+@pytest.mark.slow
+def test_a_killed_trainer_replica_is_restarted_and_resumes_from_its_checkpoint(
+        cluster, kubelet_factory, operator_factory, s3_server, s3_bucket, tiny_task):
+    """Preemption on 'Kubernetes': once sft has uploaded a checkpoint, its PyTorchJob replica is
+    killed (every process at once: exit code 137); the Training Operator stand-in restarts it
+    (`restartPolicy: ExitCode`) and the stage resumes from the checkpoint instead of step 0."""
+    import time
+
+    import psutil
+
+    from xwin_jobs.store import Store
+
+    store = Store(endpoint_url=s3_server.endpoint_url)
+    sft = {"data": f"file://{REPO_ROOT}/examples/tiny/work/sft.jsonl",
+           "training": {"epochs": 2, "checkpointEvery": 8}}  # 256 examples / 16 = 32 steps
+    run = inputs_on_s3(tiny_run(storage=storage(s3_server, s3_bucket), stages={"sft": sft}),
+                       store, f"{s3_bucket}/inputs", tiny_task)
+    s3_secret(cluster, s3_server.env, secret=s3_server.env["AWS_SECRET_ACCESS_KEY"])
+    kubelet = kubelet_factory(python_for_image=local_python)
+    op = operator_factory(env=s3_server.env)
+    create_run(cluster, run)
+
+    checkpoints = f"{s3_bucket}/runs/{NS}/tiny/sft/checkpoints/"
+    deadline = time.monotonic() + 300
+    while not any(f.endswith("/_CHECKPOINT.json") for f in store.list_files(checkpoints)):
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.5)
+    for pid in list(kubelet.pids):  # the replica's launcher and its workers
+        try:
+            root = psutil.Process(pid)
+            for p in [root, *root.children(recursive=True)]:
+                p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+    status = wait_phase(cluster, NS, "tiny", phases=("Succeeded", "Failed"), timeout=600, operator=op)
+    log = (kubelet.work / "logs" / "tiny-sft-1-master-0.log").read_text()
+    assert status["phase"] == "Succeeded", f"{json.dumps(status, indent=1)}\n{log[-3000:]}"
+    assert kubelet.starts[("PyTorchJob", "tiny-sft-1")] == 2  # restarted once, same attempt
+    assert next(s for s in status["stages"] if s["name"] == "sft")["attempts"] == 1
+    resumed = int(re.search(r"resuming after step (\d+)", log).group(1))
+    assert resumed >= 8 and resumed % 8 == 0
+    assert status["stages"][0]["metrics"]["steps"] == 32

@@ -50,7 +50,8 @@ def _task_file(world, tmp_path, name: str, training: dict) -> tuple[Path, Path]:
 
 def _run_until(cmd: list[str], step: int, sig: int) -> tuple[int, str]:
     """Start `cmd` in its own session; once a rank logs optimizer step `step`, send `sig` to
-    the launcher (SIGTERM, as the kubelet does) or to the whole group (SIGKILL)."""
+    the launcher (SIGTERM, as the kubelet does) or, SIGKILL, to every process of the tree at
+    once (as a killed container's; torchrun starts its workers in sessions of their own)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env=job_env("cpu"))
     lines = []
@@ -60,7 +61,7 @@ def _run_until(cmd: list[str], step: int, sig: int) -> tuple[int, str]:
             match = STEP_LINE.search(line)
             if match and int(match.group(1)) == step:
                 if sig == signal.SIGKILL:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    _kill_tree(proc.pid)
                 else:
                     proc.send_signal(sig)
                 break
@@ -69,6 +70,17 @@ def _run_until(cmd: list[str], step: int, sig: int) -> tuple[int, str]:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _steps_run(log: str) -> list[int]:
@@ -155,3 +167,12 @@ def test_checkpoint_selection_other_inputs_half_uploaded_and_corrupt(world, tmp_
     assert _max_diff(whole, out) <= EXACT
     # on success the checkpoints are pruned to keepCheckpoints (10 here: all complete ones kept)
     assert (out / "checkpoints" / "step-2" / "_CHECKPOINT.json").is_file()
+
+
+def test_launcher_exit_code_keeps_a_signal_a_signal():
+    """A PyTorchJob restarts exit codes >= 128 only: workers killed by a signal (negative
+    codes) or preempted (143) make the launcher exit 128 + signal; a bug stays 1."""
+    from xwin_jobs.launch import worker_exit_code
+
+    assert worker_exit_code([-9]) == 137 and worker_exit_code([143, 143]) == 143
+    assert worker_exit_code([1]) == 1 and worker_exit_code([143, 1]) == 1

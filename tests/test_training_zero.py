@@ -69,6 +69,7 @@ def test_zero_two_ranks_match_one_process(world, tmp_path, stage, zero):
         assert metrics["heldOutPairs"] == 3
 
 
+@pytest.mark.slow
 def test_zero_on_one_process(world, tmp_path):
     """zeroStage with a world size of 1: DeepSpeed on one rank, same result as plain torch."""
     outs = []

@@ -294,3 +294,26 @@ def test_ctrl_c_stops_the_running_job(workdir):
     assert proc.returncode == 130, stdout
     assert "interrupted (Ctrl-C)" in stdout and "Traceback" not in stdout
     assert not job_pids()
+
+
+@pytest.mark.slow
+def test_nproc_per_node_runs_training_stages_under_torchrun_with_zero(workdir):
+    """`xwin run --nproc-per-node 2`: a training stage runs as a PyTorchJob replica runs it,
+    torchrun with 2 ranks (here DeepSpeed ZeRO-2 over gloo), and the model it saves loads."""
+    def change(spec):
+        spec["stages"] = {"sft": {**spec["stages"]["sft"],
+                                  "training": {"epochs": 1, "zeroStage": 2, "globalBatchSize": 32,
+                                               "microBatchSize": 16, "checkpointEvery": 0}}}
+    edit_spec(workdir, change)
+    bad = xwin_run(workdir, "--nproc-per-node", "0")
+    assert bad.returncode == 2 and "--nproc-per-node: must be >= 1" in bad.stdout
+    done = xwin_run(workdir, "--nproc-per-node", "2", env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert outcomes(done.stdout)["sft"] == "ran"
+    log = (workdir / "xwin-logs/demo/tiny/tiny-sft-1.log").read_text()
+    assert "xwin_jobs.launch --standalone --nproc-per-node 2 -m xwin_jobs sft" in log or \
+        "DeepSpeed ZeRO-2 on 2 rank(s)" in log
+    assert "rank 1 of 2" in log and "DeepSpeed ZeRO-2 on 2 rank(s)" in log
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(workdir / "xwin-runs/demo/tiny/sft/model")

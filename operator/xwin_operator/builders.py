@@ -2,11 +2,15 @@
 
 * `train` steps -> a `kubeflow.org/v1` PyTorchJob: a Master plus `nodes-1` Workers, each pod
   asking `nvidia.com/gpu: gpusPerNode`; the container (named `pytorch`, as the Training
-  Operator requires) runs `torchrun -m xwin_jobs <job> --task $(XWIN_TASK)`, torchrun reading
+  Operator requires) runs `python -m xwin_jobs.launch -m xwin_jobs <job> --task $(XWIN_TASK)`
+  (`TRAIN_LAUNCHER`: torchrun, exiting 128 + signal when stopped by one), torchrun reading
   the PET_* variables the Training Operator injects (PET_NNODES, PET_NODE_RANK,
   PET_MASTER_ADDR, PET_MASTER_PORT, PET_NPROC_PER_NODE from `nprocPerNode`).
   `restartPolicy: ExitCode`: a pod killed by a signal (exit >= 128, e.g. preemption) is
-  restarted, a bug (1-127) is not; `runPolicy.backoffLimit` bounds the restarts.
+  restarted, a bug (1-127) is not; `runPolicy.backoffLimit` bounds the restarts. The pods get
+  `terminationGracePeriodSeconds` (spec.scheduling): on SIGTERM the trainer finishes its
+  optimizer step, uploads a checkpoint and exits 143; torchrun waits for it that long less
+  `SHUTDOWN_MARGIN_S` (TORCH_ELASTIC_SHUTDOWN_TIMEOUT). The restart resumes from it.
 * `serve` steps -> a vLLM Deployment (server arguments from `vllm_server_args`, the pure
   function the local executor uses too; readiness on `/health`) and a ClusterIP Service.
 * `job` steps (sampler, judge) -> a batch/v1 Job; exit codes 1 and 2 (the stage failed / bad
@@ -44,6 +48,9 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MAX_CHILD_NAME = 52  # leaves room for the "-worker-NNNN" replica names the Training Operator derives
 SCRATCH = "/scratch"
 SERVED_MODEL = "policy"  # --served-model-name of every vLLM server (xwin_jobs.vllm_server)
+# What a PyTorchJob replica runs before `<job> --task ...` (`xwin run` runs the same).
+TRAIN_LAUNCHER = ("python", "-m", "xwin_jobs.launch", "-m", "xwin_jobs")
+SHUTDOWN_MARGIN_S = 15  # of the grace period, left for torchrun itself to exit after its workers
 
 
 @dataclass(frozen=True)
@@ -202,11 +209,14 @@ def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str
     res = _step_resources(run, stage, step, task)
     name = child_name(run.metadata.name, stage, step.name, attempt)
     labels = child_labels(run, stage, step.name, attempt)
+    grace = run.spec.scheduling.terminationGracePeriodSeconds
+    shutdown = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(1, grace - SHUTDOWN_MARGIN_S))}
     container = {"name": "pytorch", "image": config.image(run, step.image),
-                 "command": ["torchrun", "-m", "xwin_jobs", step.job, "--task", "$(XWIN_TASK)"],
-                 "env": container_env(run, task, step, step_env(step)),
+                 "command": [*TRAIN_LAUNCHER, step.job, "--task", "$(XWIN_TASK)"],
+                 "env": container_env(run, task, step, {**step_env(step), **shutdown}),
                  "resources": _resources(res["gpusPerNode"], res.get("cpu"), res.get("memory"))}
-    template = {"metadata": {"labels": labels}, "spec": pod_spec(run, container, config)}
+    template = {"metadata": {"labels": labels},
+                "spec": {**pod_spec(run, container, config), "terminationGracePeriodSeconds": grace}}
     replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
     if res["nodes"] > 1:
         replicas["Worker"] = {"replicas": res["nodes"] - 1, "restartPolicy": "ExitCode",

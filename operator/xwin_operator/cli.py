@@ -63,8 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from xwin_jobs.store import Store
 
-    from .local import (Interrupted, LocalContext, RunError, StageResult, default_log_dir, describe_root,
-                        execute, job_env, local_config, python_for_jobs)
+    from .local import (Interrupted, LocalContext, RunError, StageResult, default_log_dir,
+                        default_nproc_per_node, describe_root, execute, job_env, local_config,
+                        python_for_jobs)
 
     console = _console()
     try:
@@ -109,8 +110,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                       + (f"  {event.message}" if event.message and event.outcome == "failed" else ""),
                       highlight=False)
 
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        console.print(f"--nproc-per-node: must be >= 1, got {args.nproc_per_node}", markup=False)
+        return 2
+    nproc = args.nproc_per_node or default_nproc_per_node()
     ctx = LocalContext(python=python_for_jobs(), env=env, log_dir=log_dir, on_line=on_line,
-                       on_event=on_event)
+                       on_event=on_event, nproc_per_node=nproc)
     code, results = 0, []
     with status:
         try:
@@ -165,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backoff", type=float, default=None, metavar="SECONDS",
                    help="wait before retrying a failed stage (attempt 2; doubles per attempt up to "
                         "XWIN_BACKOFF_MAX_SECONDS); default XWIN_BACKOFF_SECONDS or 10, as the operator")
+    r.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="ranks of every training stage: torchrun with N processes, as a PyTorchJob "
+                        "replica runs it (default: the visible GPUs, else 1)")
     r.add_argument("-v", "--verbose", action="store_true",
                    help="print every line the stages log, every child created and every Event")
     r.set_defaults(func=cmd_run)

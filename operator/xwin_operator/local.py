@@ -83,6 +83,7 @@ class LocalContext:
     log_dir: Path
     on_line: Callable[[str, str], None] = lambda stage, line: None      # (stage, output line)
     on_event: Callable[[str, str, str], None] = lambda reason, message, type_: None
+    nproc_per_node: int = 1  # ranks of a training step (torchrun when > 1)
 
 
 def job_env(run: AlignmentRun, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -252,6 +253,24 @@ def default_log_dir(run: AlignmentRun) -> Path:
 
 def describe_root(run: AlignmentRun, store_uri: str | None) -> str:
     return run_root(run.spec, run.metadata.namespace, run.metadata.name, store_uri)
+
+
+def default_nproc_per_node() -> int:
+    """`xwin run`'s ranks per training step: the visible GPUs, else 1 (torch is not imported:
+    CUDA_VISIBLE_DEVICES, else nvidia-smi's list)."""
+    import shutil
+    import subprocess
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return max(1, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 1
+        return max(1, sum(1 for line in out.splitlines() if line.startswith("GPU ")))
+    return 1
 
 
 def python_for_jobs() -> str:

@@ -4,8 +4,10 @@
 is chosen by its labels (`xwin.ai/stage`, `xwin.ai/step`, `xwin.ai/attempt`) through the step
 table (steps.py), never by the manifest's container command:
 
-  * a `train` or `job` step (PyTorchJob, Job) -> `python -m xwin_jobs <job> --task FILE`
-    (`steps.step_env`; a sample step also gets its server's URL and never the judge's key,
+  * a `train` or `job` step (PyTorchJob, Job) -> `python -m xwin_jobs <job> --task FILE`;
+    with `--nproc-per-node N` > 1 a `train` step runs as a PyTorchJob replica runs it,
+    `python -m xwin_jobs.launch --standalone --nproc-per-node N -m xwin_jobs <job> --task FILE`
+    (torchrun, N ranks: `train_command`) (`steps.step_env`; a sample step also gets its server's URL and never the judge's key,
     `local_sampling.sampler_env`), output teed to `<log dir>/<child name>.log`;
   * a `serve` step's Deployment -> a real vLLM server (`local_sampling.start_server`), Running
     once `/health` answers; no server is started when the samples it would serve are already
@@ -32,7 +34,7 @@ from typing import Any, Callable
 
 from xwin_jobs.task import StageTask
 
-from .builders import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP
+from .builders import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP, TRAIN_LAUNCHER
 from .planner import ChildState
 from .steps import Step
 
@@ -41,6 +43,18 @@ JOB_KINDS = ("PyTorchJob", "Job")
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def train_command(python: str, step: Step, task_file: Path, nproc_per_node: int) -> list[str]:
+    """The command of a `train` or `job` step on this machine: a `train` step with more than
+    one process per node is the PyTorchJob replica's command (builders.TRAIN_LAUNCHER) on a
+    standalone rendezvous; otherwise the one process torchrun would start."""
+    job = [step.job, "--task", str(task_file)]
+    if step.kind == "train" and nproc_per_node > 1:
+        launcher, module = TRAIN_LAUNCHER[1:3], TRAIN_LAUNCHER[3:]
+        return [python, *launcher, "--standalone", "--nproc-per-node", str(nproc_per_node),
+                *module, *job]
+    return [python, "-m", "xwin_jobs", *job]
 
 
 def run_job(cmd: list[str], env: dict[str, str], log_path: Path,
@@ -241,7 +255,7 @@ class LocalChildren:
             task_file = ctx.log_dir / f"{child.name}.task.json"
             ctx.log_dir.mkdir(parents=True, exist_ok=True)
             task_file.write_text(child.task.to_json())
-            cmd = [ctx.python, "-m", "xwin_jobs", child.step.job, "--task", str(task_file)]
+            cmd = train_command(ctx.python, child.step, task_file, ctx.nproc_per_node)
             self._finish(child, "Running")
 
             def started(proc: subprocess.Popen) -> None:

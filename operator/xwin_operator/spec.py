@@ -9,7 +9,7 @@ unset fields as None; `spec.defaults` fills them, then the built-in defaults bel
 server must not fill them (that would hide `spec.defaults`), so the CRD carries no `default`
 for those nested fields. `resolved_*` helpers do the merge.
 
-Pure: pydantic only.
+Pure: pydantic, and the training defaults of xwin_jobs.training.config (standard library only).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from xwin_jobs.training.config import TRAINING_DEFAULTS as TRAINING_CONFIG_DEFAULTS
 
 API_GROUP = "xwin.ai"
 API_VERSION = "v1alpha1"
@@ -51,21 +53,21 @@ class Training(_Model):
     microBatchTokens: Optional[int] = Field(None, ge=0, description="Token budget of one forward pass on one device (positions fed, padding included); when set (> 0) it replaces microBatchSize: each optimizer step's examples are grouped by length into micro-batches under this budget. Must hold the longest example (a pair counts twice its longer side). 0 = use microBatchSize.")
     packing: Optional[bool] = Field(None, description="Pack several sequences into one row without padding, each with its own position ids (attention never crosses sequences), where the model's attention supports it; otherwise micro-batches are padded to their longest sequence.")
     maxLength: Optional[int] = Field(None, ge=16, le=1048576, description="Tokens per sequence; longer ones are truncated.")
-    zeroStage: Optional[int] = Field(None, ge=0, le=3, description="DeepSpeed ZeRO stage (0 = plain data parallel).")
+    zeroStage: Optional[int] = Field(None, ge=0, le=3, description="0 = plain data parallel (DDP: every GPU holds the whole model and optimizer state); 1, 2, 3 = DeepSpeed ZeRO of that stage (optimizer state; + gradients; + parameters partitioned over the GPUs). ZeRO needs globalBatchSize to be a multiple of microBatchSize x GPUs.")
+    offloadOptimizer: Optional[bool] = Field(None, description="ZeRO-Offload: keep the optimizer state (16 bytes per parameter, split over the GPUs) in host memory and update it on the CPU. Needs zeroStage 1-3.")
     gradientCheckpointing: Optional[bool] = Field(None, description="Recompute activations in the backward pass to save memory.")
     seed: Optional[int] = Field(None, ge=0, description="Seed for data order and initialisation of new heads.")
-    checkpointEvery: Optional[int] = Field(None, ge=0, description="Upload a checkpoint every N optimizer steps (0 = only the final model).")
+    checkpointEvery: Optional[int] = Field(None, ge=0, description="Upload a resumable checkpoint every N optimizer steps (0 = only on SIGTERM, e.g. preemption).")
     warmupRatio: Optional[float] = Field(None, ge=0, le=1, description="Fraction of steps spent warming the learning rate up.")
     weightDecay: Optional[float] = Field(None, ge=0, le=1, description="AdamW weight decay.")
     lrScheduler: Optional[Literal["cosine", "linear", "constant"]] = Field(None, description="Learning-rate schedule after warm-up.")
     maxSteps: Optional[int] = Field(None, ge=0, description="Stop after this many optimizer steps (0 = no limit).")
+    maxGradNorm: Optional[float] = Field(None, ge=0, description="Clip the global gradient norm to this (0 = no clipping).")
+    keepCheckpoints: Optional[int] = Field(None, ge=0, le=1000, description="Checkpoints (checkpoints/step-N/) kept once the stage succeeds, newest first; a restarted stage resumes from the newest complete one.")
 
 
-TRAINING_DEFAULTS = dict(
-    epochs=1, learningRate=2.0e-5, globalBatchSize=128, microBatchSize=4, maxLength=4096,
-    zeroStage=3, gradientCheckpointing=True, seed=42, checkpointEvery=0, warmupRatio=0.03,
-    weightDecay=0.0, lrScheduler="cosine", maxSteps=0,
-)
+# The one set of built-in training defaults, shared with the stage jobs.
+TRAINING_DEFAULTS = TRAINING_CONFIG_DEFAULTS
 
 
 class Resources(_Model):
@@ -261,6 +263,7 @@ class Scheduling(_Model):
     priorityClassName: Optional[str] = None
     nodeSelector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    terminationGracePeriodSeconds: int = Field(600, ge=30, le=86400, description="Seconds a training pod has between SIGTERM (preemption, eviction) and SIGKILL: it finishes the optimizer step, uploads a checkpoint and exits 143, and its restart resumes from that checkpoint.")
 
 
 class Retries(_Model):

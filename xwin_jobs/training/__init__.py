@@ -1,9 +1,13 @@
 """Training machinery shared by the training stages.
 
-config: TrainingConfig (the resolved `training` block of a stage).
-engine: the ONE place that knows about devices, precision, optimizers and torchrun ranks
-    (data parallel with DDP under torchrun; DeepSpeed is not implemented).
-loop: the optimizer-step loop (gradient accumulation, logging, checkpoints).
+config: TrainingConfig (the resolved `training` block of a stage) and TRAINING_DEFAULTS.
+build: the engine `zeroStage` names, with the model loaded the way it needs.
+engine: zeroStage 0 (one process, or DDP under torchrun): devices, precision, AdamW, schedule.
+zero, zero_config: zeroStage 1-3 on DeepSpeed ZeRO, and the one function making its config.
+distributed: torchrun's ranks and the collectives the loop and the stages use.
+loop: the optimizer-step loop (gradient accumulation, logging, checkpoints, resume, SIGTERM).
+checkpoints: exact-resume checkpoints (checkpoints/step-N/), resume, pruning.
+preempt: SIGTERM as a request to checkpoint and exit 128 + signal.
 data: records -> token examples, and the seeded order of optimizer steps.
 batching: which examples share a micro-batch (by length, a token budget, packing); the one
     definition of loss normalisation (LOSS_NORMALISATION).

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +48,9 @@ def _import_deepspeed():
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's JIT-built ops are cached per Python environment: a cache shared by several
+    # environments is rebuilt (and locked) each time another one builds into it.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     import deepspeed
 
     return deepspeed

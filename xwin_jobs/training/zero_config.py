@@ -12,8 +12,8 @@
   state lives in host memory and DeepSpeedCPUAdam updates it there.
 * clipping: `gradient_clipping` = maxGradNorm (0 = none).
 * precision: bf16 where the GPU has it (fp32 master weights in the optimizer), fp32 on CPU.
-* zero_optimization: the stage, optimizer offload, and for ZeRO-3 no 16-bit gather on save (the
-  engine gathers the fp32 weights one parameter group at a time when it saves).
+* zero_optimization: the stage, optimizer offload, buckets of `BUCKET` elements, and for ZeRO-3
+  no 16-bit gather on save (the engine gathers the weights a group at a time when it saves).
 
 The learning-rate schedule is not in the JSON: the engine hands DeepSpeed the same
 transformers scheduler the torch path uses, so both follow one schedule.
@@ -32,6 +32,11 @@ from .config import TrainingConfig, TrainingConfigError
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 OFFLOAD_BYTES_PER_PARAM = 16  # fp32 master weights + 2 fp32 Adam moments + fp32 gradients
+# Elements per communication bucket and optimizer sub-group. DeepSpeed's defaults (5e8 and 1e9)
+# allocate buffers of several GB per rank, more than a partitioned 7B model's share; 5e7 keeps
+# every bucket a few hundred MB and collectives still large.
+BUCKET = 50_000_000
+SUB_GROUP = 100_000_000
 
 
 def batch_geometry(config: TrainingConfig, world_size: int,
@@ -56,9 +61,14 @@ def deepspeed_config(config: TrainingConfig, world_size: int, bf16: bool,
         raise TrainingConfigError(f"{where}.zeroStage: DeepSpeed runs stages 1-3, got {config.zero_stage}")
     micro, accumulation = batch_geometry(config, world_size, where)
     zero: dict[str, Any] = {"stage": config.zero_stage, "overlap_comm": False,
-                            "contiguous_gradients": True}
+                            "contiguous_gradients": True, "reduce_bucket_size": BUCKET,
+                            "allgather_bucket_size": BUCKET, "sub_group_size": SUB_GROUP}
     if config.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
+        # release gathered parameters after use (DeepSpeed's 1e9 keeps a whole <1B model
+        # gathered on every rank between uses), and no 16-bit gather on save
+        zero.update({"stage3_max_live_parameters": BUCKET, "stage3_max_reuse_distance": BUCKET,
+                     "stage3_prefetch_bucket_size": BUCKET,
+                     "stage3_gather_16bit_weights_on_model_save": False})
     if config.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {
