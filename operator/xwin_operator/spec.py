@@ -50,6 +50,8 @@ class Training(_Model):
     learningRate: Optional[float] = Field(None, gt=0, le=1, description="Peak AdamW learning rate.")
     globalBatchSize: Optional[int] = Field(None, ge=1, description="Sequences per optimizer step, across all GPUs (reached by gradient accumulation).")
     microBatchSize: Optional[int] = Field(None, ge=1, description="Sequences per forward pass on one device.")
+    microBatchTokens: Optional[int] = Field(None, ge=0, description="Token budget of one forward pass on one device (positions fed, padding included); when set (> 0) it replaces microBatchSize: each optimizer step's examples are grouped by length into micro-batches under this budget. Must hold the longest example (a pair counts twice its longer side). 0 = use microBatchSize.")
+    packing: Optional[bool] = Field(None, description="Pack several sequences into one row without padding, each with its own position ids (attention never crosses sequences), where the model's attention supports it; otherwise micro-batches are padded to their longest sequence.")
     maxLength: Optional[int] = Field(None, ge=16, le=1048576, description="Tokens per sequence; longer ones are truncated.")
     zeroStage: Optional[int] = Field(None, ge=0, le=3, description="0 = plain data parallel (DDP: every GPU holds the whole model and optimizer state); 1, 2, 3 = DeepSpeed ZeRO of that stage (optimizer state; + gradients; + parameters partitioned over the GPUs). ZeRO needs globalBatchSize to be a multiple of microBatchSize x GPUs.")
     offloadOptimizer: Optional[bool] = Field(None, description="ZeRO-Offload: keep the optimizer state (16 bytes per parameter, split over the GPUs) in host memory and update it on the CPU. Needs zeroStage 1-3.")

@@ -64,7 +64,11 @@ def deepspeed_config(config: TrainingConfig, world_size: int, bf16: bool,
                             "contiguous_gradients": True, "reduce_bucket_size": BUCKET,
                             "allgather_bucket_size": BUCKET, "sub_group_size": SUB_GROUP}
     if config.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
+        # release gathered parameters after use (DeepSpeed's 1e9 keeps a whole <1B model
+        # gathered on every rank between uses), and no 16-bit gather on save
+        zero.update({"stage3_max_live_parameters": BUCKET, "stage3_max_reuse_distance": BUCKET,
+                     "stage3_prefetch_bucket_size": BUCKET,
+                     "stage3_gather_16bit_weights_on_model_save": False})
     if config.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {
