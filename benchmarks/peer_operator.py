@@ -7,7 +7,8 @@ Per run, as xwin_operator does: on the run's first event, create one PyTorchJob 
 owned like ours), patch the run's status to Running and post a StageStarted Event; when that
 PyTorchJob reports Succeeded, patch the status to Succeeded and post StageSucceeded and
 RunSucceeded. Same kopf settings (standalone, watch-event handlers only, no annotations), same
-HTTP client (xwin_operator.kube.KubeApi). Nothing else: no spec parsing, no planner, no stage
+API client and login (xwin_operator.kube.KubeApi: the official `kubernetes` client in worker
+threads; kopf logged in through xwin_operator.kubeconfig). Nothing else: no spec parsing, no planner, no stage
 markers, no indexes, no resync, no retries. It is what any kopf operator doing this job must
 at least cost, so `xwin / peer` is the price of our logic, and `peer / no-op` the price of the
 API work itself.
@@ -20,7 +21,8 @@ from typing import Any
 
 import kopf
 
-from xwin_operator.kube import Connection, KubeApi
+from xwin_operator.kube import KubeApi
+from xwin_operator.kubeconfig import MemFiles, load_login
 
 MANAGED = {"app.kubernetes.io/managed-by": "xwin-operator"}
 
@@ -42,12 +44,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = NoDiffBase(prefix="xwin.ai", key="last-handled-configuration")
     settings.persistence.finalizer = "xwin.ai/finalizer"
     settings.posting.level = logging.WARNING
-    memo.api = KubeApi(lambda: Connection.from_info(kopf.login_with_kubeconfig(settings=settings)))
+    memo.api = KubeApi(lambda: load_login(MEMFILES))
+
+
+MEMFILES = MemFiles()
 
 
 @kopf.on.login()
-def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
-    return kopf.login_with_kubeconfig(settings=settings)
+def login(**_: Any) -> kopf.ConnectionInfo:
+    return kopf.ConnectionInfo(**load_login(MEMFILES).connection_info())
 
 
 def involved(body: Any) -> dict:

@@ -209,8 +209,11 @@ def test_evaluate_judge_step_writes_report_table_and_plots(judge_server, tmp_pat
     assert good["alpacaEval"]["judged"] == 8 and good["mtBench"]["graded"] == 8
     assert good["mtBench"]["mean"] > bad["mtBench"]["mean"]
     table = (data / "report.md").read_text()
-    assert table.count("\n| good |") == 1 and table.count("\n| bad |") == 1
-    for png in ("winrate.png", "mtbench.png"):
+    # the paper's table (figures with intervals), then the counts behind them
+    assert table.count("\n| good |") == 2 and table.count("\n| bad |") == 2
+    assert good["alpacaEval"]["ci"][0] <= good["alpacaEval"]["winRate"] <= good["alpacaEval"]["ci"][1]
+    assert report["table"][0]["model"] == "good" and "gradeCI" in report["table"][0]
+    for png in ("pipeline.png", "mtbench.png"):
         assert (data / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert metrics["good.alpacaWinRate"] == good["alpacaEval"]["winRate"]

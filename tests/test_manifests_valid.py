@@ -112,6 +112,54 @@ def test_pytorchjobs_validate_against_the_kubeflow_crd(planned, pytorchjob_schem
             kubernetes_validate.validate(template, K8S_VERSIONS[-1], strict=True)
 
 
+def _shared_schema(file: str, version: str) -> dict:
+    path = REPO.parent / "shared" / "schemas" / file
+    if not path.exists():
+        pytest.skip(f"{path} not found (expected ../shared beside the repository)")
+    doc = yaml.safe_load(path.read_text())
+    return next(v for v in doc["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
+
+
+@pytest.fixture(scope="module")
+def trainjob_schema() -> dict:
+    return _shared_schema("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")
+
+
+@pytest.mark.parametrize("path", [p.relative_to(REPO).as_posix() for p in RUN_FILES])
+def test_trainjobs_validate_against_the_trainer_crd(path, trainjob_schema):
+    """With `scheduling.launcher: TrainJob`, every training child is a TrainJob that validates
+    strictly against Kubeflow Trainer's CRD, carrying what the PyTorchJob carried."""
+    run = load_run(REPO / path)
+    pytorch = [m for _, _, m in planned_manifests(run) if m["kind"] == "PyTorchJob"]
+    run.spec.scheduling.launcher = "TrainJob"
+    run.spec.scheduling.queueName = "gpu-queue"
+    planned = [m for _, _, m in planned_manifests(run)]
+    jobs = [m for m in planned if m["kind"] == "TrainJob"]
+    assert len(jobs) == len(pytorch) and not any(m["kind"] == "PyTorchJob" for m in planned)
+    for job, twin in zip(jobs, pytorch):
+        _validate_crd_object(trainjob_schema, job)
+        master = twin["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+        trainer = job["spec"]["trainer"]
+        assert job["metadata"]["name"] == twin["metadata"]["name"]
+        assert trainer["command"] == master["command"] and trainer["env"] == master["env"]
+        assert trainer["resourcesPerNode"] == master["resources"]
+        assert trainer["numNodes"] == sum(r["replicas"] for r in twin["spec"]["pytorchReplicaSpecs"].values())
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+        pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
+                                      "template": {"spec": {**pod["template"]["spec"]["template"]["spec"],
+                                                            "containers": [{**master, "name": "node"}]}}},
+                                     K8S_VERSIONS[-1], strict=True)
+
+
+def test_the_sample_training_runtime_validates():
+    schema = _shared_schema("trainer.kubeflow.org_clustertrainingruntimes.yaml", "v1alpha1")
+    runtime = yaml.safe_load((REPO / "manifests" / "trainer" / "torch-distributed.yaml").read_text())
+    _validate_crd_object(schema, runtime)
+    assert runtime["metadata"]["name"] == "torch-distributed"  # the default scheduling.trainingRuntime
+
+
 def test_a_typo_in_a_pytorchjob_is_caught(pytorchjob_schema):
     run = load_run(REPO / "examples/tiny/run-training.yaml")
     job = next(m for _, _, m in planned_manifests(run) if m["kind"] == "PyTorchJob")

@@ -159,13 +159,16 @@ def local_python(image: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["PyTorchJob", "TrainJob"])
 def test_tiny_run_trains_every_stage_through_the_operator(cluster, kubelet_factory, operator_factory,
-                                                         s3_server, s3_bucket, tiny_task):
-    """The demo, on 'Kubernetes': torchrun processes per PyTorchJob replica, S3 artifacts."""
+                                                         s3_server, s3_bucket, tiny_task, launcher):
+    """The demo, on 'Kubernetes': torchrun processes per PyTorchJob replica (or TrainJob node),
+    S3 artifacts."""
     from xwin_jobs.store import Store, read_marker
 
     store = Store(endpoint_url=s3_server.endpoint_url)
-    run = inputs_on_s3(tiny_run(storage=storage(s3_server, s3_bucket)), store, f"{s3_bucket}/inputs", tiny_task)
+    run = inputs_on_s3(tiny_run(storage=storage(s3_server, s3_bucket), scheduling={"launcher": launcher}),
+                       store, f"{s3_bucket}/inputs", tiny_task)
     s3_secret(cluster, s3_server.env, secret=s3_server.env["AWS_SECRET_ACCESS_KEY"])
     kubelet = kubelet_factory(python_for_image=local_python)
     op = operator_factory(env=s3_server.env)

@@ -31,6 +31,9 @@ def full_run(name: str, *, storage: dict, judge_url: str) -> dict:
     in the Secret JUDGE_SECRET."""
     run = example_run(FULL, name, storage=storage)
     run["spec"]["judge"] = {**run["spec"]["judge"], "baseURL": judge_url, "apiKeySecret": JUDGE_SECRET}
+    # the operator's plumbing, not the recipe's gains (tests/test_demo.py): short training
+    for stage in ("sft", "rewardModel", "rejectionSampling", "dpo"):
+        run["spec"]["stages"][stage].setdefault("training", {})["maxSteps"] = 16
     return run
 
 

@@ -10,6 +10,7 @@ a run removes its children (owner references) and keeps its artifacts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import base64
 import json
@@ -69,6 +70,21 @@ def sft_run(name: str, bucket: str, **spec) -> dict:
                     "stages": {"sft": {"data": SFT_DATA}}}}
     run["spec"].update(spec)
     return run
+
+
+@contextlib.contextmanager
+def crd_without_cel_rules(cluster):
+    """The API server validating AlignmentRuns with a CRD whose CEL rules are removed."""
+    crds = cluster.api.crds
+    original = crds[RUNS]
+    stripped = json.loads(json.dumps(original))
+    stripped["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].pop(
+        "x-kubernetes-validations", None)
+    crds[RUNS] = stripped
+    try:
+        yield
+    finally:
+        crds[RUNS] = original
 
 
 def condition(status: dict, type_: str) -> dict:
@@ -169,6 +185,11 @@ def test_a_missing_secret_waits_with_a_reason_then_heals(env):
     assert "spec.storage.secretRef" in condition(status, "SecretsReady")["message"]
     assert "late-credentials" in condition(status, "SecretsReady")["message"]
     assert not children_of(cluster, "nosecret")
+    assert status["phase"] == "Pending"
+    time.sleep(1.0)  # several resyncs: still one Warning Event, naming the field and the Secret
+    warnings = [e for e in events_of(cluster, NS, "nosecret") if e["type"] == "Warning"]
+    assert [e["reason"] for e in warnings] == ["SecretNotFound"]
+    assert "spec.storage.secretRef" in warnings[0]["message"] and "late-credentials" in warnings[0]["message"]
     cluster.create("v1/secrets", {"apiVersion": "v1", "kind": "Secret",
                                   "metadata": {"name": "late-credentials", "namespace": NS},
                                   "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(b"testing").decode(),
@@ -177,11 +198,36 @@ def test_a_missing_secret_waits_with_a_reason_then_heals(env):
     assert condition(status, "SecretsReady")["status"] == "True"
 
 
+def test_an_unreachable_store_is_a_visible_wait_that_heals(env, s3_server):
+    """With the S3 endpoint down the run is not left blank: Pending, a Progressing=False
+    condition naming the endpoint, one Warning Event however many resyncs; fixed, it runs."""
+    from kube.pods import free_port
+
+    cluster, op, bucket = env
+    dead = f"http://127.0.0.1:{free_port()}"
+    run = sft_run("nostore", bucket)
+    run["spec"]["storage"]["endpoint"] = dead
+    cluster.create(RUNS, run)
+    status = cluster.wait_for(lambda: (lambda s: s if condition(s, "Progressing") else None)(
+        run_status(cluster, NS, "nostore")), timeout=30, what="a Progressing condition")
+    cond = condition(status, "Progressing")
+    assert status["phase"] == "Pending"
+    assert (cond["status"], cond["reason"]) == ("False", "StoreUnreachable")
+    assert dead in cond["message"] and "spec.storage.endpoint" in cond["message"]
+    time.sleep(1.5)  # several resyncs (0.3 s apart)
+    warnings = [e for e in events_of(cluster, NS, "nostore") if e["type"] == "Warning"]
+    assert [e["reason"] for e in warnings] == ["StoreUnreachable"]
+    cluster.patch(RUNS, NS, "nostore", {"spec": {"storage": {"endpoint": ENDPOINT[0]}}})
+    status = wait_phase(cluster, NS, "nostore", timeout=30, operator=op)
+    assert not condition(status, "Progressing")
+
+
 def test_a_spec_the_model_rejects_fails_naming_the_field_and_a_fix_resumes(env):
     cluster, op, bucket = env
     run = sft_run("badspec", bucket)
     run["spec"]["stages"]["sft"] = {"training": {"epochs": 1}}  # the CRD's CEL rule would refuse this
-    cluster.create(RUNS, run)
+    with crd_without_cel_rules(cluster):  # as an older CRD (before the rule) lets it through
+        cluster.create(RUNS, run)
     status = wait_phase(cluster, NS, "badspec", phases=("Failed",), timeout=20, operator=op)
     assert "spec.stages.sft.data" in status["message"] and condition(status, "Succeeded")["reason"] == "InvalidSpec"
     cluster.patch(RUNS, NS, "badspec", {"spec": {"stages": {"sft": {"data": SFT_DATA}}}})

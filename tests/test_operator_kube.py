@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from kube import Cluster
-from xwin_operator.kube import ApiError, Connection, KubeApi
+from xwin_operator.kube import ApiError, KubeApi
+from xwin_operator.kubeconfig import MemFiles, login_from_dict
 from xwin_operator.observe import child_state, parse_run
 from xwin_operator.planner import EmitEvent, PatchStatus
 
@@ -75,7 +76,7 @@ def api_cluster():
 
 def test_kube_api_calls_against_the_api_server(api_cluster):
     c = api_cluster
-    api = KubeApi(lambda: Connection(server=c.url))
+    api = KubeApi(lambda: login_from_dict(c.kubeconfig_doc(), MemFiles()))
     c.create("v1/secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": NS},
                             "data": {"k": "c2VjcmV0"}})
     other = {**pytorchjob("other"), "metadata": {"name": "other", "namespace": NS, "labels": {**LABELS, "xwin.ai/run": "x"}}}
@@ -112,7 +113,10 @@ def test_kube_api_calls_against_the_api_server(api_cluster):
 def test_unreachable_api_is_a_transient_error():
     from kube.pods import free_port
 
-    api = KubeApi(lambda: Connection(server=f"http://127.0.0.1:{free_port()}"), timeout=2)
+    doc = {"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "x", "user": "x"}}],
+           "clusters": [{"name": "x", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}],
+           "users": [{"name": "x", "user": {}}]}
+    api = KubeApi(lambda: login_from_dict(doc, MemFiles()), timeout=2)
     import asyncio
 
     async def call() -> ApiError:

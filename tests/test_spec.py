@@ -69,6 +69,14 @@ BAD = [
     ("    bestOfN: {policy: sft, rewardModel: s3://rm/}\n", "spec.stages.bestOfN.prompts", "required unless", 10),
     ("    evaluate: {models: [sft, dpo], mtBench: {questions: s3://q}}\n  judge: {}\n",
      "spec.stages.evaluate.models[1]", "'dpo' must name a stage", 10),
+    # reference: a stage that is not evaluated (so has no answers to compare with)
+    ("    rejectionSampling: {from: s3://m/}\n    evaluate: {models: [rejectionSampling], "
+     "alpacaEval: {prompts: s3://a, reference: sft}}\n  judge: {}\n",
+     "spec.stages.evaluate.alpacaEval.reference", "'sft' must be one of evaluate.models", 11),
+    ("    evaluate: {models: [sft], alpacaEval: {prompts: s3://a, reference: gpt4}}\n  judge: {}\n",
+     "spec.stages.evaluate.alpacaEval.reference", "must match", 10),
+    ("    evaluate: {models: [sft], mtBench: {questions: s3://q}, passGrade: 11}\n  judge: {}\n",
+     "spec.stages.evaluate.passGrade", "must be <= 10", 10),
 ]
 
 
@@ -167,6 +175,9 @@ CEL_CASES = [
     MINIMAL + "    evaluate: {models: [sft, s3://x/], alpacaEval: {prompts: s3://a, reference: s3://b}}\n  judge: {}\n",
     MINIMAL + "    evaluate: {models: [sft, dpo], alpacaEval: {prompts: s3://a, reference: s3://b}}\n  judge: {}\n",
     MINIMAL + "    evaluate: {models: [sft]}\n  judge: {}\n",
+    MINIMAL + "    evaluate: {models: [sft], alpacaEval: {prompts: s3://a, reference: sft}}\n  judge: {}\n",
+    MINIMAL + "    evaluate: {models: [sft, s3://m/], alpacaEval: {prompts: s3://a, reference: dpo}}\n  judge: {}\n",
+    MINIMAL + "    dpo: {init: sft, pairsFrom: s3://p/}\n    evaluate: {alpacaEval: {prompts: s3://a, reference: base}}\n  judge: {}\n",
     MINIMAL + "    rewardModel: {pairs: s3://p/}\n    bestOfN: {prompts: s3://p}\n    rejectionSampling: {}\n",
     MINIMAL + "    bestOfN: {prompts: s3://p}\n",
 ]

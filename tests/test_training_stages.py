@@ -202,6 +202,26 @@ def test_dpo_min_margin_drops_pairs_from_the_scored_set(world):
     assert not (output_dir(task) / MARKER).exists()
 
 
+def test_micro_batch_tokens_below_the_longest_example_is_refused_before_training(world):
+    task = make_task(world, "dpo", "dpo-budget", {"model": world["base"], "pairs": world["pairs"]},
+                     beta=0.1, pairsFrom="pairs")
+    task.params["training"]["microBatchTokens"] = 16
+    with pytest.raises(StageError, match=r"training\.microBatchTokens: 16 cannot hold one example"):
+        run_stage(task, Store())
+    assert not (output_dir(task) / "checkpoints").exists()
+    assert not (output_dir(task) / MARKER).exists()
+
+
+def test_token_budget_packs_without_padding_and_counts_truncation(world):
+    task = make_task(world, "sft", "sft-budget", {"model": world["base"], "data": world["conversations"]})
+    task.chat_template = "tokenizer"  # short: the first answer fits in maxLength, the second does not
+    task.params["training"].update({"microBatchTokens": 128, "maxLength": 24, "epochs": 1})
+    metrics = run_stage(task, Store())["metrics"]
+    assert metrics["paddingEfficiency"] >= 0.9
+    assert metrics["truncated"] > 0  # sequences cut at maxLength are trained on their first 24 tokens
+    assert metrics["trainLoss"] < metrics["initialTrainLoss"] or metrics["steps"] == 3
+
+
 def test_changed_params_retrain_and_missing_upstream_marker_fails(world):
     task = make_task(world, "sft", "rerun", {"model": world["base"], "data": world["conversations"]})
     task.params["training"].update(maxSteps=1, checkpointEvery=0)

@@ -87,9 +87,14 @@ def test_tiny_run_on_s3_then_rerun_is_a_noop(workdir, s3_server, s3_bucket):
 
     from xwin_operator.spec_io import load_run
 
-    env = {**s3_server.env, "AWS_ENDPOINT_URL": s3_server.endpoint_url}
-    first = xwin_run(workdir, "--store", f"{s3_bucket}/runs", "-v", env=env)
+    # the spec's storage is used without --store: its S3 URI and its endpoint
+    edit_spec(workdir, lambda spec: spec.update(storage={"uri": f"{s3_bucket}/runs",
+                                                         "endpoint": s3_server.endpoint_url}))
+    env = dict(s3_server.env)
+    first = xwin_run(workdir, "-v", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
+    assert f"→ {s3_bucket}/runs/demo/tiny/" in first.stdout
+    assert not (workdir / "xwin-runs").exists()
     assert outcomes(first.stdout) == {"pairs": "reused", "bestOfN": "reused",
                                       **{s: "ran" for s in TRAINED}}
     # the operator's planner walked it: the children decide plans, in its order, one at a time
@@ -120,12 +125,28 @@ def test_tiny_run_on_s3_then_rerun_is_a_noop(workdir, s3_server, s3_bucket):
     assert lm.config.model_type == "llama" and rm.config.num_labels == 1
 
     before = {u: store.read_bytes(u) for u in store.list_files(f"{root}/") if u.endswith("_SUCCESS.json")}
-    again = xwin_run(workdir, "--store", f"{s3_bucket}/runs", env=env)
+    again = xwin_run(workdir, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert outcomes(again.stdout) == {"pairs": "reused", "bestOfN": "reused",
                                       **{s: "skipped" for s in TRAINED}}
     assert created(again.stdout) == []
     assert {u: store.read_bytes(u) for u in before} == before
+
+
+def test_the_spec_storage_uri_is_used_and_store_overrides_it(workdir):
+    def only_sft(spec):
+        spec["storage"] = {"uri": "file://./elsewhere/artifacts"}   # relative to the working dir
+        spec["stages"] = {"sft": {**spec["stages"]["sft"], "training": {"maxSteps": 1}}}
+    edit_spec(workdir, only_sft)
+    res = xwin_run(workdir)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "→ file://./elsewhere/artifacts/demo/tiny/" in res.stdout
+    assert (workdir / "elsewhere/artifacts/demo/tiny/sft/_SUCCESS.json").is_file()
+    assert not (workdir / "xwin-runs").exists()
+    other = workdir / "override"
+    res = xwin_run(workdir, "--store", f"file://{other}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (other / "demo/tiny/sft/_SUCCESS.json").is_file()
 
 
 def test_failed_stage_is_named_after_max_attempts_and_rerun_continues_from_it(workdir):

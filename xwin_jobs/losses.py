@@ -4,6 +4,14 @@ Conventions: `logits` are [batch, seq, vocab] as a causal LM returns them for `i
 `labels` are aligned with `input_ids` (HF style) and -100 wherever a token must not count.
 The shift (logits at t predict the token at t+1) happens here, once.
 
+The training stages do not build full logits: `chunked_target_logprobs` takes the hidden
+states of the labelled positions only (already paired with their next-token targets by
+xwin_jobs.training.packing) and applies the LM head chunk by chunk; `token_nll_mean` and
+`segment_sums` turn those per-token log-probs into the SFT loss and per-sequence sums.
+The full-logits functions below stay as the reference the tests compare against.
+How losses are normalised (per token, per pair) is defined once, in
+xwin_jobs.training.batching.LOSS_NORMALISATION.
+
 torch is imported lazily so that `import xwin_jobs.losses` stays light.
 """
 
@@ -45,6 +53,46 @@ def sequence_logprobs(logits: "torch.Tensor", labels: "torch.Tensor",
     if average:
         return total / mask.sum(-1).clamp(min=1)
     return total
+
+
+def chunked_target_logprobs(hidden: "torch.Tensor", head, targets: "torch.Tensor",
+                            chunk_size: int = 1024, recompute: bool = False) -> "torch.Tensor":
+    """log p(target) for each row of `hidden` [T, H] under `head` (the LM head module,
+    [*, H] -> [*, V]), `chunk_size` rows at a time with the log-softmax in fp32, so no
+    [T, V] tensor is built at once. With `recompute` (and grad enabled) each chunk's logits
+    are recomputed in the backward pass instead of kept (torch.utils.checkpoint): at most
+    one chunk's [chunk, V] logits exist at any time. Returns [T] float32."""
+    import torch
+
+    def one(h, t):
+        logits = head(h).float()
+        return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    if hidden.shape[0] == 0:  # keeps the graph (zero gradients), as a full-logits pass would
+        return hidden[:, 0].float() * 0
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if recompute and torch.is_grad_enabled() and h.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            out.append(checkpoint(one, h, t, use_reentrant=False))
+        else:
+            out.append(one(h, t))
+    return torch.cat(out)
+
+
+def segment_sums(values: "torch.Tensor", segments: "torch.Tensor", count: int) -> "torch.Tensor":
+    """Per-segment sums of `values` [T] by `segments` [T] (ints in [0, count)), [count]."""
+    import torch
+
+    return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, segments, values)
+
+
+def token_nll_mean(token_logprobs: "torch.Tensor") -> "torch.Tensor":
+    """SFT loss from per-token log-probs of the labelled tokens: their mean NLL (0, not
+    NaN, when there are none)."""
+    return -token_logprobs.sum() / max(int(token_logprobs.numel()), 1)
 
 
 def bradley_terry_loss(chosen_rewards: "torch.Tensor", rejected_rewards: "torch.Tensor"):

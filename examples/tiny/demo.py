@@ -1,12 +1,16 @@
 """`make demo`: the tiny AlignmentRun, every stage, end to end on this machine.
 
-    python examples/tiny/demo.py [--store file://./xwin-runs] [-v]
+    python examples/tiny/demo.py [--store file://./xwin-runs] [--seed 0] [-v]
 
-1. writes the synthetic task and the tiny base model (examples/tiny/make_task.py);
+1. writes the synthetic task and the tiny base model for the seed (examples/tiny/make_task.py;
+   seed 0 in examples/tiny/work, seed N in examples/tiny/work-seedN);
 2. starts the loopback judge server (examples/judge_server.py) on the port that
    examples/tiny/run.yaml names in `judge.baseURL`, standing in for GPT-4;
-3. runs `xwin run examples/tiny/run.yaml`, which starts and stops vLLM servers itself;
-4. stops the judge and prints what it was asked.
+3. runs `xwin run examples/tiny/run.yaml` (for another seed: a copy with that seed's files,
+   training and sampling seeds), which starts and stops vLLM servers itself;
+4. stops the judge and prints the paper's table from the evaluate stage's report, plus what
+   only the demo can know: the exact grade of a random best-of-N sample vs the one the reward
+   model selected (`recipe_summary`).
 
 The judge's API key is a demo value passed through the environment, as the operator maps
 `judge.apiKeySecret` on a cluster. Run from the repository root.
@@ -19,7 +23,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 HERE = Path(__file__).resolve().parent
@@ -30,19 +36,73 @@ from judge_server import JudgeServer, ServerConfig  # noqa: E402
 from make_task import make_task  # noqa: E402
 
 DEMO_KEY = "sk-demo-not-a-real-key"
+WORK = "./examples/tiny/work"
+
+
+def seeded_run(run: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The demo's AlignmentRun for `seed`: that seed's task files, training and sampling
+    seeds, and its own name (seed 0 is the file as it is). Pure."""
+    text = yaml.safe_dump(run, sort_keys=False)
+    if seed == 0:
+        return yaml.safe_load(text)
+    out = yaml.safe_load(text.replace(f"{WORK}/", f"{WORK}-seed{seed}/"))
+    out["metadata"]["name"] = f"{run['metadata']['name']}-s{seed}"
+    defaults = out["spec"].setdefault("defaults", {})
+    defaults.setdefault("training", {})["seed"] = seed
+    defaults.setdefault("sampling", {})["seed"] = seed
+    return out
+
+
+def recipe_summary(store_uri: str, run: dict[str, Any]) -> dict[str, Any]:
+    """The evaluate stage's report, and the exact grade (examples/tiny/synthetic.py) of a
+    random best-of-N response vs of the one the reward model scored highest."""
+    import synthetic
+    from xwin_jobs.records import iter_records
+    from xwin_jobs.store import Store
+
+    store = Store()
+    root = f"{store_uri.rstrip('/')}/{run['metadata']['namespace']}/{run['metadata']['name']}"
+    out: dict[str, Any] = {"report": store.read_json(f"{root}/evaluate/data/report.json")}
+    rows = [r for r in iter_records(store, f"{root}/bestOfN/data/", "scored")]
+    random_grades, selected = [], []
+    for r in rows:
+        valid = [x for x in r["responses"] if x.get("score") is not None]
+        if not valid:
+            continue
+        grades = [synthetic.grade(r["prompt"], x["content"]) for x in valid]
+        random_grades.append(sum(grades) / len(grades))
+        selected.append(grades[max(range(len(valid)), key=lambda i: valid[i]["score"])])
+    if selected:
+        out["bestOfNExact"] = {"prompts": len(selected),
+                               "randomSampleGrade": sum(random_grades) / len(random_grades),
+                               "selectedGrade": sum(selected) / len(selected)}
+    return out
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from xwin_jobs.judge.report import render_table
+
+    print("\n" + "\n".join(render_table(summary["report"])))
+    exact = summary.get("bestOfNExact")
+    if exact:
+        print(f"\nBest-of-N, exact grade (0..1) on {exact['prompts']} prompts: a random sample "
+              f"{exact['randomSampleGrade']:.3f}, the reward model's pick {exact['selectedGrade']:.3f}.")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default=str(HERE / "run.yaml"))
     ap.add_argument("--store", default="file://./xwin-runs")
+    ap.add_argument("--seed", type=int, default=0, help="task, model and sampling seed (default 0)")
     ap.add_argument("--judge-port", type=int, default=None,
                     help="serve the judge on this port instead of the spec's (0: any free port)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
 
-    make_task(HERE / "work")
-    run = yaml.safe_load(Path(args.spec).read_text())
+    started = time.monotonic()
+    make_task(HERE / ("work" if args.seed == 0 else f"work-seed{args.seed}"), args.seed)
+    original = yaml.safe_load(Path(args.spec).read_text())
+    run = seeded_run(original, args.seed)
     judge_url = urlparse(run["spec"]["judge"]["baseURL"])
     port = judge_url.port if args.judge_port is None else args.judge_port
     try:
@@ -53,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"judge server (exact grader standing in for GPT-4) on {server.base_url}", flush=True)
     spec_file = args.spec
-    if server.base_url != run["spec"]["judge"]["baseURL"]:  # another port: a copy of the spec
-        run["spec"]["judge"]["baseURL"] = server.base_url
+    run["spec"]["judge"]["baseURL"] = server.base_url
+    if run != original:  # another port or seed: a copy of the spec
         spec_file = str(Path(tempfile.mkdtemp(prefix="xwin-demo-")) / Path(args.spec).name)
         Path(spec_file).write_text(yaml.safe_dump(run, sort_keys=False))
     env = {**os.environ, "OPENAI_API_KEY": DEMO_KEY}
@@ -66,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     served = {k: v for k, v in stats.items() if isinstance(v, int) and v}
     print("judge requests served: " + ", ".join(f"{k}={v}" for k, v in sorted(served.items())))
+    if code == 0:
+        print_summary(recipe_summary(args.store, run))
+    print(f"\ndemo finished in {time.monotonic() - started:.0f}s (exit {code})")
     return code
 
 

@@ -1,11 +1,18 @@
 """A tiny synthetic task with an exact grader: small sums, asked in one or two turns.
 
-    USER: What is 3 plus 4?          ASSISTANT: 3 plus 4 is 7.
-    USER: And plus 2?                ASSISTANT: 7 plus 2 is 9.
+    USER: Quick question. How much is 3 plus 4?   ASSISTANT: 3 plus 4 is 7.
+    USER: And plus 2?                             ASSISTANT: 7 plus 2 is 9.
 
 Small enough for a 2-layer model to pick up in a minute on a CPU, exact enough that a judge
 (the loopback judge server of the tests) can grade answers without an LLM. Everything is a
 pure function of a seed.
+
+The questions come in several phrasings (an opener times a template times the two numbers),
+so there are thousands of distinct prompts: the demo's evaluation prompts are a part of that
+pool that no training, pair or best-of-N prompt is drawn from (`split_pool`). The SFT data is
+imperfect on purpose, as human-written SFT data is (`noisy_conversation`): a share of its
+answers are refusals, answers without the worked sum, or wrong sums. The SFT model learns that
+mix, so each later stage of the recipe has something to fix.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from typing import Any
 SYSTEM = None  # the vicuna template adds Xwin-LM's system line itself
 
 _ANSWER = re.compile(r"(-?\d+)\s+plus\s+(-?\d+)\s+is\s+(-?\d+)")
+OPENERS = ("", "Hi! ", "Hello. ", "Quick question. ", "Please help. ", "Dear assistant, ")
+TEMPLATES = ("What is {a} plus {b}?", "How much is {a} plus {b}?", "Add {a} and {b}.",
+             "What do you get when you add {a} and {b}?", "Tell me the sum of {a} and {b}.")
 
 
 def _question(a: int, b: int) -> str:
@@ -54,10 +64,10 @@ def expected_sum(messages: list[dict[str, Any]]) -> int | None:
         if m["role"] != "user":
             continue
         nums = [int(x) for x in re.findall(r"-?\d+", m["content"])]
-        if m["content"].startswith("What is") and len(nums) == 2:
-            total = nums[0] + nums[1]
-        elif m["content"].startswith("And plus") and nums and total is not None:
+        if m["content"].startswith("And plus") and nums and total is not None:
             total += nums[0]
+        elif len(nums) == 2:
+            total = nums[0] + nums[1]
     return total
 
 
@@ -85,8 +95,8 @@ def right_answer(prompt_messages: list[dict[str, Any]]) -> str:
     return _answer(nums[0], nums[1])
 
 
-def pair(rng: random.Random, idx: int) -> dict[str, Any]:
-    p = prompt(rng, idx, "pair")
+def pair(rng: random.Random, idx: int, text: str | None = None) -> dict[str, Any]:
+    p = prompt_record(idx, text, "pair") if text else prompt(rng, idx, "pair")
     good, bad = right_answer(p["messages"]), wrong_answer(rng, p["messages"])
     return {"id": p["id"], "prompt": p["messages"],
             "chosen": [{"role": "assistant", "content": good}],
@@ -95,9 +105,9 @@ def pair(rng: random.Random, idx: int) -> dict[str, Any]:
             "judge": {"model": "synthetic-grader"}}
 
 
-def scored(rng: random.Random, idx: int, n: int) -> dict[str, Any]:
+def scored(rng: random.Random, idx: int, n: int, text: str | None = None) -> dict[str, Any]:
     """A scored-set record as best-of-n sampling would produce it: mixed answers, noisy scores."""
-    p = prompt(rng, idx, "rs")
+    p = prompt_record(idx, text, "rs") if text else prompt(rng, idx, "rs")
     responses = []
     for _ in range(n):
         text = right_answer(p["messages"]) if rng.random() < 0.4 else wrong_answer(rng, p["messages"])
@@ -109,8 +119,65 @@ def corpus(rng: random.Random, size: int = 400) -> list[str]:
     """Text for training the tiny tokenizer: questions, answers and the chat scaffolding."""
     lines = ["A chat between a curious user and an artificial intelligence assistant. "
              "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-             "USER: ASSISTANT: I do not know. It is"]
+             "USER: ASSISTANT: I do not know. It is", *OPENERS, *TEMPLATES]
     for i in range(size):
         c = conversation(rng, i, multi_turn=True)
         lines.append(" ".join(f"{m['role'].upper()}: {m['content']}" for m in c["messages"]))
+        q = noisy_conversation(rng, i, question_text(rng), multi_turn=True, noise=0.5)
+        lines.append(" ".join(f"{m['role'].upper()}: {m['content']}" for m in q["messages"]))
     return lines
+
+
+# ----------------------------------------------------------------------------- the demo task
+
+
+def question_text(rng: random.Random) -> str:
+    """One first-turn question in a random phrasing."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return rng.choice(OPENERS) + rng.choice(TEMPLATES).format(a=a, b=b)
+
+
+def pool(rng: random.Random) -> list[str]:
+    """Every distinct first-turn question (openers x templates x sums), shuffled."""
+    texts = [o + t.format(a=a, b=b) for o in OPENERS for t in TEMPLATES
+             for a in range(10) for b in range(10)]
+    rng.shuffle(texts)
+    return texts
+
+
+def split_pool(rng: random.Random, n_eval: int) -> tuple[list[str], list[str]]:
+    """(evaluation questions, training questions): two disjoint parts of the shuffled pool."""
+    texts = pool(rng)
+    if n_eval >= len(texts):
+        raise ValueError(f"n_eval={n_eval}: the pool has only {len(texts)} questions")
+    return texts[:n_eval], texts[n_eval:]
+
+
+def noisy_answer(rng: random.Random, a: int, b: int, noise: float) -> str:
+    """The worked sum, or with probability `noise` a flawed answer: a refusal, or the number
+    without the worked sum (half credit). (Wrong sums the model makes by itself.)"""
+    if rng.random() >= noise:
+        return _answer(a, b)
+    return "I do not know." if rng.random() < 0.6 else f"It is {a + b}."
+
+
+def noisy_conversation(rng: random.Random, idx: int, text: str, multi_turn: bool,
+                       noise: float, prefix: str = "conv") -> dict[str, Any]:
+    """An SFT conversation on question `text` whose answers are flawed with probability `noise`."""
+    a, b = (int(x) for x in re.findall(r"\d+", text))
+    messages = [{"role": "user", "content": text},
+                {"role": "assistant", "content": noisy_answer(rng, a, b, noise)}]
+    if multi_turn:
+        c = rng.randint(0, 9)
+        messages += [{"role": "user", "content": _followup(c)},
+                     {"role": "assistant", "content": noisy_answer(rng, a + b, c, noise)}]
+    return {"id": f"{prefix}-{idx}", "messages": messages}
+
+
+def prompt_record(idx: int, text: str, prefix: str) -> dict[str, Any]:
+    return {"id": f"{prefix}-{idx}", "messages": [{"role": "user", "content": text}]}
+
+
+def mt_question(rng: random.Random, idx: int, text: str) -> dict[str, Any]:
+    """A two-turn MT-bench-style question: `text`, then "And plus c?"."""
+    return {"id": f"mt-{idx}", "turns": [text, _followup(rng.randint(0, 9))]}

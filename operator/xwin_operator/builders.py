@@ -11,6 +11,9 @@
   `terminationGracePeriodSeconds` (spec.scheduling): on SIGTERM the trainer finishes its
   optimizer step, uploads a checkpoint and exits 143; torchrun waits for it that long less
   `SHUTDOWN_MARGIN_S` (TORCH_ELASTIC_SHUTDOWN_TIMEOUT). The restart resumes from it.
+  With `scheduling.launcher: TrainJob`, a `trainer.kubeflow.org/v1alpha1` TrainJob instead
+  (`trainjob`): the same command, env, resources, node count and labels, on the
+  ClusterTrainingRuntime `scheduling.trainingRuntime`.
 * `serve` steps -> a vLLM Deployment (server arguments from `vllm_server_args`, the pure
   function the local executor uses too; readiness on `/health`) and a ClusterIP Service.
 * `job` steps (sampler, judge) -> a batch/v1 Job; exit codes 1 and 2 (the stage failed / bad
@@ -204,16 +207,23 @@ def _step_resources(run: AlignmentRun, stage: str, step: Step, task: StageTask) 
         run.spec, getattr(run.spec.stages, stage).resources)
 
 
+def _train_env(run: AlignmentRun, task: StageTask, step: Step) -> tuple[int, list[dict[str, Any]]]:
+    """The grace period of a training pod and its container env (torchrun's shutdown timeout
+    leaves `SHUTDOWN_MARGIN_S` of it for torchrun itself): the same for either launcher."""
+    grace = run.spec.scheduling.terminationGracePeriodSeconds
+    shutdown = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(1, grace - SHUTDOWN_MARGIN_S))}
+    return grace, container_env(run, task, step, {**step_env(step), **shutdown})
+
+
 def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
                task: StageTask, config: OperatorConfig) -> dict[str, Any]:
     res = _step_resources(run, stage, step, task)
     name = child_name(run.metadata.name, stage, step.name, attempt)
     labels = child_labels(run, stage, step.name, attempt)
-    grace = run.spec.scheduling.terminationGracePeriodSeconds
-    shutdown = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(1, grace - SHUTDOWN_MARGIN_S))}
+    grace, env = _train_env(run, task, step)
     container = {"name": "pytorch", "image": config.image(run, step.image),
                  "command": [*TRAIN_LAUNCHER, step.job, "--task", "$(XWIN_TASK)"],
-                 "env": container_env(run, task, step, {**step_env(step), **shutdown}),
+                 "env": env,
                  "resources": _resources(res["gpusPerNode"], res.get("cpu"), res.get("memory"))}
     template = {"metadata": {"labels": labels},
                 "spec": {**pod_spec(run, container, config), "terminationGracePeriodSeconds": grace}}
@@ -227,6 +237,51 @@ def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str
                      "runPolicy": {"backoffLimit": config.pod_backoff_limit,
                                    "suspend": bool(run.spec.suspend), "cleanPodPolicy": "None"},
                      "pytorchReplicaSpecs": replicas}}
+
+
+def trainjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
+             task: StageTask, config: OperatorConfig) -> dict[str, Any]:
+    """The `train` step as a Kubeflow Trainer v2 TrainJob on `scheduling.trainingRuntime`: the
+    same command, environment (Secrets by reference), resources per node, node count and Kueue
+    label as the PyTorchJob; the pod settings (security context, scratch volumes, scheduling)
+    as a runtime patch of the runtime's `node` job."""
+    res = _step_resources(run, stage, step, task)
+    name = child_name(run.metadata.name, stage, step.name, attempt)
+    labels = child_labels(run, stage, step.name, attempt)
+    pod = pod_spec(run, {"name": "node", "image": config.image(run, step.image)}, config)
+    mounts = pod["containers"][0]["volumeMounts"]
+    security = pod["containers"][0]["securityContext"]
+    pod["containers"] = [{"name": "node", "volumeMounts": mounts, "securityContext": security}]
+    grace, env = _train_env(run, task, step)
+    pod = {k: v for k, v in pod.items() if k in TRAINJOB_POD_FIELDS}  # no priorityClassName: Kueue's
+    pod["terminationGracePeriodSeconds"] = grace
+    trainer = {"image": config.image(run, step.image),
+               "command": [*TRAIN_LAUNCHER, step.job, "--task", "$(XWIN_TASK)"],
+               "env": env,
+               "numNodes": res["nodes"], "numProcPerNode": max(1, res["gpusPerNode"]),
+               "resourcesPerNode": _resources(res["gpusPerNode"], res.get("cpu"), res.get("memory"))}
+    return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+            "metadata": _metadata(run, name, labels, uid),
+            "spec": {"runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                    "name": run.spec.scheduling.trainingRuntime},
+                     "suspend": bool(run.spec.suspend), "trainer": trainer,
+                     "runtimePatches": [{"manager": f"{API_GROUP}/operator", "trainingRuntimeSpec": {"template": {
+                         "spec": {"replicatedJobs": [{"name": "node", "template": {"spec": {"template": {
+                             "metadata": {"labels": labels}, "spec": pod}}}}]}}}}]}}
+
+
+# what a TrainJob's runtime patch may set of a pod (trainer.kubeflow.org/v1alpha1)
+TRAINJOB_POD_FIELDS = ("affinity", "containers", "imagePullSecrets", "initContainers", "nodeSelector",
+                       "schedulingGates", "securityContext", "serviceAccountName",
+                       "terminationGracePeriodSeconds", "tolerations", "volumes")
+
+
+def step_kind(run: AlignmentRun, kind: str) -> str:
+    """The child kind of a step kind (`train` follows `spec.scheduling.launcher`)."""
+    return run.spec.scheduling.launcher if kind == "train" else STEP_KINDS[kind]
+
+
+STEP_KINDS = {"train": "PyTorchJob", "job": "Job", "serve": "Deployment"}
 
 
 def batch_job(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
@@ -329,7 +384,8 @@ def build_step(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str
     """Every manifest of one step's attempt. A sample step points at the Service of its serve
     step's attempt `serve_attempt` (default: the same attempt)."""
     if step.kind == "train":
-        return [pytorchjob(run, stage, step, attempt, uid, task, config)]
+        launcher = trainjob if run.spec.scheduling.launcher == "TrainJob" else pytorchjob
+        return [launcher(run, stage, step, attempt, uid, task, config)]
     if step.kind == "serve":
         return vllm_server(run, stage, step, attempt, uid, task, config)
     extra = step_env(step)

@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run an AlignmentRun on this machine with the operator's planner, "
                                    "one process at a time")
     r.add_argument("file")
-    r.add_argument("--store", default="file://./xwin-runs",
-                   help="artifact root replacing spec.storage.uri (default file://./xwin-runs)")
+    r.add_argument("--store", default=None,
+                   help="artifact root replacing spec.storage.uri (default: the spec's storage.uri; "
+                        "a relative file://./x resolves against the working directory)")
     r.add_argument("--logs", default=None, help="folder for stage logs (default ./xwin-logs/<ns>/<name>)")
     r.add_argument("--backoff", type=float, default=None, metavar="SECONDS",
                    help="wait before retrying a failed stage (attempt 2; doubles per attempt up to "

@@ -15,7 +15,8 @@ import copy
 from typing import Any
 
 from .spec import (API_GROUP, API_VERSION, JUDGE_STAGES, KIND, LIST_REFERENCE_RULES, PLURAL,
-                   REFERENCE_RULES, REQUIRED_UNLESS_REUSED, STAGE_ORDER, AlignmentRunSpec, AlignmentRunStatus)
+                   REFERENCE_RULES, REQUIRED_UNLESS_REUSED, STAGE_ORDER, AlignmentRunSpec, AlignmentRunStatus,
+                   EvaluateStage)
 
 _DROP = {"title", "discriminator"}
 
@@ -60,6 +61,12 @@ def cel_rules() -> list[dict[str, str]]:
                       "message": f"judge is required when the {stage} stage runs", "fieldPath": ".judge"})
     rules.append({"rule": f"{active('evaluate')} || has(self.stages.evaluate.alpacaEval) || has(self.stages.evaluate.mtBench)",
                   "message": "give alpacaEval, mtBench or both", "fieldPath": ".stages.evaluate"})
+    ref, models = "self.stages.evaluate.alpacaEval.reference", "self.stages.evaluate.models"
+    default_models = "[" + ", ".join(f"'{m}'" for m in EvaluateStage.model_fields["models"].default_factory()) + "]"
+    rules.append({"rule": f"{active('evaluate')} || !has(self.stages.evaluate.alpacaEval) || "
+                          f"{_is_uri_cel(ref)} || {ref} in (has({models}) ? {models} : {default_models})",
+                  "message": "must be one of evaluate.models or a URI of reference outputs",
+                  "fieldPath": ".stages.evaluate.alpacaEval.reference"})
     return rules
 
 

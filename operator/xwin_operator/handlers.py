@@ -22,9 +22,12 @@ kinds labelled `app.kubernetes.io/managed-by=xwin-operator`, grouped by `xwin.ai
 fills them completely before any handler runs, so a restarted operator sees every child it
 made before), the stages' `_SUCCESS.json` markers and the run's inputs in the store, and the
 Secrets the run names; `planner.decide` says what to do; `act` does it through kube.KubeApi,
-with at most one status patch per reconcile (none when nothing changed). Transient API or
-store errors are logged and retried by the resync: whatever is wrong may heal (a Secret
-created, RBAC fixed).
+with at most one status patch per reconcile (none when nothing changed). When observing or
+acting fails (the store unreachable, the API refusing a child or a lookup, a launcher's CRD
+missing: blocked.py) the run's status says so (a Progressing=False condition naming the field
+or endpoint, never an empty phase) with one Warning Event per distinct reason, and the resync
+retries: whatever is wrong may heal (a Secret created, RBAC fixed). Logging in (kopf's and the
+client's) goes through kubeconfig.load_login: the official client's loading, no key on disk.
 """
 
 from __future__ import annotations
@@ -33,71 +36,24 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import kopf
 
-from xwin_jobs.store import StoreError
-
 from .builders import LABEL_RUN, MANAGED_BY, OperatorConfig
-from .kube import ApiError, Connection, KubeApi, StoreReader
-from .observe import child_state, parse_run
-from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, SuspendChild,
-                      decide, input_uris, secret_refs, stage_tasks)
+from .kube import KubeApi, StoreReader, verify_login
+from .kubeconfig import Login, LoginError, MemFiles, load_login
+from .observe import child_state
+from .reconciler import OperatorState, RunGate, finished, reconcile_logged
 from .spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 RUNS = (API_GROUP, API_VERSION, PLURAL)
-CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("batch", "v1", "jobs"),
+CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+                   ("batch", "v1", "jobs"),
                    ("apps", "v1", "deployments"), ("", "v1", "services"))
 CHILD_INDEXES = tuple(f"{plural}_by_run" for _, _, plural in CHILD_RESOURCES)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
-FINISHED = ("Succeeded", "Failed")
-SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
-SLOW_LANE = 32     # status patches and Event posts in flight at once (creates are not limited)
-
-
-class RunGone(Exception):
-    """The run was deleted while it was being reconciled."""
-
-
-@dataclass
-class RunGate:
-    """Per-run state of this process: one reconcile at a time, the newest body the watch
-    delivered, the status it last wrote (newer than a body the watch has not caught up with),
-    the child phases it last saw, and when it was last reconciled."""
-
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    body: Mapping[str, Any] | None = None   # the newest body of the run seen by the watch
-    generation: int | None = None           # the generation last reconciled
-    run: Any = None                         # its spec parsed, for `generation` (spec changes bump it)
-    tasks: dict | None = None               # planner.stage_tasks(run) for that generation
-    status: dict | None = None
-    phases: dict[tuple[str, str], str] = field(default_factory=dict)
-    queued: bool = False
-    last: float = 0.0
-
-
-@dataclass
-class OperatorState:
-    api: KubeApi
-    store: StoreReader
-    config: OperatorConfig
-    login: Callable[[], Any]
-    interval: float = 3.0
-    gates: dict[str, RunGate] = field(default_factory=dict)
-    indexes: Mapping[str, Any] = field(default_factory=dict)     # kopf's live child indexes
-    secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)  # -> when last found
-    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the indexes are complete
-    resync: asyncio.Task | None = None
-    # status patches and Events wait here, children creates do not: under a burst of new runs,
-    # the children (what users wait for) go first
-    slow_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SLOW_LANE))
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+LOGIN_RETRY = 15.0  # seconds between tries of a login that failed
 
 
 def _state(memo: Any) -> OperatorState:
@@ -132,10 +88,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
 
-    def login() -> Any:
-        return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    memfiles = MemFiles()  # key material of the kubeconfig, in memory only
 
-    state = OperatorState(api=KubeApi(lambda: Connection.from_info(login())), store=StoreReader(),
+    def login() -> Login:
+        return load_login(memfiles)
+
+    state = OperatorState(api=KubeApi(login), store=StoreReader(), child_indexes=CHILD_INDEXES,
                           config=OperatorConfig.from_env(), login=login,
                           interval=float(os.environ.get("XWIN_RECONCILE_INTERVAL", "3")), indexes=indexes)
     state.resync = asyncio.create_task(resync_forever(state, logging.getLogger("xwin_operator.resync")))
@@ -143,8 +101,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
 
 
 @kopf.on.login()
-def authenticate(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo | None:
-    return _state(memo).login()
+def authenticate(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's login, through the same official-client loading as the operator's own calls: a
+    failure is one clear line (naming the kubeconfig, context, user and field), retried."""
+    try:
+        login = _state(memo).login()
+        verify_login(login)
+        return kopf.ConnectionInfo(**login.connection_info())
+    except LoginError as e:
+        raise kopf.TemporaryError(f"cannot log in to the Kubernetes API: {e}", delay=LOGIN_RETRY) from None
 
 
 @kopf.on.cleanup()
@@ -167,147 +132,10 @@ for (_group, _version, _plural), _index_id in zip(CHILD_RESOURCES, CHILD_INDEXES
     kopf.index(_group, _version, _plural, labels=MANAGED, id=_index_id)(_index_child)
 
 
-def _children(indexes: Mapping[str, Any], namespace: str, name: str) -> list:
-    key, out = (namespace, name), []
-    for index_id in CHILD_INDEXES:
-        index = indexes[index_id]
-        if key in index:   # kopf's O(1) membership test; .get() raises and catches KeyError
-            out.extend(index[key])
-    return out
-
-
 # --- reconcile: observe -> decide -> act -----------------------------------------------------
 
 
-async def reconcile(state: OperatorState, gate: RunGate,
-                    logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Reconcile the run of `gate` (its newest body), with its children as the indexes hold
-    them once the lock is held (not when the trigger fired: a queued reconcile sees the
-    newest children)."""
-    async with gate.lock:
-        gate.queued = False
-        body = gate.body
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return  # being deleted: its children go with it (owner references); nothing to start
-        meta = body["metadata"]
-        try:
-            await _reconcile(state, gate, body, _children(state.indexes, meta["namespace"], meta["name"]), logger)
-        except RunGone:
-            state.gates.pop(meta["uid"], None)  # deleted meanwhile: nothing left to do
-        finally:
-            gate.last = time.monotonic()
-
-
-async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any], children: list,
-                     logger: logging.Logger | logging.LoggerAdapter) -> None:
-    meta = body["metadata"]
-    uid = meta["uid"]
-    generation = int(meta.get("generation") or 1)
-    current = dict(body.get("status") or {})
-    previous = gate.status if gate.status is not None else current
-    if gate.run is not None and gate.generation == generation:
-        run, actions = gate.run, []  # same spec: no need to validate it again
-    else:
-        run, actions = parse_run(body, previous, generation, now_iso())
-        gate.tasks = stage_tasks(run, state.config) if run is not None else None
-    if run is not None:
-        observed = await observe(state, run, gate.tasks, children)
-        gate.phases = {(c.kind, c.name): c.phase for c in children}
-        actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config,
-                         tasks=gate.tasks)
-    await act(state, gate, body, actions, current, logger)
-    gate.generation, gate.run = generation, run
-
-
-async def observe(state: OperatorState, run: Any, tasks: dict, children: list) -> Observed:
-    """The markers of the run's stages (`tasks`: planner.stage_tasks, each with its output
-    folder), its missing Secrets and its missing external inputs (an input found once is not
-    probed again: StoreReader remembers it)."""
-    spec, meta = run.spec, run.metadata
-    endpoint = spec.storage.endpoint
-    markers = await state.store.markers(endpoint, {s: t.output for s, t in tasks.items()})
-    missing_inputs = await state.store.missing(endpoint, list(input_uris(run).values()))
-    missing_secrets = [n for n in dict.fromkeys(secret_refs(run).values())
-                       if not await secret_exists(state, meta.namespace, n)]
-    return Observed(children=list(children), markers=markers, now=now_iso(),
-                    missing_secrets=missing_secrets, missing_inputs=missing_inputs)
-
-
-async def secret_exists(state: OperatorState, namespace: str, name: str) -> bool:
-    """Whether the Secret exists; one found is not asked for again for SECRET_TTL seconds (a
-    missing one is asked for on every reconcile, so a Secret created heals the run at once)."""
-    key, now = (namespace, name), time.monotonic()
-    if now - state.secrets_found.get(key, -SECRET_TTL) < SECRET_TTL:
-        return True
-    if await state.api.secret_exists(namespace, name):
-        state.secrets_found[key] = now
-        return True
-    state.secrets_found.pop(key, None)
-    return False
-
-
-async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], actions: list,
-              current: dict, logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Children first (a new child is the latency users wait for), then the one status patch
-    (the planner emits at most one, and none when nothing changed), then the Events, in order.
-    The status patch and the Events go through `slow_lane` (SLOW_LANE requests at once, of the
-    API client's 64): under a burst of new runs, creating children is not queued behind the
-    other runs' bookkeeping."""
-    meta = body["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    api = state.api
-    events: list[EmitEvent] = []
-    for action in actions:
-        if isinstance(action, CreateChild):
-            m = action.manifest
-            if await api.create(m):
-                logger.info(f"created {m['kind']}/{m['metadata']['name']}")
-        elif isinstance(action, DeleteChild):
-            if await api.delete(action.kind, ns, action.name):
-                logger.info(f"deleted {action.kind}/{action.name}")
-        elif isinstance(action, SuspendChild):
-            await api.set_suspended(action.kind, ns, action.name, action.suspend)
-            logger.info(f"{'suspended' if action.suspend else 'resumed'} {action.kind}/{action.name}")
-        elif isinstance(action, PatchStatus):
-            old_keys = set(current) | set(gate.status or {})
-            patch = {**action.status, **{k: None for k in old_keys if k not in action.status}}
-            try:
-                async with state.slow_lane:
-                    await api.patch_status(ns, name, patch)
-            except ApiError as e:
-                raise RunGone() if e.status == 404 else e from None
-            gate.status = dict(action.status)
-        elif isinstance(action, EmitEvent):
-            events.append(action)
-            logger.info(f"{action.reason}: {action.message}")
-    if events:  # after the status they tell about, in order; best effort, as Events are
-        involved = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": name,
-                    "namespace": ns, "uid": meta["uid"]}
-        async with state.slow_lane:
-            for e in events:
-                try:
-                    await api.post_event(involved, e.reason, e.message, e.type)
-                except ApiError as err:
-                    logger.warning(f"could not post Event {e.reason}: {err}")
-
-
-async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,
-                           logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Reconcile; an API or store error is logged and left to the resync (which retries every
-    unfinished run not reconciled for `interval` seconds): one run's trouble never stops the others."""
-    try:
-        await reconcile(state, gate, logger)
-    except (ApiError, StoreError) as e:
-        logger.warning(f"reconcile ({why}): {e} (retried in {state.interval:g}s)")
-
-
 # --- triggers ------------------------------------------------------------------------------------
-
-
-def finished(body: Mapping[str, Any], written: dict | None) -> bool:
-    """Succeeded or Failed for the current spec (by the newest status known here)."""
-    status = written if written is not None else (body.get("status") or {})
-    return status.get("phase") in FINISHED and status.get("observedGeneration") == body["metadata"].get("generation")
 
 
 async def resync_forever(state: OperatorState, logger: logging.Logger) -> None:

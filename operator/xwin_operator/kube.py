@@ -1,32 +1,37 @@
 """The operator's thin I/O layer: exactly the Kubernetes API calls and store reads it makes.
 
-* `KubeApi` (aiohttp, async): list children by label, create (409 Conflict = already there),
-  delete (404 = already gone), suspend/resume a child, merge-patch an AlignmentRun's status
-  through the status subresource, post an Event, tell whether a Secret exists (its data is
-  read by the API but never kept, logged or returned).
+* `KubeApi`: the API calls, made with the official client (`kubernetes`, its ApiClient: the
+  login of kubeconfig.load_login, TLS, exec-plugin token refresh) in a pool of worker threads,
+  so kopf's event loop never blocks: list children by label, create (409 Conflict = already
+  there), delete (404 = already gone), suspend/resume a child, merge-patch an AlignmentRun's
+  status through the status subresource, post an Event, tell whether a Secret exists (its
+  reply is never read, so its data is never parsed, kept, logged or returned). Bodies are the
+  builders' plain dicts, sent as JSON: no conversion to the client's model classes. On a 401
+  the login is loaded again (rotated tokens, a plugin's new token) and the call retried once.
 * `StoreReader`: the stages' `_SUCCESS.json` markers and the existence of external inputs,
   read with xwin_jobs' Store in worker threads (boto3 is synchronous). Credentials come from
   the operator's own environment; the endpoint from the run's `storage.endpoint`.
 
 Errors are `ApiError` (with `.transient` for 429/5xx/connection failures) and xwin_jobs'
-`StoreError`; the handlers turn them into kopf's TemporaryError.
+`StoreError`; a login that fails is kubeconfig.LoginError.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
-from dataclasses import dataclass, field
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import aiohttp
-
 from .builders import MANAGED_BY
+from .kubeconfig import Login, LoginError
 from .spec import API_GROUP, API_VERSION, PLURAL
 
 # kind -> (group/version, plural)
 RESOURCES: dict[str, tuple[str, str]] = {
     "PyTorchJob": ("kubeflow.org/v1", "pytorchjobs"),
+    "TrainJob": ("trainer.kubeflow.org/v1alpha1", "trainjobs"),
     "Job": ("batch/v1", "jobs"),
     "Deployment": ("apps/v1", "deployments"),
     "Service": ("v1", "services"),
@@ -34,8 +39,9 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Event": ("v1", "events"),
     "AlignmentRun": (f"{API_GROUP}/{API_VERSION}", PLURAL),
 }
-CHILD_KINDS = ("PyTorchJob", "Job", "Deployment", "Service")
+CHILD_KINDS = ("PyTorchJob", "TrainJob", "Job", "Deployment", "Service")
 MERGE_PATCH = "application/merge-patch+json"
+API_THREADS = 16  # calls in flight at once (worker threads of the synchronous official client)
 
 
 class ApiError(Exception):
@@ -56,101 +62,124 @@ def path_of(kind: str, namespace: str | None, name: str | None = None, sub: str 
     return path
 
 
-@dataclass
-class Connection:
-    """Where the API is and how to authenticate: built from kopf's ConnectionInfo."""
-
-    server: str
-    headers: dict[str, str] = field(default_factory=dict)
-    ssl: ssl.SSLContext | bool = True
-
-    @classmethod
-    def from_info(cls, info: Any) -> "Connection":
-        headers: dict[str, str] = {}
-        if getattr(info, "token", None):
-            headers["Authorization"] = f"{getattr(info, 'scheme', None) or 'Bearer'} {info.token}"
-        elif getattr(info, "username", None):
-            auth = aiohttp.BasicAuth(info.username, info.password or "")
-            headers["Authorization"] = auth.encode()
-        context: ssl.SSLContext | bool = True
-        if info.server.startswith("https"):
-            if getattr(info, "insecure", False):
-                context = False
-            else:
-                context = ssl.create_default_context(cafile=info.ca_path or None,
-                                                     cadata=_text(info.ca_data))
-                if info.certificate_path or info.certificate_data:
-                    context.load_cert_chain(*_cert_files(info))
-        return cls(server=info.server.rstrip("/"), headers=headers, ssl=context)
+def _error_of(status: int, reason: str, data: bytes | None) -> ApiError:
+    try:
+        d = json.loads(data) if data else {}
+    except ValueError:
+        d = {}
+    d = d if isinstance(d, dict) else {}
+    return ApiError(status, str(d.get("message") or reason or ""), str(d.get("reason") or reason or ""))
 
 
-def _text(data: str | bytes | None) -> str | None:
-    return data.decode() if isinstance(data, bytes) else data
+def _send(client: Any, method: str, path: str, *, body: Any = None, params: dict | None = None,
+          content_type: str = "application/json", timeout: float = 30.0) -> Any:
+    """One request through the official ApiClient (its auth, token refresh and TLS): the
+    client's RESTResponse, whatever its status."""
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = content_type
+    request = client.param_serialize(method=method.upper(), resource_path=path,
+                                     query_params=list((params or {}).items()), header_params=headers,
+                                     body=body, auth_settings=["BearerToken"])
+    return client.call_api(*request, _request_timeout=timeout)
 
 
-def _cert_files(info: Any) -> tuple[str, str | None]:
-    import tempfile
+def verify_login(login: Login, timeout: float = 10.0) -> None:
+    """Raise LoginError when the API server refuses `login`'s credentials (401 on GET /api),
+    so a login that cannot work is reported (and retried) instead of handed to kopf, which
+    exits once every credential it was given has been refused. Unreachable: left to the caller."""
+    import urllib3
+    from kubernetes.client import ApiClient
+    from kubernetes.client.exceptions import ApiException
 
-    def path(p: Any, data: Any, suffix: str) -> str | None:
-        if p:
-            return str(p)
-        if not data:
-            return None
-        f = tempfile.NamedTemporaryFile("wb", suffix=suffix, delete=False)
-        f.write(data if isinstance(data, bytes) else data.encode())
-        f.close()
-        return f.name
-
-    cert = path(info.certificate_path, info.certificate_data, ".crt")
-    assert cert is not None
-    return cert, path(info.private_key_path, info.private_key_data, ".key")
+    client = ApiClient(login.configuration)
+    try:
+        resp = _send(client, "get", "/api", timeout=timeout)
+        resp.read()
+    except (ApiException, urllib3.exceptions.HTTPError, OSError):
+        return
+    finally:
+        client.close()
+    if resp.status == 401:
+        raise LoginError(f"{login.source}: the API server refused the credentials (401 Unauthorized): the token "
+                         "expired and could not be refreshed, or the user or certificate is unknown to the cluster")
 
 
 class KubeApi:
-    """The API calls of the handlers. `connect()` (re)builds the Connection: called lazily
-    and again once after a 401 (rotated service-account tokens)."""
+    """The API calls of the handlers, through the official client. `login()` gives a
+    kubeconfig.Login: called lazily, and again after a 401 (rotated or expired credentials).
+    `threads` calls run at once (the client is synchronous)."""
 
-    def __init__(self, connect: Callable[[], Connection], *, timeout: float = 30.0, limit: int = 64):
-        self._connect, self._timeout, self._limit = connect, timeout, limit
-        self._conn: Connection | None = None
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self, login: Callable[[], Login], *, timeout: float = 30.0, threads: int = API_THREADS):
+        self._login, self._timeout, self._threads = login, timeout, threads
+        self._client: Any = None
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kube-api")
+        self._lock = threading.Lock()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _api_client(self) -> Any:
+        with self._lock:  # one login, however many threads ask at once
+            if self._client is None:
+                from kubernetes.client import ApiClient
+
+                cfg = self._login().configuration
+                cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, self._threads)
+                self._client = ApiClient(cfg)
+            return self._client
+
+    def _call(self, method: str, path: str, body: Any, params: dict | None, content_type: str,
+              reply: bool) -> Any:
+        """One request in a worker thread: the decoded JSON reply, or None with reply=False (the
+        body of a success is then not even read; an error's is, for its message)."""
+        import urllib3
+        from kubernetes.client.exceptions import ApiException
+
+        for attempt in (1, 2):
+            client = self._api_client()
+            try:
+                resp = _send(client, method, path, body=body, params=params, content_type=content_type,
+                             timeout=self._timeout)
+            except ApiException as e:
+                raise ApiError(int(e.status or 0), f"{method.upper()} {path}: {e.reason}") from None
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                raise ApiError(0, f"{method.upper()} {path}: {type(e).__name__}: {e}") from None
+            if resp.status == 401 and attempt == 1:
+                resp.read()
+                self._client = None   # log in again: a new token, a rotated certificate
+                continue
+            if resp.status >= 400:
+                return self._raise(resp)
+            if not reply:
+                resp.response.drain_conn()
+                resp.response.release_conn()
+                return None
+            data = resp.read()
+            return json.loads(data) if data else None
+        raise ApiError(401, "unauthorized", "Unauthorized")
+
+    @staticmethod
+    def _raise(resp: Any) -> None:
+        error = _error_of(resp.status, resp.reason, resp.read())
+        if resp.status == 401:
+            error.message = ("the API server refused the credentials (401 Unauthorized), also after logging "
+                             "in again: the token expired and could not be refreshed, or the user is unknown")
+        raise error
 
     async def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
                       content_type: str = "application/json", *, reply: bool = True) -> Any:
-        """The decoded JSON reply (None with reply=False: the body of a success is not even
-        parsed; an error's still is, for its message)."""
-        for attempt in (1, 2):
-            if self._conn is None:
-                self._conn = self._connect()
-            if self._session is None or self._session.closed:
-                self._session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=self._limit),
-                    timeout=aiohttp.ClientTimeout(total=self._timeout))
-            headers = {**self._conn.headers, "Accept": "application/json"}
-            if body is not None:
-                headers["Content-Type"] = content_type
-            try:
-                async with self._session.request(method, self._conn.server + path, json=body, params=params,
-                                                 headers=headers, ssl=self._conn.ssl) as resp:
-                    if resp.status < 400 and not reply:
-                        await resp.read()  # drained, so the connection is reused
-                        return None
-                    data = await resp.json(content_type=None) if resp.content_length != 0 else None
-                    if resp.status == 401 and attempt == 1:
-                        self._conn = None
-                        continue
-                    if resp.status >= 400:
-                        d = data if isinstance(data, dict) else {}
-                        raise ApiError(resp.status, str(d.get("message") or resp.reason), str(d.get("reason") or ""))
-                    return data
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
-                raise ApiError(0, f"{method.upper()} {path}: {type(e).__name__}: {e}") from None
-        raise ApiError(401, "unauthorized", "Unauthorized")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self._call, method, path, body, params,
+                                              content_type, reply)
+        except LoginError:
+            raise
+        except RuntimeError as e:  # the pool shut down: the operator is stopping
+            raise ApiError(0, f"{method.upper()} {path}: {e}") from None
 
     # --- the calls ------------------------------------------------------------------------------
     async def list_children(self, namespace: str, run_name: str) -> list[dict]:
@@ -159,7 +188,12 @@ class KubeApi:
         text = ",".join(f"{k}={v}" for k, v in selector.items())
         out: list[dict] = []
         for kind in CHILD_KINDS:
-            data = await self.request("get", path_of(kind, namespace), params={"labelSelector": text})
+            try:
+                data = await self.request("get", path_of(kind, namespace), params={"labelSelector": text})
+            except ApiError as e:
+                if e.status == 404:
+                    continue  # its CRD is not installed (a launcher this cluster does not have)
+                raise
             for item in data.get("items") or []:
                 labels = (item.get("metadata") or {}).get("labels") or {}
                 if all(labels.get(k) == v for k, v in selector.items()):
@@ -189,7 +223,7 @@ class KubeApi:
             raise
 
     async def set_suspended(self, kind: str, namespace: str, name: str, suspend: bool) -> None:
-        patch = {"spec": {"runPolicy": {"suspend": suspend}}} if kind == "PyTorchJob" else {"spec": {"suspend": suspend}}
+        patch = {"spec": {"runPolicy": {"suspend": suspend}}} if kind == "PyTorchJob" else {"spec": {"suspend": suspend}}  # Job, TrainJob
         try:
             await self.request("patch", path_of(kind, namespace, name), patch, content_type=MERGE_PATCH, reply=False)
         except ApiError as e:
@@ -234,7 +268,8 @@ class StoreReader:
         if endpoint not in self._stores:
             from xwin_jobs.store import Store
 
-            self._stores[endpoint] = Store(endpoint_url=endpoint)
+            # short connect timeout, two tries: an unreachable endpoint is reported within a reconcile
+            self._stores[endpoint] = Store(endpoint_url=endpoint, connect_timeout=5.0, max_attempts=2)
         return self._stores[endpoint]
 
     async def markers(self, endpoint: str | None, stage_uris: dict[str, str]) -> dict[str, dict | None]:

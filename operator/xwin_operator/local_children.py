@@ -38,7 +38,7 @@ from .builders import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP, TRAIN_LAUNCHER
 from .planner import ChildState
 from .steps import Step
 
-JOB_KINDS = ("PyTorchJob", "Job")
+JOB_KINDS = ("PyTorchJob", "TrainJob", "Job")
 
 
 def now_iso() -> str:

@@ -7,6 +7,9 @@ The mapping of planner.py's docstring, from what each real controller writes:
   * Job: status.succeeded >= 1 (or a True `Complete` condition) -> Succeeded; a True `Failed`
     condition -> Failed; status.active -> Running; else Pending. `suspended` = spec.suspend.
     The exit code is read from a podFailurePolicy message ("... failed with exit code 1 ...").
+  * TrainJob (Kubeflow Trainer v2): a True `Complete` / `Failed` condition -> Succeeded /
+    Failed (reason, message, exit code as for a Job); a child Job of status.jobsStatus with
+    active or ready pods -> Running; else Pending. `suspended` = spec.suspend.
   * Deployment: availableReplicas >= 1 -> Running (ready to serve); a `Progressing=False`
     condition with reason ProgressDeadlineExceeded -> Failed; else Pending.
   * Service: Running once it exists.
@@ -60,6 +63,15 @@ def child_state(body: Mapping[str, Any]) -> ChildState | None:
             reason, message = done.get("reason", ""), done.get("message", "")
             finished = status.get("completionTime") or done.get("lastTransitionTime")
         elif _true(conds, "Running") or _true(conds, "Restarting"):
+            phase = "Running"
+    elif kind == "TrainJob":
+        suspended = bool(spec.get("suspend"))
+        done = _true(conds, "Complete") or _true(conds, "Failed")
+        if done is not None:
+            phase = "Succeeded" if done["type"] == "Complete" else "Failed"
+            reason, message = done.get("reason", ""), done.get("message", "")
+            finished = done.get("lastTransitionTime")
+        elif any(int(j.get("active") or 0) + int(j.get("ready") or 0) > 0 for j in status.get("jobsStatus") or []):
             phase = "Running"
     elif kind == "Job":
         suspended = bool(spec.get("suspend"))

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from xwin_jobs.task import StageTask
 
-from .builders import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP, OperatorConfig, build_step, child_name
+from .builders import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP, OperatorConfig, build_step, child_name, step_kind
 from .graph import dependencies, stage_references, stages_of
 from .planner import (Action, ChildState, CreateChild, DeleteChild, Observed, RequeueAfter,
                       SuspendChild, secret_refs)
@@ -22,7 +22,6 @@ from .spec import AlignmentRun, is_uri
 from .steps import Step, steps_of
 from .tasks import run_root, stage_task, stage_uri
 
-STEP_KIND = {"train": "PyTorchJob", "job": "Job", "serve": "Deployment"}
 ACTIVE = ("Pending", "Running")
 
 
@@ -83,12 +82,12 @@ def _label(c: ChildState) -> str:
     return f"{c.kind}/{c.name}"
 
 
-def _is_done(step: Step, steps: list[Step], cs: list[ChildState]) -> bool:
+def _is_done(run: AlignmentRun, step: Step, steps: list[Step], cs: list[ChildState]) -> bool:
     if step.kind == "serve":
         sample = next(s for s in steps if s.name == step.serves)
-        return _is_done(sample, steps, cs)
-    return any(c.step == step.name and c.kind == STEP_KIND[step.kind] and c.phase == "Succeeded"
-               for c in cs)
+        return _is_done(run, sample, steps, cs)
+    kind = step_kind(run, step.kind)
+    return any(c.step == step.name and c.kind == kind and c.phase == "Succeeded" for c in cs)
 
 
 def _find(cs: list[ChildState], kind: str, step: str, attempt: int) -> ChildState | None:
@@ -112,7 +111,7 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask, uid: str,
     steps = steps_of(run.spec, view.name)
     cs = view.children
     attempt = max((c.attempt for c in cs), default=0) or 1
-    pending = [s for s in steps if not _is_done(s, steps, cs)]
+    pending = [s for s in steps if not _is_done(run, s, steps, cs)]
     if not pending:  # every step finished, yet no marker for these inputs
         view.phase, view.reason, view.attempts = "Failed", "NoMarker", attempt
         view.message = (f"stage {view.name}: its last step finished but {task.output}_SUCCESS.json "
@@ -147,7 +146,7 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask, uid: str,
         view.needs_judge |= step.needs_judge
         have = {(c.kind, c.name) for c in cs}
         name = child_name(run.metadata.name, view.name, step.name, attempt)
-        kinds = (STEP_KIND[step.kind], "Service") if step.kind == "serve" else (STEP_KIND[step.kind],)
+        kinds = (step_kind(run, step.kind), "Service") if step.kind == "serve" else (step_kind(run, step.kind),)
         if all((k, name) in have for k in kinds):
             return  # every child of the step exists: no manifest to build (the common case)
         made = build_step(run, view.name, step, attempt, uid, task, config)
@@ -202,7 +201,7 @@ def _stage_view(run: AlignmentRun, stage: str, task: StageTask, cs: list[ChildSt
     # a server no sampler needs any more (done, or from an older attempt) is deleted at once
     for c in cs:
         if c.kind in ("Deployment", "Service") and (c.attempt < view.attempts or _is_done(
-                next(s for s in steps if s.name == c.step), steps, cs)):
+                run, next(s for s in steps if s.name == c.step), steps, cs)):
             view.deletes.append((c.kind, c.name))
     return view
 

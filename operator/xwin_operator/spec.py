@@ -50,6 +50,8 @@ class Training(_Model):
     learningRate: Optional[float] = Field(None, gt=0, le=1, description="Peak AdamW learning rate.")
     globalBatchSize: Optional[int] = Field(None, ge=1, description="Sequences per optimizer step, across all GPUs (reached by gradient accumulation).")
     microBatchSize: Optional[int] = Field(None, ge=1, description="Sequences per forward pass on one device.")
+    microBatchTokens: Optional[int] = Field(None, ge=0, description="Token budget of one forward pass on one device (positions fed, padding included); when set (> 0) it replaces microBatchSize: each optimizer step's examples are grouped by length into micro-batches under this budget. Must hold the longest example (a pair counts twice its longer side). 0 = use microBatchSize.")
+    packing: Optional[bool] = Field(None, description="Pack several sequences into one row without padding, each with its own position ids (attention never crosses sequences), where the model's attention supports it; otherwise micro-batches are padded to their longest sequence.")
     maxLength: Optional[int] = Field(None, ge=16, le=1048576, description="Tokens per sequence; longer ones are truncated.")
     zeroStage: Optional[int] = Field(None, ge=0, le=3, description="0 = plain data parallel (DDP: every GPU holds the whole model and optimizer state); 1, 2, 3 = DeepSpeed ZeRO of that stage (optimizer state; + gradients; + parameters partitioned over the GPUs). ZeRO needs globalBatchSize to be a multiple of microBatchSize x GPUs.")
     offloadOptimizer: Optional[bool] = Field(None, description="ZeRO-Offload: keep the optimizer state (16 bytes per parameter, split over the GPUs) in host memory and update it on the CPU. Needs zeroStage 1-3.")
@@ -191,9 +193,13 @@ class DPOStage(_TrainingStage):
     pairsFrom: str = Field("bestOfN", description="bestOfN (Xwin-LM-DPO) | pairs (plain DPO on judged pairs) | a pairs data URI.")
 
 
+EVAL_MODEL_KEYS = ("sft", "rejectionSampling", "dpo", "base")
+_REFERENCE_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+|" + "|".join(EVAL_MODEL_KEYS) + r")$"
+
+
 class AlpacaEval(_Model):
     prompts: str = Field(..., pattern=_URI_PATTERN, description="AlpacaEval instructions (prompt records).")
-    reference: str = Field(..., pattern=_URI_PATTERN, description="Reference outputs the models are compared with.")
+    reference: str = Field(..., pattern=_REFERENCE_PATTERN, description="What every model is compared with: a file of reference outputs ({id, output} records, one for every prompt id), or one of evaluate.models (sft, rejectionSampling, dpo, base): that model's own answers, as AlpacaEval compares with a fixed reference model.")
 
 
 class MTBench(_Model):
@@ -206,6 +212,7 @@ class EvaluateStage(_SamplingStage):
     models: list[str] = Field(default_factory=lambda: ["sft", "rejectionSampling", "dpo"], min_length=1, description="Stage keys or model URIs.")
     alpacaEval: Optional[AlpacaEval] = None
     mtBench: Optional[MTBench] = None
+    passGrade: Optional[int] = Field(None, ge=1, le=10, description="Also report accuracy: the share of graded MT-bench answers the judge grades at least this (10 with an exact grader: exactly right).")
 
 
 class Stages(_Model):
@@ -261,6 +268,8 @@ class Scheduling(_Model):
     priorityClassName: Optional[str] = None
     nodeSelector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    launcher: Literal["PyTorchJob", "TrainJob"] = Field("PyTorchJob", description="What runs training and scoring steps: PyTorchJob (kubeflow.org/v1, Kubeflow Training Operator) or TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2).")
+    trainingRuntime: str = Field("torch-distributed", min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="The ClusterTrainingRuntime every TrainJob refers to (launcher: TrainJob).")
     terminationGracePeriodSeconds: int = Field(600, ge=30, le=86400, description="Seconds a training pod has between SIGTERM (preemption, eviction) and SIGKILL: it finishes the optimizer step, uploads a checkpoint and exits 143, and its restart resumes from that checkpoint.")
 
 
@@ -307,7 +316,7 @@ REFERENCE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("dpo", "init", ("sft", "rejectionSampling", "base")),
     ("dpo", "pairsFrom", ("bestOfN", "pairs")),
 )
-LIST_REFERENCE_RULES = (("evaluate", "models", ("sft", "rejectionSampling", "dpo", "base")),)
+LIST_REFERENCE_RULES = (("evaluate", "models", EVAL_MODEL_KEYS),)
 # (stage, field): required unless the stage is reused with `from:`.
 REQUIRED_UNLESS_REUSED = (("sft", "data"), ("pairs", "prompts"), ("bestOfN", "prompts"))
 JUDGE_STAGES = ("pairs", "evaluate")
@@ -343,6 +352,12 @@ def cross_field_errors(spec: AlignmentRunSpec) -> list[tuple[str, str]]:
             errs.append(("spec.judge", f"required when the {key} stage runs"))
     if s.evaluate and not s.evaluate.reused and not (s.evaluate.alpacaEval or s.evaluate.mtBench):
         errs.append(("spec.stages.evaluate", "give alpacaEval, mtBench or both"))
+    if s.evaluate and not s.evaluate.reused and s.evaluate.alpacaEval:
+        ref = s.evaluate.alpacaEval.reference
+        if not is_uri(ref) and ref not in s.evaluate.models:
+            errs.append(("spec.stages.evaluate.alpacaEval.reference",
+                         f"'{ref}' must be one of evaluate.models ({', '.join(s.evaluate.models)}) "
+                         "or a URI of reference outputs"))
     return errs
 
 

@@ -161,6 +161,7 @@ def status_actions(run: AlignmentRun, views: dict, prev_status: dict | None,
         elif s.get("message"):
             text += f": {s['message']}"
         events.append(EmitEvent(reason, text, type_))
+    events += _secret_events(prev_status, new_status)
     starting = prev_status.get("phase", "Pending") == "Pending" and any(e.reason == "StageStarted" for e in events)
     if new_status["phase"] != prev_status.get("phase") and new_status["phase"] in _RUN_EVENT and not (
             new_status["phase"] == "Running" and starting):  # a new run's first StageStarted says it
@@ -169,3 +170,12 @@ def status_actions(run: AlignmentRun, views: dict, prev_status: dict | None,
     ours = {k: prev_status.get(k) for k in new_status if k in prev_status}
     patch = [] if ours == new_status else [PatchStatus(new_status)]
     return patch + events
+
+
+def _secret_events(prev_status: dict, new_status: dict) -> list:
+    """A Warning Event when Secrets go missing (or other ones do): once, not every resync."""
+    old = next((c for c in prev_status.get("conditions") or [] if c.get("type") == "SecretsReady"), {})
+    new = next((c for c in new_status["conditions"] if c["type"] == "SecretsReady"), {})
+    if new.get("status") == "False" and (old.get("status"), old.get("message")) != ("False", new.get("message")):
+        return [EmitEvent(new["reason"], new["message"], "Warning")]
+    return []

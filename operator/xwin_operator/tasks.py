@@ -106,10 +106,19 @@ def stage_task(run: AlignmentRun, stage: str, store: str | None = None) -> Stage
             add(f"model:{m}", model_input(spec, root, m))
         if st.alpacaEval:
             add("alpacaPrompts", (st.alpacaEval.prompts, None))
-            add("alpacaReference", (st.alpacaEval.reference, None))
+            if st.alpacaEval.reference in st.models:   # a model's own answers are the reference
+                params["referenceModel"] = st.alpacaEval.reference
+            else:
+                add("alpacaReference", (st.alpacaEval.reference, None))
         if st.mtBench:
             add("mtBenchQuestions", (st.mtBench.questions, None))
         params["models"] = list(st.models)
+        if st.passGrade is not None:
+            params["passGrade"] = st.passGrade
+        # the paper's table also shows the reward model's and best-of-N's figures: read from
+        # those stages' markers when the report is written (not inputs: evaluate does not wait)
+        params["recipeStages"] = {k: stage_uri(root, k) for k in ("rewardModel", "bestOfN")
+                                  if getattr(spec.stages, k) is not None and not getattr(spec.stages, k).reused}
     if stage in ("pairs", "evaluate") and spec.judge is not None:
         # Only the Secret's *name* travels; the key itself reaches the pod through env.
         params["judge"] = spec.judge.model_dump(exclude={"apiKeySecret"}, exclude_none=True)

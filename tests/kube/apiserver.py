@@ -13,7 +13,6 @@ when a test defined no reaction of its own (most of KMock's time per request).
 from __future__ import annotations
 
 import asyncio
-import copy
 import datetime
 import itertools
 import json
@@ -26,6 +25,9 @@ import aiohttp.web
 import attrs
 import kmock
 
+from . import kubectl_api
+from .selectors import _pointer, field_selector_matches, merge_patch, parse_selector, selector_matches  # noqa: F401
+
 # resource -> (kind, namespaced, subresources): the built-in kinds the operator touches.
 BUILTIN_RESOURCES: dict[str, tuple[str, bool, frozenset[str]]] = {
     "v1/namespaces": ("Namespace", False, frozenset({"status"})),
@@ -36,78 +38,39 @@ BUILTIN_RESOURCES: dict[str, tuple[str, bool, frozenset[str]]] = {
     "apps/v1/deployments": ("Deployment", True, frozenset({"status", "scale"})),
     "batch/v1/jobs": ("Job", True, frozenset({"status"})),
     "kubeflow.org/v1/pytorchjobs": ("PyTorchJob", True, frozenset({"status"})),
+    "trainer.kubeflow.org/v1alpha1/trainjobs": ("TrainJob", True, frozenset({"status"})),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, frozenset({"status"})),
 }
 _FAST_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE, kmock.action.FETCH,
                  kmock.action.LIST)
 _NAMESPACES_PATH = re.compile(r"^/api/v1/namespaces/?([^/]+)?/?$")
+# a collection (what a watch is on): core or group-version, optional namespace, plural
+_RESOURCE_PATH = re.compile(r"^/(?:api/(v1)|apis/([^/]+)/([^/]+))(?:/namespaces/([^/]+))?/([^/]+)$")
+# a collection or one object of it
+_OBJECT_PATH = re.compile(r"^/(?:api/(v1)|apis/([^/]+)/([^/]+))(?:/namespaces/([^/]+))?/([^/]+)(?:/[^/]+)?$")
+
+
+@attrs.define
+class _WatchRequest:
+    """What FakeApiServer._serve_watch reads of a request."""
+
+    params: dict
+    resource: Any
+    namespace: str | None
+    name: str | None
+
+
+def _resource_key(path: str) -> str:
+    """`group/version/plural` of a resource path (`v1/plural` for the core group)."""
+    m = _RESOURCE_PATH.match(path) or _OBJECT_PATH.match(path)
+    if not m:
+        return ""
+    return f"v1/{m.group(5)}" if m.group(1) else f"{m.group(2)}/{m.group(3)}/{m.group(5)}"
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
 
 
 def now_iso() -> str:
     return datetime.datetime.now(tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (None deletes a key), without mutating `target`."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
-
-
-def _pointer(doc: Any, path: str) -> Any:
-    """The value at a JSON pointer, or a sentinel when absent."""
-    for part in [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]:
-        if isinstance(doc, dict) and part in doc:
-            doc = doc[part]
-        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
-            doc = doc[int(part)]
-        else:
-            return _ABSENT
-    return doc
-
-
-_ABSENT = object()
-
-
-def parse_selector(text: str | None) -> list[tuple[str, str, str | None]]:
-    """`a=b,c!=d,e,!f` -> [(op, key, value)]; set-based `in`/`notin` are not needed here."""
-    terms: list[tuple[str, str, str | None]] = []
-    for raw in (text or "").split(","):
-        term = raw.strip()
-        if not term:
-            continue
-        if "!=" in term:
-            k, v = term.split("!=", 1)
-            terms.append(("!=", k.strip(), v.strip()))
-        elif "==" in term or "=" in term:
-            k, v = term.split("==", 1) if "==" in term else term.split("=", 1)
-            terms.append(("=", k.strip(), v.strip()))
-        elif term.startswith("!"):
-            terms.append(("!", term[1:].strip(), None))
-        else:
-            terms.append(("exists", term, None))
-    return terms
-
-
-def selector_matches(terms: list[tuple[str, str, str | None]], labels: dict[str, str] | None) -> bool:
-    labels = labels or {}
-    for op, key, value in terms:
-        if op == "=" and labels.get(key) != value:
-            return False
-        if op == "!=" and labels.get(key) == value:
-            return False
-        if op == "exists" and key not in labels:
-            return False
-        if op == "!" and key in labels:
-            return False
-    return True
 
 
 @attrs.define(kw_only=True)
@@ -120,6 +83,9 @@ class FakeApiServer(kmock.KubernetesEmulator):
 
     keep_history: bool = True
     on_write: Any = None  # on_write(request, time.monotonic()) after each create/patch/delete (benchmarks)
+    # authenticate(Authorization header, verified client certificate or None) -> bool; None: no auth
+    authenticate: Any = None
+    crds: dict = attrs.field(factory=dict)  # "group/version/plural" -> CRD (validation, tables, OpenAPI)
     _owned: dict = attrs.field(factory=dict, init=False)  # owner uid -> {object keys}
     _gone: set = attrs.field(factory=set, init=False)     # uids of deleted objects
     _builtin_reactions: int | None = attrs.field(default=None, init=False)
@@ -182,10 +148,66 @@ class FakeApiServer(kmock.KubernetesEmulator):
                     meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if self.authenticate is not None:
+            transport = raw_request.transport
+            peercert = transport.get_extra_info("peercert") if transport is not None else None
+            if not self.authenticate(raw_request.headers.get("Authorization"), peercert or None):
+                return aiohttp.web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                  "message": "Unauthorized", "reason": "Unauthorized",
+                                                  "code": 401}, status=401)
+        path = raw_request.path.rstrip("/") or "/"
+        served = self._serve_for_kubectl(path)
+        if served is not None:
+            return served
         match = _NAMESPACES_PATH.match(raw_request.path)
         if match:  # KMock's path parser takes `/api/v1/namespaces` for a namespace prefix
-            return await self._serve_namespaces(raw_request, match.group(1))
-        return await super().__call__(raw_request)
+            response = await self._serve_namespaces(raw_request, match.group(1))
+        elif raw_request.method == "GET" and raw_request.query.get("watch") in ("true", "1") \
+                and _RESOURCE_PATH.match(path) and self._only_builtin_reactions():
+            response = await self._serve_json_watch(raw_request, path)
+        else:
+            response = await super().__call__(raw_request)
+        if raw_request.method == "GET" and kubectl_api.wants_table(raw_request.headers.get("Accept")) \
+                and raw_request.query.get("watch") != "true" and isinstance(response, aiohttp.web.Response) \
+                and response.status == 200 and response.body:
+            data = json.loads(response.body)
+            items = data.get("items") if "items" in data else [data]
+            crd = self.crds.get(_resource_key(path))
+            return aiohttp.web.json_response(kubectl_api.table(items, crd, str(self._last_version)))
+        return response
+
+    async def _serve_json_watch(self, raw_request: aiohttp.web.BaseRequest, path: str) -> aiohttp.web.StreamResponse:
+        """A watch stream as a real server sends it: `Content-Type: application/json` (KMock's
+        is octet-stream, which kubectl refuses), one event per line, each object a one-row
+        Table when the client asks for Tables (`kubectl get -w`), closed after timeoutSeconds."""
+        m = _RESOURCE_PATH.match(path)
+        assert m is not None
+        key = _resource_key(path)
+        request = _WatchRequest(params=dict(raw_request.query), resource=kmock.resource(key),
+                                namespace=m.group(4), name=None)
+        if request.resource not in self._resources:
+            return aiohttp.web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
+        as_table, crd = kubectl_api.wants_table(raw_request.headers.get("Accept")), self.crds.get(key)
+        fields = raw_request.query.get("fieldSelector")
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw_request)
+
+        async def stream() -> None:
+            async for event in self._serve_watch(request):
+                if not event or not field_selector_matches(fields, event.get("object") or {}):
+                    continue
+                obj = kubectl_api.table([event["object"]], crd, str(self._last_version)) if as_table else event["object"]
+                await response.write(json.dumps({"type": event["type"], "object": obj}).encode() + b"\n")
+        try:
+            await asyncio.wait_for(stream(), timeout=float(raw_request.query.get("timeoutSeconds") or 3600))
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        return response
+
+    def _serve_for_kubectl(self, path: str) -> aiohttp.web.Response | None:
+        """/version, discovery of one group-version, OpenAPI v3 (kubectl_api.py)."""
+        served = kubectl_api.serve_document(path, self.crds, self._resources)
+        return None if served is None else aiohttp.web.json_response(served[1], status=served[0])
 
     async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest, name: str | None):
         items = [obj.raw for (res, _ns, n), obj in self._objects.items()
@@ -206,6 +228,10 @@ class FakeApiServer(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request):  # type: ignore[override]
         uid = None
+        if request.resource is not None and request.resource.plural and request.resource not in self._resources:
+            # a real API server serves only the kinds it knows (a CRD not installed: 404)
+            raise kmock.KubernetesError(status=404, reason="NotFound",
+                                        message="the server could not find the requested resource")
         if request.action == kmock.action.DELETE and request.name is not None:
             obj = self._stored(request)
             meta = obj.raw.get("metadata", {}) if obj is not None and not obj.deleted else {}
@@ -215,6 +241,9 @@ class FakeApiServer(kmock.KubernetesEmulator):
                     obj.patch({"metadata": {"deletionTimestamp": now_iso(), "resourceVersion": self._next_version()}})
                     await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
                 return aiohttp.web.json_response(obj.raw)
+        invalid = self._validation_failure(request)
+        if invalid is not None:
+            return aiohttp.web.json_response(invalid[1], status=invalid[0])
         if request.resource is not None:
             self._stamp(request)
             if request.action in (kmock.action.DELETE, kmock.action.UPDATE) and request.name:
@@ -241,6 +270,19 @@ class FakeApiServer(kmock.KubernetesEmulator):
                 kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE) and response.status < 300:
             self.on_write(request, time.monotonic())
         return response
+
+    def _validation_failure(self, request: kmock.Request) -> tuple[int, dict] | None:
+        """A custom resource created or updated (not its status) checked against its CRD."""
+        if request.resource is None or request.subresource is not None or not isinstance(request.data, dict) \
+                or request.action not in (kmock.action.CREATE, kmock.action.UPDATE):
+            return None
+        r = request.resource
+        crd = self.crds.get(f"{r.group}/{r.version}/{r.plural}")
+        if crd is None:
+            return None
+        obj = request.data if request.action == kmock.action.CREATE else \
+            merge_patch(self._current(request) or {}, request.data)
+        return kubectl_api.validation_failure(crd, obj, strict=request.params.get("fieldValidation") == "Strict")
 
     def _only_builtin_reactions(self) -> bool:
         if self._builtin_reactions is None:
@@ -349,9 +391,14 @@ class FakeApiServer(kmock.KubernetesEmulator):
     async def _serve_list(self, request: kmock.Request):  # type: ignore[override]
         result = await super()._serve_list(request)
         terms = parse_selector(request.params.get("labelSelector"))
-        items = [i for i in result["items"] if selector_matches(terms, i.get("metadata", {}).get("labels"))]
-        return {"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": str(self._last_version)},
-                "items": items}
+        fields = request.params.get("fieldSelector")
+        items = [i for i in result["items"] if selector_matches(terms, i.get("metadata", {}).get("labels"))
+                 and field_selector_matches(fields, i)]
+        r = request.resource
+        info = self._resources[r] if r in self._resources else None
+        return {"kind": f"{info.kind}List" if info is not None and info.kind else "List",  # e.g. EventList
+                "apiVersion": f"{r.group}/{r.version}" if r.group else (r.version or "v1"),
+                "metadata": {"resourceVersion": str(self._last_version)}, "items": items}
 
     async def _serve_watch(self, request: kmock.Request):  # type: ignore[override]
         # KMock's own watch snapshots the objects, then subscribes to the change bus: a change

@@ -7,7 +7,9 @@ loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import functools
 import json
 import threading
 import time
@@ -15,9 +17,23 @@ import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import aiohttp
+import aiohttp.test_utils
 import kmock
 
 from .apiserver import BUILTIN_RESOURCES, VERBS, FakeApiServer, crd_resource, now_iso, resource_path
+
+class _TlsTestServer(aiohttp.test_utils.RawTestServer):
+    """KMock's server over HTTPS."""
+
+    def __init__(self, *args: Any, tls: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._tls = tls
+
+    async def __aenter__(self) -> "_TlsTestServer":
+        await self.start_server(loop=self._loop, ssl=self._tls)
+        return self
+
 
 class ApiError(Exception):
     def __init__(self, status: int, body: Any):
@@ -29,8 +45,16 @@ class Cluster:
     """A FakeApiServer on 127.0.0.1 in a background thread, with a synchronous API for tests."""
 
     def __init__(self, *, namespaces: tuple[str, ...] = ("default",), crds: tuple[dict, ...] = (),
-                 keep_history: bool = True, port: int | None = None):
+                 keep_history: bool = True, port: int | None = None, tls: Any = None,
+                 auth: Any = None, admin_token: str = "", work: Path | None = None,
+                 without: tuple[str, ...] = ()):
+        """`tls` (tls.Pki, with `work` for the server's key files): serve HTTPS; `auth`
+        (tls.TokenAuth): refuse unauthenticated requests, the test's own client sending
+        `admin_token`. `without`: built-in resources this cluster does not serve (a CRD not
+        installed, e.g. `trainer.kubeflow.org/v1alpha1/trainjobs`)."""
+        self.without = without
         self.namespaces, self.crds, self.keep_history, self._port = namespaces, crds, keep_history, port
+        self.tls, self.auth, self.admin_token, self.work = tls, auth, admin_token, work
         self.loop = asyncio.new_event_loop()
         self.api: FakeApiServer | None = None
         self.url = ""
@@ -67,11 +91,21 @@ class Cluster:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        kwargs = {"port": self._port} if self._port else {}
-        async with FakeApiServer(keep_history=self.keep_history) as api, kmock.Server(api, host="127.0.0.1", **kwargs) as srv:
+        kwargs: dict[str, Any] = {"port": self._port} if self._port else {}
+        if self.tls is not None:
+            server_tls = self.tls.server_context(Path(self.work or ".") / "apiserver-tls")
+            client_tls = self.tls.client_context()
+            kwargs["server_cls"] = functools.partial(_TlsTestServer, tls=server_tls)
+            headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+            kwargs["client_fct"] = lambda url: aiohttp.ClientSession(
+                url, headers=headers, connector=aiohttp.TCPConnector(ssl=client_tls))
+        async with FakeApiServer(keep_history=self.keep_history, authenticate=self.auth) as api, \
+                kmock.Server(api, host="127.0.0.1", **kwargs) as srv:
             self.api = api
             self.url = str(srv.url).rstrip("/")
             for res, (kind, namespaced, subresources) in BUILTIN_RESOURCES.items():
+                if res in self.without:
+                    continue
                 api.resources[res] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, verbs=VERBS,
                                                         subresources=set(subresources))
             for ns in self.namespaces:  # KMock cannot route /api/v1/namespaces: store them directly
@@ -81,6 +115,7 @@ class Cluster:
             for crd in self.crds:
                 res, info = crd_resource(crd)
                 api.resources[res] = kmock.ResourceInfo(**info)
+                api.crds[res] = crd
                 await self._request("post", resource_path("apiextensions.k8s.io/v1/customresourcedefinitions"), crd)
             self._ready.set()
             await self._stop.wait()
@@ -89,15 +124,21 @@ class Cluster:
                 task.cancel()
             await asyncio.wait(tasks, timeout=5) if tasks else None
 
-    def kubeconfig(self, path: str | Path) -> Path:
-        """A kubeconfig pointing at this server (no auth), for the operator process."""
-        path = Path(path)
-        path.write_text(json.dumps({
+    def kubeconfig_doc(self, user: dict | None = None, cluster: dict | None = None) -> dict:
+        """A kubeconfig document pointing at this server; `user` (default: no auth) and extra
+        `cluster` fields (certificate-authority-data, ...) as a kubeconfig holds them."""
+        ca = {"certificate-authority-data": base64.b64encode(self.tls.ca).decode()} if self.tls else {}
+        return {
             "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {}}],
+            "clusters": [{"name": "fake", "cluster": {"server": self.url, **ca, **(cluster or {})}}],
+            "users": [{"name": "fake", "user": dict(user or {})}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": self.namespaces[0]}}],
-        }))
+        }
+
+    def kubeconfig(self, path: str | Path, user: dict | None = None, cluster: dict | None = None) -> Path:
+        """`kubeconfig_doc` written to `path`, for the operator process and kubectl."""
+        path = Path(path)
+        path.write_text(json.dumps(self.kubeconfig_doc(user, cluster)))
         return path
 
     # --- running things on the server's loop ------------------------------------------------

@@ -23,16 +23,18 @@ from .cluster import Cluster
 from .kubelet import Outcome
 
 RUNS = "xwin.ai/v1alpha1/alignmentruns"
-CHILDREN = ("kubeflow.org/v1/pytorchjobs", "batch/v1/jobs", "apps/v1/deployments", "v1/services")
+CHILDREN = ("kubeflow.org/v1/pytorchjobs", "trainer.kubeflow.org/v1alpha1/trainjobs", "batch/v1/jobs",
+            "apps/v1/deployments", "v1/services")
 LAST_STEPS = ("train", "judge", "score")
 
 
 class OperatorProcess:
     def __init__(self, cluster: Cluster, work: Path, *, namespace: str, interval: float = 0.5,
                  env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-                 argv: list[str] | None = None):
-        """`argv` replaces the whole command (e.g. another kopf operator to compare with)."""
-        self.cluster, self.work, self.namespace = cluster, Path(work), namespace
+                 argv: list[str] | None = None, user: dict | None = None):
+        """`argv` replaces the whole command (e.g. another kopf operator to compare with);
+        `user`: the kubeconfig's user (default: none, for a cluster without authentication)."""
+        self.cluster, self.work, self.namespace, self.user = cluster, Path(work), namespace, user
         self.interval, self.extra_env, self.args = interval, dict(env or {}), args
         self.argv = argv or [sys.executable, "-m", "xwin_operator", "-n", namespace, *args]
         self.proc: subprocess.Popen | None = None
@@ -41,7 +43,7 @@ class OperatorProcess:
 
     def start(self) -> "OperatorProcess":
         self.work.mkdir(parents=True, exist_ok=True)
-        kubeconfig = self.cluster.kubeconfig(self.work / "kubeconfig.json")
+        kubeconfig = self.cluster.kubeconfig(self.work / "kubeconfig.json", user=self.user)
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "XWIN_RECONCILE_INTERVAL": str(self.interval),
                "PYTHONUNBUFFERED": "1", **self.extra_env}
         self.starts += 1
@@ -95,6 +97,8 @@ class OperatorProcess:
 
 def container_env(child: dict) -> dict[str, str]:
     spec = child.get("spec") or {}
+    if "trainer" in spec:  # a TrainJob
+        return {e["name"]: e["value"] for e in spec["trainer"].get("env") or [] if "value" in e}
     template = ((spec.get("pytorchReplicaSpecs") or {}).get("Master") or {}).get("template") or spec.get("template") or {}
     containers = (template.get("spec") or {}).get("containers") or [{}]
     return {e["name"]: e["value"] for e in containers[0].get("env") or [] if "value" in e}

@@ -1,7 +1,8 @@
 """A test kubelet (plus the controllers it stands for) for the fake API server.
 
 It watches PyTorchJobs, Jobs, Deployments and Services over the API and, for each child:
-  * runs each pod's command as a local process (see pods.py): every PyTorchJob replica with
+  * runs each pod's command as a local process (see pods.py): every TrainJob node
+    (trainjob.py) and every PyTorchJob replica with
     MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK (and torchrun's PET_*) as the Kubeflow Training
     Operator sets them; a Job's single pod; a Deployment's initContainers (to completion), then
     its server on a loopback port that its Service name resolves to for the pods started after
@@ -35,10 +36,11 @@ from .apiserver import resource_path
 from .cluster import ApiError, Cluster
 from .pods import default_base_env
 from .runners import DeploymentRunner, InstantFn, JobRunner, Outcome, PyTorchJobRunner  # noqa: F401
+from .trainjob import TrainJobRunner
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
-CHILD_RESOURCES = {"kubeflow.org/v1/pytorchjobs": "PyTorchJob", "batch/v1/jobs": "Job",
-                   "apps/v1/deployments": "Deployment"}
+CHILD_RESOURCES = {"kubeflow.org/v1/pytorchjobs": "PyTorchJob", "trainer.kubeflow.org/v1alpha1/trainjobs": "TrainJob",
+                   "batch/v1/jobs": "Job", "apps/v1/deployments": "Deployment"}
 
 
 class Kubelet:
@@ -123,7 +125,8 @@ class Kubelet:
             runner.task.cancel()
             runner = None
         if runner is None:
-            cls = {"PyTorchJob": PyTorchJobRunner, "Job": JobRunner, "Deployment": DeploymentRunner}
+            cls = {"PyTorchJob": PyTorchJobRunner, "TrainJob": TrainJobRunner, "Job": JobRunner,
+                   "Deployment": DeploymentRunner}
             runner = cls[CHILD_RESOURCES[resource]](self, resource, obj)
             self.runners[key] = runner
         else:

@@ -45,6 +45,29 @@ def require_examples(examples: list, stats, what: str) -> None:
     raise StageError(f"no {what} to train on: {stats.records} record(s) read{hint}")
 
 
+def planned(config, workload):
+    """`workload` (training.batching.Workload) after checking that microBatchTokens holds
+    every example: a StageError naming the field, before any model is loaded."""
+    from ..training.batching import BudgetError, check_budget
+
+    try:
+        check_budget(workload.lengths, config.micro_batch_tokens, workload.packed)
+    except BudgetError as e:
+        raise StageError(str(e)) from None
+    return workload
+
+
+def use_packing(config, model) -> bool:
+    """Pack sequences padding-free when `training.packing` allows it and the model's
+    attention keeps packed sequences apart (training.packing.packing_supported)."""
+    from ..training.packing import packing_supported
+
+    packed = bool(config.packing) and packing_supported(model)
+    log.info("micro-batches: %s, grouped by length%s", "packed" if packed else "padded",
+             f", {config.micro_batch_tokens} positions each" if config.micro_batch_tokens else "")
+    return packed
+
+
 def pad_id_of(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is None:
         raise StageError("the tokenizer has no pad, unk or eos token to pad batches with")
@@ -54,14 +77,17 @@ def pad_id_of(tokenizer: Any) -> int:
 def train_and_publish(ctx: StageContext, load_model: Callable[[], Any], tokenizer: Any, config,
                       num_examples: int, make_step: Callable[[Any], Callable],
                       before_training: Callable[[Any], None] | None = None,
-                      after_training: Callable[[Any], dict] | None = None) -> tuple[dict, str]:
+                      after_training: Callable[[Any], dict] | None = None,
+                      workload=None) -> tuple[dict, str]:
     """Train the model `load_model()` returns with the micro-step `make_step(engine)`, resuming
     from the newest usable checkpoint, and upload the result.
 
     The engine loads the model (partitioned under ZeRO-3). `before_training(engine)` runs once
     the model is on its device with its initial weights, before any checkpoint is loaded (DPO's
     reference log-probabilities); `after_training(engine)` returns extra metrics (the reward
-    model's held-out accuracy). Returns (metrics, model URI)."""
+    model's held-out accuracy). `workload` (training.batching.Workload, from `planned`) groups
+    micro-batches by length; its `packed` is settled here, once the model exists (read it
+    when the step is made, not before). Returns (metrics, model URI)."""
     from ..training.build import build_engine
     from ..training.checkpoints import Checkpoints
     from ..training.loop import plan_total_steps, train_loop
@@ -69,13 +95,16 @@ def train_and_publish(ctx: StageContext, load_model: Callable[[], Any], tokenize
 
     _, total = plan_total_steps(num_examples, config)
     engine = build_engine(load_model, config, total, ctx.dist)
+    if workload is not None:
+        workload.packed = use_packing(config, engine.unwrap())
     if before_training:
         before_training(engine)
     checkpoints = Checkpoints(ctx.store, ctx.output("checkpoints/"), ctx.workdir, engine, ctx.digest)
     start = checkpoints.resume()
     with stop_requests() as stop:
         result = train_loop(engine, num_examples, make_step(engine), config,
-                            on_checkpoint=checkpoints.save, start=start, stop_requested=stop)
+                            on_checkpoint=checkpoints.save, start=start, stop_requested=stop,
+                            workload=workload)
     metrics = result.metrics()
     if after_training:
         metrics.update(after_training(engine))

@@ -17,7 +17,7 @@ import logging
 
 from ..records import read_records
 from . import StageContext, StageError, StageResult
-from .common import check_model_input, model_source, pad_id_of, require_examples, train_and_publish
+from .common import check_model_input, model_source, pad_id_of, planned, require_examples, train_and_publish
 
 log = logging.getLogger("xwin_jobs.stage")
 
@@ -76,7 +76,7 @@ def run(ctx: StageContext) -> StageResult:
     from ..modeling import load_causal_lm, load_tokenizer
     from ..training.data import encode_pairs
     from ..training.engine import seed_everything
-    from ..training.objectives import dpo_step, reference_logprobs
+    from ..training.objectives import dpo_step, pair_workload, reference_logprobs
 
     beta = ctx.param("beta", 0.1)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0:
@@ -96,16 +96,19 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(source)
     pairs, stats = encode_pairs(records, ctx.task.chat_template, tokenizer, config.max_length)
     require_examples(pairs, stats, "pairs")
+    workload = planned(config, pair_workload(pairs, packed=False))
     pad_id = pad_id_of(tokenizer)
     seed_everything(config.seed)
     reference = {}
 
     def compute_reference(engine) -> None:
         reference["logps"] = stored_reference(ctx, engine, lambda: reference_logprobs(
-            engine, pairs, pad_id, config.micro_batch_size))
+            engine, pairs, pad_id, config.micro_batch_size, config.micro_batch_tokens,
+            workload.packed))
 
     metrics, uri = train_and_publish(
         ctx, lambda: load_causal_lm(source), tokenizer, config, len(pairs),
-        lambda engine: dpo_step(engine, pairs, reference["logps"], pad_id, float(beta)),
-        before_training=compute_reference)
+        lambda engine: dpo_step(engine, pairs, reference["logps"], pad_id, float(beta), workload.packed),
+        before_training=compute_reference, workload=workload)
+    metrics["truncated"] = stats.truncated
     return StageResult(counts={**counts, **stats.as_counts()}, metrics=metrics, outputs={"model": uri})

@@ -2,7 +2,10 @@
 
 Task: inputs {"model:<name>": model URI for each name in params.models, alpacaPrompts (prompt
 records), alpacaReference ({"id", "prompt", "output"}), mtBenchQuestions ({"id", "turns":
-[q1, q2]})}; params {models, sampling, serving, judge}. Either benchmark may be absent.
+[q1, q2]})}; params {models, sampling, serving, judge, referenceModel, passGrade,
+recipeStages}. Either benchmark may be absent. With `referenceModel` (one of models) the
+reference outputs are that model's own answers instead of an alpacaReference file; every
+alpaca prompt id must have a reference, checked before anything is sampled or judged.
 
 Steps (each its own process; the last writes the marker):
 
@@ -13,25 +16,25 @@ Steps (each its own process; the last writes the marker):
 - `evaluate-judge` (`judge_step`, the stage `evaluate`): AlpacaEval: each answer against the
   reference output, both orders, the model's share of the two orders (tie = half) averaged
   over prompts; MT-bench: a 1-10 grade of each turn's answer in its conversation. Judgments
-  are cached like the pairs stage's (`judge/cache/`). Writes `data/report.json`,
-  `data/report.md` (one row per model), `data/details-*.jsonl` (every item's verdicts),
-  `data/winrate.png` and `data/mtbench.png` (matplotlib, Agg backend).
+  are cached like the pairs stage's (`judge/cache/`). Every figure has a 95% bootstrap
+  interval (xwin_jobs.judge.table). Writes `data/report.json` and `data/report.md` (the
+  paper's table: one row per model; the reward model's held-out accuracy and the best-of-N
+  statistics read from the markers of `recipeStages`), `data/details-*.jsonl` (every item's
+  verdicts), `data/pipeline.png` (the figures along the pipeline with error bars) and
+  `data/mtbench.png` (grade histograms; matplotlib, Agg backend).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..judge.aggregate import grade_summary, win_share
 from ..judge.core import JudgeError, JudgeRequest, redact
 from ..judge.cost import BudgetExceeded
 from ..judge.templates import PAIRWISE, SINGLE, pairwise_messages, single_messages
-from ..judge.verdict import verdict_from_dict
 from ..records import RecordError, iter_records
 from ..store import Store, as_folder, join_uri
 from ..task import StageTask
@@ -116,6 +119,36 @@ def read_mt_bench(store: Store, uri: str) -> list[dict[str, Any]]:
     return out
 
 
+def reference_source(task: StageTask) -> str:
+    """What the alpaca answers are compared with, as the user named it."""
+    return str(task.params.get("referenceModel") or task.inputs.get("alpacaReference"))
+
+
+def check_references(task: StageTask, prompt_ids: list[str], references: Mapping[str, str]) -> None:
+    """Every alpaca prompt has a reference output, else a StageError naming the field and the
+    first prompt id without one (raised before anything is judged)."""
+    missing = [pid for pid in prompt_ids if pid not in references]
+    if missing:
+        raise StageError(f"alpacaEval.reference ({reference_source(task)}): no reference output "
+                         f"for prompt id {missing[0]!r} ({len(missing)} of {len(prompt_ids)} "
+                         f"prompts have none)")
+
+
+def load_references(task: StageTask, store: Store) -> dict[str, str]:
+    """Reference outputs by prompt id: the reference model's answers, or the reference file."""
+    ref = task.params.get("referenceModel")
+    if ref:
+        if ref not in model_names(task):
+            raise StageError(f"params.referenceModel: {ref!r} is not one of the models evaluated "
+                             f"({', '.join(model_names(task))})")
+        return {pid: r["responses"][0]["content"]
+                for pid, r in _answers(store, answers_folder(task, ref, "alpaca")).items()}
+    if not task.inputs.get("alpacaReference"):
+        raise StageError("task.inputs.alpacaReference is required with alpacaPrompts "
+                         "(or params.referenceModel)")
+    return read_references(store, task.inputs["alpacaReference"])
+
+
 def read_references(store: Store, uri: str) -> dict[str, str]:
     """AlpacaEval reference outputs by prompt id: {"id", "output"} records."""
     refs: dict[str, str] = {}
@@ -193,6 +226,9 @@ def sample_step(task: StageTask, store: Store) -> dict[str, Any]:
     else:
         raise StageError("set XWIN_MODEL_INPUT=model:<name> to say which model the server "
                          f"serves (one of {', '.join(names)})")
+    if task.inputs.get("alpacaPrompts") and not task.params.get("referenceModel"):
+        check_references(task, [p["id"] for p in load_prompts(store, task.inputs["alpacaPrompts"])],
+                         load_references(task, store))
     with scratch_dir("xwin-evaluate-sample-") as tmp:
         done = sample_model(task, store, name, sampling_server_url(os.environ, True), Path(tmp))
     return {"metrics": {part: p.get("lastAttempt", {}) for part, p in done.items()}}
@@ -217,11 +253,13 @@ def plan_model(task: StageTask, store: Store, name: str, judge_model: str,
     MT-bench turns (a single grade each)."""
     plan: dict[str, list] = {"alpaca": [], "mtbench": []}
     if task.inputs.get("alpacaPrompts"):
-        for pid, r in _answers(store, answers_folder(task, name, "alpaca")).items():
-            if pid not in references:
-                raise StageError(f"{task.inputs['alpacaReference']}: no reference output for "
-                                 f"prompt id {pid!r}")
+        answers = _answers(store, answers_folder(task, name, "alpaca"))
+        check_references(task, list(answers), references)
+        for pid, r in answers.items():
             answer, ref = r["responses"][0]["content"], references[pid]
+            if answer == ref:   # the same text: a tie, not worth paying a judge for
+                plan["alpaca"].append((pid, None, None))
+                continue
             plan["alpaca"].append((pid, judge_request(judge_model, PAIRWISE, pairwise_messages(r["prompt"], answer, ref)),
                                    judge_request(judge_model, PAIRWISE, pairwise_messages(r["prompt"], ref, answer))))
     if questions:
@@ -237,49 +275,12 @@ def plan_model(task: StageTask, store: Store, name: str, judge_model: str,
     return plan
 
 
-def summarize_model(plan: Mapping[str, list], judgments: Mapping[str, dict[str, Any]]
-                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(summary, per-item details) of one model from the stored judgments. Pure."""
-    details, shares = [], []
-    wins = ties = losses = 0
-    for pid, fwd, bwd in plan["alpaca"]:
-        f, b = judgments.get(fwd.key), judgments.get(bwd.key)
-        share = win_share(verdict_from_dict("pairwise", f and f.get("verdict")),
-                          verdict_from_dict("pairwise", b and b.get("verdict")))
-        if share is not None:
-            shares.append(share)
-            wins += share > 0.5
-            ties += share == 0.5
-            losses += share < 0.5
-        details.append({"benchmark": "alpaca", "id": pid, "winShare": share,
-                        "verdicts": [(f or {}).get("verdict"), (b or {}).get("verdict")]})
-    alpaca = None
-    if plan["alpaca"]:
-        n = len(shares)
-        mean = sum(shares) / n if n else None
-        sd = math.sqrt(sum((s - mean) ** 2 for s in shares) / (n - 1)) if n > 1 else 0.0
-        alpaca = {"winRate": mean, "stderr": sd / math.sqrt(n) if n else None, "judged": n,
-                  "unparseable": len(plan["alpaca"]) - n, "wins": wins, "ties": ties,
-                  "losses": losses}
-    mt = None
-    if plan["mtbench"]:
-        turns: dict[str, list] = {"1": [], "2": []}
-        for item, req, _ in plan["mtbench"]:
-            e = judgments.get(req.key)
-            v = verdict_from_dict("single", e and e.get("verdict"))
-            turns[item.rsplit(":", 1)[1]].append(v)
-            details.append({"benchmark": "mtbench", "id": item, "verdict": (e or {}).get("verdict")})
-        overall = grade_summary(turns["1"] + turns["2"])
-        mt = {"mean": overall["mean"], "turn1": grade_summary(turns["1"])["mean"],
-              "turn2": grade_summary(turns["2"])["mean"], "graded": overall["graded"],
-              "unparseable": overall["unparseable"], "histogram": overall["histogram"]}
-    return {"alpacaEval": alpaca, "mtBench": mt}, details
-
-
 def run(ctx: StageContext) -> StageResult:
     from ..judge.runner import check_complete, judge_all
     from ..records import write_records
     from ..judge.report import render_markdown, write_plots
+    from ..judge.table import paper_table, recipe_figures, summarize_model
+    from ..store import read_marker
 
     task, store = ctx.task, ctx.store
     settings = judge_settings(task)
@@ -291,10 +292,7 @@ def run(ctx: StageContext) -> StageResult:
             raise StageError(f"the answers of model {name!r} are incomplete in "
                              f"{ctx.output(ANSWERS)}: run evaluate-sample for it first "
                              f"(XWIN_MODEL_INPUT=model:{name})")
-    references = read_references(store, task.inputs["alpacaReference"]) \
-        if task.inputs.get("alpacaPrompts") else {}
-    if task.inputs.get("alpacaPrompts") and not task.inputs.get("alpacaReference"):
-        raise StageError("task.inputs.alpacaReference is required with alpacaPrompts")
+    references = load_references(task, store) if task.inputs.get("alpacaPrompts") else {}
     questions = read_mt_bench(store, task.inputs["mtBenchQuestions"]) \
         if task.inputs.get("mtBenchQuestions") else []
     plans = {n: plan_model(task, store, n, settings.model, references, questions) for n in names}
@@ -310,17 +308,23 @@ def run(ctx: StageContext) -> StageResult:
     report: dict[str, Any] = {"judge": {"model": settings.model, "mode": settings.mode,
                                         "templates": [PAIRWISE.version, SINGLE.version],
                                         "estimatedCostUSD": round(budget.spent_usd, 6)},
-                              "models": {}}
+                              "reference": reference_source(task) if references else None,
+                              "passGrade": task.params.get("passGrade"), "models": {}}
     details: list[dict] = []
     metrics: dict[str, Any] = {}
     for name in names:
-        summary, items = summarize_model(plans[name], judged.judgments)
+        summary, items = summarize_model(plans[name], judged.judgments, task.params.get("passGrade"))
         report["models"][name] = {"uri": task.inputs[f"model:{name}"], **summary}
         details += [{"model": name, **d} for d in items]
         if summary["alpacaEval"]:
             metrics[f"{name}.alpacaWinRate"] = summary["alpacaEval"]["winRate"]
         if summary["mtBench"]:
             metrics[f"{name}.mtBench"] = summary["mtBench"]["mean"]
+            if "accuracy" in summary["mtBench"]:
+                metrics[f"{name}.accuracy"] = summary["mtBench"]["accuracy"]
+    report["table"] = paper_table(report)
+    report["recipe"] = recipe_figures({k: read_marker(store, uri) for k, uri in
+                                       (task.params.get("recipeStages") or {}).items()})
     metrics.update(judgeRequests=len(requests), judgeAsks=judged.stats.get("asks", 0),
                    judgeCached=judged.stats.get("cached", 0),
                    estimatedCostUSD=round(budget.spent_usd, 6), judgeModel=settings.model)

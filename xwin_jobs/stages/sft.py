@@ -10,7 +10,7 @@ from typing import Any
 
 from ..records import read_records
 from . import StageContext, StageResult
-from .common import check_model_input, model_source, pad_id_of, require_examples, train_and_publish
+from .common import check_model_input, model_source, pad_id_of, planned, require_examples, train_and_publish
 
 
 def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
@@ -20,7 +20,7 @@ def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
     from ..modeling import load_causal_lm, load_tokenizer
     from ..training.data import encode_conversations
     from ..training.engine import seed_everything
-    from ..training.objectives import sft_step
+    from ..training.objectives import sft_step, sft_workload
 
     config = ctx.training()
     source = model_source(ctx)
@@ -28,11 +28,14 @@ def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
     examples, stats = encode_conversations(conversations, ctx.task.chat_template, tokenizer,
                                            config.max_length)
     require_examples(examples, stats, "conversations")
+    workload = planned(config, sft_workload(examples, packed=False))
     seed_everything(config.seed)
     pad_id = pad_id_of(tokenizer)
     metrics, uri = train_and_publish(ctx, lambda: load_causal_lm(source), tokenizer, config, len(examples),
-                                     lambda engine: sft_step(engine, examples, pad_id))
+                                     lambda engine: sft_step(engine, examples, pad_id, workload.packed),
+                                     workload=workload)
     metrics["labelledTokens"] = stats.labelled_tokens
+    metrics["truncated"] = stats.truncated
     return StageResult(counts={**(counts or {}), **stats.as_counts()}, metrics=metrics,
                        outputs={"model": uri})
 

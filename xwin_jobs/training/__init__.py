@@ -8,6 +8,10 @@ distributed: torchrun's ranks and the collectives the loop and the stages use.
 loop: the optimizer-step loop (gradient accumulation, logging, checkpoints, resume, SIGTERM).
 checkpoints: exact-resume checkpoints (checkpoints/step-N/), resume, pruning.
 preempt: SIGTERM as a request to checkpoint and exit 128 + signal.
-data: records -> token examples -> padded batches.
+data: records -> token examples, and the seeded order of optimizer steps.
+batching: which examples share a micro-batch (by length, a token budget, packing); the one
+    definition of loss normalisation (LOSS_NORMALISATION).
+packing: micro-batch tensors (padded or packed) and the reads of hidden states at the used
+    positions only (LM head at labelled positions, reward at the last token).
 objectives: the per-micro-batch loss of each stage.
 """

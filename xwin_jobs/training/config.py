@@ -22,6 +22,8 @@ _KEYS = {
     "learningRate": "learning_rate",
     "globalBatchSize": "global_batch_size",
     "microBatchSize": "micro_batch_size",
+    "microBatchTokens": "micro_batch_tokens",
+    "packing": "packing",
     "maxLength": "max_length",
     "zeroStage": "zero_stage",
     "gradientCheckpointing": "gradient_checkpointing",
@@ -55,6 +57,9 @@ class TrainingConfig:
     learning_rate: float = TRAINING_DEFAULTS["learningRate"]
     global_batch_size: int = TRAINING_DEFAULTS["globalBatchSize"]
     micro_batch_size: int = TRAINING_DEFAULTS["microBatchSize"]
+    # Not in TRAINING_DEFAULTS (left out of resolved tasks, so their digests stay as they were):
+    micro_batch_tokens: int = 0  # 0: micro-batches of micro_batch_size examples
+    packing: bool = True  # padding-free packing where the attention kernel keeps sequences apart
     max_length: int = TRAINING_DEFAULTS["maxLength"]
     zero_stage: int = TRAINING_DEFAULTS["zeroStage"]
     gradient_checkpointing: bool = TRAINING_DEFAULTS["gradientCheckpointing"]
@@ -95,6 +100,7 @@ class TrainingConfig:
             ("learningRate", self.learning_rate > 0, "must be > 0"),
             ("globalBatchSize", self.global_batch_size >= 1, "must be >= 1"),
             ("microBatchSize", self.micro_batch_size >= 1, "must be >= 1"),
+            ("microBatchTokens", self.micro_batch_tokens >= 0, "must be >= 0 (0 = use microBatchSize)"),
             ("maxLength", self.max_length >= 2, "must be >= 2"),
             ("zeroStage", self.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
             ("checkpointEvery", self.checkpoint_every >= 0, "must be >= 0"),

@@ -1,6 +1,9 @@
-"""Records -> token examples -> padded batches, and the order batches are visited in.
+"""Records -> token examples, and the order optimizer steps visit them in.
 
-Encoding is pure (tokenizer passed in); collation imports torch lazily.
+Encoding is pure (tokenizer passed in); collation imports torch lazily. The training stages
+batch through batching.py / packing.py; `collate_sft` / `collate_pairs` (right-padded,
+HF-style labels for full logits) are the plain layout the tests and the GPU benchmark
+compare those against.
 """
 
 from __future__ import annotations

@@ -5,17 +5,22 @@ every `checkpointEvery` steps, stop at `maxSteps`; resume after the step of a ch
 `Preempted`.
 
 The stage supplies `micro_step(indices) -> (loss, stats)`: the loss of one micro-batch (the
-mean over its examples) and float statistics to average (e.g. accuracy). Everything about
-devices stays in the engine.
+mean over its loss units: examples, or labelled tokens for sft) and float statistics to
+average (e.g. accuracy), and optionally a `Workload` (batching.py): the examples' lengths and
+loss units. With one, each step's examples (the same as without) are regrouped into
+micro-batches by length (`microBatchSize` examples or `microBatchTokens` fed positions,
+packed when the workload says so) and a micro-batch's weight is its share of the step's
+units (batching.LOSS_NORMALISATION); the metrics then report real tokens, fed positions and
+padding efficiency. Everything about devices stays in the engine.
 
 Data parallel (engine.world_size > 1): every rank walks the same seeded plan; each takes
 its share of every step's micro-batches (`rank_share`). A micro-batch's loss is weighted by
-len/step_size * world_size because DDP (and DeepSpeed) average the ranks' gradients, so the
+units/step_units * world_size because DDP (and DeepSpeed) average the ranks' gradients, so the
 applied gradient is the single-process one: the mean over the global batch. Every rank runs
 the same number of passes per step (ceil(micro-batches / ranks)): a rank whose share is
 shorter adds zero-weighted passes, so that it joins every collective of the step (DDP's
 all-reduce, ZeRO's reduce-scatters and ZeRO-3's parameter gathers).
-Statistics are summed over ranks (each already weighted by len/step_size), so every rank
+Statistics are summed over ranks (each already weighted by units/step_units), so every rank
 logs and returns the single-process numbers.
 """
 
@@ -28,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .batching import Workload, step_plan
 from .config import TrainingConfig
 from .data import batch_plan, rank_share
 from .preempt import Preempted
@@ -43,6 +49,8 @@ class LoopResult:
     epochs: float  # epochs seen, fractional when maxSteps stopped early
     history: list[dict[str, float]] = field(default_factory=list)
     steps_per_epoch: int = 1
+    tokens: int = 0  # real tokens of the training forward passes (all ranks, resumed steps too)
+    fed_positions: int = 0
 
     def mean(self, key: str) -> float | None:
         """Mean of `key` over the last epoch's worth of steps."""
@@ -57,6 +65,9 @@ class LoopResult:
             for key in self.history[-1]:
                 if key not in ("step", "loss", "lr", "gradNorm"):
                     out["train" + key[0].upper() + key[1:]] = self.mean(key)
+        if self.fed_positions:
+            out["trainTokens"] = self.tokens
+            out["paddingEfficiency"] = round(self.tokens / self.fed_positions, 4)
         return out
 
 
@@ -70,12 +81,13 @@ def plan_total_steps(num_examples: int, config: TrainingConfig) -> tuple[int, in
 
 
 def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
-                n_step: int) -> dict[str, float]:
+                weight_of: Callable[[list[int]], float]) -> dict[str, float]:
     """Forward/backward this rank's micro-batches of one step; the step's statistics
     (weighted means over the whole step, summed over ranks)."""
     world = engine.world_size
     mine = rank_share(micro_batches, engine.rank, world)
-    passes = [(mb, len(mb) / n_step) for mb in mine]
+    n_step = sum(weight_of(mb) for mb in micro_batches) or 1.0
+    passes = [(mb, weight_of(mb) / n_step) for mb in mine]
     # a short share still joins every collective, with zero-weighted passes
     passes += [(micro_batches[0], 0.0)] * (-(-len(micro_batches) // world) - len(passes))
     sums: dict[str, float] = {}
@@ -92,11 +104,20 @@ def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
     return sums
 
 
+def _count_tokens(result: LoopResult, workload: Workload | None, micro_batches) -> None:
+    """Real tokens and fed positions of a whole step (all ranks), into `result`."""
+    for mb in micro_batches if workload is not None else ():
+        real, fed = workload.real_and_fed(mb)
+        result.tokens, result.fed_positions = result.tokens + real, result.fed_positions + fed
+
+
 def train_loop(engine, num_examples: int, micro_step: MicroStep, config: TrainingConfig,
                on_checkpoint: Callable[[int, list], None] | None = None,
                log_every: int | None = None, start=None,
-               stop_requested: Callable[[], bool] | None = None) -> LoopResult:
+               stop_requested: Callable[[], bool] | None = None,
+               workload: Workload | None = None) -> LoopResult:
     """`start` (checkpoints.Resumed): continue after its step with its history.
+    `workload`: group each step's micro-batches by length and weight them by loss units.
     `on_checkpoint(step, history)`: every checkpointEvery steps, and after the step in which
     `stop_requested()` became true on any rank (then `Preempted` is raised)."""
     if num_examples < 1:
@@ -114,15 +135,28 @@ def train_loop(engine, num_examples: int, micro_step: MicroStep, config: Trainin
         log.info("data parallel: rank %d of %d takes every %d-th micro-batch of each step",
                  engine.rank, engine.world_size, engine.world_size)
     started = time.monotonic()
-    for epoch in range(done // per_epoch, config.epochs):
+    def epoch_plan(epoch: int) -> list[list[list[int]]]:
         plan = batch_plan(num_examples, config.global_batch_size, config.micro_batch_size,
                           config.seed, epoch)
+        if workload is None:
+            return plan
+        return step_plan(plan, workload.lengths, config.micro_batch_size,
+                         config.micro_batch_tokens, workload.packed)
+
+    for epoch in range(done // per_epoch if workload is not None else 0):
+        for micro_batches in epoch_plan(epoch):  # steps a checkpoint already holds count too
+            _count_tokens(result, workload, micro_batches)
+    for epoch in range(done // per_epoch, config.epochs):
+        plan = epoch_plan(epoch)
         skip = done - epoch * per_epoch if epoch == done // per_epoch else 0
+        for micro_batches in plan[:skip]:
+            _count_tokens(result, workload, micro_batches)
         for micro_batches in plan[skip:]:
             if result.steps >= total:
                 return result
-            n_step = sum(len(mb) for mb in micro_batches)
-            sums = _accumulate(engine, micro_step, micro_batches, n_step)
+            sums = _accumulate(engine, micro_step, micro_batches,
+                               workload.weight if workload is not None else len)
+            _count_tokens(result, workload, micro_batches)
             lr = engine.lr  # the rate this step uses (the scheduler moves on in step())
             grad_norm = engine.step()
             result.steps += 1

@@ -1,0 +1,268 @@
+"""One run's reconcile, without kopf: observe -> decide -> act (the kopf handlers in handlers.py
+trigger it).
+
+`reconcile` observes the run's children (as the handlers' indexes hold them), the stages'
+`_SUCCESS.json` markers and the run's inputs in the store, and the Secrets the run names;
+`planner.decide` says what to do; `act` does it through kube.KubeApi, with at most one status
+patch per reconcile (none when nothing changed), children first, then the status, then the
+Events. When observing or acting fails (blocked.py: the store unreachable, the API refusing a
+child or a lookup, a launcher's CRD missing) the run's status says so, with one Warning Event
+per distinct reason; the resync retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping
+
+from xwin_jobs.store import StoreError
+
+from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
+from .builders import OperatorConfig
+from .kube import API_THREADS, ApiError, KubeApi, StoreReader
+from .kubeconfig import Login, LoginError
+from .observe import parse_run
+from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, SuspendChild,
+                      decide, input_uris, secret_refs, stage_tasks)
+from .spec import API_GROUP, API_VERSION, KIND
+
+FINISHED = ("Succeeded", "Failed")
+SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
+# status patches and Event posts in flight at once: half the client's threads, so creates always
+# have threads of their own (they are not limited)
+SLOW_LANE = API_THREADS // 2
+
+
+class RunGone(Exception):
+    """The run was deleted while it was being reconciled."""
+
+
+@dataclass
+class RunGate:
+    """Per-run state of this process: one reconcile at a time, the newest body the watch
+    delivered, the status it last wrote (newer than a body the watch has not caught up with),
+    the child phases it last saw, and when it was last reconciled."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    body: Mapping[str, Any] | None = None   # the newest body of the run seen by the watch
+    generation: int | None = None           # the generation last reconciled
+    run: Any = None                         # its spec parsed, for `generation` (spec changes bump it)
+    tasks: dict | None = None               # planner.stage_tasks(run) for that generation
+    status: dict | None = None
+    phases: dict[tuple[str, str], str] = field(default_factory=dict)
+    queued: bool = False
+    last: float = 0.0
+    blocked: str | None = None              # the reason of the block last reported (blocked.py)
+
+
+@dataclass
+class OperatorState:
+    api: KubeApi
+    store: StoreReader
+    config: OperatorConfig
+    login: Callable[[], Login]
+    interval: float = 3.0
+    gates: dict[str, RunGate] = field(default_factory=dict)
+    indexes: Mapping[str, Any] = field(default_factory=dict)     # kopf's live child indexes
+    child_indexes: tuple[str, ...] = ()                          # their ids, one per child kind
+    secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)  # -> when last found
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the indexes are complete
+    resync: asyncio.Task | None = None
+    # status patches and Events wait here, children creates do not: under a burst of new runs,
+    # the children (what users wait for) go first
+    slow_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SLOW_LANE))
+
+
+    def children(self, namespace: str, name: str) -> list:
+        """The run's children as the indexes hold them now."""
+        key, out = (namespace, name), []
+        for index_id in self.child_indexes:
+            index = self.indexes[index_id]
+            if key in index:   # kopf's O(1) membership test; .get() raises and catches KeyError
+                out.extend(index[key])
+        return out
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def finished(body: Mapping[str, Any], written: dict | None) -> bool:
+    """Succeeded or Failed for the current spec (by the newest status known here)."""
+    status = written if written is not None else (body.get("status") or {})
+    return status.get("phase") in FINISHED and status.get("observedGeneration") == body["metadata"].get("generation")
+
+
+async def reconcile(state: OperatorState, gate: RunGate,
+                    logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Reconcile the run of `gate` (its newest body), with its children as the indexes hold
+    them once the lock is held (not when the trigger fired: a queued reconcile sees the
+    newest children)."""
+    async with gate.lock:
+        gate.queued = False
+        body = gate.body
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # being deleted: its children go with it (owner references); nothing to start
+        meta = body["metadata"]
+        try:
+            await _reconcile(state, gate, body, state.children(meta["namespace"], meta["name"]), logger)
+            gate.blocked = None
+        except Blocked as b:
+            await report_blocked(state, gate, body, b, logger)
+        except RunGone:
+            state.gates.pop(meta["uid"], None)  # deleted meanwhile: nothing left to do
+        finally:
+            gate.last = time.monotonic()
+
+
+async def report_blocked(state: OperatorState, gate: RunGate, body: Mapping[str, Any], blocked: Blocked,
+                         logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """The run cannot progress: its status says why (phase never empty, a Progressing=False
+    condition naming the field or endpoint) and, once per distinct reason, a Warning Event."""
+    meta = body["metadata"]
+    previous = gate.status if gate.status is not None else dict(body.get("status") or {})
+    status = blocked_status(previous, blocked, now_iso())
+    logger.warning(f"blocked: {blocked}")
+    if status != previous:
+        try:
+            async with state.slow_lane:
+                await state.api.patch_status(meta["namespace"], meta["name"], status)
+        except ApiError as e:
+            raise RunGone() if e.status == 404 else e from None
+        gate.status = status
+    if gate.blocked != blocked.reason:
+        gate.blocked = blocked.reason
+        await post_events(state, meta, [EmitEvent(blocked.reason, blocked.message, "Warning")], logger)
+
+
+async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any], children: list,
+                     logger: logging.Logger | logging.LoggerAdapter) -> None:
+    meta = body["metadata"]
+    uid = meta["uid"]
+    generation = int(meta.get("generation") or 1)
+    current = dict(body.get("status") or {})
+    previous = gate.status if gate.status is not None else current
+    if gate.run is not None and gate.generation == generation:
+        run, actions = gate.run, []  # same spec: no need to validate it again
+    else:
+        run, actions = parse_run(body, previous, generation, now_iso())
+        gate.tasks = stage_tasks(run, state.config) if run is not None else None
+    if run is not None:
+        observed = await observe(state, run, gate.tasks, children)
+        gate.phases = {(c.kind, c.name): c.phase for c in children}
+        actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config,
+                         tasks=gate.tasks)
+    await act(state, gate, body, actions, current, logger)
+    gate.generation, gate.run = generation, run
+
+
+async def observe(state: OperatorState, run: Any, tasks: dict, children: list) -> Observed:
+    """The markers of the run's stages (`tasks`: planner.stage_tasks, each with its output
+    folder), its missing Secrets and its missing external inputs (an input found once is not
+    probed again: StoreReader remembers it)."""
+    spec, meta = run.spec, run.metadata
+    endpoint = spec.storage.endpoint
+    try:
+        markers = await state.store.markers(endpoint, {s: t.output for s, t in tasks.items()})
+        missing_inputs = await state.store.missing(endpoint, list(input_uris(run).values()))
+    except StoreError as e:
+        raise store_problem(state.config.store or spec.storage.uri, endpoint, e) from None
+    missing_secrets = []
+    for path, name in secret_refs(run).items():
+        try:
+            if name not in missing_secrets and not await secret_exists(state, meta.namespace, name):
+                missing_secrets.append(name)
+        except ApiError as e:
+            raise api_refusal(f"cannot look up Secret '{name}' ({path})", e.status, str(e)) from None
+    return Observed(children=list(children), markers=markers, now=now_iso(),
+                    missing_secrets=missing_secrets, missing_inputs=missing_inputs)
+
+
+async def secret_exists(state: OperatorState, namespace: str, name: str) -> bool:
+    """Whether the Secret exists; one found is not asked for again for SECRET_TTL seconds (a
+    missing one is asked for on every reconcile, so a Secret created heals the run at once)."""
+    key, now = (namespace, name), time.monotonic()
+    if now - state.secrets_found.get(key, -SECRET_TTL) < SECRET_TTL:
+        return True
+    if await state.api.secret_exists(namespace, name):
+        state.secrets_found[key] = now
+        return True
+    state.secrets_found.pop(key, None)
+    return False
+
+
+async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], actions: list,
+              current: dict, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Children first (a new child is the latency users wait for), then the one status patch
+    (the planner emits at most one, and none when nothing changed), then the Events, in order.
+    The status patch and the Events go through `slow_lane` (SLOW_LANE requests at once, half
+    the API client's threads): under a burst of new runs, creating children is not queued behind the
+    other runs' bookkeeping."""
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    api = state.api
+    events: list[EmitEvent] = []
+    for action in actions:
+        if isinstance(action, CreateChild):
+            m = action.manifest
+            kind, child = m["kind"], m["metadata"]["name"]
+            try:
+                if await api.create(m):
+                    logger.info(f"created {kind}/{child}")
+            except ApiError as e:
+                raise child_refusal(kind, child, e.status, str(e), "spec.scheduling.launcher") from None
+        elif isinstance(action, DeleteChild):
+            try:
+                if await api.delete(action.kind, ns, action.name):
+                    logger.info(f"deleted {action.kind}/{action.name}")
+            except ApiError as e:
+                raise api_refusal(f"cannot delete {action.kind}/{action.name}", e.status, str(e)) from None
+        elif isinstance(action, SuspendChild):
+            try:
+                await api.set_suspended(action.kind, ns, action.name, action.suspend)
+            except ApiError as e:
+                raise api_refusal(f"cannot (un)suspend {action.kind}/{action.name}", e.status, str(e)) from None
+            logger.info(f"{'suspended' if action.suspend else 'resumed'} {action.kind}/{action.name}")
+        elif isinstance(action, PatchStatus):
+            old_keys = set(current) | set(gate.status or {})
+            patch = {**action.status, **{k: None for k in old_keys if k not in action.status}}
+            try:
+                async with state.slow_lane:
+                    await api.patch_status(ns, name, patch)
+            except ApiError as e:
+                raise RunGone() if e.status == 404 else e from None
+            gate.status = dict(action.status)
+        elif isinstance(action, EmitEvent):
+            events.append(action)
+            logger.info(f"{action.reason}: {action.message}")
+    if events:  # after the status they tell about, in order
+        await post_events(state, meta, events, logger)
+
+
+async def post_events(state: OperatorState, meta: Mapping[str, Any], events: list[EmitEvent],
+                      logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Events on the run, in order; best effort, as Events are."""
+    involved = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
+                "namespace": meta["namespace"], "uid": meta["uid"]}
+    async with state.slow_lane:
+        for e in events:
+            try:
+                await state.api.post_event(involved, e.reason, e.message, e.type)
+            except ApiError as err:
+                logger.warning(f"could not post Event {e.reason}: {err}")
+
+
+async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,
+                           logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Reconcile; an API or store error is logged and left to the resync (which retries every
+    unfinished run not reconciled for `interval` seconds): one run's trouble never stops the others."""
+    try:
+        await reconcile(state, gate, logger)
+    except (ApiError, StoreError) as e:
+        logger.warning(f"reconcile ({why}): {e} (retried in {state.interval:g}s)")
+    except LoginError as e:
+        logger.error(f"cannot log in to the Kubernetes API: {e} (retried in {state.interval:g}s)")
