@@ -180,11 +180,25 @@ def main() -> int:
               "| engine | seconds/step | vs DDP |", "| --- | --- | --- |"]
     for z, name in ((0, "DDP (zeroStage 0)"), (2, "ZeRO-2"), (3, "ZeRO-3")):
         lines.append(f"| {name} | {step[z]:.4f} | {step[z] / step[0]:.2f}x |")
-    lines += ["", "ZeRO-3 partitions weights, gradients and optimizer state over the ranks (and "
-              "creates the model partitioned), so its peak is what one rank's share plus the "
-              "process (torch, transformers, DeepSpeed) costs; the CPU step-time gap is "
-              "DeepSpeed's bookkeeping and its extra collectives (ZeRO-3 gathers every layer's "
-              "weights in each forward and backward), which a GPU hides behind compute.", ""]
+    share = params * 20 / 2 / 2**20
+    lines += ["", "Where the memory goes (VmRSS at points of a rank's run, measured for issue 9): "
+              "the process (torch, transformers, DeepSpeed imported) is ~280 MiB. DDP holds on "
+              "every rank the weights, the gradients, DDP's gradient buckets (a second gradient "
+              "copy) and two AdamW moments, ~20 bytes/parameter, plus the step's temporaries. "
+              "ZeRO-3 (model created partitioned under zero.Init) holds this rank's share of the "
+              "weights, of an fp32 master copy, of the flat gradients and of the two moments "
+              f"(20 bytes/parameter / 2 ranks = {share:.0f} MiB), plus transients: each layer's "
+              "weights gathered in forward and backward, and the full gradient of the layer being "
+              "reduce-scattered (the 32000 x 1024 embedding and lm_head, 125 MiB each, dominate). "
+              "Two things had kept ZeRO-3 at 0.98x DDP: DeepSpeed's optimizer step worked on "
+              "sub-groups as large as the whole partition (a flat copy of the gradients and AdamW's "
+              "temporaries, each the partition's size; now 1e7-element sub-groups and buckets "
+              "sized from the hidden size, zero_config.py: 0.79x), and glibc kept the freed "
+              "gathers and gradients resident in its heap (~0.5 GiB per rank; build.py maps "
+              "allocations of 1 MiB or more on their own, which leaves DDP's peak as it was). "
+              "The CPU step-time gap is DeepSpeed's bookkeeping and its extra collectives (ZeRO-3 "
+              "gathers every layer's weights in each forward and backward), which a GPU hides "
+              "behind compute.", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_results:

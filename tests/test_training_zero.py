@@ -122,6 +122,29 @@ def test_deepspeed_config_is_built_from_the_settings():
         deepspeed_config(config, world_size=3, bf16=False)
 
 
+def test_deepspeed_buffers_are_sized_from_the_hidden_size():
+    """Issue 9: buckets of hidden^2 elements (at most BUCKET) and small optimizer sub-groups, so
+    ZeRO-3's transients stay far below a rank's share of the model state."""
+    from xwin_jobs.training.zero_config import BUCKET, SUB_GROUP
+
+    config = TrainingConfig.from_params({"globalBatchSize": 2, "microBatchSize": 1, "zeroStage": 3})
+    zero = deepspeed_config(config, world_size=2, bf16=False, hidden_size=1024)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1024 * 1024
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
+    assert zero["stage3_param_persistence_threshold"] == 10 * 1024
+    assert zero["sub_group_size"] == SUB_GROUP <= 10_000_000
+    big = deepspeed_config(config, world_size=2, bf16=False, hidden_size=16384)["zero_optimization"]
+    assert big["reduce_bucket_size"] == big["stage3_max_live_parameters"] == BUCKET
+    unknown = deepspeed_config(config, world_size=2, bf16=False)["zero_optimization"]
+    assert unknown["reduce_bucket_size"] == BUCKET
+
+
+def test_large_host_allocations_are_mapped_on_their_own():
+    from xwin_jobs.training.build import map_large_host_allocations
+
+    assert map_large_host_allocations() is True  # glibc Linux: the test machines
+
+
 def test_offload_without_enough_host_memory_names_the_field():
     with pytest.raises(TrainingConfigError, match=r"params.training.offloadOptimizer: .* needs "
                                                   r"52.2 GiB .* only 16.0 GiB"):

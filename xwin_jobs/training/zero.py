@@ -1,6 +1,7 @@
 """zeroStage 1-3: the engine on DeepSpeed ZeRO, with the methods of `engine.Engine`.
 
-* Config: `zero_config.deepspeed_config` (the one pure function), on this world size.
+* Config: `zero_config.deepspeed_config` (the one pure function), on this world size; once the
+  model is loaded its communication buckets are sized from the model's hidden size.
 * Loading (`ZeroEngine.loading`): under ZeRO-3 a `transformers.integrations.HfDeepSpeedConfig`
   is alive while `from_pretrained` runs, so transformers creates the model inside
   `deepspeed.zero.Init`: every parameter is partitioned as it is made and no rank ever holds
@@ -130,6 +131,11 @@ class ZeroEngine(EngineBase):
             model = model.to(self.device) if config.zero_stage < 3 else model
         if config.gradient_checkpointing:
             enable_checkpointing(model, non_reentrant=True)
+        # communication buckets sized for this model (zero_config.bucket_sizes)
+        self.ds_config = deepspeed_config(config, self.dist.world_size,
+                                          bf16=self.ds_config["bf16"]["enabled"],
+                                          hidden_size=getattr(getattr(model, "config", None),
+                                                              "hidden_size", None))
         model.train()
         self.ds, self.optimizer, _, self.scheduler = self.deepspeed.initialize(
             model=model, model_parameters=param_groups(model, config.weight_decay),

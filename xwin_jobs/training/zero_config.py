@@ -12,8 +12,19 @@
   state lives in host memory and DeepSpeedCPUAdam updates it there.
 * clipping: `gradient_clipping` = maxGradNorm (0 = none).
 * precision: bf16 where the GPU has it (fp32 master weights in the optimizer), fp32 on CPU.
-* zero_optimization: the stage, optimizer offload, buckets of `BUCKET` elements, and for ZeRO-3
-  no 16-bit gather on save (the engine gathers the weights a group at a time when it saves).
+* zero_optimization: the stage, optimizer offload, communication buckets sized from the model's
+  hidden size when it is known (`hidden_size`, transformers' Trainer recipe: hidden^2 elements
+  per reduce/all-gather bucket and prefetch, 10 x hidden for parameters kept gathered, capped at
+  `BUCKET`), optimizer sub-groups of `SUB_GROUP` elements, and for ZeRO-3 no 16-bit gather on
+  save (the engine gathers the weights a group at a time when it saves).
+
+Where ZeRO-3's memory goes (benchmarks/bench_zero_memory.py, RESULTS.md "ZeRO memory"): per
+rank the partitioned weights, an fp32 master copy, the flat gradient partition and two Adam
+moments (20 bytes/parameter / ranks in fp32), plus transients sized by this config: every
+optimizer sub-group's step copies its gradients into one flat tensor and AdamW makes temporaries
+of the same size, and the gather/reduce buckets are live during forward and backward. With
+DeepSpeed's sizes (1e9-element sub-groups, 5e8-element buckets) those transients are the whole
+partition again, so ZeRO-3 peaked as high as DDP.
 
 The learning-rate schedule is not in the JSON: the engine hands DeepSpeed the same
 transformers scheduler the torch path uses, so both follow one schedule.
@@ -32,11 +43,21 @@ from .config import TrainingConfig, TrainingConfigError
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 OFFLOAD_BYTES_PER_PARAM = 16  # fp32 master weights + 2 fp32 Adam moments + fp32 gradients
-# Elements per communication bucket and optimizer sub-group. DeepSpeed's defaults (5e8 and 1e9)
-# allocate buffers of several GB per rank, more than a partitioned 7B model's share; 5e7 keeps
-# every bucket a few hundred MB and collectives still large.
+# Elements per communication bucket (the most; hidden^2 below it) and per optimizer sub-group.
+# DeepSpeed's defaults (5e8 and 1e9) allocate buffers of several GB per rank, more than a
+# partitioned 7B model's share. A sub-group's step makes transients of its size (a flat copy of
+# its gradients, AdamW's temporaries): 1e7 elements keeps them at ~40 MB each in fp32.
 BUCKET = 50_000_000
-SUB_GROUP = 100_000_000
+SUB_GROUP = 10_000_000
+
+
+def bucket_sizes(hidden_size: int | None) -> dict[str, int]:
+    """Communication sizes (elements) for a model of `hidden_size` (transformers' Trainer
+    recipe), `BUCKET` at most; `BUCKET` for an unknown size."""
+    if not hidden_size:
+        return {"bucket": BUCKET, "prefetch": BUCKET, "persistence": 100_000}
+    square = min(BUCKET, hidden_size * hidden_size)
+    return {"bucket": square, "prefetch": int(0.9 * square), "persistence": 10 * hidden_size}
 
 
 def batch_geometry(config: TrainingConfig, world_size: int,
@@ -55,19 +76,23 @@ def batch_geometry(config: TrainingConfig, world_size: int,
 
 
 def deepspeed_config(config: TrainingConfig, world_size: int, bf16: bool,
-                     where: str = "params.training") -> dict[str, Any]:
-    """The DeepSpeed JSON for `config` on `world_size` ranks (see the module docstring)."""
+                     where: str = "params.training", hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for `config` on `world_size` ranks, buckets sized for a model of
+    `hidden_size` when given (see the module docstring)."""
     if config.zero_stage not in (1, 2, 3):
         raise TrainingConfigError(f"{where}.zeroStage: DeepSpeed runs stages 1-3, got {config.zero_stage}")
     micro, accumulation = batch_geometry(config, world_size, where)
+    sizes = bucket_sizes(hidden_size)
     zero: dict[str, Any] = {"stage": config.zero_stage, "overlap_comm": False,
-                            "contiguous_gradients": True, "reduce_bucket_size": BUCKET,
-                            "allgather_bucket_size": BUCKET, "sub_group_size": SUB_GROUP}
+                            "contiguous_gradients": True, "reduce_bucket_size": sizes["bucket"],
+                            "allgather_bucket_size": sizes["bucket"], "sub_group_size": SUB_GROUP}
     if config.zero_stage == 3:
         # release gathered parameters after use (DeepSpeed's 1e9 keeps a whole <1B model
         # gathered on every rank between uses), and no 16-bit gather on save
-        zero.update({"stage3_max_live_parameters": BUCKET, "stage3_max_reuse_distance": BUCKET,
-                     "stage3_prefetch_bucket_size": BUCKET,
+        zero.update({"stage3_max_live_parameters": sizes["bucket"],
+                     "stage3_max_reuse_distance": sizes["bucket"],
+                     "stage3_prefetch_bucket_size": sizes["prefetch"],
+                     "stage3_param_persistence_threshold": sizes["persistence"],
                      "stage3_gather_16bit_weights_on_model_save": False})
     if config.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
