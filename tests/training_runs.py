@@ -112,7 +112,8 @@ def run_stage_both_ways(world, tmp_path, stage: str, inputs: dict, device: str =
     # gradient norm (and clipping) would differ from one process's (Adam hides the scale)
     single_grads, ddp_grads = ({int(step): float(g) for step, g in run} for run in grads)
     assert len(grads[1]) == len(ddp_grads)  # both ranks logged the same numbers
-    assert single_grads and ddp_grads == pytest.approx(single_grads, rel=grad_rel, abs=2e-3)
+    assert single_grads and ddp_grads == pytest.approx(single_grads, rel=grad_rel, abs=2e-3), \
+        (single_grads, ddp_grads)
     return outs
 
 
