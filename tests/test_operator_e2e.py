@@ -203,7 +203,7 @@ def test_a_killed_trainer_replica_is_restarted_and_resumes_from_its_checkpoint(
 
     store = Store(endpoint_url=s3_server.endpoint_url)
     sft = {"data": f"file://{REPO_ROOT}/examples/tiny/work/sft.jsonl",
-           "training": {"epochs": 2, "checkpointEvery": 8}}  # 256 examples / 16 = 32 steps
+           "training": {"epochs": 2, "checkpointEvery": 8, "maxSteps": 32}}  # 32 steps of 16
     run = inputs_on_s3(tiny_run(storage=storage(s3_server, s3_bucket), stages={"sft": sft}),
                        store, f"{s3_bucket}/inputs", tiny_task)
     s3_secret(cluster, s3_server.env, secret=s3_server.env["AWS_SECRET_ACCESS_KEY"])

@@ -101,7 +101,9 @@ def run_stage_both_ways(world, tmp_path, stage: str, inputs: dict, device: str =
     for name, launcher, settings in (
             ("single", [sys.executable, "-m", "xwin_jobs"], {**training, "zeroStage": 0}),
             (f"zero{zero}" if zero else "ddp", TORCHRUN, training)):
-        task = stage_task(world, stage, f"{stage}-{device}-{name}", inputs, settings, **params)
+        # the run's name carries the ranks' zeroStage: the single-process run of another
+        # zeroStage's test would otherwise be this one's (same task, done, nothing logged)
+        task = stage_task(world, stage, f"{stage}-{device}-z{zero}-{name}", inputs, settings, **params)
         task_file = tmp_path / f"{name}.json"
         task_file.write_text(task.to_json())
         done = run_command([*launcher, stage, "--task", str(task_file)], job_env(device))
