@@ -50,7 +50,7 @@ def deployment_lifetime(cluster, name: str) -> tuple[bool, bool]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 @pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="needs vLLM in .venv-vllm (`make vllm`)")
 def test_full_tiny_demo_succeeds_through_the_operator(cluster, kubelet_factory, operator_factory,
                                                      s3_server, s3_bucket, tiny_task, judge_server):
@@ -66,7 +66,7 @@ def test_full_tiny_demo_succeeds_through_the_operator(cluster, kubelet_factory, 
     op = operator_factory(env=s3_server.env)
     create_run(cluster, run)
 
-    status = wait_phase(cluster, NS, name, phases=("Succeeded", "Failed"), timeout=840, operator=op)
+    status = wait_phase(cluster, NS, name, phases=("Succeeded", "Failed"), timeout=1740, operator=op)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted((kubelet.work / "logs").glob("*.log")))
     assert status["phase"] == "Succeeded", f"{json.dumps(status, indent=1)}\n{logs}"
     stages = {s["name"]: s for s in status["stages"]}
