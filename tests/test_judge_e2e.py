@@ -55,11 +55,11 @@ spec:
     pairs = read_records(Store(), f"file://{root}/pairs/data/", "pair") \
         if list((root / "pairs" / "data").glob("*.jsonl")) else []
     metrics = json.loads((root / "pairs" / "metrics.json").read_text())
-    assert metrics["prompts"] == 32 and metrics["comparisons"] == len(pairs) + metrics["ties"] + \
+    assert metrics["prompts"] == 256 and metrics["comparisons"] == len(pairs) + metrics["ties"] + \
         metrics["dropped"] + metrics["unparseable"]
     report = json.loads((root / "evaluate" / "data" / "report.json").read_text())
-    assert report["models"]["base"]["alpacaEval"]["judged"] == 16
-    assert report["models"]["base"]["mtBench"]["graded"] == 16
+    assert report["models"]["base"]["alpacaEval"]["judged"] == 300
+    assert report["models"]["base"]["mtBench"]["graded"] == 400
     for folder in (root, tmp_path / "xwin-logs"):
         for path in folder.rglob("*"):
             if path.is_file():
