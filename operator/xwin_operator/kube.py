@@ -41,7 +41,11 @@ RESOURCES: dict[str, tuple[str, str]] = {
 }
 CHILD_KINDS = ("PyTorchJob", "TrainJob", "Job", "Deployment", "Service")
 MERGE_PATCH = "application/merge-patch+json"
-API_THREADS = 16  # calls in flight at once (worker threads of the synchronous official client)
+# calls in flight at once (worker threads of the synchronous official client, and as many pooled
+# connections): under a burst the API server serves its clients' requests in turn, so this is the
+# operator's share of it (the aiohttp client it replaced kept 64 connections); an idle worker
+# costs nothing but its stack
+API_THREADS = 64
 
 
 class ApiError(Exception):
@@ -78,10 +82,13 @@ def _send(client: Any, method: str, path: str, *, body: Any = None, params: dict
     headers = {"Accept": "application/json"}
     if body is not None:
         headers["Content-Type"] = content_type
-    request = client.param_serialize(method=method.upper(), resource_path=path,
-                                     query_params=list((params or {}).items()), header_params=headers,
-                                     body=body, auth_settings=["BearerToken"])
-    return client.call_api(*request, _request_timeout=timeout)
+    # the body is left out of param_serialize: its sanitize_for_serialization walks every value
+    # of a body to convert the client's model classes and dates, and ours are plain JSON dicts
+    # (the builders'), so it would only copy them; the client's RESTClient json-encodes them
+    method, url, headers, _, post_params = client.param_serialize(
+        method=method.upper(), resource_path=path, query_params=list((params or {}).items()),
+        header_params=headers, auth_settings=["BearerToken"])
+    return client.call_api(method, url, headers, body, post_params, _request_timeout=timeout)
 
 
 def verify_login(login: Login, timeout: float = 10.0) -> None:

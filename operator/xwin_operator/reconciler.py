@@ -32,9 +32,11 @@ from .spec import API_GROUP, API_VERSION, KIND
 
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
-# status patches and Event posts in flight at once: half the client's threads, so creates always
-# have threads of their own (they are not limited)
+# status patches in flight at once: half the client's threads, so creates always have threads of
+# their own (they are not limited); Events (posted in the background, nobody waits for them) get a
+# quarter, so neither creates nor status patches queue behind them
 SLOW_LANE = API_THREADS // 2
+EVENT_LANE = API_THREADS // 4
 
 
 class RunGone(Exception):
@@ -57,6 +59,7 @@ class RunGate:
     queued: bool = False
     last: float = 0.0
     blocked: str | None = None              # the reason of the block last reported (blocked.py)
+    events: asyncio.Task | None = None      # the run's Events being posted (in order, in the background)
 
 
 @dataclass
@@ -75,6 +78,7 @@ class OperatorState:
     # status patches and Events wait here, children creates do not: under a burst of new runs,
     # the children (what users wait for) go first
     slow_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SLOW_LANE))
+    event_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(EVENT_LANE))
 
 
     def children(self, namespace: str, name: str) -> list:
@@ -136,7 +140,7 @@ async def report_blocked(state: OperatorState, gate: RunGate, body: Mapping[str,
         gate.status = status
     if gate.blocked != blocked.reason:
         gate.blocked = blocked.reason
-        await post_events(state, meta, [EmitEvent(blocked.reason, blocked.message, "Warning")], logger)
+        post_events(state, gate, meta, [EmitEvent(blocked.reason, blocked.message, "Warning")], logger)
 
 
 async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any], children: list,
@@ -199,9 +203,10 @@ async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], acti
               current: dict, logger: logging.Logger | logging.LoggerAdapter) -> None:
     """Children first (a new child is the latency users wait for), then the one status patch
     (the planner emits at most one, and none when nothing changed), then the Events, in order.
-    The status patch and the Events go through `slow_lane` (SLOW_LANE requests at once, half
-    the API client's threads): under a burst of new runs, creating children is not queued behind the
-    other runs' bookkeeping."""
+    The status patch goes through `slow_lane` (SLOW_LANE requests at once, half the API client's
+    threads) and the Events through `event_lane` (a quarter), in the background: under a burst of
+    new runs, creating children is not queued behind the other runs' bookkeeping, nor a run's
+    next reconcile (its child finishing) behind its Events."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     api = state.api
@@ -240,20 +245,29 @@ async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], acti
             events.append(action)
             logger.info(f"{action.reason}: {action.message}")
     if events:  # after the status they tell about, in order
-        await post_events(state, meta, events, logger)
+        post_events(state, gate, meta, events, logger)
 
 
-async def post_events(state: OperatorState, meta: Mapping[str, Any], events: list[EmitEvent],
-                      logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Events on the run, in order; best effort, as Events are."""
+def post_events(state: OperatorState, gate: RunGate, meta: Mapping[str, Any], events: list[EmitEvent],
+                logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Post Events on the run in the background, best effort (as Events are): the reconcile does
+    not wait for them. A run's Events keep their order: each batch starts once the run's
+    previous one is posted."""
     involved = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
                 "namespace": meta["namespace"], "uid": meta["uid"]}
-    async with state.slow_lane:
-        for e in events:
-            try:
-                await state.api.post_event(involved, e.reason, e.message, e.type)
-            except ApiError as err:
-                logger.warning(f"could not post Event {e.reason}: {err}")
+    previous = gate.events
+
+    async def post() -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        async with state.event_lane:
+            for e in events:
+                try:
+                    await state.api.post_event(involved, e.reason, e.message, e.type)
+                except (ApiError, LoginError) as err:
+                    logger.warning(f"could not post Event {e.reason}: {err}")
+
+    gate.events = asyncio.get_running_loop().create_task(post())
 
 
 async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,
