@@ -75,8 +75,8 @@ class OperatorState:
     secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)  # -> when last found
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the indexes are complete
     resync: asyncio.Task | None = None
-    # status patches and Events wait here, children creates do not: under a burst of new runs,
-    # the children (what users wait for) go first
+    # status patches wait in slow_lane and Events in event_lane, children creates in neither: under
+    # a burst of new runs, the children (what users wait for) go first
     slow_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SLOW_LANE))
     event_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(EVENT_LANE))
 
