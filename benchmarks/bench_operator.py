@@ -357,7 +357,7 @@ def notes(best: dict[str, dict]) -> str:
             + ("\n\n" + what_changed(xwin, peer) + "\n\n" + PREVIOUS if peer is not None else ""))
 
 
-BEFORE_NOTE = ("What changed against the row 'before' (main at 69ba460, the same logic): every API call goes through the official `kubernetes` client (its ApiClient, synchronous, in 16 worker threads so kopf's event loop never blocks; bodies sent as the builders' dicts, replies parsed only when read) instead of a hand-written aiohttp client with its own TLS code, and kopf logs in through the same kubeconfig loading; the status/Event lane is half the client's threads. The test API server now also validates every AlignmentRun created or updated against the CRD (schema and CEL rules, as a real server does), which costs every operator's rows the same.")
+BEFORE_NOTE = ("What changed against the row 'before' (main at 69ba460, the same logic): every API call goes through the official `kubernetes` client (its ApiClient, synchronous, in worker threads (kube.API_THREADS) so kopf's event loop never blocks; bodies sent as the builders' dicts, replies parsed only when read) instead of a hand-written aiohttp client with its own TLS code, and kopf logs in through the same kubeconfig loading; status patches have half the client's threads, and Events, posted in the background, a quarter. The test API server now also validates every AlignmentRun created or updated against the CRD (schema and CEL rules, as a real server does), which costs every operator's rows the same.")
 
 
 def what_changed(xwin: dict, peer: dict) -> str:
