@@ -134,7 +134,7 @@ def measure(kind: str, runs: int, interval: float, timeout: float, work: Path, p
             before: str | None = None) -> dict:
     """One round of one operator: `kind` is noop, xwin, or before (xwin with `before`, an older
     checkout's operator/ folder, first on its PYTHONPATH)."""
-    from xwin_operator.crd import crd
+    from xwin_operator.api.crd import crd
 
     store, base = work / f"{kind}-store", f"file://{work}/inputs"
     rec = Recorder()
@@ -327,8 +327,8 @@ def notes(best: dict[str, dict]) -> str:
     xwin, noop, peer = best["xwin"], best["noop"], best.get("peer")
     same_calls = "" if peer is None else (
         "Both the xwin operator and the same-calls peer make their API calls with the official `kubernetes` "
-        "client (xwin_operator.kube.KubeApi: its ApiClient in 16 worker threads, JSON bodies, no model "
-        "classes) and log kopf in through the same kubeconfig loading (xwin_operator.kubeconfig); the "
+        "client (xwin_operator.kube.client.KubeApi: its ApiClient in 16 worker threads, JSON bodies, no model "
+        "classes) and log kopf in through the same kubeconfig loading (xwin_operator.kube.kubeconfig); the "
         "no-op operator makes none of its own (kopf patches its status). "
         "The same-calls peer (benchmarks/peer_operator.py) is the floor for this job in kopf: the same "
         f"{peer['writes_per_run']:.1f} writes per run as ours (one PyTorchJob, Running and Succeeded status "

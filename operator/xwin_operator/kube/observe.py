@@ -21,8 +21,9 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from .builders import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP
-from .planner import ChildState
+from ..api.spec import AlignmentRun
+from ..core.children import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP
+from ..core.types import ChildState, EmitEvent, PatchStatus
 
 _EXIT_CODE = re.compile(r"exit code (\d+)")
 
@@ -121,8 +122,6 @@ def parse_run(body: Mapping[str, Any], previous: dict | None, generation: int,
     spec is reported once instead of crash-looping. Fixing the spec re-runs the handlers."""
     from pydantic import ValidationError
 
-    from .planner import EmitEvent, PatchStatus
-    from .spec import AlignmentRun
 
     meta = body.get("metadata") or {}
     try:

@@ -33,13 +33,12 @@ from typing import Callable
 
 from xwin_jobs.task import StageTask
 
-from .builders import OperatorConfig
-from .local_children import LocalChild, LocalChildren, now_iso
-from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, RequeueAfter,
-                      decide, stage_tasks)
-from .spec import AlignmentRun
-from .steps import steps_of
-from .tasks import run_root
+from ..api.spec import AlignmentRun
+from ..core.config import OperatorConfig
+from ..core.planner import decide, stage_tasks
+from ..core.tasks import run_root
+from ..core.types import CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, RequeueAfter, now_iso
+from .children import LocalChild, LocalChildren
 
 POLL_SECONDS = 5.0     # a safety net: children notify when they change
 
@@ -174,8 +173,7 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
         raise RunError("spec.suspend is true: nothing would run (set it to false)")
     tasks = stage_tasks(run, config)      # the same tasks the planner builds its children from
     progress = _Progress(on_stage)
-    children = LocalChildren(ctx, lambda stage: steps_of(run.spec, stage), tasks.__getitem__,
-                             on_start=progress.started)
+    children = LocalChildren(ctx, on_start=progress.started)
     status: dict | None = None
     previous_sigterm = _trap_sigterm()
     try:
@@ -189,7 +187,7 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
             wait, acted = POLL_SECONDS, False
             for action in actions:
                 if isinstance(action, CreateChild):
-                    child = children.create(action.manifest)
+                    child = children.create(action.child)
                     if child is not None:
                         acted = True
                         ctx.on_event("ChildCreated", f"{child.kind}/{child.name}", "Normal")

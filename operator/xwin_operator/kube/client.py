@@ -24,9 +24,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from .builders import MANAGED_BY
+from ..api.spec import API_GROUP, API_VERSION, PLURAL
+from ..core.children import MANAGED_BY
+from ..core.types import now_iso
 from .kubeconfig import Login, LoginError
-from .spec import API_GROUP, API_VERSION, PLURAL
 
 # kind -> (group/version, plural)
 RESOURCES: dict[str, tuple[str, str]] = {
@@ -236,9 +237,7 @@ class KubeApi:
 
     async def post_event(self, involved: dict, reason: str, message: str, type_: str = "Normal",
                          component: str = MANAGED_BY) -> None:
-        from datetime import datetime, timezone
-
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_iso()
         ns = involved["namespace"]
         await self.request("post", path_of("Event", ns), {
             "apiVersion": "v1", "kind": "Event",

@@ -16,19 +16,19 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 from xwin_jobs.store import StoreError
 
+from ..api.spec import API_GROUP, API_VERSION, KIND
+from ..core.config import OperatorConfig
+from ..core.planner import decide, input_uris, secret_refs, stage_tasks
+from ..core.types import CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, SuspendChild, now_iso
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
-from .builders import OperatorConfig
-from .kube import API_THREADS, ApiError, KubeApi, StoreReader
+from .client import API_THREADS, ApiError, KubeApi, StoreReader
 from .kubeconfig import Login, LoginError
+from .manifests import render
 from .observe import parse_run
-from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, SuspendChild,
-                      decide, input_uris, secret_refs, stage_tasks)
-from .spec import API_GROUP, API_VERSION, KIND
 
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
@@ -85,10 +85,6 @@ class OperatorState:
             if key in index:   # kopf's O(1) membership test; .get() raises and catches KeyError
                 out.extend(index[key])
         return out
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def finished(body: Mapping[str, Any], written: dict | None) -> bool:
@@ -156,7 +152,7 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
         gate.phases = {(c.kind, c.name): c.phase for c in children}
         actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config,
                          tasks=gate.tasks)
-    await act(state, gate, body, actions, current, logger)
+    await act(state, gate, body, run, actions, current, logger)
     gate.generation, gate.run = generation, run
 
 
@@ -195,7 +191,7 @@ async def secret_exists(state: OperatorState, namespace: str, name: str) -> bool
     return False
 
 
-async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], actions: list,
+async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], run: Any, actions: list,
               current: dict, logger: logging.Logger | logging.LoggerAdapter) -> None:
     """Children first (a new child is the latency users wait for), then the one status patch
     (the planner emits at most one, and none when nothing changed), then the Events, in order.
@@ -208,8 +204,8 @@ async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], acti
     events: list[EmitEvent] = []
     for action in actions:
         if isinstance(action, CreateChild):
-            m = action.manifest
-            kind, child = m["kind"], m["metadata"]["name"]
+            m = render(run, action.child, meta["uid"], state.config)
+            kind, child = action.child.kind, action.child.name
             try:
                 if await api.create(m):
                     logger.info(f"created {kind}/{child}")

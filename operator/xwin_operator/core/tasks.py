@@ -10,7 +10,7 @@ from typing import Any
 
 from xwin_jobs.task import StageTask
 
-from .spec import (MODEL_STAGES, AlignmentRun, AlignmentRunSpec, resolved_resources,
+from ..api.spec import (MODEL_STAGES, AlignmentRun, AlignmentRunSpec, resolved_resources,
                    resolved_sampling, resolved_serving, resolved_training)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from xwin_jobs.store import Store
 from xwin_jobs.task import StageTask
 
-from .steps import Step, step_env
+from ..core.steps import Step, step_env
 
 
 def sampler_env(env: dict[str, str], server_url: str, served_model: str,

@@ -15,11 +15,12 @@ from typing import Any, Iterator, TextIO
 
 import yaml
 
-from .builders import OperatorConfig, build_step
-from .graph import stages_of
-from .spec import AlignmentRun
-from .steps import steps_of
-from .tasks import stage_task
+from ..api.spec import AlignmentRun
+from ..core.config import OperatorConfig
+from ..core.graph import stages_of
+from ..core.steps import steps_of
+from ..core.tasks import stage_task
+from .manifests import build_step
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
 

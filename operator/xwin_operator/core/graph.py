@@ -8,7 +8,7 @@ runs nothing and counts as done from the start.
 
 from __future__ import annotations
 
-from .spec import STAGE_ORDER, AlignmentRunSpec
+from ..api.spec import STAGE_ORDER, AlignmentRunSpec
 
 
 class GraphError(ValueError):
@@ -18,10 +18,6 @@ class GraphError(ValueError):
 def stages_of(spec: AlignmentRunSpec) -> list[str]:
     """The stages this run has, in pipeline order."""
     return spec.stages.present()
-
-
-def reused_stages(spec: AlignmentRunSpec) -> list[str]:
-    return [k for k in stages_of(spec) if getattr(spec.stages, k).reused]
 
 
 def stage_references(spec: AlignmentRunSpec, stage: str) -> dict[str, str]:
@@ -72,23 +68,3 @@ def _check_acyclic(deps: dict[str, list[str]]) -> None:
 
     for n in deps:
         visit(n, [])
-
-
-def ready(spec: AlignmentRunSpec, succeeded: set[str], started: set[str] = frozenset()) -> list[str]:
-    """Stages that may start now: not yet succeeded or started, and every dependency succeeded."""
-    deps = dependencies(spec)
-    done = set(succeeded) | set(reused_stages(spec))
-    return [s for s in stages_of(spec)
-            if s not in done and s not in started and all(d in done for d in deps[s])]
-
-
-def downstream(spec: AlignmentRunSpec, stage: str) -> list[str]:
-    """Every stage that (transitively) reads from `stage`."""
-    deps = dependencies(spec)
-    out: list[str] = []
-    frontier = {stage}
-    while frontier:
-        nxt = {s for s, ds in deps.items() if frontier & set(ds) and s not in out}
-        out.extend(k for k in STAGE_ORDER if k in nxt)
-        frontier = nxt
-    return [k for k in STAGE_ORDER if k in out]
