@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xwin_operator.core.graph import dependencies, stages_of
+from xwin_operator.api.graph import dependencies, stages_of
 from xwin_operator.api.spec_io import load_run, parse_run
 from xwin_operator.core.tasks import stage_task
 

@@ -48,7 +48,7 @@ def expected_phases(run: dict) -> dict[str, str]:
 
 def planned_children(run: dict) -> list[str]:
     """The names of every child the operator should create once (first attempts), from the
-    operator's own builders (what `xwin plan` prints)."""
+    operator's own manifests (what `xwin plan` prints)."""
     from xwin_operator.kube.plan_print import planned_manifests
     from xwin_operator.api.spec import AlignmentRun
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .spec import (API_GROUP, API_VERSION, JUDGE_STAGES, KIND, LIST_REFERENCE_RULES, PLURAL,
-                   REFERENCE_RULES, REQUIRED_UNLESS_REUSED, STAGE_ORDER, AlignmentRunSpec, AlignmentRunStatus,
-                   EvaluateStage)
+from .rules import JUDGE_STAGES, LIST_REFERENCE_RULES, REFERENCE_RULES, REQUIRED_UNLESS_REUSED
+from .spec import API_GROUP, API_VERSION, KIND, PLURAL, STAGE_ORDER, AlignmentRunSpec, AlignmentRunStatus, EvaluateStage
 
 _DROP = {"title", "discriminator"}
 

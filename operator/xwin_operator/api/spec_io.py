@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from ..core.graph import GraphError, dependencies
+from .graph import GraphError, dependencies
 from .spec import AlignmentRun
 
 

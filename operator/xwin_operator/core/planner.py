@@ -76,7 +76,7 @@ from xwin_jobs.task import StageTask
 from ..api.spec import AlignmentRun, is_uri
 from .children import PlannedChild
 from .config import OperatorConfig
-from .graph import dependencies, stage_references, stages_of
+from ..api.graph import dependencies, stage_references, stages_of
 from .stage_plan import ACTIVE, stage_view
 from .status import build_status, status_actions
 from .steps import steps_of

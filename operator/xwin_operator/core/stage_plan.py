@@ -11,7 +11,7 @@ from xwin_jobs.task import StageTask
 from ..api.spec import AlignmentRun
 from .children import planned_children, step_kind
 from .config import OperatorConfig
-from .graph import stages_of
+from ..api.graph import stages_of
 from .steps import Step, steps_of
 from .tasks import run_root, stage_uri
 from .types import ChildState, Observed, StageView

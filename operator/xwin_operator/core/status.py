@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..api.spec import AlignmentRun
-from .graph import stage_references, stages_of
+from ..api.graph import stage_references, stages_of
 from .types import EmitEvent, Observed, PatchStatus, StageView
 
 _FAILED_REASONS = ("StageFailed", "InputNotFound", "NoMarker")

@@ -38,9 +38,9 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..api.spec import AlignmentRunSpec
+from xwin_jobs.pipeline import TRAINING_STAGES
 
-TRAINING_STAGES = ("sft", "rewardModel", "rejectionSampling", "dpo")
+from ..api.spec import AlignmentRunSpec
 
 
 @dataclass(frozen=True)

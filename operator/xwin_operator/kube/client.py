@@ -6,7 +6,7 @@
   there), delete (404 = already gone), suspend/resume a child, merge-patch an AlignmentRun's
   status through the status subresource, post an Event, tell whether a Secret exists (its
   reply is never read, so its data is never parsed, kept, logged or returned). Bodies are the
-  builders' plain dicts, sent as JSON: no conversion to the client's model classes. On a 401
+  manifests' plain dicts, sent as JSON: no conversion to the client's model classes. On a 401
   the login is loaded again (rotated tokens, a plugin's new token) and the call retried once.
 * `StoreReader`: the stages' `_SUCCESS.json` markers and the existence of external inputs,
   read with xwin_jobs' Store in worker threads (boto3 is synchronous). Credentials come from

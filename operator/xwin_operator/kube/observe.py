@@ -1,6 +1,7 @@
 """A child object as the planner sees it: `child_state(body) -> ChildState`. Pure.
 
-The mapping of planner.py's docstring, from what each real controller writes:
+How each Kubernetes kind maps to the planner's phases (core/planner.py), from what each real
+controller writes:
   * PyTorchJob (Training Operator): a True `Succeeded` / `Failed` condition -> Succeeded /
     Failed (reason and message from the condition); a True `Running` (or `Restarting`)
     condition -> Running; else Pending. `suspended` = spec.runPolicy.suspend.

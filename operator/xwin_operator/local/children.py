@@ -1,15 +1,14 @@
 """The children of `xwin run`: what a planner's CreateChild becomes on this machine.
 
-`LocalChildren` is the local stand-in for the Kubernetes objects the operator creates. A child
-is chosen by its labels (`xwin.ai/stage`, `xwin.ai/step`, `xwin.ai/attempt`) through the step
-table (steps.py), never by the manifest's container command:
+`LocalChildren` is the local stand-in for the Kubernetes objects the operator creates. A
+planned child (core.children.PlannedChild) is run by its step (core/steps.py) and task:
 
   * a `train` or `job` step (PyTorchJob, Job) -> `python -m xwin_jobs <job> --task FILE`;
     with `--nproc-per-node N` > 1 a `train` step runs as a PyTorchJob replica runs it,
     `python -m xwin_jobs.launch --standalone --nproc-per-node N -m xwin_jobs <job> --task FILE`
     (torchrun, N ranks: `train_command`) (`steps.step_env`; a sample step also gets its server's URL and never the judge's key,
-    `local_sampling.sampler_env`), output teed to `<log dir>/<child name>.log`;
-  * a `serve` step's Deployment -> a real vLLM server (`local_sampling.start_server`), Running
+    `sampling.sampler_env`), output teed to `<log dir>/<child name>.log`;
+  * a `serve` step's Deployment -> a real vLLM server (`sampling.start_server`), Running
     once `/health` answers; no server is started when the samples it would serve are already
     complete (a re-run after a later step failed);
   * its Service -> Running at once (the sample step reads the server's own URL).
@@ -42,7 +41,7 @@ JOB_KINDS = ("PyTorchJob", "TrainJob", "Job")
 
 def train_command(python: str, step: Step, task_file: Path, nproc_per_node: int) -> list[str]:
     """The command of a `train` or `job` step on this machine: a `train` step with more than
-    one process per node is the PyTorchJob replica's command (builders.TRAIN_LAUNCHER) on a
+    one process per node is the PyTorchJob replica's command (core.children.TRAIN_LAUNCHER) on a
     standalone rendezvous; otherwise the one process torchrun would start."""
     job = [step.job, "--task", str(task_file)]
     if step.kind == "train" and nproc_per_node > 1:

@@ -3,10 +3,10 @@
 `execute` is a loop around the SAME `planner.decide` the kopf handlers call, so both walk one
 graph with one set of rules (readiness, steps, retries with backoff, markers):
 
-    observe: the children it started (local_children.LocalChildren, as ChildStates) and then
+    observe: the children it started (children.LocalChildren, as ChildStates) and then
              each stage's `_SUCCESS.json`, read from the store exactly as the operator reads it
     decide:  decide(run, observed, status, uid, generation, config=OperatorConfig(store=...))
-    act:     CreateChild -> queue a local process chosen by the child's labels (a job, a vLLM
+    act:     CreateChild -> queue a local process for the planned child's step (a job, a vLLM
              server, nothing for a Service); DeleteChild -> stop it; SuspendChild -> n/a;
              PatchStatus -> keep the status and write `<log dir>/status.json`; EmitEvent ->
              a progress line; RequeueAfter -> sleep that long, or until a child changes

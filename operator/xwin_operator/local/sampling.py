@@ -76,7 +76,7 @@ def samples_done(task: StageTask, model_input: str, store: Store) -> bool:
 
 
 def start_server(child: Any, ctx: Any) -> str | None:
-    """Bring up the vLLM server of a serve-step child (`local_children.LocalChild`): sets
+    """Bring up the vLLM server of a serve-step child (`children.LocalChild`): sets
     `child.handle`, `child.scratch`, `child.url`; returns the URL, or None when the samples
     it would serve are complete. Raises VllmServerError (with the server log's last lines)."""
     from xwin_jobs.modeling import resolve_model_source

@@ -1,4 +1,5 @@
-"""The stage graph of an AlignmentRun, as pure functions of the spec.
+"""The stage graph of an AlignmentRun, as pure functions of the spec (a spec whose stages read
+each other in a cycle is invalid: api/spec_io.py reports it with the file's line).
 
 Order is DESIGN.md's: sft → pairs → rewardModel → bestOfN → rejectionSampling → dpo → evaluate,
 but what a stage waits for comes from the references in the spec (dpo.init, bestOfN.policy, ...):
@@ -8,7 +9,8 @@ runs nothing and counts as done from the start.
 
 from __future__ import annotations
 
-from ..api.spec import STAGE_ORDER, AlignmentRunSpec
+from .rules import LIST_REFERENCE_RULES, REFERENCE_RULES
+from .spec import STAGE_ORDER, AlignmentRunSpec
 
 
 class GraphError(ValueError):
@@ -25,19 +27,10 @@ def stage_references(spec: AlignmentRunSpec, stage: str) -> dict[str, str]:
     st = getattr(spec.stages, stage)
     if st is None or st.reused:
         return {}
-    refs: dict[str, str] = {}
-    if stage == "pairs":
-        refs["policy"] = st.policy
-    elif stage == "rewardModel":
-        refs.update(init=st.init, pairs=st.pairs)
-    elif stage == "bestOfN":
-        refs.update(policy=st.policy, rewardModel=st.rewardModel)
-    elif stage == "rejectionSampling":
-        refs.update(init=st.init, scored=st.scored)
-    elif stage == "dpo":
-        refs.update(init=st.init, pairsFrom=st.pairsFrom)
-    elif stage == "evaluate":
-        refs.update({f"models[{i}]": m for i, m in enumerate(st.models)})
+    refs = {fld: getattr(st, fld) for key, fld, _ in REFERENCE_RULES if key == stage}
+    for key, fld, _ in LIST_REFERENCE_RULES:
+        if key == stage:
+            refs.update({f"{fld}[{i}]": v for i, v in enumerate(getattr(st, fld))})
     return refs
 
 
