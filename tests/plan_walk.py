@@ -60,7 +60,7 @@ def simulate(run, store: str | None = None, fail_once: set[str] = frozenset(),
         markers = {s: None for s in made}
         markers.update(markers_for(run, *[s for s in made if s in done], store=store))
         actions = decide(run, Observed(children=list(world.values()), markers=markers, now=now),
-                         status, uid="uid-1", generation=1, config=config)
+                         status, generation=1, config=config)
         for a in actions:
             if isinstance(a, CreateChild):
                 c, labels = a.child, a.child.labels

@@ -182,7 +182,7 @@ def test_planner_status_validates_against_the_crd(alignmentrun_schema):
                            reason="BackoffLimitExceeded", exit_code=1, created="2024-01-01T00:00:00Z",
                            finished="2024-01-01T00:10:00Z")]
     acts = decide(run, Observed(children=children, markers={}, now="2024-01-01T00:11:00Z"),
-                  None, uid="u", generation=3)
+                  None, generation=3)
     status = next(a.status for a in acts if isinstance(a, PatchStatus))
     doc = yaml.safe_load((REPO / "manifests/samples/xwin-7b.yaml").read_text())
     _validate_crd_object(alignmentrun_schema, {**doc, "status": json.loads(json.dumps(status))})

@@ -62,7 +62,7 @@ def child(stage, step="train", attempt=1, phase="Running", kind="PyTorchJob", **
 
 def plan(run, children=(), markers=None, status=None, now=T0, config=None, **observed):
     return decide(run, Observed(children=list(children), markers=markers or {}, now=now, **observed),
-                  status, uid="uid-1", generation=7, config=config or OperatorConfig(backoff_seconds=60))
+                  status, generation=7, config=config or OperatorConfig(backoff_seconds=60))
 
 
 def creates(actions) -> list[str]:

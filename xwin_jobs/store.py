@@ -29,8 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .store_uri import (MissingInputError, StoreError, as_folder, file_path, join_uri,  # noqa: F401
-                        redact_endpoint, scheme_of, split_s3)
+from .store_uri import (MissingInputError, StoreError, as_folder, file_path, join_uri,  # noqa: F401  (re-exported)
+                        redact_endpoint, scheme_of)
 
 MARKER = "_SUCCESS.json"
 MiB = 1024 * 1024

@@ -19,10 +19,10 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from xwin_jobs.pipeline import STAGE_ORDER, TRAINING_STAGES  # noqa: F401  (re-exported)
+from xwin_jobs.pipeline import STAGE_ORDER
 from xwin_jobs.training.config import TRAINING_DEFAULTS as TRAINING_CONFIG_DEFAULTS
 
-from .rules import EVAL_MODEL_KEYS, cross_field_errors, is_uri  # noqa: F401  (is_uri re-exported)
+from .rules import EVAL_MODEL_KEYS, cross_field_errors
 
 API_GROUP = "xwin.ai"
 API_VERSION = "v1alpha1"

@@ -3,7 +3,7 @@
 One planner, two executors: the kopf handlers turn the actions into API calls (kube/), `xwin
 run` turns them into local processes (local/), so both walk the same graph with the same rules.
 
-    actions = decide(run, observed, status, uid=..., generation=..., config=OperatorConfig())
+    actions = decide(run, observed, status, generation=..., config=OperatorConfig())
 
 Level-based: `decide` looks only at what exists now (the children, read by label, and the
 stages' `_SUCCESS.json` markers, read from the store) plus the previous `.status` (used only
@@ -73,7 +73,8 @@ from dataclasses import replace
 
 from xwin_jobs.task import StageTask
 
-from ..api.spec import AlignmentRun, is_uri
+from ..api.rules import is_uri
+from ..api.spec import AlignmentRun
 from .children import PlannedChild
 from .config import OperatorConfig
 from ..api.graph import dependencies, stage_references, stages_of
@@ -157,13 +158,11 @@ def walk(run: AlignmentRun, observed: Observed, status: dict | None,
     return views
 
 
-def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, uid: str = "",
-           generation: int, config: OperatorConfig | None = None,
-           tasks: dict[str, StageTask] | None = None) -> list[Action]:
+def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, generation: int,
+           config: OperatorConfig | None = None, tasks: dict[str, StageTask] | None = None) -> list[Action]:
     """Everything to do now for `run`; see the module docstring. `tasks` may pass
     `stage_tasks(run, config)` computed once for this generation (it is derived from the spec
-    alone; a caller that reconciles the same spec often saves rebuilding it). `uid` (the run's
-    metadata.uid) is not part of the plan: executors use it when they render children."""
+    alone; a caller that reconciles the same spec often saves rebuilding it)."""
     config = config or OperatorConfig()
     if not observed.now:  # callers should pass it; never write an empty lastTransitionTime
         observed = replace(observed, now=now_iso())
