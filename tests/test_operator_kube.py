@@ -1,5 +1,5 @@
 """The operator's I/O layer (kube.KubeApi) against the fake API server, and the pure mapping of
-child objects to what the planner sees (observe.child_state, observe.parse_run)."""
+child objects and run bodies to what the planner sees (observe.child_state, run_body.parse_run)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from kube import Cluster
 from xwin_operator.kube.client import ApiError, KubeApi
 from xwin_operator.kube.kubeconfig import MemFiles, login_from_dict
-from xwin_operator.kube.observe import child_state, parse_run
+from xwin_operator.kube.observe import child_state
+from xwin_operator.kube.run_body import parse_run
 from xwin_operator.core.types import EmitEvent, PatchStatus
 
 NS = "demo"

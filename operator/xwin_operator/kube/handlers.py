@@ -44,10 +44,11 @@ import kopf
 from ..api.spec import API_GROUP, API_VERSION, KIND, PLURAL
 from ..core.children import LABEL_RUN, MANAGED_BY
 from ..core.config import OperatorConfig
-from .client import KubeApi, StoreReader, verify_login
+from .client import KubeApi, verify_login
 from .kubeconfig import Login, LoginError, MemFiles, load_login
 from .observe import child_state
 from .reconciler import OperatorState, RunGate, finished, reconcile_logged
+from .store_reader import StoreReader
 
 RUNS = (API_GROUP, API_VERSION, PLURAL)
 CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),

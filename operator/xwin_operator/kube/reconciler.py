@@ -21,16 +21,17 @@ from typing import Any, Callable, Mapping
 from xwin_jobs.store import StoreError
 
 from ..api.spec import API_GROUP, API_VERSION, KIND
-from ..core.config import OperatorConfig
-from ..core.planner import decide, input_uris, secret_refs, stage_tasks
 from ..core.children import PlannedChild
+from ..core.config import OperatorConfig
 from ..core.executor import apply
+from ..core.planner import decide, input_uris, secret_refs, stage_tasks
 from ..core.types import EmitEvent, Observed, now_iso
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
-from .client import API_THREADS, ApiError, KubeApi, StoreReader
+from .client import API_THREADS, ApiError, KubeApi
 from .kubeconfig import Login, LoginError
 from .manifests import render
-from .observe import parse_run
+from .run_body import parse_run
+from .store_reader import StoreReader
 
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
