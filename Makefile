@@ -10,7 +10,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 TRL_VENV  ?= .venv-trl
 TRL_STAMP := $(TRL_VENV)/.installed
 
-.PHONY: demo test test-slow test-recipe bench crd lint clean setup vllm trl
+.PHONY: demo test test-slow test-recipe bench crd lint lint-imports clean setup vllm trl
 
 setup: $(STAMP)
 
@@ -53,7 +53,12 @@ demo: $(STAMP) $(VLLM_STAMP)
 	XWIN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VPY) examples/tiny/demo.py --store file://./xwin-runs
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VPY) -m pytest -q
+
+# The import rules of .importlinter: the core stays pure, the executors stay apart, no cycles.
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 test-slow: $(STAMP) $(VLLM_STAMP)
 	XWIN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VPY) -m pytest -q -m "slow and not recipe"

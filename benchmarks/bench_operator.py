@@ -134,7 +134,7 @@ def measure(kind: str, runs: int, interval: float, timeout: float, work: Path, p
             before: str | None = None) -> dict:
     """One round of one operator: `kind` is noop, xwin, or before (xwin with `before`, an older
     checkout's operator/ folder, first on its PYTHONPATH)."""
-    from xwin_operator.crd import crd
+    from xwin_operator.api.crd import crd
 
     store, base = work / f"{kind}-store", f"file://{work}/inputs"
     rec = Recorder()
@@ -324,13 +324,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def notes(best: dict[str, dict]) -> str:
-    from xwin_operator.kube import API_THREADS
+    from xwin_operator.kube.client import API_THREADS
 
     xwin, noop, peer = best["xwin"], best["noop"], best.get("peer")
     same_calls = "" if peer is None else (
         "Both the xwin operator and the same-calls peer make their API calls with the official `kubernetes` "
-        f"client (xwin_operator.kube.KubeApi: its ApiClient in {API_THREADS} worker threads, JSON bodies, no "
-        "model classes) and log kopf in through the same kubeconfig loading (xwin_operator.kubeconfig); the "
+        f"client (xwin_operator.kube.client.KubeApi: its ApiClient in {API_THREADS} worker threads, JSON bodies, "
+        "no model classes) and log kopf in through the same kubeconfig loading (xwin_operator.kube.kubeconfig); the "
         "no-op operator makes none of its own (kopf patches its status). "
         "The same-calls peer (benchmarks/peer_operator.py) is the floor for this job in kopf: the same "
         f"{peer['writes_per_run']:.1f} writes per run as ours (one PyTorchJob, Running and Succeeded status "

@@ -7,8 +7,8 @@ Per run, as xwin_operator does: on the run's first event, create one PyTorchJob 
 owned like ours), patch the run's status to Running and post a StageStarted Event; when that
 PyTorchJob reports Succeeded, patch the status to Succeeded and post StageSucceeded and
 RunSucceeded. Same kopf settings (standalone, watch-event handlers only, no annotations), same
-API client and login (xwin_operator.kube.KubeApi: the official `kubernetes` client in worker
-threads; kopf logged in through xwin_operator.kubeconfig). Nothing else: no spec parsing, no planner, no stage
+API client and login (xwin_operator.kube.client.KubeApi: the official `kubernetes` client in worker
+threads; kopf logged in through xwin_operator.kube.kubeconfig). Nothing else: no spec parsing, no planner, no stage
 markers, no indexes, no resync, no retries. It is what any kopf operator doing this job must
 at least cost, so `xwin / peer` is the price of our logic, and `peer / no-op` the price of the
 API work itself.
@@ -21,8 +21,8 @@ from typing import Any
 
 import kopf
 
-from xwin_operator.kube import KubeApi
-from xwin_operator.kubeconfig import MemFiles, load_login
+from xwin_operator.kube.client import KubeApi
+from xwin_operator.kube.kubeconfig import MemFiles, load_login
 
 MANAGED = {"app.kubernetes.io/managed-by": "xwin-operator"}
 

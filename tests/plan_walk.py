@@ -11,10 +11,11 @@ processes, no store.
 
 from __future__ import annotations
 
-from xwin_operator.planner import (ChildState, CreateChild, DeleteChild, Observed, OperatorConfig,
-                                   PatchStatus, decide)
-from xwin_operator.steps import steps_of
-from xwin_operator.tasks import run_root, stage_task, stage_uri
+from xwin_operator.core.config import OperatorConfig
+from xwin_operator.core.planner import decide
+from xwin_operator.core.types import ChildState, CreateChild, DeleteChild, Observed, PatchStatus
+from xwin_operator.core.steps import steps_of
+from xwin_operator.core.tasks import run_root, stage_task, stage_uri
 
 T0 = "2024-05-01T10:00:00Z"
 
@@ -59,14 +60,14 @@ def simulate(run, store: str | None = None, fail_once: set[str] = frozenset(),
         markers = {s: None for s in made}
         markers.update(markers_for(run, *[s for s in made if s in done], store=store))
         actions = decide(run, Observed(children=list(world.values()), markers=markers, now=now),
-                         status, uid="uid-1", generation=1, config=config)
+                         status, generation=1, config=config)
         for a in actions:
             if isinstance(a, CreateChild):
-                m, labels = a.manifest, a.manifest["metadata"]["labels"]
-                key = (m["kind"], m["metadata"]["name"])
+                c, labels = a.child, a.child.labels
+                key = (c.kind, c.name)
                 assert key not in world, f"{key} created twice"
                 created.append(key)
-                world[key] = ChildState(m["kind"], m["metadata"]["name"], labels["xwin.ai/stage"],
+                world[key] = ChildState(c.kind, c.name, labels["xwin.ai/stage"],
                                         labels["xwin.ai/step"], int(labels["xwin.ai/attempt"]),
                                         "Pending", created=now)
             elif isinstance(a, DeleteChild):

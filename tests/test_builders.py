@@ -16,10 +16,10 @@ import pytest
 
 from xwin_jobs.task import StageTask
 from xwin_jobs.vllm_server import vllm_server_args
-from xwin_operator.builders import OperatorConfig
-from xwin_operator.plan_print import planned_manifests, write_plan
-from xwin_operator.spec_io import load_run
-from xwin_operator.tasks import stage_task
+from xwin_operator.core.config import OperatorConfig
+from xwin_operator.kube.plan_print import planned_manifests, write_plan
+from xwin_operator.api.spec_io import load_run
+from xwin_operator.core.tasks import stage_task
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"

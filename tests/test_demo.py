@@ -41,7 +41,7 @@ def test_demo_runs_every_stage(demo):
     # Services, samplers, judges, trainers), in its order
     from plan_walk import planned_creates
 
-    from xwin_operator.spec_io import load_run
+    from xwin_operator.api.spec_io import load_run
 
     created = re.findall(r"^\s+· create (\S+/\S+)", done.stdout, flags=re.M)
     assert created == planned_creates(load_run(ROOT / "examples/tiny/run.yaml"), f"file://{tmp_path}/runs")

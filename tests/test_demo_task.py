@@ -47,8 +47,8 @@ def test_sft_data_is_imperfect_and_the_grader_tells_answers_apart():
 
 
 def test_the_demo_run_reads_evaluation_prompts_only_in_evaluate():
-    from xwin_operator.spec_io import load_run
-    from xwin_operator.tasks import stage_task
+    from xwin_operator.api.spec_io import load_run
+    from xwin_operator.core.tasks import stage_task
 
     run = load_run(ROOT / "examples/tiny/run.yaml")
     evaluate = stage_task(run, "evaluate")

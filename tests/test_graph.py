@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from xwin_operator.graph import dependencies, downstream, ready, stages_of
-from xwin_operator.spec_io import load_run, parse_run
-from xwin_operator.tasks import stage_task
+from xwin_operator.api.graph import dependencies, stages_of
+from xwin_operator.api.spec_io import load_run, parse_run
+from xwin_operator.core.tasks import stage_task
+
+from plan_walk import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,21 +33,25 @@ def test_full_recipe_order_and_dependencies(full):
     assert deps["evaluate"] == ["sft", "rejectionSampling", "dpo"]
 
 
-def test_ready_walks_the_pipeline(full):
-    done: set[str] = set()
-    order = []
-    while (r := ready(full.spec, done)):
-        order.append(r)
-        done.add(r[0])
-    assert [r[0] for r in order] == stages_of(full.spec)
-    assert ready(full.spec, {"sft"}, started={"pairs"}) == []
+def test_stages_start_in_pipeline_order(full):
+    """Every stage of the full recipe starts after the ones it reads (the planner's walk)."""
+    status, created, _ = simulate(full, store="s3://bucket/root")
+    assert status["phase"] == "Succeeded"
+    prefix = f"{full.metadata.name}-"
+    first = list(dict.fromkeys(name.removeprefix(prefix).split("-")[0] for _, name in created))
+    assert first == [s.lower() for s in stages_of(full.spec)]
 
 
 def test_reused_stages_count_as_done_and_have_no_task():
+    """`from:` stages (pairs, bestOfN) are done from the start: rewardModel and
+    rejectionSampling, which read sft and them, start together once sft succeeded."""
     run = load_run(ROOT / "examples/tiny/run-training.yaml")
-    assert ready(run.spec, set()) == ["sft"]
-    assert ready(run.spec, {"sft"}) == ["rewardModel", "rejectionSampling"]
-    assert downstream(run.spec, "sft") == ["rewardModel", "rejectionSampling", "dpo"]
+    assert dependencies(run.spec)["rewardModel"] == ["sft", "pairs"]
+    assert dependencies(run.spec)["rejectionSampling"] == ["sft", "bestOfN"]
+    status, created, _ = simulate(run, store="s3://bucket/root")
+    assert status["phase"] == "Succeeded"
+    assert [name for _, name in created] == ["tiny-sft-1", "tiny-rewardmodel-1",
+                                             "tiny-rejectionsampling-1", "tiny-dpo-1"]
 
 
 def test_tasks_point_at_upstream_artifacts_and_require_their_markers():

@@ -1,4 +1,4 @@
-"""Loading a login as kubectl would (xwin_operator.kubeconfig), without a cluster: the merge of
+"""Loading a login as kubectl would (xwin_operator.kube.kubeconfig), without a cluster: the merge of
 a KUBECONFIG list, relative paths, `*-data` kept in memory (never on disk), and the clear
 errors of bad kubeconfigs, none of which quotes a credential."""
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kube.tls import make_pki
-from xwin_operator.kubeconfig import LoginError, MemFiles, load_login, login_from_dict, merge_kubeconfigs
+from xwin_operator.kube.kubeconfig import LoginError, MemFiles, load_login, login_from_dict, merge_kubeconfigs
 
 
 def doc(server: str = "https://127.0.0.1:6443", user: dict | None = None, cluster: dict | None = None,

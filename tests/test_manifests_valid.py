@@ -25,10 +25,11 @@ import yaml
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-from xwin_operator.crd import crd  # noqa: E402
-from xwin_operator.plan_print import planned_manifests  # noqa: E402
-from xwin_operator.planner import ChildState, Observed, PatchStatus, decide  # noqa: E402
-from xwin_operator.spec_io import load_run  # noqa: E402
+from xwin_operator.api.crd import crd  # noqa: E402
+from xwin_operator.kube.plan_print import planned_manifests  # noqa: E402
+from xwin_operator.core.planner import decide
+from xwin_operator.core.types import ChildState, Observed, PatchStatus  # noqa: E402
+from xwin_operator.api.spec_io import load_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KUBEFLOW_SCHEMA = REPO.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
@@ -181,7 +182,7 @@ def test_planner_status_validates_against_the_crd(alignmentrun_schema):
                            reason="BackoffLimitExceeded", exit_code=1, created="2024-01-01T00:00:00Z",
                            finished="2024-01-01T00:10:00Z")]
     acts = decide(run, Observed(children=children, markers={}, now="2024-01-01T00:11:00Z"),
-                  None, uid="u", generation=3)
+                  None, generation=3)
     status = next(a.status for a in acts if isinstance(a, PatchStatus))
     doc = yaml.safe_load((REPO / "manifests/samples/xwin-7b.yaml").read_text())
     _validate_crd_object(alignmentrun_schema, {**doc, "status": json.loads(json.dumps(status))})
@@ -229,7 +230,7 @@ def _helm() -> str | None:
 
 
 def test_the_chart_carries_the_generated_crd():
-    from xwin_operator.crd import crd_yaml
+    from xwin_operator.api.crd import crd_yaml
 
     assert (CHART / "crds" / "alignmentruns.xwin.ai.yaml").read_text() == crd_yaml(), (
         "helm/xwin-operator/crds/ is stale: xwin crd > helm/xwin-operator/crds/alignmentruns.xwin.ai.yaml")

@@ -48,9 +48,9 @@ def expected_phases(run: dict) -> dict[str, str]:
 
 def planned_children(run: dict) -> list[str]:
     """The names of every child the operator should create once (first attempts), from the
-    operator's own builders (what `xwin plan` prints)."""
-    from xwin_operator.plan_print import planned_manifests
-    from xwin_operator.spec import AlignmentRun
+    operator's own manifests (what `xwin plan` prints)."""
+    from xwin_operator.kube.plan_print import planned_manifests
+    from xwin_operator.api.spec import AlignmentRun
 
     return sorted(m["metadata"]["name"] for _, _, m in planned_manifests(AlignmentRun.model_validate(run)))
 

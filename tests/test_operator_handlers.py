@@ -46,7 +46,7 @@ async def outcome(child: dict) -> Outcome:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, s3_server):
-    from xwin_operator.crd import crd
+    from xwin_operator.api.crd import crd
 
     work = tmp_path_factory.mktemp("operator-handlers")
     with Cluster(namespaces=(NS,), crds=(crd(),)) as cluster:

@@ -1,15 +1,16 @@
 """The operator's I/O layer (kube.KubeApi) against the fake API server, and the pure mapping of
-child objects to what the planner sees (observe.child_state, observe.parse_run)."""
+child objects and run bodies to what the planner sees (observe.child_state, run_body.parse_run)."""
 
 from __future__ import annotations
 
 import pytest
 
 from kube import Cluster
-from xwin_operator.kube import ApiError, KubeApi
-from xwin_operator.kubeconfig import MemFiles, login_from_dict
-from xwin_operator.observe import child_state, parse_run
-from xwin_operator.planner import EmitEvent, PatchStatus
+from xwin_operator.kube.client import ApiError, KubeApi
+from xwin_operator.kube.kubeconfig import MemFiles, login_from_dict
+from xwin_operator.kube.observe import child_state
+from xwin_operator.kube.run_body import parse_run
+from xwin_operator.core.types import EmitEvent, PatchStatus
 
 NS = "demo"
 LABELS = {"xwin.ai/run": "r", "xwin.ai/stage": "sft", "xwin.ai/step": "train", "xwin.ai/attempt": "2",

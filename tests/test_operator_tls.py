@@ -41,7 +41,7 @@ def pki():
 
 @pytest.fixture
 def tls_cluster(tmp_path, pki):
-    from xwin_operator.crd import crd
+    from xwin_operator.api.crd import crd
 
     auth = TokenAuth(ADMIN, EXEC_KEY, ttl=TTL)
     with Cluster(namespaces=(NS,), crds=(crd(),), tls=pki, auth=auth, admin_token=ADMIN, work=tmp_path) as c:

@@ -72,7 +72,7 @@ def test_suspend_suspends_the_trainjob_and_resume_finishes(cluster, kubelet_fact
 
 
 def test_without_the_trainjob_crd_the_run_says_so_once(tmp_path):
-    from xwin_operator.crd import crd
+    from xwin_operator.api.crd import crd
 
     with Cluster(namespaces=(NS,), crds=(crd(),), without=(TRAINJOBS,)) as c:
         kubelet = Kubelet(c, work=tmp_path / "node", namespace=NS, instant=complete_with_marker()).start()

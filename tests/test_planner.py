@@ -11,11 +11,13 @@ from dataclasses import replace
 
 import pytest
 
-from xwin_operator.builders import OperatorConfig, child_name
-from xwin_operator.planner import (ChildState, CreateChild, DeleteChild, EmitEvent, Observed,
-                                   PatchStatus, RequeueAfter, SuspendChild, decide, input_uris,
-                                   secret_refs)
-from xwin_operator.spec_io import parse_run
+from xwin_operator.core.children import child_name
+from xwin_operator.core.config import OperatorConfig
+from xwin_operator.core.planner import decide, input_uris, secret_refs
+from xwin_operator.core.types import (ChildState, CreateChild, DeleteChild, EmitEvent, Observed,
+                                      PatchStatus, RequeueAfter, SuspendChild)
+from xwin_operator.kube.manifests import render
+from xwin_operator.api.spec_io import parse_run
 
 from plan_walk import T0, markers_for, simulate
 
@@ -60,11 +62,17 @@ def child(stage, step="train", attempt=1, phase="Running", kind="PyTorchJob", **
 
 def plan(run, children=(), markers=None, status=None, now=T0, config=None, **observed):
     return decide(run, Observed(children=list(children), markers=markers or {}, now=now, **observed),
-                  status, uid="uid-1", generation=7, config=config or OperatorConfig(backoff_seconds=60))
+                  status, generation=7, config=config or OperatorConfig(backoff_seconds=60))
 
 
 def creates(actions) -> list[str]:
-    return [f"{a.manifest['kind']}/{a.manifest['metadata']['name']}" for a in actions if isinstance(a, CreateChild)]
+    return [f"{a.child.kind}/{a.child.name}" for a in actions if isinstance(a, CreateChild)]
+
+
+def manifests(run, actions) -> list[dict]:
+    """The manifests the operator would create for the planned children."""
+    return [render(run, a.child, "uid-1", OperatorConfig(backoff_seconds=60))
+            for a in actions if isinstance(a, CreateChild)]
 
 
 def of(actions, cls) -> list:
@@ -182,7 +190,7 @@ def test_the_sampler_starts_when_its_server_is_ready_and_the_server_goes_when_it
 
     ready = child("bestOfN", "serve", kind="Deployment", phase="Running")
     acts = plan(run, [ready, service], markers)
-    (job,) = [a.manifest for a in of(acts, CreateChild) if a.manifest["kind"] == "Job"]
+    (job,) = [m for m in manifests(run, acts) if m["kind"] == "Job"]
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert job["metadata"]["name"] == "demo-bestofn-sample-1"
     assert env["OPENAI_BASE_URL"] == "http://demo-bestofn-serve-1:8000/v1"
@@ -293,7 +301,7 @@ def test_a_missing_judge_secret_holds_only_the_judge_back():
     assert creates(acts) == []
     assert stage(status_of(acts), "pairs")["message"].startswith("spec.judge.apiKeySecret")
     acts = plan(run, kids, markers)
-    job = of(acts, CreateChild)[0].manifest
+    job = manifests(run, acts)[0]
     env = job["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai-key",
                                                                      "key": "OPENAI_API_KEY"}}} in env

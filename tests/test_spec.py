@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xwin_operator.crd import crd, crd_yaml
-from xwin_operator.spec import AlignmentRun, resolved_training
-from xwin_operator.spec_io import SpecError, load_run, parse_run
+from xwin_operator.api.crd import crd, crd_yaml
+from xwin_operator.api.spec import AlignmentRun, resolved_training
+from xwin_operator.api.spec_io import SpecError, load_run, parse_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [ROOT / "examples/tiny/run-training.yaml", ROOT / "examples/xwin-7b.yaml"]
@@ -206,7 +206,7 @@ def test_cel_rules_agree_with_validate(text):
         # what the API server would hold: the user's fields plus schema defaults of present objects
         spec_dict = copy.deepcopy(data["spec"])
         for key, stage in (spec_dict.get("stages") or {}).items():
-            from xwin_operator import spec as S
+            from xwin_operator.api import spec as S
             cls = {"sft": S.SFTStage, "pairs": S.PairsStage, "rewardModel": S.RewardModelStage,
                    "bestOfN": S.BestOfNStage, "rejectionSampling": S.RejectionSamplingStage,
                    "dpo": S.DPOStage, "evaluate": S.EvaluateStage}[key]

@@ -139,8 +139,8 @@ def test_local_executor_serves_samples_scores_and_stops_the_server(tiny, tmp_pat
     A re-run finds the marker: nothing runs, no server starts."""
     from xwin_jobs.modeling import load_reward_model, load_tokenizer, save_model
     from xwin_jobs.store import Store
-    from xwin_operator.local import LocalContext, execute
-    from xwin_operator.spec import AlignmentRun
+    from xwin_operator.local.executor import LocalContext, execute
+    from xwin_operator.api.spec import AlignmentRun
 
     tokenizer = load_tokenizer(str(tiny["policy"]))
     rm = save_model(load_reward_model(str(tiny["policy"]), tokenizer.pad_token_id), tokenizer,

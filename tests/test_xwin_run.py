@@ -85,7 +85,7 @@ def test_tiny_run_on_s3_then_rerun_is_a_noop(workdir, s3_server, s3_bucket):
 
     from plan_walk import planned_creates
 
-    from xwin_operator.spec_io import load_run
+    from xwin_operator.api.spec_io import load_run
 
     # the spec's storage is used without --store: its S3 URI and its endpoint
     edit_spec(workdir, lambda spec: spec.update(storage={"uri": f"{s3_bucket}/runs",
@@ -255,25 +255,23 @@ def test_unreachable_s3_store_is_named(workdir, s3_server):
 def test_children_created_together_run_one_at_a_time(tmp_path):
     """rewardModel and rejectionSampling are independent: decide creates both at once; the
     local executor queues the second (Pending) and starts it once the first has ended."""
-    from xwin_operator.builders import OperatorConfig, build_step
-    from xwin_operator.local import LocalContext
-    from xwin_operator.local_children import LocalChildren
-    from xwin_operator.spec_io import load_run
-    from xwin_operator.steps import steps_of
-    from xwin_operator.tasks import stage_task
+    from xwin_operator.core.children import planned_children
+    from xwin_operator.local.executor import LocalContext
+    from xwin_operator.local.children import LocalChildren
+    from xwin_operator.api.spec_io import load_run
+    from xwin_operator.core.steps import steps_of
+    from xwin_operator.core.tasks import stage_task
 
     run = load_run(ROOT / "examples/tiny/run-training.yaml")
     store = f"file://{tmp_path}/runs"   # no sft marker there: both jobs fail at once
     tasks = {s: stage_task(run, s, store) for s in ("rewardModel", "rejectionSampling")}
     ctx = LocalContext(sys.executable, dict(os.environ), tmp_path / "logs")
     starts = []
-    children = LocalChildren(ctx, lambda s: steps_of(run.spec, s), tasks.__getitem__,
-                             on_start=lambda c: starts.append(
+    children = LocalChildren(ctx, on_start=lambda c: starts.append(
                                  (c.name, [o.phase for o in children.children.values() if o is not c])))
     for stage, task in tasks.items():
-        for manifest in build_step(run, stage, steps_of(run.spec, stage)[0], 1, "u", task,
-                                   OperatorConfig(store=store)):
-            assert children.create(manifest) is not None
+        for planned in planned_children(run, stage, steps_of(run.spec, stage)[0], 1, task):
+            assert children.create(planned) is not None
     children.start_ready()
     assert {c.name: c.phase for c in children.states()}["tiny-rejectionsampling-1"] == "Pending"
     deadline = time.monotonic() + 120

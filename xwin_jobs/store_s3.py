@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .store import StoreError, as_folder, join_uri, redact_endpoint, split_s3
+from .store_uri import StoreError, as_folder, join_uri, redact_endpoint, split_s3
 
 
 def _plain_cause(exc: BaseException | None) -> str:

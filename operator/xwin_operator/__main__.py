@@ -1,6 +1,6 @@
 """`python -m xwin_operator`: run the AlignmentRun operator (kopf) against the current cluster.
 
-Equivalent to `kopf run --standalone -m xwin_operator.handlers [-n NS ... | -A]` plus the
+Equivalent to `kopf run --standalone -m xwin_operator.kube.handlers [-n NS ... | -A]` plus the
 settings of handlers.configure (kopf's storages under the `xwin.ai/` prefix, though with only
 watch-event handlers kopf writes none; Events posted from WARNING up; no peering). Credentials: the in-cluster service account, else $KUBECONFIG /
 ~/.kube/config. S3 credentials for reading stage markers: the usual AWS_* environment.
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import kopf
 
     kopf.configure(verbose=args.verbose, quiet=args.quiet)
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from .kube import handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(standalone=True, clusterwide=args.all_namespaces or not namespaces,
              namespaces=namespaces, liveness_endpoint=args.liveness)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .spec_io import SpecError, load_run
+from .api.spec_io import SpecError, load_run
 
 
 def _console():
@@ -34,7 +34,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from .crd import crd_yaml
+    from .api.crd import crd_yaml
 
     sys.stdout.write(crd_yaml())
     return 0
@@ -46,15 +46,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(e, file=sys.stderr)
         return 1
-    try:
-        from .plan_print import print_plan  # the operator's child manifests (when present)
-    except ImportError:
-        from .tasks import stage_task
+    from .kube.plan_print import print_plan
 
-        for stage in run.spec.stages.present():
-            if not getattr(run.spec.stages, stage).reused:
-                print(f"# {stage}\n{stage_task(run, stage).to_json()}")
-        return 0
     return print_plan(run, args)
 
 
@@ -63,9 +56,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from xwin_jobs.store import Store
 
-    from .local import (Interrupted, LocalContext, RunError, StageResult, default_log_dir,
-                        default_nproc_per_node, describe_root, execute, job_env, local_config,
-                        python_for_jobs)
+    from .local.executor import (Interrupted, LocalContext, RunError, StageResult, default_log_dir,
+                                 default_nproc_per_node, describe_root, execute, job_env,
+                                 local_config, python_for_jobs)
 
     console = _console()
     try:

@@ -49,7 +49,7 @@ def tiny_run(name: str = "tiny", *, storage: dict, **spec_changes: Any) -> dict:
 
 @pytest.fixture
 def cluster():
-    from xwin_operator.crd import crd
+    from xwin_operator.api.crd import crd
 
     with Cluster(namespaces=(NS,), crds=(crd(),)) as c:
         yield c

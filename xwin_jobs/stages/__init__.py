@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..pipeline import TRAINING_STAGES
 from ..store import MARKER, Store, as_folder, join_uri, read_marker, write_marker
 from ..task import StageTask, upstream_digests  # noqa: F401  (re-exported for the stages)
 
@@ -63,7 +64,7 @@ STEPS: dict[str, str] = {
 }
 
 # Stages run data parallel when launched by torchrun (WORLD_SIZE > 1).
-DATA_PARALLEL = frozenset({"sft", "rewardModel", "rejectionSampling", "dpo"})
+DATA_PARALLEL = frozenset(TRAINING_STAGES)
 
 
 class StageError(Exception):

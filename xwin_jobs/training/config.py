@@ -1,7 +1,7 @@
 """The `training` block of a stage task, as a typed, validated value.
 
 The planner always passes it fully resolved (camelCase keys as in the AlignmentRun spec).
-`TRAINING_DEFAULTS` is the one set of defaults: the spec (operator/xwin_operator/spec.py)
+`TRAINING_DEFAULTS` is the one set of defaults: the spec (operator/xwin_operator/api/spec.py)
 resolves unset fields with it and hand-written tasks get the same values here. Pure.
 """
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .planner import EmitEvent, Observed, PatchStatus
-from .spec import AlignmentRun
+from ..api.spec import AlignmentRun
+from ..api.graph import stage_references, stages_of
+from .types import EmitEvent, Observed, PatchStatus, StageView
 
 _FAILED_REASONS = ("StageFailed", "InputNotFound", "NoMarker")
 
 
-def _stage_status(v, prev: dict[str, Any], suspended: bool) -> dict[str, Any]:
+def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool) -> dict[str, Any]:
     phase = "Suspended" if suspended and v.phase == "Running" else v.phase
     created = [c.created for c in v.children if c.created]
     finished = [c.finished for c in v.children if c.finished]
@@ -58,7 +59,7 @@ def _condition(prev: dict[str, dict], now: str, type_: str, status: str, reason:
             "lastTransitionTime": when or now}
 
 
-def build_status(run: AlignmentRun, views: dict, prev_status: dict | None, generation: int,
+def build_status(run: AlignmentRun, views: dict[str, StageView], prev_status: dict | None, generation: int,
                  observed: Observed, missing_secrets: dict[str, str]) -> dict[str, Any]:
     prev_status = prev_status or {}
     prev_stages = {s.get("name"): s for s in prev_status.get("stages", [])}
@@ -108,10 +109,8 @@ def build_status(run: AlignmentRun, views: dict, prev_status: dict | None, gener
     return status
 
 
-def _needed_by(run: AlignmentRun, failed: list) -> str:
+def _needed_by(run: AlignmentRun, failed: list[StageView]) -> str:
     """'; needed by spec.stages.dpo.init' for the fields that name a failed stage."""
-    from .graph import stage_references, stages_of
-
     names = {v.name for v in failed}
     fields = [f"spec.stages.{s}.{f}" for s in stages_of(run.spec)
               for f, ref in stage_references(run.spec, s).items() if ref in names]
@@ -131,7 +130,7 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
     return f" ({', '.join(items)})" if items else ""
 
 
-def status_actions(run: AlignmentRun, views: dict, prev_status: dict | None,
+def status_actions(run: AlignmentRun, views: dict[str, StageView], prev_status: dict | None,
                    new_status: dict[str, Any]) -> list:
     """PatchStatus when anything changed, and an Event for every stage and run transition
     (a new run going Running gets only its first stage's StageStarted: one Event, not two)."""

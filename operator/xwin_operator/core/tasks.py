@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from xwin_jobs.pipeline import JUDGE_STAGES, SAMPLING_STAGES, TRAINING_STAGES
 from xwin_jobs.task import StageTask
 
-from .spec import (MODEL_STAGES, AlignmentRun, AlignmentRunSpec, resolved_resources,
-                   resolved_sampling, resolved_serving, resolved_training)
+from ..api.spec import (AlignmentRun, AlignmentRunSpec, resolved_resources, resolved_sampling,
+                        resolved_serving, resolved_training)
 
 
 def run_root(spec: AlignmentRunSpec, namespace: str, name: str, store: str | None = None) -> str:
@@ -67,10 +68,10 @@ def stage_task(run: AlignmentRun, stage: str, store: str | None = None) -> Stage
             markers.append(marker)
 
     params: dict[str, Any] = {}
-    if stage in MODEL_STAGES:
+    if stage in TRAINING_STAGES:
         params["training"] = resolved_training(spec, st)
         params["resources"] = resolved_resources(spec, st.resources)
-    if stage in ("pairs", "bestOfN", "evaluate"):
+    if stage in SAMPLING_STAGES:
         params["sampling"] = resolved_sampling(spec, st)
         params["serving"] = resolved_serving(spec, st)
 
@@ -119,7 +120,7 @@ def stage_task(run: AlignmentRun, stage: str, store: str | None = None) -> Stage
         # those stages' markers when the report is written (not inputs: evaluate does not wait)
         params["recipeStages"] = {k: stage_uri(root, k) for k in ("rewardModel", "bestOfN")
                                   if getattr(spec.stages, k) is not None and not getattr(spec.stages, k).reused}
-    if stage in ("pairs", "evaluate") and spec.judge is not None:
+    if stage in JUDGE_STAGES and spec.judge is not None:
         # Only the Secret's *name* travels; the key itself reaches the pod through env.
         params["judge"] = spec.judge.model_dump(exclude={"apiKeySecret"}, exclude_none=True)
 

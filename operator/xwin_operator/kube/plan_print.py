@@ -3,7 +3,7 @@ stage, as one YAML stream (`# stage: X` comments between documents) that reads w
 into `kubectl apply --dry-run=server -f -`.
 
 The manifests are those of the first attempt of every step, built by the operator's own
-builders. The owner reference carries a placeholder uid (the real one exists only once the
+manifests. The owner reference carries a placeholder uid (the real one exists only once the
 AlignmentRun is created); `XWIN_PLAN_UID` replaces it.
 """
 
@@ -15,11 +15,12 @@ from typing import Any, Iterator, TextIO
 
 import yaml
 
-from .builders import OperatorConfig, build_step
-from .graph import stages_of
-from .spec import AlignmentRun
-from .steps import steps_of
-from .tasks import stage_task
+from ..api.spec import AlignmentRun
+from ..core.config import OperatorConfig
+from ..api.graph import stages_of
+from ..core.steps import steps_of
+from ..core.tasks import stage_task
+from .manifests import build_step
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
 

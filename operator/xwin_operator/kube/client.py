@@ -1,4 +1,4 @@
-"""The operator's thin I/O layer: exactly the Kubernetes API calls and store reads it makes.
+"""The operator's thin I/O layer to the API server: exactly the Kubernetes API calls it makes.
 
 * `KubeApi`: the API calls, made with the official client (`kubernetes`, its ApiClient: the
   login of kubeconfig.load_login, TLS, exec-plugin token refresh) in a pool of worker threads,
@@ -6,14 +6,11 @@
   there), delete (404 = already gone), suspend/resume a child, merge-patch an AlignmentRun's
   status through the status subresource, post an Event, tell whether a Secret exists (its
   reply is never read, so its data is never parsed, kept, logged or returned). Bodies are the
-  builders' plain dicts, sent as JSON: no conversion to the client's model classes. On a 401
+  manifests' plain dicts, sent as JSON: no conversion to the client's model classes. On a 401
   the login is loaded again (rotated tokens, a plugin's new token) and the call retried once.
-* `StoreReader`: the stages' `_SUCCESS.json` markers and the existence of external inputs,
-  read with xwin_jobs' Store in worker threads (boto3 is synchronous). Credentials come from
-  the operator's own environment; the endpoint from the run's `storage.endpoint`.
 
-Errors are `ApiError` (with `.transient` for 429/5xx/connection failures) and xwin_jobs'
-`StoreError`; a login that fails is kubeconfig.LoginError.
+Errors are `ApiError` (with `.transient` for 429/5xx/connection failures); a login that fails
+is kubeconfig.LoginError. The store reads are store_reader.py's.
 """
 
 from __future__ import annotations
@@ -24,9 +21,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from .builders import MANAGED_BY
+from ..api.spec import API_GROUP, API_VERSION, PLURAL
+from ..core.children import MANAGED_BY
+from ..core.types import now_iso
 from .kubeconfig import Login, LoginError
-from .spec import API_GROUP, API_VERSION, PLURAL
 
 # kind -> (group/version, plural)
 RESOURCES: dict[str, tuple[str, str]] = {
@@ -243,9 +241,7 @@ class KubeApi:
 
     async def post_event(self, involved: dict, reason: str, message: str, type_: str = "Normal",
                          component: str = MANAGED_BY) -> None:
-        from datetime import datetime, timezone
-
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_iso()
         ns = involved["namespace"]
         await self.request("post", path_of("Event", ns), {
             "apiVersion": "v1", "kind": "Event",
@@ -262,43 +258,3 @@ class KubeApi:
             if e.status == 404:
                 return False
             raise
-
-
-class StoreReader:
-    """Markers and input existence, through xwin_jobs.store.Store (one per endpoint)."""
-
-    def __init__(self) -> None:
-        self._stores: dict[str | None, Any] = {}
-        self._seen_inputs: set[str] = set()   # inputs found once are not probed again
-
-    def store(self, endpoint: str | None) -> Any:
-        if endpoint not in self._stores:
-            from xwin_jobs.store import Store
-
-            # short connect timeout, two tries: an unreachable endpoint is reported within a reconcile
-            self._stores[endpoint] = Store(endpoint_url=endpoint, connect_timeout=5.0, max_attempts=2)
-        return self._stores[endpoint]
-
-    async def markers(self, endpoint: str | None, stage_uris: dict[str, str]) -> dict[str, dict | None]:
-        from xwin_jobs.store import read_marker
-
-        store = self.store(endpoint)
-
-        def read_all() -> dict[str, dict | None]:
-            return {stage: read_marker(store, uri) for stage, uri in stage_uris.items()}
-        if all(uri.startswith("file://") for uri in stage_uris.values()):
-            return read_all()  # local files: cheaper than a hop to a worker thread
-        return await asyncio.to_thread(read_all)
-
-    async def missing(self, endpoint: str | None, uris: list[str]) -> list[str]:
-        """The s3:// URIs among `uris` with nothing at or under them. Only s3:// is probed: the
-        operator cannot see the pods' file systems, and hf:// is resolved by the pods."""
-        store = self.store(endpoint)
-
-        def exists(uri: str) -> bool:
-            return store.exists(uri) or (not uri.endswith("/") and store.exists(uri + "/"))
-
-        todo = [u for u in dict.fromkeys(uris) if u not in self._seen_inputs and u.startswith("s3://")]
-        found = await asyncio.gather(*(asyncio.to_thread(exists, u) for u in todo))
-        self._seen_inputs.update(u for u, ok in zip(todo, found) if ok)
-        return [u for u, ok in zip(todo, found) if not ok]

@@ -19,21 +19,17 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from xwin_jobs.pipeline import STAGE_ORDER
 from xwin_jobs.training.config import TRAINING_DEFAULTS as TRAINING_CONFIG_DEFAULTS
+
+from .rules import EVAL_MODEL_KEYS, cross_field_errors
 
 API_GROUP = "xwin.ai"
 API_VERSION = "v1alpha1"
 KIND = "AlignmentRun"
 PLURAL = "alignmentruns"
 
-STAGE_ORDER = ("sft", "pairs", "rewardModel", "bestOfN", "rejectionSampling", "dpo", "evaluate")
-MODEL_STAGES = ("sft", "rewardModel", "rejectionSampling", "dpo")
-URI_PREFIXES = ("s3://", "file://", "hf://", "/")
 _URI_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+)$"
-
-
-def is_uri(value: str) -> bool:
-    return value.startswith(URI_PREFIXES)
 
 
 class _Model(BaseModel):
@@ -193,7 +189,6 @@ class DPOStage(_TrainingStage):
     pairsFrom: str = Field("bestOfN", description="bestOfN (Xwin-LM-DPO) | pairs (plain DPO on judged pairs) | a pairs data URI.")
 
 
-EVAL_MODEL_KEYS = ("sft", "rejectionSampling", "dpo", "base")
 _REFERENCE_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+|" + "|".join(EVAL_MODEL_KEYS) + r")$"
 
 
@@ -277,10 +272,6 @@ class Retries(_Model):
     maxAttempts: int = Field(3, ge=1, le=100, description="Attempts per stage before the run fails.")
 
 
-def _stage_ref_ok(ref: str, present: list[str], allowed: tuple[str, ...]) -> bool:
-    return is_uri(ref) or ref == "base" and "base" in allowed or (ref in allowed and ref in present)
-
-
 class AlignmentRunSpec(_Model):
     baseModel: str = Field(..., pattern=r"^(s3://[^/]+.*|file://.+|hf://.+|/.+)$", description="A Hugging Face model folder: s3://, file:// or hf://org/name.")
     chatTemplate: Literal["vicuna", "tokenizer"] = Field("vicuna", description="vicuna (Xwin-LM's prompt format) | tokenizer (the tokenizer's own chat template).")
@@ -300,65 +291,6 @@ class AlignmentRunSpec(_Model):
             raise PydanticCustomError("cross_field", "{summary}", {
                 "summary": "; ".join(f"{path}: {msg}" for path, msg in errors), "errors": errors})
         return self
-
-
-# Cross-field rules as data: `cross_field_errors` checks them here and crd.py turns the same
-# tables into CEL `x-kubernetes-validations`, so `xwin validate` and the API server agree.
-# (stage, field, stage keys it may name besides a URI); a reused stage (`from:`) skips its rules.
-REFERENCE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("pairs", "policy", ("sft", "rejectionSampling", "dpo", "base")),
-    ("rewardModel", "init", ("sft", "base")),
-    ("rewardModel", "pairs", ("pairs",)),
-    ("bestOfN", "policy", ("sft", "rejectionSampling", "dpo", "base")),
-    ("bestOfN", "rewardModel", ("rewardModel",)),
-    ("rejectionSampling", "init", ("sft", "base")),
-    ("rejectionSampling", "scored", ("bestOfN",)),
-    ("dpo", "init", ("sft", "rejectionSampling", "base")),
-    ("dpo", "pairsFrom", ("bestOfN", "pairs")),
-)
-LIST_REFERENCE_RULES = (("evaluate", "models", EVAL_MODEL_KEYS),)
-# (stage, field): required unless the stage is reused with `from:`.
-REQUIRED_UNLESS_REUSED = (("sft", "data"), ("pairs", "prompts"), ("bestOfN", "prompts"))
-JUDGE_STAGES = ("pairs", "evaluate")
-
-
-def cross_field_errors(spec: AlignmentRunSpec) -> list[tuple[str, str]]:
-    """Rules between fields, as (field path, message). Each is also a CEL rule in the CRD."""
-    s, present, errs = spec.stages, spec.stages.present(), []
-    if not present:
-        errs.append(("spec.stages", "at least one stage is required"))
-
-    def bad_ref(path: str, value: str, allowed: tuple[str, ...]) -> None:
-        if not _stage_ref_ok(value, present, allowed):
-            errs.append((path, f"'{value}' must name a stage present in the run "
-                               f"({' | '.join(allowed)}) or be a URI"))
-
-    for key, fld in REQUIRED_UNLESS_REUSED:
-        st = getattr(s, key)
-        if st and not st.reused and not getattr(st, fld):
-            errs.append((f"spec.stages.{key}.{fld}", f"required unless {key}.from is given"))
-    for key, fld, allowed in REFERENCE_RULES:
-        st = getattr(s, key)
-        if st and not st.reused:
-            bad_ref(f"spec.stages.{key}.{fld}", getattr(st, fld), allowed)
-    for key, fld, allowed in LIST_REFERENCE_RULES:
-        st = getattr(s, key)
-        if st and not st.reused:
-            for i, v in enumerate(getattr(st, fld)):
-                bad_ref(f"spec.stages.{key}.{fld}[{i}]", v, allowed)
-    for key in JUDGE_STAGES:
-        st = getattr(s, key)
-        if st and not st.reused and spec.judge is None:
-            errs.append(("spec.judge", f"required when the {key} stage runs"))
-    if s.evaluate and not s.evaluate.reused and not (s.evaluate.alpacaEval or s.evaluate.mtBench):
-        errs.append(("spec.stages.evaluate", "give alpacaEval, mtBench or both"))
-    if s.evaluate and not s.evaluate.reused and s.evaluate.alpacaEval:
-        ref = s.evaluate.alpacaEval.reference
-        if not is_uri(ref) and ref not in s.evaluate.models:
-            errs.append(("spec.stages.evaluate.alpacaEval.reference",
-                         f"'{ref}' must be one of evaluate.models ({', '.join(s.evaluate.models)}) "
-                         "or a URI of reference outputs"))
-    return errs
 
 
 # --- status -----------------------------------------------------------------------------

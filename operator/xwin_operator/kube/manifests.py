@@ -1,4 +1,5 @@
-"""Child manifests, as pure functions of (run, stage, step, attempt, owner uid, config).
+"""Child manifests: the planner's planned children rendered as Kubernetes objects, as pure
+functions of (run, stage, step, attempt, owner uid, config); `render` is the entry point.
 
 * `train` steps -> a `kubeflow.org/v1` PyTorchJob: a Master plus `nodes-1` Workers, each pod
   asking `nvidia.com/gpu: gpusPerNode`; the container (named `pytorch`, as the Training
@@ -32,86 +33,19 @@ Pure: no kubernetes client imports.
 from __future__ import annotations
 
 import copy
-
-import hashlib
-import os
-import re
-from dataclasses import dataclass, fields
 from typing import Any
 
 from xwin_jobs.task import StageTask
+from xwin_jobs.vllm_server import SERVED_MODEL_NAME as SERVED_MODEL
 
-from .spec import API_GROUP, API_VERSION, KIND, AlignmentRun, resolved_resources, resolved_serving
-from .steps import Step, step_env
+from ..api.spec import API_GROUP, API_VERSION, KIND, AlignmentRun, resolved_resources, resolved_serving
+from ..core.children import TRAIN_LAUNCHER, PlannedChild, child_labels, child_name
+from ..core.config import OperatorConfig
+from ..core.steps import Step, step_env
 
-MANAGED_BY = "xwin-operator"
-LABEL_RUN, LABEL_STAGE, LABEL_STEP, LABEL_ATTEMPT = (f"{API_GROUP}/run", f"{API_GROUP}/stage",
-                                                     f"{API_GROUP}/step", f"{API_GROUP}/attempt")
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-MAX_CHILD_NAME = 52  # leaves room for the "-worker-NNNN" replica names the Training Operator derives
 SCRATCH = "/scratch"
-SERVED_MODEL = "policy"  # --served-model-name of every vLLM server (xwin_jobs.vllm_server)
-# What a PyTorchJob replica runs before `<job> --task ...` (`xwin run` runs the same).
-TRAIN_LAUNCHER = ("python", "-m", "xwin_jobs.launch", "-m", "xwin_jobs")
 SHUTDOWN_MARGIN_S = 15  # of the grace period, left for torchrun itself to exit after its workers
-
-
-@dataclass(frozen=True)
-class OperatorConfig:
-    """Operator-wide settings (env `XWIN_<FIELD IN UPPER CASE>` in `from_env`)."""
-
-    trainer_image: str = "ghcr.io/xwin-align/xwin-trainer:0.1.0"
-    sampler_image: str = "ghcr.io/xwin-align/xwin-sampler:0.1.0"
-    annotator_image: str = "ghcr.io/xwin-align/xwin-annotator:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    service_account: str = ""          # serviceAccountName of child pods ("" = namespace default)
-    server_port: int = 8000            # vLLM port
-    pod_backoff_limit: int = 3         # pod restarts inside one attempt (preemption, OOM kill)
-    backoff_seconds: float = 10.0      # wait before attempt 2; doubles each attempt
-    backoff_max_seconds: float = 600.0
-    job_cpu: str = "1"                 # requests of sampler and judge pods
-    job_memory: str = "2Gi"
-    store: str = ""                    # replaces spec.storage.uri (tests); "" = the spec's
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "OperatorConfig":
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(f"XWIN_{f.name.upper()}")
-            if raw is not None:
-                values[f.name] = type(f.default)(raw)
-        return cls(**values)
-
-    def image(self, run: AlignmentRun, which: str) -> str:
-        return getattr(run.spec.images, which) or getattr(self, f"{which}_image")
-
-
-# --- names and labels -------------------------------------------------------------------
-
-
-def dns_name(raw: str, limit: int = MAX_CHILD_NAME) -> str:
-    """A DNS-1035 label (what Services and PyTorchJobs need): lowercase alphanumerics and '-',
-    starting with a letter, at most `limit` characters; shortened with a hash of `raw`."""
-    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
-    name = re.sub(r"-{2,}", "-", name)
-    if not name or not name[0].isalpha():
-        name = "x-" + name
-    if len(name) > limit:
-        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
-        name = name[:limit - 9].rstrip("-") + "-" + digest
-    return name
-
-
-def child_name(run_name: str, stage: str, step: str, attempt: int) -> str:
-    """`<run>-<stage>[-<step>]-<attempt>` (the step omitted for a stage's only `train` step)."""
-    parts = [run_name, stage] + ([] if step == "train" else [step]) + [str(attempt)]
-    return dns_name("-".join(parts))
-
-
-def child_labels(run: AlignmentRun, stage: str, step: str, attempt: int) -> dict[str, str]:
-    return {LABEL_RUN: run.metadata.name, LABEL_STAGE: stage, LABEL_STEP: step,
-            LABEL_ATTEMPT: str(attempt), "app.kubernetes.io/managed-by": MANAGED_BY}
 
 
 def owner_reference(run: AlignmentRun, uid: str) -> dict[str, Any]:
@@ -276,14 +210,6 @@ TRAINJOB_POD_FIELDS = ("affinity", "containers", "imagePullSecrets", "initContai
                        "terminationGracePeriodSeconds", "tolerations", "volumes")
 
 
-def step_kind(run: AlignmentRun, kind: str) -> str:
-    """The child kind of a step kind (`train` follows `spec.scheduling.launcher`)."""
-    return run.spec.scheduling.launcher if kind == "train" else STEP_KINDS[kind]
-
-
-STEP_KINDS = {"train": "PyTorchJob", "job": "Job", "serve": "Deployment"}
-
-
 def batch_job(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
               task: StageTask, config: OperatorConfig, extra_env: dict[str, str]) -> dict[str, Any]:
     name = child_name(run.metadata.name, stage, step.name, attempt)
@@ -379,10 +305,9 @@ def vllm_server(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: st
 
 
 def build_step(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
-               task: StageTask, config: OperatorConfig,
-               serve_attempt: int | None = None) -> list[dict[str, Any]]:
-    """Every manifest of one step's attempt. A sample step points at the Service of its serve
-    step's attempt `serve_attempt` (default: the same attempt)."""
+               task: StageTask, config: OperatorConfig) -> list[dict[str, Any]]:
+    """Every manifest of one step's attempt (a sample step points at the Service of its serve
+    step's same attempt)."""
     if step.kind == "train":
         launcher = trainjob if run.spec.scheduling.launcher == "TrainJob" else pytorchjob
         return [launcher(run, stage, step, attempt, uid, task, config)]
@@ -390,6 +315,12 @@ def build_step(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str
         return vllm_server(run, stage, step, attempt, uid, task, config)
     extra = step_env(step)
     if step.served_by:
-        url = server_url(run, stage, step.served_by, serve_attempt or attempt, config)
+        url = server_url(run, stage, step.served_by, attempt, config)
         extra = step_env(step, url, SERVED_MODEL)
     return [batch_job(run, stage, step, attempt, uid, task, config, extra)]
+
+
+def render(run: AlignmentRun, child: PlannedChild, uid: str, config: OperatorConfig) -> dict[str, Any]:
+    """The manifest of one planned child (a serve step's Deployment or its Service)."""
+    made = build_step(run, child.stage, child.step, child.attempt, uid, child.task, config)
+    return next(m for m in made if m["kind"] == child.kind)

@@ -1,15 +1,14 @@
 """The children of `xwin run`: what a planner's CreateChild becomes on this machine.
 
-`LocalChildren` is the local stand-in for the Kubernetes objects the operator creates. A child
-is chosen by its labels (`xwin.ai/stage`, `xwin.ai/step`, `xwin.ai/attempt`) through the step
-table (steps.py), never by the manifest's container command:
+`LocalChildren` is the local stand-in for the Kubernetes objects the operator creates. A
+planned child (core.children.PlannedChild) is run by its step (core/steps.py) and task:
 
   * a `train` or `job` step (PyTorchJob, Job) -> `python -m xwin_jobs <job> --task FILE`;
     with `--nproc-per-node N` > 1 a `train` step runs as a PyTorchJob replica runs it,
     `python -m xwin_jobs.launch --standalone --nproc-per-node N -m xwin_jobs <job> --task FILE`
     (torchrun, N ranks: `train_command`) (`steps.step_env`; a sample step also gets its server's URL and never the judge's key,
-    `local_sampling.sampler_env`), output teed to `<log dir>/<child name>.log`;
-  * a `serve` step's Deployment -> a real vLLM server (`local_sampling.start_server`), Running
+    `sampling.sampler_env`), output teed to `<log dir>/<child name>.log`;
+  * a `serve` step's Deployment -> a real vLLM server (`sampling.start_server`), Running
     once `/health` answers; no server is started when the samples it would serve are already
     complete (a re-run after a later step failed);
   * its Service -> Running at once (the sample step reads the server's own URL).
@@ -28,26 +27,21 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from xwin_jobs.task import StageTask
 
-from .builders import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP, TRAIN_LAUNCHER
-from .planner import ChildState
-from .steps import Step
+from ..core.children import TRAIN_LAUNCHER, PlannedChild
+from ..core.steps import Step
+from ..core.types import ChildState, now_iso
 
 JOB_KINDS = ("PyTorchJob", "TrainJob", "Job")
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def train_command(python: str, step: Step, task_file: Path, nproc_per_node: int) -> list[str]:
     """The command of a `train` or `job` step on this machine: a `train` step with more than
-    one process per node is the PyTorchJob replica's command (builders.TRAIN_LAUNCHER) on a
+    one process per node is the PyTorchJob replica's command (core.children.TRAIN_LAUNCHER) on a
     standalone rendezvous; otherwise the one process torchrun would start."""
     job = [step.job, "--task", str(task_file)]
     if step.kind == "train" and nproc_per_node > 1:
@@ -122,10 +116,8 @@ class LocalChild:
 class LocalChildren:
     """The children of one `xwin run`, by name, with the one-job-at-a-time queue."""
 
-    def __init__(self, ctx: Any, steps: Callable[[str], list[Step]],
-                 task: Callable[[str], StageTask],
-                 on_start: Callable[[LocalChild], None] = lambda child: None):
-        self.ctx, self._steps, self._task, self.on_start = ctx, steps, task, on_start
+    def __init__(self, ctx: Any, on_start: Callable[[LocalChild], None] = lambda child: None):
+        self.ctx, self.on_start = ctx, on_start
         self.children: dict[tuple[str, str], LocalChild] = {}   # (kind, name): a Deployment
         # and its Service share a name, as on Kubernetes
         self.queue: list[LocalChild] = []
@@ -152,19 +144,12 @@ class LocalChildren:
 
     # --- the planner's actions ------------------------------------------------------------
 
-    def create(self, manifest: dict) -> LocalChild | None:
-        """Queue the child a manifest describes (a name that exists is a 409: None)."""
-        meta = manifest["metadata"]
-        if (manifest["kind"], meta["name"]) in self.children:
+    def create(self, planned: PlannedChild) -> LocalChild | None:
+        """Queue a planned child (a name that exists is a 409: None)."""
+        if (planned.kind, planned.name) in self.children:
             return None
-        labels = meta.get("labels") or {}
-        stage, step_name = labels[LABEL_STAGE], labels[LABEL_STEP]
-        step = next((s for s in self._steps(stage) if s.name == step_name), None)
-        if step is None:
-            raise ValueError(f"{manifest['kind']}/{meta['name']}: stage {stage} has no step "
-                             f"{step_name!r} (steps.py)")
-        child = LocalChild(manifest["kind"], meta["name"], stage, step,
-                           int(labels.get(LABEL_ATTEMPT, "1")), self._task(stage), now_iso())
+        child = LocalChild(planned.kind, planned.name, planned.stage, planned.step, planned.attempt,
+                           planned.task, now_iso())
         with self.changed:
             self.children[child.kind, child.name] = child
             if child.kind == "Service":  # nothing runs for it: the sampler gets the server's URL
@@ -246,7 +231,7 @@ class LocalChildren:
             self.changed.notify_all()
 
     def _run_job(self, child: LocalChild) -> None:
-        from .local_sampling import job_env_for
+        from .sampling import job_env_for
 
         ctx, log_path = self.ctx, self.ctx.log_dir / f"{child.name}.log"
         try:
@@ -274,7 +259,7 @@ class LocalChildren:
                          exit_code=code)
 
     def _run_server(self, child: LocalChild) -> None:
-        from .local_sampling import start_server
+        from .sampling import start_server
 
         try:
             started = start_server(child, self.ctx)

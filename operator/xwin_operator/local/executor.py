@@ -3,10 +3,10 @@
 `execute` is a loop around the SAME `planner.decide` the kopf handlers call, so both walk one
 graph with one set of rules (readiness, steps, retries with backoff, markers):
 
-    observe: the children it started (local_children.LocalChildren, as ChildStates) and then
+    observe: the children it started (children.LocalChildren, as ChildStates) and then
              each stage's `_SUCCESS.json`, read from the store exactly as the operator reads it
     decide:  decide(run, observed, status, uid, generation, config=OperatorConfig(store=...))
-    act:     CreateChild -> queue a local process chosen by the child's labels (a job, a vLLM
+    act:     CreateChild -> queue a local process for the planned child's step (a job, a vLLM
              server, nothing for a Service); DeleteChild -> stop it; SuspendChild -> n/a;
              PatchStatus -> keep the status and write `<log dir>/status.json`; EmitEvent ->
              a progress line; RequeueAfter -> sleep that long, or until a child changes
@@ -33,13 +33,14 @@ from typing import Callable
 
 from xwin_jobs.task import StageTask
 
-from .builders import OperatorConfig
-from .local_children import LocalChild, LocalChildren, now_iso
-from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, RequeueAfter,
-                      decide, stage_tasks)
-from .spec import AlignmentRun
-from .steps import steps_of
-from .tasks import run_root
+from ..api.spec import AlignmentRun
+from ..core.config import OperatorConfig
+from ..core.planner import decide, stage_tasks
+from ..core.tasks import run_root
+from ..core.children import PlannedChild
+from ..core.executor import apply
+from ..core.types import Observed, now_iso
+from .children import LocalChild, LocalChildren
 
 POLL_SECONDS = 5.0     # a safety net: children notify when they change
 
@@ -164,6 +165,41 @@ class _Progress:
         return error
 
 
+class LocalActions:
+    """The planner's actions on this machine (core.executor.Executor): a child queued as a
+    process, stopped, the status kept and written to `<log dir>/status.json`, an Event a
+    progress line, a requeue a shorter wait. `xwin run` refuses a suspended run, so there is
+    nothing to suspend."""
+
+    def __init__(self, children: LocalChildren, ctx: LocalContext, progress: _Progress):
+        self.children, self.ctx, self.progress = children, ctx, progress
+        self.status: dict | None = None
+        self.wait, self.acted = POLL_SECONDS, False
+
+    def create(self, planned: PlannedChild) -> None:
+        child = self.children.create(planned)
+        if child is not None:
+            self.acted = True
+            self.ctx.on_event("ChildCreated", f"{child.kind}/{child.name}", "Normal")
+
+    def delete(self, kind: str, name: str) -> None:
+        self.acted |= self.children.delete(kind, name)
+
+    def suspend(self, kind: str, name: str, suspend: bool) -> None:
+        pass
+
+    def patch_status(self, status: dict) -> None:
+        self.status = status
+        write_status(self.ctx.log_dir, status)
+        self.progress.update(status)
+
+    def event(self, reason: str, message: str, type_: str) -> None:
+        self.ctx.on_event(reason, message, type_)
+
+    def requeue(self, seconds: float, reason: str) -> None:
+        self.wait = min(self.wait, max(seconds, 0.05))
+
+
 def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, store,
             on_stage: Callable[[StageResult | str], None] = lambda r: None,
             config: OperatorConfig | None = None) -> list[StageResult]:
@@ -174,9 +210,8 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
         raise RunError("spec.suspend is true: nothing would run (set it to false)")
     tasks = stage_tasks(run, config)      # the same tasks the planner builds its children from
     progress = _Progress(on_stage)
-    children = LocalChildren(ctx, lambda stage: steps_of(run.spec, stage), tasks.__getitem__,
-                             on_start=progress.started)
-    status: dict | None = None
+    children = LocalChildren(ctx, on_start=progress.started)
+    actions_here = LocalActions(children, ctx, progress)
     previous_sigterm = _trap_sigterm()
     try:
         while True:
@@ -184,25 +219,12 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
             states = children.states()            # children first, then the markers
             observed = Observed(children=states, markers=read_markers(tasks, store),
                                 now=now_iso())
-            actions = decide(run, observed, status, uid=f"local-{run.metadata.name}",
-                             generation=1, config=config, tasks=tasks)
-            wait, acted = POLL_SECONDS, False
-            for action in actions:
-                if isinstance(action, CreateChild):
-                    child = children.create(action.manifest)
-                    if child is not None:
-                        acted = True
-                        ctx.on_event("ChildCreated", f"{child.kind}/{child.name}", "Normal")
-                elif isinstance(action, DeleteChild):
-                    acted |= children.delete(action.kind, action.name)
-                elif isinstance(action, PatchStatus):
-                    status = action.status
-                    write_status(ctx.log_dir, status)
-                    progress.update(status)
-                elif isinstance(action, EmitEvent):
-                    ctx.on_event(action.reason, action.message, action.type)
-                elif isinstance(action, RequeueAfter):
-                    wait = min(wait, max(action.seconds, 0.05))
+            actions = decide(run, observed, actions_here.status, generation=1, config=config,
+                             tasks=tasks)
+            actions_here.wait, actions_here.acted = POLL_SECONDS, False
+            for _ in apply(actions, actions_here):
+                pass
+            status, wait, acted = actions_here.status, actions_here.wait, actions_here.acted
             phase = (status or {}).get("phase")
             if phase == "Succeeded":
                 children.wait_jobs(timeout=60)

@@ -38,11 +38,9 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from xwin_jobs.task import StageTask
+from xwin_jobs.pipeline import TRAINING_STAGES
 
-from .spec import AlignmentRunSpec
-
-TRAINING_STAGES = ("sft", "rewardModel", "rejectionSampling", "dpo")
+from ..api.spec import AlignmentRunSpec
 
 
 @dataclass(frozen=True)
@@ -98,11 +96,6 @@ def steps_of(spec: AlignmentRunSpec, stage: str) -> list[Step]:
     """The steps of one (non-reused) stage of a run, in order."""
     models = spec.stages.evaluate.models if stage == "evaluate" else ()
     return stage_steps(stage, models)
-
-
-def task_steps(task: StageTask) -> list[Step]:
-    """The steps of the stage a task is for (evaluate's models come from its params)."""
-    return stage_steps(task.stage, task.params.get("models") or ())
 
 
 def step_env(step: Step, server_url: str | None = None, served_model: str | None = None) -> dict[str, str]:

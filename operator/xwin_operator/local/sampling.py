@@ -28,7 +28,7 @@ from typing import Any
 from xwin_jobs.store import Store
 from xwin_jobs.task import StageTask
 
-from .steps import Step, step_env
+from ..core.steps import Step, step_env
 
 
 def sampler_env(env: dict[str, str], server_url: str, served_model: str,
@@ -76,7 +76,7 @@ def samples_done(task: StageTask, model_input: str, store: Store) -> bool:
 
 
 def start_server(child: Any, ctx: Any) -> str | None:
-    """Bring up the vLLM server of a serve-step child (`local_children.LocalChild`): sets
+    """Bring up the vLLM server of a serve-step child (`children.LocalChild`): sets
     `child.handle`, `child.scratch`, `child.url`; returns the URL, or None when the samples
     it would serve are complete. Raises VllmServerError (with the server log's last lines)."""
     from xwin_jobs.modeling import resolve_model_source

@@ -1,4 +1,5 @@
-"""The stage graph of an AlignmentRun, as pure functions of the spec.
+"""The stage graph of an AlignmentRun, as pure functions of the spec (a spec whose stages read
+each other in a cycle is invalid: api/spec_io.py reports it with the file's line).
 
 Order is DESIGN.md's: sft → pairs → rewardModel → bestOfN → rejectionSampling → dpo → evaluate,
 but what a stage waits for comes from the references in the spec (dpo.init, bestOfN.policy, ...):
@@ -8,6 +9,7 @@ runs nothing and counts as done from the start.
 
 from __future__ import annotations
 
+from .rules import LIST_REFERENCE_RULES, REFERENCE_RULES
 from .spec import STAGE_ORDER, AlignmentRunSpec
 
 
@@ -20,28 +22,15 @@ def stages_of(spec: AlignmentRunSpec) -> list[str]:
     return spec.stages.present()
 
 
-def reused_stages(spec: AlignmentRunSpec) -> list[str]:
-    return [k for k in stages_of(spec) if getattr(spec.stages, k).reused]
-
-
 def stage_references(spec: AlignmentRunSpec, stage: str) -> dict[str, str]:
     """The fields of a stage that name another stage or a URI: {field: value}."""
     st = getattr(spec.stages, stage)
     if st is None or st.reused:
         return {}
-    refs: dict[str, str] = {}
-    if stage == "pairs":
-        refs["policy"] = st.policy
-    elif stage == "rewardModel":
-        refs.update(init=st.init, pairs=st.pairs)
-    elif stage == "bestOfN":
-        refs.update(policy=st.policy, rewardModel=st.rewardModel)
-    elif stage == "rejectionSampling":
-        refs.update(init=st.init, scored=st.scored)
-    elif stage == "dpo":
-        refs.update(init=st.init, pairsFrom=st.pairsFrom)
-    elif stage == "evaluate":
-        refs.update({f"models[{i}]": m for i, m in enumerate(st.models)})
+    refs = {fld: getattr(st, fld) for key, fld, _ in REFERENCE_RULES if key == stage}
+    for key, fld, _ in LIST_REFERENCE_RULES:
+        if key == stage:
+            refs.update({f"{fld}[{i}]": v for i, v in enumerate(getattr(st, fld))})
     return refs
 
 
@@ -72,23 +61,3 @@ def _check_acyclic(deps: dict[str, list[str]]) -> None:
 
     for n in deps:
         visit(n, [])
-
-
-def ready(spec: AlignmentRunSpec, succeeded: set[str], started: set[str] = frozenset()) -> list[str]:
-    """Stages that may start now: not yet succeeded or started, and every dependency succeeded."""
-    deps = dependencies(spec)
-    done = set(succeeded) | set(reused_stages(spec))
-    return [s for s in stages_of(spec)
-            if s not in done and s not in started and all(d in done for d in deps[s])]
-
-
-def downstream(spec: AlignmentRunSpec, stage: str) -> list[str]:
-    """Every stage that (transitively) reads from `stage`."""
-    deps = dependencies(spec)
-    out: list[str] = []
-    frontier = {stage}
-    while frontier:
-        nxt = {s for s, ds in deps.items() if frontier & set(ds) and s not in out}
-        out.extend(k for k in STAGE_ORDER if k in nxt)
-        frontier = nxt
-    return [k for k in STAGE_ORDER if k in out]

@@ -16,19 +16,22 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 from xwin_jobs.store import StoreError
 
+from ..api.spec import API_GROUP, API_VERSION, KIND
+from ..core.children import PlannedChild
+from ..core.config import OperatorConfig
+from ..core.executor import apply
+from ..core.planner import decide, input_uris, secret_refs, stage_tasks
+from ..core.types import EmitEvent, Observed, now_iso
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
-from .builders import OperatorConfig
-from .kube import API_THREADS, ApiError, KubeApi, StoreReader
+from .client import API_THREADS, ApiError, KubeApi
 from .kubeconfig import Login, LoginError
-from .observe import parse_run
-from .planner import (CreateChild, DeleteChild, EmitEvent, Observed, PatchStatus, SuspendChild,
-                      decide, input_uris, secret_refs, stage_tasks)
-from .spec import API_GROUP, API_VERSION, KIND
+from .manifests import render
+from .run_body import parse_run
+from .store_reader import StoreReader
 
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
@@ -91,10 +94,6 @@ class OperatorState:
         return out
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def finished(body: Mapping[str, Any], written: dict | None) -> bool:
     """Succeeded or Failed for the current spec (by the newest status known here)."""
     status = written if written is not None else (body.get("status") or {})
@@ -146,7 +145,6 @@ async def report_blocked(state: OperatorState, gate: RunGate, body: Mapping[str,
 async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any], children: list,
                      logger: logging.Logger | logging.LoggerAdapter) -> None:
     meta = body["metadata"]
-    uid = meta["uid"]
     generation = int(meta.get("generation") or 1)
     current = dict(body.get("status") or {})
     previous = gate.status if gate.status is not None else current
@@ -158,9 +156,9 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
     if run is not None:
         observed = await observe(state, run, gate.tasks, children)
         gate.phases = {(c.kind, c.name): c.phase for c in children}
-        actions = decide(run, observed, previous, uid=uid, generation=generation, config=state.config,
+        actions = decide(run, observed, previous, generation=generation, config=state.config,
                          tasks=gate.tasks)
-    await act(state, gate, body, actions, current, logger)
+    await act(state, gate, body, run, actions, current, logger)
     gate.generation, gate.run = generation, run
 
 
@@ -199,7 +197,59 @@ async def secret_exists(state: OperatorState, namespace: str, name: str) -> bool
     return False
 
 
-async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], actions: list,
+class KubeActions:
+    """The planner's actions as API calls (core.executor.Executor): children created, deleted
+    and (un)suspended at once, the status patched through `slow_lane`, the Events collected
+    for `post_events` (posted in the background); a requeue is the resync's."""
+
+    def __init__(self, state: OperatorState, gate: RunGate, body: Mapping[str, Any], run: Any,
+                 current: dict, logger: logging.Logger | logging.LoggerAdapter):
+        self.state, self.gate, self.run, self.current, self.logger = state, gate, run, current, logger
+        self.meta = body["metadata"]
+        self.ns, self.name = self.meta["namespace"], self.meta["name"]
+        self.events: list[EmitEvent] = []
+
+    async def create(self, child: PlannedChild) -> None:
+        m = render(self.run, child, self.meta["uid"], self.state.config)
+        try:
+            if await self.state.api.create(m):
+                self.logger.info(f"created {child.kind}/{child.name}")
+        except ApiError as e:
+            raise child_refusal(child.kind, child.name, e.status, str(e), "spec.scheduling.launcher") from None
+
+    async def delete(self, kind: str, name: str) -> None:
+        try:
+            if await self.state.api.delete(kind, self.ns, name):
+                self.logger.info(f"deleted {kind}/{name}")
+        except ApiError as e:
+            raise api_refusal(f"cannot delete {kind}/{name}", e.status, str(e)) from None
+
+    async def suspend(self, kind: str, name: str, suspend: bool) -> None:
+        try:
+            await self.state.api.set_suspended(kind, self.ns, name, suspend)
+        except ApiError as e:
+            raise api_refusal(f"cannot (un)suspend {kind}/{name}", e.status, str(e)) from None
+        self.logger.info(f"{'suspended' if suspend else 'resumed'} {kind}/{name}")
+
+    async def patch_status(self, status: dict) -> None:
+        old_keys = set(self.current) | set(self.gate.status or {})
+        patch = {**status, **{k: None for k in old_keys if k not in status}}
+        try:
+            async with self.state.slow_lane:
+                await self.state.api.patch_status(self.ns, self.name, patch)
+        except ApiError as e:
+            raise RunGone() if e.status == 404 else e from None
+        self.gate.status = dict(status)
+
+    def event(self, reason: str, message: str, type_: str) -> None:
+        self.events.append(EmitEvent(reason, message, type_))
+        self.logger.info(f"{reason}: {message}")
+
+    def requeue(self, seconds: float, reason: str) -> None:
+        """Nothing to do: the resync reconciles every unfinished run every few seconds."""
+
+
+async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], run: Any, actions: list,
               current: dict, logger: logging.Logger | logging.LoggerAdapter) -> None:
     """Children first (a new child is the latency users wait for), then the one status patch
     (the planner emits at most one, and none when nothing changed), then the Events, in order.
@@ -207,45 +257,12 @@ async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], acti
     threads) and the Events through `event_lane` (a quarter), in the background: under a burst of
     new runs, creating children is not queued behind the other runs' bookkeeping, nor a run's
     next reconcile (its child finishing) behind its Events."""
-    meta = body["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    api = state.api
-    events: list[EmitEvent] = []
-    for action in actions:
-        if isinstance(action, CreateChild):
-            m = action.manifest
-            kind, child = m["kind"], m["metadata"]["name"]
-            try:
-                if await api.create(m):
-                    logger.info(f"created {kind}/{child}")
-            except ApiError as e:
-                raise child_refusal(kind, child, e.status, str(e), "spec.scheduling.launcher") from None
-        elif isinstance(action, DeleteChild):
-            try:
-                if await api.delete(action.kind, ns, action.name):
-                    logger.info(f"deleted {action.kind}/{action.name}")
-            except ApiError as e:
-                raise api_refusal(f"cannot delete {action.kind}/{action.name}", e.status, str(e)) from None
-        elif isinstance(action, SuspendChild):
-            try:
-                await api.set_suspended(action.kind, ns, action.name, action.suspend)
-            except ApiError as e:
-                raise api_refusal(f"cannot (un)suspend {action.kind}/{action.name}", e.status, str(e)) from None
-            logger.info(f"{'suspended' if action.suspend else 'resumed'} {action.kind}/{action.name}")
-        elif isinstance(action, PatchStatus):
-            old_keys = set(current) | set(gate.status or {})
-            patch = {**action.status, **{k: None for k in old_keys if k not in action.status}}
-            try:
-                async with state.slow_lane:
-                    await api.patch_status(ns, name, patch)
-            except ApiError as e:
-                raise RunGone() if e.status == 404 else e from None
-            gate.status = dict(action.status)
-        elif isinstance(action, EmitEvent):
-            events.append(action)
-            logger.info(f"{action.reason}: {action.message}")
-    if events:  # after the status they tell about, in order
-        post_events(state, gate, meta, events, logger)
+    executor = KubeActions(state, gate, body, run, current, logger)
+    for call in apply(actions, executor):
+        if call is not None:
+            await call
+    if executor.events:  # after the status they tell about, in order
+        post_events(state, gate, executor.meta, executor.events, logger)
 
 
 def post_events(state: OperatorState, gate: RunGate, meta: Mapping[str, Any], events: list[EmitEvent],

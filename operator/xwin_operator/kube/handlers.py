@@ -15,7 +15,8 @@ children, the markers and `.status.observedGeneration`), so kopf's per-object bo
 (progress and last-handled-configuration annotations, each a PATCH that echoes back as one more
 watch event, and a deep copy of every body for its diff) would be pure overhead: none is
 written, and a killed operator has nothing of its own to recover. kopf's storages stay
-configured under the `xwin.ai` prefix for any such handler added later; see `WatchOnlyDiffBase`.
+configured under the `xwin.ai` prefix for any such handler added later (progress); the diff-base
+is `WatchOnlyDiffBase`, on kopf's public abstract storage.
 
 `reconcile` observes the run's children from kopf indexes (the watch streams of the four child
 kinds labelled `app.kubernetes.io/managed-by=xwin-operator`, grouped by `xwin.ai/run`; kopf
@@ -40,12 +41,14 @@ from typing import Any, Mapping
 
 import kopf
 
-from .builders import LABEL_RUN, MANAGED_BY, OperatorConfig
-from .kube import KubeApi, StoreReader, verify_login
+from ..api.spec import API_GROUP, API_VERSION, KIND, PLURAL
+from ..core.children import LABEL_RUN, MANAGED_BY
+from ..core.config import OperatorConfig
+from .client import KubeApi, verify_login
 from .kubeconfig import Login, LoginError, MemFiles, load_login
 from .observe import child_state
 from .reconciler import OperatorState, RunGate, finished, reconcile_logged
-from .spec import API_GROUP, API_VERSION, KIND, PLURAL
+from .store_reader import StoreReader
 
 RUNS = (API_GROUP, API_VERSION, PLURAL)
 CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
@@ -63,17 +66,21 @@ def _state(memo: Any) -> OperatorState:
 # --- operator settings and credentials ------------------------------------------------------
 
 
-class WatchOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
-    """kopf's diff-base (`xwin.ai/last-handled-configuration`) for an operator without
-    change-detection handlers: kopf computes it for every event of every watched object (a deep
-    copy of the body) but only create/update/resume/delete handlers read it, and this operator
-    registers none, so nothing is built, read or written. Register such a handler and this must
-    go back to kopf.AnnotationsDiffBaseStorage."""
+class WatchOnlyDiffBase(kopf.DiffBaseStorage):
+    """kopf's diff-base storage for an operator without change-detection handlers, written
+    against kopf's public abstract storage (`fetch`, `store`; `build` may be overridden): kopf
+    computes a diff-base for every event of every watched object (a deep copy of the body), but
+    only create/update/resume/delete handlers read it, and this operator registers none, so
+    nothing is built, read or written. Register such a handler and this must become
+    kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP, key="last-handled-configuration")."""
 
     def build(self, *, body: Any, extra_fields: Any = None) -> Any:
         return {}
 
     def fetch(self, *, body: Any) -> Any:
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
         return None
 
 
@@ -82,7 +89,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
                     **indexes: Any) -> None:
     settings.peering.standalone = True
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = WatchOnlyDiffBase(prefix=API_GROUP, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = WatchOnlyDiffBase()
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     settings.posting.level = logging.WARNING  # our own Events tell the stage story
     settings.watching.server_timeout = 600

@@ -1,0 +1,155 @@
+"""One stage of the plan: what a stage needs now (its marker, its dependencies, its current
+attempt, its next step's children, a retry after a backoff). planner.py runs it per stage. Pure.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from xwin_jobs.task import StageTask
+
+from ..api.spec import AlignmentRun
+from .children import planned_children, step_kind
+from .config import OperatorConfig
+from ..api.graph import stages_of
+from .steps import Step, steps_of
+from .tasks import run_root, stage_uri
+from .types import ChildState, Observed, StageView
+
+ACTIVE = ("Pending", "Running")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _is_done(run: AlignmentRun, step: Step, steps: list[Step], cs: list[ChildState]) -> bool:
+    if step.kind == "serve":
+        sample = next(s for s in steps if s.name == step.serves)
+        return _is_done(run, sample, steps, cs)
+    kind = step_kind(run, step.kind)
+    return any(c.step == step.name and c.kind == kind and c.phase == "Succeeded" for c in cs)
+
+
+def _find(cs: list[ChildState], kind: str, step: str, attempt: int) -> ChildState | None:
+    return next((c for c in cs if c.kind == kind and c.step == step and c.attempt == attempt), None)
+
+
+def _backoff(config: OperatorConfig, attempt: int) -> float:
+    return min(config.backoff_seconds * 2 ** (attempt - 1), config.backoff_max_seconds)
+
+
+def _failure_text(c: ChildState) -> str:
+    why = c.reason or "Failed"
+    if c.exit_code is not None:
+        why += f" (exit code {c.exit_code})"
+    return f"{c.kind}/{c.name}: {why}" + (f": {c.message}" if c.message else "")
+
+
+def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
+                observed: Observed, config: OperatorConfig) -> None:
+    """A ready, unfinished stage: its current attempt, its next step's children, retries."""
+    steps = steps_of(run.spec, view.name)
+    cs = view.children
+    attempt = max((c.attempt for c in cs), default=0) or 1
+    pending = [s for s in steps if not _is_done(run, s, steps, cs)]
+    if not pending:  # every step finished, yet no marker for these inputs
+        view.phase, view.reason, view.attempts = "Failed", "NoMarker", attempt
+        view.message = (f"stage {view.name}: its last step finished but {task.output}_SUCCESS.json "
+                        "is missing or was written for other inputs")
+        return
+    failed = [c for c in cs if c.attempt == attempt and c.phase == "Failed"
+              and c.step in {s.name for s in pending}]
+    if failed:
+        text = "; ".join(_failure_text(c) for c in failed)
+        if attempt >= run.spec.retries.maxAttempts:
+            view.phase, view.reason, view.attempts = "Failed", "StageFailed", attempt
+            view.message = f"stage {view.name} failed after {attempt} attempt(s): {text}"
+            view.deletes += [(c.kind, c.name) for c in cs if c.phase in ACTIVE]
+            return
+        failed_at = max((parse_time(c.finished or c.created) for c in failed), default=None,
+                        key=lambda t: t or datetime.min.replace(tzinfo=timezone.utc))
+        now = parse_time(observed.now) or datetime.now(timezone.utc)
+        wait = _backoff(config, attempt) - ((now - failed_at).total_seconds() if failed_at else 1e9)
+        view.deletes += [(c.kind, c.name) for c in cs if c.attempt == attempt and c.phase in ACTIVE]
+        if wait > 0:
+            view.phase, view.reason, view.attempts, view.requeue = "Running", "Backoff", attempt, wait
+            view.message = (f"attempt {attempt} of stage {view.name} failed ({text}); attempt "
+                            f"{attempt + 1} of {run.spec.retries.maxAttempts} starts after a "
+                            f"{_backoff(config, attempt):.0f}s backoff")
+            return
+        attempt += 1
+    view.phase, view.reason, view.attempts = "Running", "StageRunning", attempt
+    current = pending[0]
+    view.message = f"stage {view.name}: step {current.name} (attempt {attempt})"
+
+    def ensure(step: Step) -> None:
+        view.needs_judge |= step.needs_judge
+        have = {(c.kind, c.name) for c in cs}
+        view.creates += [p for p in planned_children(run, view.name, step, attempt, task)
+                         if (p.kind, p.name) not in have]
+
+    if current.kind == "serve":
+        ensure(current)
+        sample = next(s for s in steps if s.name == current.serves)
+        server = _find(cs, "Deployment", current.name, attempt)
+        if server is not None and server.phase == "Running":
+            ensure(sample)
+        else:
+            view.message = f"stage {view.name}: waiting for the vLLM server (attempt {attempt})"
+    else:
+        ensure(current)
+
+
+def stage_view(run: AlignmentRun, stage: str, task: StageTask, cs: list[ChildState],
+               observed: Observed, prev: dict, views: dict[str, StageView],
+               deps: list[str], config: OperatorConfig, input_problem: str | None) -> StageView:
+    """One stage, ready or not: Succeeded (its marker), Failed, Waiting, or its next step."""
+    view = StageView(stage, children=sorted(cs, key=lambda c: (c.attempt, c.created or "", c.name)))
+    view.attempts = max((c.attempt for c in cs), default=0)
+    marker = observed.markers.get(stage)
+    steps = steps_of(run.spec, stage)
+    last = steps[-1]
+    if marker is not None:
+        upstream = {uri: str((observed.markers.get(s) or {}).get("digest", ""))
+                    for uri, s in _marker_stages(run, task, config).items()}
+        matches = marker.get("digest") == task.digest(upstream)
+        finished_here = prev.get("phase") == "Succeeded" or any(
+            c.step == last.name and c.phase == "Succeeded" for c in cs)
+        if matches or finished_here:
+            view.phase, view.marker, view.artifact = "Succeeded", marker, task.output
+            view.changed = not matches
+            # the job writes its marker just before it exits: its child may still show Running.
+            # Let it finish (deleting it could kill it mid-exit); anything else still up goes.
+            view.finishing = [c for c in cs if c.phase in ACTIVE and c.step == last.name
+                              and c.attempt == view.attempts]
+            view.deletes += [(c.kind, c.name) for c in cs if c.phase in ACTIVE and c not in view.finishing]
+            return view
+    if input_problem:
+        view.phase, view.reason, view.message = "Failed", "InputNotFound", input_problem
+        return view
+    blocked = [d for d in deps if views[d].phase == "Failed"]
+    waiting = [d for d in deps if views[d].phase not in ("Succeeded", "Skipped")]
+    if blocked or waiting:
+        view.reason = "Waiting"
+        view.message = f"waits for stage(s) {', '.join(waiting)}"
+        return view
+    _plan_steps(view, run, task, observed, config)
+    # a server no sampler needs any more (done, or from an older attempt) is deleted at once
+    for c in cs:
+        if c.kind in ("Deployment", "Service") and (c.attempt < view.attempts or _is_done(
+                run, next(s for s in steps if s.name == c.step), steps, cs)):
+            view.deletes.append((c.kind, c.name))
+    return view
+
+
+def _marker_stages(run: AlignmentRun, task: StageTask, config: OperatorConfig) -> dict[str, str]:
+    root = run_root(run.spec, run.metadata.namespace, run.metadata.name, config.store or None)
+    by_uri = {stage_uri(root, s): s for s in stages_of(run.spec)}
+    return {uri: by_uri.get(uri, uri) for uri in task.markers}

@@ -1,0 +1,1 @@
+# The Kubernetes executor: manifests from planned children, the kopf handlers, the client calls.

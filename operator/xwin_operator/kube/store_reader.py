@@ -1,0 +1,50 @@
+"""The operator's store reads: the stages' `_SUCCESS.json` markers and the existence of external
+inputs, read with xwin_jobs' Store in worker threads (boto3 is synchronous). Credentials come
+from the operator's own environment; the endpoint from the run's `storage.endpoint`. Errors are
+xwin_jobs' `StoreError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class StoreReader:
+    """Markers and input existence, through xwin_jobs.store.Store (one per endpoint)."""
+
+    def __init__(self) -> None:
+        self._stores: dict[str | None, Any] = {}
+        self._seen_inputs: set[str] = set()   # inputs found once are not probed again
+
+    def store(self, endpoint: str | None) -> Any:
+        if endpoint not in self._stores:
+            from xwin_jobs.store import Store
+
+            # short connect timeout, two tries: an unreachable endpoint is reported within a reconcile
+            self._stores[endpoint] = Store(endpoint_url=endpoint, connect_timeout=5.0, max_attempts=2)
+        return self._stores[endpoint]
+
+    async def markers(self, endpoint: str | None, stage_uris: dict[str, str]) -> dict[str, dict | None]:
+        from xwin_jobs.store import read_marker
+
+        store = self.store(endpoint)
+
+        def read_all() -> dict[str, dict | None]:
+            return {stage: read_marker(store, uri) for stage, uri in stage_uris.items()}
+        if all(uri.startswith("file://") for uri in stage_uris.values()):
+            return read_all()  # local files: cheaper than a hop to a worker thread
+        return await asyncio.to_thread(read_all)
+
+    async def missing(self, endpoint: str | None, uris: list[str]) -> list[str]:
+        """The s3:// URIs among `uris` with nothing at or under them. Only s3:// is probed: the
+        operator cannot see the pods' file systems, and hf:// is resolved by the pods."""
+        store = self.store(endpoint)
+
+        def exists(uri: str) -> bool:
+            return store.exists(uri) or (not uri.endswith("/") and store.exists(uri + "/"))
+
+        todo = [u for u in dict.fromkeys(uris) if u not in self._seen_inputs and u.startswith("s3://")]
+        found = await asyncio.gather(*(asyncio.to_thread(exists, u) for u in todo))
+        self._seen_inputs.update(u for u, ok in zip(todo, found) if ok)
+        return [u for u, ok in zip(todo, found) if not ok]

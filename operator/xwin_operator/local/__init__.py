@@ -1,0 +1,1 @@
+# The local executor (`xwin run`): planned children as local processes and vLLM servers.
