@@ -123,18 +123,24 @@ def test_deepspeed_config_is_built_from_the_settings():
 
 
 def test_deepspeed_buffers_are_sized_from_the_hidden_size():
-    """Issue 9: buckets of hidden^2 elements (at most BUCKET) and small optimizer sub-groups, so
-    ZeRO-3's transients stay far below a rank's share of the model state."""
-    from xwin_jobs.training.zero_config import BUCKET, SUB_GROUP
+    """Issue 9: buckets of hidden^2 elements (between MIN_BUCKET and BUCKET) and small optimizer
+    sub-groups, so ZeRO-3's transients stay far below a rank's share of the model state; a
+    small model's parameters stay whole (PERSISTENCE) and its buckets are not cut into
+    hundreds of collectives (the CPU step time)."""
+    from xwin_jobs.training.zero_config import BUCKET, MIN_BUCKET, PERSISTENCE, SUB_GROUP
 
     config = TrainingConfig.from_params({"globalBatchSize": 2, "microBatchSize": 1, "zeroStage": 3})
-    zero = deepspeed_config(config, world_size=2, bf16=False, hidden_size=1024)["zero_optimization"]
-    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1024 * 1024
-    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
-    assert zero["stage3_param_persistence_threshold"] == 10 * 1024
+    zero = deepspeed_config(config, world_size=2, bf16=False, hidden_size=4096)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 4096 * 4096
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
+    assert zero["stage3_param_persistence_threshold"] == PERSISTENCE  # > 10 x 4096
     assert zero["sub_group_size"] == SUB_GROUP <= 10_000_000
+    small = deepspeed_config(config, world_size=2, bf16=False, hidden_size=128)["zero_optimization"]
+    assert small["reduce_bucket_size"] == small["stage3_max_live_parameters"] == MIN_BUCKET
+    assert 128 * 128 < small["stage3_param_persistence_threshold"] == PERSISTENCE == 100_000
     big = deepspeed_config(config, world_size=2, bf16=False, hidden_size=16384)["zero_optimization"]
     assert big["reduce_bucket_size"] == big["stage3_max_live_parameters"] == BUCKET
+    assert big["stage3_param_persistence_threshold"] == 10 * 16384
     unknown = deepspeed_config(config, world_size=2, bf16=False)["zero_optimization"]
     assert unknown["reduce_bucket_size"] == BUCKET
 
