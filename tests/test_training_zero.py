@@ -162,6 +162,48 @@ def test_offload_without_enough_host_memory_names_the_field():
         TrainingConfig.from_params({"zeroStage": 0, "offloadOptimizer": True})
 
 
+def test_training_settings_check_is_pure_and_names_the_field():
+    """Issue 9: what the operator can check at spec validation (nodes x gpusPerNode ranks)."""
+    from xwin_jobs.training.config import check_training_settings
+
+    ok = check_training_settings({"globalBatchSize": 32, "microBatchSize": 4, "zeroStage": 3}, 8)
+    assert ok.zero_stage == 3
+    check_training_settings({"globalBatchSize": 30, "microBatchSize": 4, "zeroStage": 0}, 8)  # DDP
+    with pytest.raises(TrainingConfigError, match=r"spec.stages.sft.training.globalBatchSize: 32 is "
+                                                  r"not a multiple of microBatchSize 4 x 16 rank"):
+        check_training_settings({"globalBatchSize": 32, "microBatchSize": 4, "zeroStage": 2}, 16,
+                                where="spec.stages.sft.training")
+    with pytest.raises(TrainingConfigError, match=r"params.training.microBatchSize: must be >= 1"):
+        check_training_settings({"microBatchSize": 0}, 1)
+
+
+def test_offload_without_host_memory_is_refused_before_the_store_is_touched(world, tmp_path,
+                                                                            monkeypatch):
+    """offloadOptimizer needing more host memory than the node has: a StageError naming the
+    field at the trainer's start (parameters counted from config.json on the meta device),
+    before any model is loaded; an earlier run's marker and outputs stay as they were."""
+    from xwin_jobs.stages import StageError, run_stage
+    from xwin_jobs.store import Store
+    from xwin_jobs.training import build
+
+    task = stage_task(world, "sft", "offload", _inputs(world, "sft")[0],
+                      {**ZERO, "zeroStage": 2, "offloadOptimizer": True})
+    out = Path(task.output[len("file://"):])
+    out.mkdir(parents=True)
+    (out / MARKER).write_text(json.dumps({"stage": "sft", "digest": "other inputs"}))
+    before = sorted(p.name for p in out.iterdir())
+    counted = []
+    real = build.model_parameters
+    monkeypatch.setattr(build, "model_parameters", lambda cfg: counted.append(real(cfg)) or counted[-1])
+    monkeypatch.setattr(build, "available_host_bytes", lambda: 1024)
+    with pytest.raises(StageError, match=r"params.training.offloadOptimizer: ZeRO-Offload of .* needs "
+                                         r".* GiB of host memory .* only 0.0 GiB"):
+        run_stage(task, Store(), workdir=tmp_path / "scratch")
+    assert counted and counted[0] > 10_000  # the tiny model's parameters, counted
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / MARKER).read_text())["digest"] == "other inputs"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_zero3_bf16_on_one_gpu(world, tmp_path):
