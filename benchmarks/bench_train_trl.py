@@ -5,7 +5,9 @@
 
 Both sides train the same tiny Llama (examples/tiny_model.py with a ~3,000-token BPE
 vocabulary, built offline) on the same long-tailed workload (sequence lengths ~19-500 tokens,
-log-uniform like real chat data; 512 conversations or pairs by default) with the same
+log-uniform like real chat data; 512 conversations or pairs by default; the pairs are
+learnable: chosen and rejected answers draw their words from disjoint halves of the
+vocabulary, so both sides' RM and DPO losses fall and can be compared) with the same
 hyperparameters (one epoch, global batch 32 reached by accumulating micro-batches of 4
 sequences or pairs, AdamW betas 0.9/0.95, linear schedule, clip 1.0, fp32 on CPU):
 - ours: `python -m xwin_jobs <stage> --task ...`, the stage exactly as a pod runs it
@@ -14,7 +16,8 @@ sequences or pairs, AdamW betas 0.9/0.95, linear schedule, clip 1.0, fp32 on CPU
   ids and labelled positions our encoder produced (pre-tokenized), trainer defaults
   otherwise (padding to each batch's longest, full logits; DPO with precomputed reference
   log-probabilities, its cheapest mode); it saves its model too.
-Each run is a fresh process; its whole wall time and peak RSS (wait4) are measured. Rounds
+Each run is a fresh process; its whole wall time and peak RSS (wait4) are measured, and its
+first-step, mean and last-step training losses are reported side by side. Rounds
 alternate the sides (ours first in even rounds, TRL first in odd ones); medians are reported
 with the machine's load average. Without .venv-trl the peer is skipped, with a message.
 
