@@ -89,6 +89,8 @@ def worker(args) -> None:
         from xwin_jobs.training import zero_config
 
         def legacy(hidden_size):
+            if not hidden_size:
+                return {"bucket": zero_config.BUCKET, "prefetch": zero_config.BUCKET, "persistence": 100_000}
             square = min(zero_config.BUCKET, hidden_size * hidden_size)
             return {"bucket": square, "prefetch": int(0.9 * square), "persistence": 10 * hidden_size}
 
@@ -142,7 +144,10 @@ def run_config(model: Path, zero: int, steps: int, warmup: int, micro: int, seq:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"zeroStage {zero} failed:\n{done.stderr[-4000:]}")
-    return json.loads(Path(out).read_text())
+    rows = json.loads(Path(out).read_text())
+    print(f"{model.name} zeroStage {zero}{' (before)' if legacy else ''}: {json.dumps(rows)} "
+          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    return rows
 
 
 def main() -> int:
