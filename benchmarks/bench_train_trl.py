@@ -5,7 +5,9 @@
 
 Both sides train the same tiny Llama (examples/tiny_model.py with a ~3,000-token BPE
 vocabulary, built offline) on the same long-tailed workload (sequence lengths ~19-500 tokens,
-log-uniform like real chat data; 512 conversations or pairs by default) with the same
+log-uniform like real chat data; 512 conversations or pairs by default; the pairs are
+learnable: chosen and rejected answers draw their words from disjoint halves of the
+vocabulary, so both sides' RM and DPO losses fall and can be compared) with the same
 hyperparameters (one epoch, global batch 32 reached by accumulating micro-batches of 4
 sequences or pairs, AdamW betas 0.9/0.95, linear schedule, clip 1.0, fp32 on CPU):
 - ours: `python -m xwin_jobs <stage> --task ...`, the stage exactly as a pod runs it
@@ -14,7 +16,8 @@ sequences or pairs, AdamW betas 0.9/0.95, linear schedule, clip 1.0, fp32 on CPU
   ids and labelled positions our encoder produced (pre-tokenized), trainer defaults
   otherwise (padding to each batch's longest, full logits; DPO with precomputed reference
   log-probabilities, its cheapest mode); it saves its model too.
-Each run is a fresh process; its whole wall time and peak RSS (wait4) are measured. Rounds
+Each run is a fresh process; its whole wall time and peak RSS (wait4) are measured, and its
+first-step, mean and last-step training losses are reported side by side. Rounds
 alternate the sides (ours first in even rounds, TRL first in odd ones); medians are reported
 with the machine's load average. Without .venv-trl the peer is skipped, with a message.
 
@@ -82,17 +85,22 @@ def long_tail(rng: random.Random, low: float, high: float) -> int:
 
 
 def make_records(n: int, seed: int = 0) -> tuple[list[dict], list[dict], list[str]]:
-    """(conversations, pairs, corpus): prompts 3-40 words, answers log-uniform 3-300 words."""
+    """(conversations, pairs, corpus): prompts 3-40 words, answers log-uniform 3-300 words.
+    Pairs are learnable, so both trainers' losses fall and can be compared: a chosen answer
+    draws its words (Zipf-like) from one half of the vocabulary, a rejected one from the
+    other half (the same random draws either way, so the lengths are as before)."""
     rng = random.Random(seed)
     words = make_words(rng)
+    half = len(words) // 2
+    good, bad = words[:half], words[half:]
     conversations, pairs = [], []
     for i in range(n):
         prompt = [{"role": "user", "content": text(rng, words, long_tail(rng, 3, 40))}]
         conversations.append({"id": f"c{i}", "messages": prompt + [
             {"role": "assistant", "content": text(rng, words, long_tail(rng, 3, 300))}]})
         pairs.append({"id": f"p{i}", "prompt": prompt,
-                      "chosen": [{"role": "assistant", "content": text(rng, words, long_tail(rng, 3, 300))}],
-                      "rejected": [{"role": "assistant", "content": text(rng, words, long_tail(rng, 3, 300))}],
+                      "chosen": [{"role": "assistant", "content": text(rng, good, long_tail(rng, 3, 300))}],
+                      "rejected": [{"role": "assistant", "content": text(rng, bad, long_tail(rng, 3, 300))}],
                       "chosen_score": 1.0, "rejected_score": 0.0, "judge": {"model": "synthetic"}})
     corpus = [m["content"] for c in conversations[:200] for m in c["messages"]] + [" ".join(words)]
     return conversations, pairs, corpus
@@ -134,8 +142,8 @@ def trl_rows(stage: str, records: list[dict], tokenizer) -> tuple[list[dict], in
     return rows, real, labelled
 
 
-def measured(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB, the child's own, from wait4) and stdout of `cmd`."""
+def measured(cmd: list[str], cwd: Path) -> tuple[float, float, str, str]:
+    """Wall seconds, peak RSS (MiB, the child's own, from wait4), stdout and stderr of `cmd`."""
     import threading
 
     started = time.monotonic()
@@ -157,7 +165,7 @@ def measured(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
     proc.returncode = code
     if code:
         raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} failed ({code}):\n{chunks['err'].decode()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, chunks["out"].decode()
+    return wall, usage.ru_maxrss / 1024, chunks["out"].decode(), chunks["err"].decode()
 
 
 def ours(stage: str, work: Path, base: str, data: str, round_: int) -> dict:
@@ -175,9 +183,11 @@ def ours(stage: str, work: Path, base: str, data: str, round_: int) -> dict:
                      chat_template="tokenizer", run={"namespace": "bench", "name": "train"})
     task_file = work / f"task-{stage}.json"
     task_file.write_text(task.to_json())
-    wall, rss, _ = measured([sys.executable, "-m", "xwin_jobs", stage, "--task", str(task_file)], ROOT)
+    wall, rss, _, err = measured([sys.executable, "-m", "xwin_jobs", stage, "--task", str(task_file)], ROOT)
     metrics = json.loads((out / "metrics.json").read_text())
+    steps = STEP_LINE.findall(err)  # the loop logs the last step's loss
     return {"wall": wall, "rss": rss, "loss": metrics["trainLoss"], "first": metrics["initialTrainLoss"],
+            "last": float(steps[-1][1]) if steps else float("nan"),
             "efficiency": metrics.get("paddingEfficiency")}
 
 
@@ -186,9 +196,10 @@ def trl(stage: str, work: Path, base: str, rows: list[dict], round_: int) -> dic
     workload.write_text(json.dumps({"stage": stage, "model": base, "examples": rows,
                                     "hp": {**HP, "learningRate": LEARNING_RATE[stage], "beta": BETA}}))
     out = work / "runs" / f"trl-{stage}-{round_}"
-    wall, rss, stdout = measured([str(TRL_PYTHON), str(HERE / "peer_trl.py"), str(workload), str(out)], ROOT)
+    wall, rss, stdout, _ = measured([str(TRL_PYTHON), str(HERE / "peer_trl.py"), str(workload), str(out)], ROOT)
     result = json.loads(stdout.strip().splitlines()[-1])
     return {"wall": wall, "rss": rss, "loss": result["mean_loss"], "first": result["first_loss"],
+            "last": result["final_loss"],
             "efficiency": result["real_tokens"] / max(result["fed_positions"], 1)}
 
 
@@ -222,7 +233,7 @@ def main(rounds: int, n: int, stages: list[str]) -> dict:
                     res = ours(stage, work, base, data, r) if side == "ours" else trl(stage, work, base, rows, r)
                     runs[stage][side].append(res)
                     print(f"{stage} round {r} {side}: {res['wall']:.1f}s rss {res['rss']:.0f} MiB "
-                          f"loss {res['first']:.4f} -> mean {res['loss']:.4f} eff {res['efficiency']:.3f} (load {loads[-1]:.1f})",
+                          f"loss {res['first']:.4f} -> mean {res['loss']:.4f} last {res['last']:.4f} eff {res['efficiency']:.3f} (load {loads[-1]:.1f})",
                           flush=True)
         vocab = len(tokenizer)
     return {"runs": runs, "workload": workload, "rounds": rounds, "n": n, "vocab": vocab,
@@ -230,7 +241,8 @@ def main(rounds: int, n: int, stages: list[str]) -> dict:
 
 
 RUN_LINE = re.compile(r"^(\w+) round (\d+) (ours|trl): ([\d.]+)s rss ([\d.]+) MiB loss ([\d.]+) -> mean "
-                      r"([\d.]+) eff ([\d.]+) \(load ([\d.]+)\)$")
+                      r"([\d.]+) last ([\d.]+|nan) eff ([\d.]+) \(load ([\d.]+)\)$")
+STEP_LINE = re.compile(r"step (\d+)/\1 epoch [\d.]+ loss ([\d.]+)")
 
 
 def from_logs(specs: list[str]) -> dict:
@@ -252,9 +264,9 @@ def from_logs(specs: list[str]) -> dict:
             continue
         stage, r, side = m.group(1), int(m.group(2)), m.group(3)
         counts[stage] = n
-        wall, rss, first, loss, eff, load = map(float, m.groups()[3:])
+        wall, rss, first, loss, last, eff, load = map(float, m.groups()[3:])
         runs.setdefault(stage, {"ours": [], "trl": []})[side].append(
-            {"wall": wall, "rss": rss, "first": first, "loss": loss, "efficiency": eff})
+            {"wall": wall, "rss": rss, "first": first, "loss": loss, "last": last, "efficiency": eff})
         loads.append(load)
         rounds = max(rounds, r + 1)
     for sides in runs.values():  # keep rounds that both sides finished
@@ -279,7 +291,7 @@ def summary(res: dict) -> dict[str, dict]:
         row = {}
         for side, runs in sides.items():
             if runs:
-                row[side] = {k: statistics.median(r[k] for r in runs) for k in ("wall", "rss", "loss", "first", "efficiency")}
+                row[side] = {k: statistics.median(r[k] for r in runs) for k in ("wall", "rss", "loss", "first", "last", "efficiency")}
                 row[side]["walls"] = [r["wall"] for r in runs]
                 row[side]["tps"] = res["workload"][stage]["real"] * HP["epochs"] / row[side]["wall"]
         if "trl" in row:
@@ -291,8 +303,8 @@ def summary(res: dict) -> dict[str, dict]:
 def table(res: dict) -> str:
     s = summary(res)
     lines = ["| stage | side | wall (s), median | all rounds (s) | real tokens/s | peak RSS (MiB) | "
-             "padding efficiency | first-step loss | mean train loss | TRL ÷ ours (target) |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "padding efficiency | first-step loss | mean train loss | last-step loss | TRL ÷ ours (target) |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for stage, row in s.items():
         for side in ("ours", "trl"):
             if side not in row:
@@ -305,7 +317,7 @@ def table(res: dict) -> str:
             lines.append(f"| {stage} | {'xwin' if side == 'ours' else 'TRL 1.16'} | {r['wall']:.1f} | "
                          + ", ".join(f"{w:.1f}" for w in r["walls"])
                          + f" | {r['tps']:,.0f} | {r['rss']:.0f} | {r['efficiency']:.3f} | {r['first']:.4f} | "
-                         f"{r['loss']:.4f} | {ratio} |")
+                         f"{r['loss']:.4f} | {r['last']:.4f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -85,6 +85,16 @@ def worker(args) -> None:
     from xwin_jobs.training.distributed import Distributed
     from xwin_jobs.training.loop import train_loop
 
+    if args.legacy_sizes:  # the sizes before the floors (for the before/after comparison)
+        from xwin_jobs.training import zero_config
+
+        def legacy(hidden_size):
+            if not hidden_size:
+                return {"bucket": zero_config.BUCKET, "prefetch": zero_config.BUCKET, "persistence": 100_000}
+            square = min(zero_config.BUCKET, hidden_size * hidden_size)
+            return {"bucket": square, "prefetch": int(0.9 * square), "persistence": 10 * hidden_size}
+
+        zero_config.bucket_sizes = legacy
     dist = Distributed.from_env()
     steps = args.steps + args.warmup
     config = TrainingConfig.from_params({
@@ -121,18 +131,23 @@ def worker(args) -> None:
     dist.close()
 
 
-def run_config(model: Path, zero: int, steps: int, warmup: int, micro: int, seq: int) -> list[dict]:
+def run_config(model: Path, zero: int, steps: int, warmup: int, micro: int, seq: int,
+               legacy: bool = False) -> list[dict]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            __file__, "--worker", "--model", str(model), "--zero", str(zero), "--steps", str(steps),
-           "--warmup", str(warmup), "--micro", str(micro), "--seq", str(seq), "--out", out]
+           "--warmup", str(warmup), "--micro", str(micro), "--seq", str(seq), "--out", out] + (
+               ["--legacy-sizes"] if legacy else [])
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"zeroStage {zero} failed:\n{done.stderr[-4000:]}")
-    return json.loads(Path(out).read_text())
+    rows = json.loads(Path(out).read_text())
+    print(f"{model.name} zeroStage {zero}{' (before)' if legacy else ''}: {json.dumps(rows)} "
+          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    return rows
 
 
 def main() -> int:
@@ -144,6 +159,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--micro", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, default=128, help=argparse.SUPPRESS)
+    p.add_argument("--legacy-sizes", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of the step-time runs")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps of the memory runs")
     p.add_argument("--timed-steps", type=int, default=20, help="timed steps of the step-time runs")
     p.add_argument("--no-results", action="store_true")
@@ -155,31 +172,55 @@ def main() -> int:
         big, tiny = Path(tmp) / "big", Path(tmp) / "tiny"
         params = build_big_model(big)
         build_tiny_model(tiny)
-        memory = {zero: run_config(big, zero, args.steps, 0, 1, 128) for zero in (0, 3)}
-        timing = {zero: run_config(tiny, zero, args.timed_steps, 3, 2, 64) for zero in (0, 2, 3)}
+        loads = [os.getloadavg()[0]]
+        # the big model: memory, and step time after one warm-up step
+        memory = {zero: run_config(big, zero, args.steps, 1, 1, 128) for zero in (0, 2, 3)}
+        loads.append(os.getloadavg()[0])
+        # the tiny model: step time, alternating rounds (the machine is shared); "3L"/"2L":
+        # the bucket sizes before the floors of zero_config (MIN_BUCKET, PERSISTENCE)
+        configs = [0, 2, 3, "2L", "3L"]
+        timing: dict = {c: [] for c in configs}
+        for r in range(args.rounds):
+            for c in (configs if r % 2 == 0 else configs[::-1]):
+                zero, legacy = (int(str(c)[0]), str(c).endswith("L"))
+                rows = run_config(tiny, zero, args.timed_steps, 3, 2, 64, legacy)
+                timing[c].append(max(x["stepSeconds"] for x in rows))
+                loads.append(os.getloadavg()[0])
     peak = {z: max(r["peakRssMiB"] for r in rows) for z, rows in memory.items()}
     train = {z: max(r["trainPeakMiB"] for r in rows) for z, rows in memory.items()}
-    step = {z: max(r["stepSeconds"] for r in rows) for z, rows in timing.items()}
+    big_step = {z: max(r["stepSeconds"] for r in rows) for z, rows in memory.items()}
+    step = {c: sorted(v)[len(v) // 2] for c, v in timing.items()}  # median (upper for 2)
     lines = [
         SECTION, "",
         f"{_dt.date.today().isoformat()}, {platform.machine()} CPU ({os.cpu_count()} cores, shared "
-        "with other work), torch CPU, DeepSpeed over gloo, 2 ranks (torchrun), fp32, "
-        "`python benchmarks/bench_zero_memory.py`.", "",
+        f"with other work; load average {min(loads):.1f}-{max(loads):.1f} during the runs), torch CPU, "
+        "DeepSpeed over gloo, 2 ranks (torchrun), fp32, "
+        f"`python benchmarks/bench_zero_memory.py --rounds {args.rounds}`.", "",
         f"Per-rank peak RSS, {params / 1e6:.0f}M-parameter Llama (16 bytes/parameter of model "
-        f"state = {params * 16 / 2**20:.0f} MiB for DDP on each rank), {args.steps} optimizer steps:", "",
+        f"state = {params * 16 / 2**20:.0f} MiB for DDP on each rank), 1 warm-up + {args.steps} "
+        "optimizer steps (micro batch 1 x 128 tokens per rank); step time = mean of the steps after "
+        "the warm-up, slower rank:", "",
         "| engine | whole run, rank 0 / rank 1 MiB | vs DDP | training steps only (peak after "
-        "the model is loaded), rank 0 / rank 1 MiB | vs DDP |", "| --- | --- | --- | --- | --- |",
+        "the model is loaded), rank 0 / rank 1 MiB | vs DDP | seconds/step | vs DDP |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for z, name in ((0, "DDP (zeroStage 0)"), (3, "ZeRO-3")):
+    for z, name in ((0, "DDP (zeroStage 0)"), (2, "ZeRO-2"), (3, "ZeRO-3")):
         rows = sorted(memory[z], key=lambda r: r["rank"])
         lines.append(f"| {name} | {rows[0]['peakRssMiB']:.0f} / {rows[1]['peakRssMiB']:.0f} | "
                      f"{peak[z] / peak[0]:.2f}x | {rows[0]['trainPeakMiB']:.0f} / "
-                     f"{rows[1]['trainPeakMiB']:.0f} | {train[z] / train[0]:.2f}x |")
-    lines += ["", f"Step time, tiny model (examples/tiny_model.py), micro batch 2 x 64 tokens, "
-                  f"2 micro-batches per step, mean of {args.timed_steps} steps after 3 warm-up steps:", "",
-              "| engine | seconds/step | vs DDP |", "| --- | --- | --- |"]
-    for z, name in ((0, "DDP (zeroStage 0)"), (2, "ZeRO-2"), (3, "ZeRO-3")):
-        lines.append(f"| {name} | {step[z]:.4f} | {step[z] / step[0]:.2f}x |")
+                     f"{rows[1]['trainPeakMiB']:.0f} | {train[z] / train[0]:.2f}x | "
+                     f"{big_step[z]:.2f} | {big_step[z] / big_step[0]:.2f}x |")
+    lines += ["", f"Step time, tiny model (examples/tiny_model.py: hidden 128, 2 layers, ~0.5M "
+                  f"parameters), micro batch 2 x 64 tokens, 2 micro-batches per step, mean of "
+                  f"{args.timed_steps} steps after 3 warm-up steps, slower rank; median of "
+                  f"{args.rounds} alternating rounds (all rounds in brackets). \"before\": the "
+                  "bucket sizes without zero_config's floors (hidden^2 = 16k-element buckets, "
+                  "persistence 1,280 elements: every weight partitioned):", "",
+              "| engine | seconds/step | rounds | vs DDP |", "| --- | --- | --- | --- |"]
+    for c, name in ((0, "DDP (zeroStage 0)"), (2, "ZeRO-2"), (3, "ZeRO-3"), ("2L", "ZeRO-2, before"),
+                    ("3L", "ZeRO-3, before")):
+        lines.append(f"| {name} | {step[c]:.4f} | {', '.join(f'{v:.4f}' for v in timing[c])} | "
+                     f"{step[c] / step[0]:.2f}x |")
     share = params * 20 / 2 / 2**20
     lines += ["", "Where the memory goes (VmRSS at points of a rank's run, measured for issue 9): "
               "the process (torch, transformers, DeepSpeed imported) is ~280 MiB. DDP holds on "

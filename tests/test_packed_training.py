@@ -20,6 +20,7 @@ from xwin_jobs.training.engine import Engine
 from xwin_jobs.training.objectives import (dpo_step, evaluate_rewards, pair_workload,
                                            reference_logprobs, reward_step, sft_step, sft_workload)
 from xwin_jobs.training.packing import collate_rows, hidden_states, packing_supported
+from xwin_jobs.training.varlen import VARLEN, use_varlen
 
 VOCAB, PAD = 97, 0
 LOSS_REL, GRAD_REL, VALUE_ABS = 1e-5, 1e-4, 1e-4
@@ -92,12 +93,15 @@ def test_packing_is_available_for_the_default_attention():
     assert packing_supported(llama())
 
 
-def test_packed_rows_keep_sequences_apart():
+@pytest.mark.parametrize("varlen", [False, True])
+def test_packed_rows_keep_sequences_apart(varlen):
     model = llama().eval()
     seqs = conversations(6)
     with torch.no_grad():
         padded = hidden_states(model, collate_rows(seqs, PAD, packed=False))
         packed_batch = collate_rows(seqs, PAD, packed=True)
+        if varlen:  # attention per sequence (training/varlen.py) instead of a block-causal mask
+            assert use_varlen(model, "cpu") and model.config._attn_implementation == VARLEN
         packed = hidden_states(model, packed_batch)
     assert packed.shape[0] < padded.shape[0]  # several sequences share a row
     flat_p = packed.reshape(-1, packed.shape[-1])
@@ -107,8 +111,9 @@ def test_packed_rows_keep_sequences_apart():
         assert torch.allclose(alone, padded[j, : len(s.input_ids)], atol=VALUE_ABS)
 
 
-@pytest.mark.parametrize("packed,tokens", [(False, 0), (True, 0), (True, 150)])
-def test_sft_step_matches_one_padded_full_logits_batch(packed, tokens):
+@pytest.mark.parametrize("packed,tokens,varlen", [(False, 0, False), (True, 0, False), (True, 150, False),
+                                                  (True, 150, True)])
+def test_sft_step_matches_one_padded_full_logits_batch(packed, tokens, varlen):
     examples = conversations()
     step = list(range(len(examples)))
     model = llama()
@@ -118,6 +123,7 @@ def test_sft_step_matches_one_padded_full_logits_batch(packed, tokens):
                               batch["labels"])
     reference_loss.backward()
     reference = grads(model)
+    assert use_varlen(model, "cpu") if varlen else True
     loss, micro_batches = run_step(engine, sft_step(engine, examples, PAD, packed),
                                    sft_workload(examples, packed), step, tokens, packed)
     assert micro_batches > 1
@@ -132,29 +138,33 @@ def full_logits_pair_logprobs(model, chunk):
     return logps[: len(chunk)], logps[len(chunk):]
 
 
-@pytest.mark.parametrize("packed,tokens", [(False, 0), (True, 200)])
-def test_dpo_reference_and_step_match_the_full_logits_path(packed, tokens):
+@pytest.mark.parametrize("packed,tokens,varlen", [(False, 0, False), (True, 200, False), (True, 200, True)])
+def test_dpo_reference_and_step_match_the_full_logits_path(packed, tokens, varlen):
     data = pairs()
     model = llama()
     engine = engine_for(model)
     with torch.no_grad():
         c, r = full_logits_pair_logprobs(model.eval(), data)
     model.train()
+    full = model.config._attn_implementation
+    assert use_varlen(model, "cpu") if varlen else True
     ref = reference_logprobs(engine, data, PAD, batch_size=3, batch_tokens=tokens, packed=packed)
     assert torch.allclose(ref, torch.stack([c, r], -1), atol=VALUE_ABS)
     ref = ref + torch.randn_like(ref) * 0.5  # a reference that differs from the policy
+    model.config._attn_implementation = full
     pol_c, pol_r = full_logits_pair_logprobs(model, data)
     reference_loss, _, _ = dpo_sigmoid_loss(pol_c, pol_r, ref[:, 0], ref[:, 1], 0.1)
     reference_loss.backward()
     reference = grads(model)
+    assert use_varlen(model, "cpu") if varlen else True
     loss, _ = run_step(engine, dpo_step(engine, data, ref, PAD, 0.1, packed),
                        pair_workload(data, packed), list(range(len(data))), tokens, packed)
     assert loss == pytest.approx(float(reference_loss), rel=LOSS_REL)
     assert_same_grads(grads(model), reference)
 
 
-@pytest.mark.parametrize("packed,tokens", [(False, 0), (True, 200)])
-def test_reward_step_reads_the_last_token_like_the_sequence_classifier(packed, tokens):
+@pytest.mark.parametrize("packed,tokens,varlen", [(False, 0, False), (True, 200, False), (True, 200, True)])
+def test_reward_step_reads_the_last_token_like_the_sequence_classifier(packed, tokens, varlen):
     data = pairs(seed=2)
     model = llama("rm")
     engine = engine_for(model)
@@ -163,9 +173,17 @@ def test_reward_step_reads_the_last_token_like_the_sequence_classifier(packed, t
     reference_loss, _ = bradley_terry_loss(rewards[: len(data)], rewards[len(data):])
     reference_loss.backward()
     reference = grads(model)
+    assert use_varlen(model, "cpu") if varlen else True
     loss, _ = run_step(engine, reward_step(engine, data, PAD, packed), pair_workload(data, packed),
                        list(range(len(data))), tokens, packed)
     assert loss == pytest.approx(float(reference_loss), rel=LOSS_REL)
     assert_same_grads(grads(model), reference)
     held = evaluate_rewards(engine, data, PAD, batch_size=4, batch_tokens=tokens, packed=packed)
     assert held["heldOutLoss"] == pytest.approx(float(reference_loss), abs=VALUE_ABS)
+
+
+def test_varlen_attention_only_on_cpu_with_full_attention():
+    assert not use_varlen(llama(), "cuda")  # flash-attention varlen is the GPU path
+    model = llama()
+    model.config._attn_implementation = "flex_attention"
+    assert not use_varlen(model, "cpu")

@@ -123,18 +123,24 @@ def test_deepspeed_config_is_built_from_the_settings():
 
 
 def test_deepspeed_buffers_are_sized_from_the_hidden_size():
-    """Issue 9: buckets of hidden^2 elements (at most BUCKET) and small optimizer sub-groups, so
-    ZeRO-3's transients stay far below a rank's share of the model state."""
-    from xwin_jobs.training.zero_config import BUCKET, SUB_GROUP
+    """Issue 9: buckets of hidden^2 elements (between MIN_BUCKET and BUCKET) and small optimizer
+    sub-groups, so ZeRO-3's transients stay far below a rank's share of the model state; a
+    small model's parameters stay whole (PERSISTENCE) and its buckets are not cut into
+    hundreds of collectives (the CPU step time)."""
+    from xwin_jobs.training.zero_config import BUCKET, MIN_BUCKET, PERSISTENCE, SUB_GROUP
 
     config = TrainingConfig.from_params({"globalBatchSize": 2, "microBatchSize": 1, "zeroStage": 3})
-    zero = deepspeed_config(config, world_size=2, bf16=False, hidden_size=1024)["zero_optimization"]
-    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1024 * 1024
-    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
-    assert zero["stage3_param_persistence_threshold"] == 10 * 1024
+    zero = deepspeed_config(config, world_size=2, bf16=False, hidden_size=4096)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 4096 * 4096
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
+    assert zero["stage3_param_persistence_threshold"] == PERSISTENCE  # > 10 x 4096
     assert zero["sub_group_size"] == SUB_GROUP <= 10_000_000
+    small = deepspeed_config(config, world_size=2, bf16=False, hidden_size=128)["zero_optimization"]
+    assert small["reduce_bucket_size"] == small["stage3_max_live_parameters"] == MIN_BUCKET
+    assert 128 * 128 < small["stage3_param_persistence_threshold"] == PERSISTENCE == 100_000
     big = deepspeed_config(config, world_size=2, bf16=False, hidden_size=16384)["zero_optimization"]
     assert big["reduce_bucket_size"] == big["stage3_max_live_parameters"] == BUCKET
+    assert big["stage3_param_persistence_threshold"] == 10 * 16384
     unknown = deepspeed_config(config, world_size=2, bf16=False)["zero_optimization"]
     assert unknown["reduce_bucket_size"] == BUCKET
 
@@ -154,6 +160,48 @@ def test_offload_without_enough_host_memory_names_the_field():
     check_offload_memory(7_000_000_000, world_size=16, ranks_on_node=8, available_bytes=64 * 2**30)
     with pytest.raises(TrainingConfigError, match="offloadOptimizer: needs zeroStage"):
         TrainingConfig.from_params({"zeroStage": 0, "offloadOptimizer": True})
+
+
+def test_training_settings_check_is_pure_and_names_the_field():
+    """Issue 9: what the operator can check at spec validation (nodes x gpusPerNode ranks)."""
+    from xwin_jobs.training.config import check_training_settings
+
+    ok = check_training_settings({"globalBatchSize": 32, "microBatchSize": 4, "zeroStage": 3}, 8)
+    assert ok.zero_stage == 3
+    check_training_settings({"globalBatchSize": 30, "microBatchSize": 4, "zeroStage": 0}, 8)  # DDP
+    with pytest.raises(TrainingConfigError, match=r"spec.stages.sft.training.globalBatchSize: 32 is "
+                                                  r"not a multiple of microBatchSize 4 x 16 rank"):
+        check_training_settings({"globalBatchSize": 32, "microBatchSize": 4, "zeroStage": 2}, 16,
+                                where="spec.stages.sft.training")
+    with pytest.raises(TrainingConfigError, match=r"params.training.microBatchSize: must be >= 1"):
+        check_training_settings({"microBatchSize": 0}, 1)
+
+
+def test_offload_without_host_memory_is_refused_before_the_store_is_touched(world, tmp_path,
+                                                                            monkeypatch):
+    """offloadOptimizer needing more host memory than the node has: a StageError naming the
+    field at the trainer's start (parameters counted from config.json on the meta device),
+    before any model is loaded; an earlier run's marker and outputs stay as they were."""
+    from xwin_jobs.stages import StageError, run_stage
+    from xwin_jobs.store import Store
+    from xwin_jobs.training import build
+
+    task = stage_task(world, "sft", "offload", _inputs(world, "sft")[0],
+                      {**ZERO, "zeroStage": 2, "offloadOptimizer": True})
+    out = Path(task.output[len("file://"):])
+    out.mkdir(parents=True)
+    (out / MARKER).write_text(json.dumps({"stage": "sft", "digest": "other inputs"}))
+    before = sorted(p.name for p in out.iterdir())
+    counted = []
+    real = build.model_parameters
+    monkeypatch.setattr(build, "model_parameters", lambda cfg: counted.append(real(cfg)) or counted[-1])
+    monkeypatch.setattr(build, "available_host_bytes", lambda: 1024)
+    with pytest.raises(StageError, match=r"params.training.offloadOptimizer: ZeRO-Offload of .* needs "
+                                         r".* GiB of host memory .* only 0.0 GiB"):
+        run_stage(task, Store(), workdir=tmp_path / "scratch")
+    assert counted and counted[0] > 10_000  # the tiny model's parameters, counted
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / MARKER).read_text())["digest"] == "other inputs"
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ TRL's RewardTrainer makes them, so the scorer can load them with the same class.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -93,11 +94,32 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path,
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    model.save_pretrained(out, safe_serialization=True,
-                          **({} if state_dict is None else {"state_dict": state_dict}))
+    with _deepspeed_unloaded_stays_unloaded():
+        model.save_pretrained(out, safe_serialization=True,
+                              **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(out)
     make_tokenizer_portable(out)
     return out
+
+
+@contextlib.contextmanager
+def _deepspeed_unloaded_stays_unloaded():
+    """save_pretrained unwraps the model through accelerate, which imports deepspeed (seconds
+    of start-up, more under load) merely to test `isinstance(model, DeepSpeedEngine)` whenever
+    it is installed. A process that never imported deepspeed (zeroStage 0) has no such
+    engine, so the check is answered without the import; under ZeRO nothing changes."""
+    import sys
+
+    other = sys.modules.get("accelerate.utils.other")
+    if "deepspeed" in sys.modules or other is None or not hasattr(other, "is_deepspeed_available"):
+        yield
+        return
+    original = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = original
 
 
 def make_tokenizer_portable(folder: str | Path) -> None:

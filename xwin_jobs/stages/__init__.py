@@ -166,20 +166,42 @@ def run_stage(task: StageTask, store: Store, workdir: str | Path | None = None) 
     return marker
 
 
-def _check_training(task: StageTask, dist: Any):
+def _check_training(task: StageTask, dist: Any, store: Store):
     """The training settings of a training stage, refused (StageError naming the field) when
-    the engine cannot run them on this many ranks; None for other stages."""
+    the engine cannot run them on this many ranks, or when ZeRO-Offload's optimizer state
+    would not fit this node's available memory (counted from the model's config.json on the
+    meta device); None for other stages. Reads only: nothing in the store is touched."""
     if task.stage not in DATA_PARALLEL:
         return None
     from ..training.build import check_settings
-    from ..training.config import TrainingConfig, TrainingConfigError
+    from ..training.config import TrainingConfigError, check_training_settings
 
+    world = dist.world_size if dist is not None else 1
     try:
-        config = TrainingConfig.from_params(task.params.get("training") or {})
-        check_settings(config, dist.world_size if dist is not None else 1)
+        config = check_training_settings(task.params.get("training") or {}, world)
+        check_settings(config, world)
+        if config.offload_optimizer:
+            _check_offload(task, store, config, dist)
     except TrainingConfigError as e:
         raise StageError(str(e)) from None
     return config
+
+
+def _check_offload(task: StageTask, store: Store, config: Any, dist: Any) -> None:
+    from ..training.build import available_host_bytes, model_parameters
+    from ..training.zero_config import check_offload_memory
+
+    uri = task.inputs.get("model")
+    if not uri or "://" in uri and not uri.startswith(("file://", "s3://")):
+        return  # hf:// ids: the engine checks once the model is loaded
+    try:
+        config_json = store.read_json(join_uri(as_folder(uri), "config.json"))
+        params = model_parameters(config_json)
+    except Exception as e:  # noqa: BLE001 - the engine checks again once the model is loaded
+        log.info("offloadOptimizer: host memory not checked before loading (%s)", e)
+        return
+    check_offload_memory(params, dist.world_size if dist is not None else 1,
+                         dist.local_world_size if dist is not None else 1, available_host_bytes())
 
 
 def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | None,
@@ -194,7 +216,7 @@ def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | No
         log.info("stage %s: already done (%s has a marker for the same inputs)", task.stage,
                  as_folder(task.output))
         return {**existing, "skipped": True}
-    config = _check_training(task, dist)  # a refused setting leaves the store untouched
+    config = _check_training(task, dist, store)  # a refused setting leaves the store untouched
     if main:
         if existing is not None:
             log.info("stage %s: inputs changed since the last run; replacing %s", task.stage,

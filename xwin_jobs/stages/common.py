@@ -57,14 +57,19 @@ def planned(config, workload):
     return workload
 
 
-def use_packing(config, model) -> bool:
+def use_packing(config, engine) -> bool:
     """Pack sequences padding-free when `training.packing` allows it and the model's
-    attention keeps packed sequences apart (training.packing.packing_supported)."""
+    attention keeps packed sequences apart (training.packing.packing_supported); on CPU,
+    packed rows then get attention per sequence (training.varlen) instead of a row-wide mask."""
     from ..training.packing import packing_supported
+    from ..training.varlen import use_varlen
 
+    model = engine.unwrap()
     packed = bool(config.packing) and packing_supported(model)
-    log.info("micro-batches: %s, grouped by length%s", "packed" if packed else "padded",
-             f", {config.micro_batch_tokens} positions each" if config.micro_batch_tokens else "")
+    varlen = packed and use_varlen(model, getattr(engine.device, "type", "cpu"))
+    log.info("micro-batches: %s, grouped by length%s%s", "packed" if packed else "padded",
+             f", {config.micro_batch_tokens} positions each" if config.micro_batch_tokens else "",
+             ", attention per sequence" if varlen else "")
     return packed
 
 
@@ -96,7 +101,7 @@ def train_and_publish(ctx: StageContext, load_model: Callable[[], Any], tokenize
     _, total = plan_total_steps(num_examples, config)
     engine = build_engine(load_model, config, total, ctx.dist)
     if workload is not None:
-        workload.packed = use_packing(config, engine.unwrap())
+        workload.packed = use_packing(config, engine)
     if before_training:
         before_training(engine)
     checkpoints = Checkpoints(ctx.store, ctx.output("checkpoints/"), ctx.workdir, engine, ctx.digest)

@@ -55,8 +55,34 @@ def build_engine(loader: Callable[[], Any], config: TrainingConfig, total_steps:
 
 def check_settings(config: TrainingConfig, world_size: int) -> None:
     """Refuse settings the engine cannot run (naming the field) before anything is read or
-    written: a DeepSpeed config the settings cannot produce."""
+    written: a DeepSpeed config the settings cannot produce (config.check_training_settings
+    is the same check from the raw settings, for the operator)."""
     if config.zero_stage:
         from .zero_config import deepspeed_config
 
         deepspeed_config(config, world_size, bf16=False)
+
+
+def available_host_bytes() -> int:
+    """MemAvailable of this node (Linux), 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def model_parameters(config_json: dict) -> int:
+    """The parameter count of a causal LM with this config.json, counted on the meta device
+    (nothing allocated, no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = dict(config_json)
+    model_config = AutoConfig.for_model(data.pop("model_type"), **data)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in model.parameters())

@@ -135,3 +135,25 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
     raise TrainingConfigError(f"{where}: expected {typ}, got {value!r}")
+
+
+def check_training_settings(params: dict[str, Any] | None, world_size: int,
+                            where: str = "params.training") -> TrainingConfig:
+    """Every refusal a stage's `training` block can get before any process starts, as a pure
+    function of the settings and the number of ranks (nodes x gpusPerNode): wrong types and
+    ranges (`TrainingConfig.from_params`) and, under ZeRO (zeroStage 1-3), a DeepSpeed batch
+    geometry the settings cannot produce (globalBatchSize not a multiple of microBatchSize x
+    ranks). Raises TrainingConfigError naming the field; returns the config.
+
+    The trainer calls it at start, before the store is touched (xwin_jobs.stages); the operator
+    can call it when it validates a spec, with the stage's world size, to report the same
+    message as a Failed phase before any child is created. What needs the model or the node
+    (ZeRO-Offload's host memory) is checked at the trainer's start (`check_offload_memory`)."""
+    config = TrainingConfig.from_params(params, where)
+    if not isinstance(world_size, int) or world_size < 1:
+        raise TrainingConfigError(f"{where}: world size must be an int >= 1, got {world_size!r}")
+    if config.zero_stage:
+        from .zero_config import batch_geometry
+
+        batch_geometry(config, world_size, where)
+    return config

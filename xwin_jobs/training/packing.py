@@ -8,7 +8,9 @@ transformers (>= 4.53, `masking_utils.find_packed_sequence_indices`) reads a pac
 its position ids and builds a block-causal mask for the sdpa, eager and flex kernels
 (flash-attention uses varlen), so attention never crosses sequences; `packing_supported`
 says whether the installed transformers and the model's attention implementation do, and
-the tests check that packed results equal padded ones.
+the tests check that packed results equal padded ones. On CPU the stages switch the model to
+`varlen.VARLEN` (one causal attention call per sequence, no row-wide mask): a masked row
+still costs width^2 attention, however short its sequences.
 
 Every position carries its *target*, the next token of its own sequence (-100 where nothing
 is learned: prompt, padding, a sequence's last token), so the shift never crosses

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .build import available_host_bytes
 from .config import TrainingConfig
 from .distributed import PROCESS_GROUP_TIMEOUT, Distributed
 from .engine import EngineBase, enable_checkpointing, make_scheduler, param_groups, pick_device
@@ -73,14 +74,6 @@ def _one_rank_group(device) -> None:
     tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                              init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                              timeout=PROCESS_GROUP_TIMEOUT)
-
-
-def _available_host_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class ZeroEngine(EngineBase):
@@ -126,7 +119,7 @@ class ZeroEngine(EngineBase):
         if config.offload_optimizer:
             numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
             check_offload_memory(numel, self.world_size, self.dist.local_world_size,
-                                 _available_host_bytes())
+                                 available_host_bytes())
         if self.device.type == "cuda":
             model = model.to(self.device) if config.zero_stage < 3 else model
         if config.gradient_checkpointing:

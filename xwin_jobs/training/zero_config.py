@@ -15,8 +15,10 @@
 * zero_optimization: the stage, optimizer offload, communication buckets sized from the model's
   hidden size when it is known (`hidden_size`, transformers' Trainer recipe: hidden^2 elements
   per reduce/all-gather bucket and prefetch, 10 x hidden for parameters kept gathered, capped at
-  `BUCKET`), optimizer sub-groups of `SUB_GROUP` elements, and for ZeRO-3 no 16-bit gather on
-  save (the engine gathers the weights a group at a time when it saves).
+  `BUCKET`; floors `MIN_BUCKET` and `PERSISTENCE` so a small model is not cut into hundreds of
+  collectives: issue 9's step time, benchmarks/RESULTS.md "ZeRO memory"), optimizer sub-groups
+  of `SUB_GROUP` elements, and for ZeRO-3 no 16-bit gather on save (the engine gathers the
+  weights a group at a time when it saves).
 
 Where ZeRO-3's memory goes (benchmarks/bench_zero_memory.py, RESULTS.md "ZeRO memory"): per
 rank the partitioned weights, an fp32 master copy, the flat gradient partition and two Adam
@@ -49,15 +51,26 @@ OFFLOAD_BYTES_PER_PARAM = 16  # fp32 master weights + 2 fp32 Adam moments + fp32
 # its gradients, AdamW's temporaries): 1e7 elements keeps them at ~40 MB each in fp32.
 BUCKET = 50_000_000
 SUB_GROUP = 10_000_000
+# The fewest elements per bucket: DDP's 25 MB gradient bucket in fp32. A model's hidden^2
+# alone is tiny for small models (16k elements at hidden 128): ZeRO then runs one collective
+# per few parameters, and on CPU (gloo) each one's latency, not its bytes, is the step time.
+MIN_BUCKET = 6_250_000
+# Parameters with fewer elements stay whole on every rank under ZeRO-3 (not partitioned, so
+# never gathered): DeepSpeed's own default. Weight matrices of real models (hidden^2 and up)
+# are far above it; a tiny test model's all fall below it and run like ZeRO-2.
+PERSISTENCE = 100_000
 
 
 def bucket_sizes(hidden_size: int | None) -> dict[str, int]:
-    """Communication sizes (elements) for a model of `hidden_size` (transformers' Trainer
-    recipe), `BUCKET` at most; `BUCKET` for an unknown size."""
+    """Communication sizes (elements) for a model of `hidden_size`: transformers' Trainer
+    recipe (hidden^2 per bucket, 0.9 x that prefetched, 10 x hidden kept whole), with
+    MIN_BUCKET and PERSISTENCE as floors and `BUCKET` as the ceiling; `BUCKET` for an
+    unknown size."""
     if not hidden_size:
-        return {"bucket": BUCKET, "prefetch": BUCKET, "persistence": 100_000}
-    square = min(BUCKET, hidden_size * hidden_size)
-    return {"bucket": square, "prefetch": int(0.9 * square), "persistence": 10 * hidden_size}
+        return {"bucket": BUCKET, "prefetch": BUCKET, "persistence": PERSISTENCE}
+    square = min(BUCKET, max(MIN_BUCKET, hidden_size * hidden_size))
+    return {"bucket": square, "prefetch": int(0.9 * square),
+            "persistence": max(PERSISTENCE, 10 * hidden_size)}
 
 
 def batch_geometry(config: TrainingConfig, world_size: int,
