@@ -65,6 +65,9 @@ BAD = [
     ("    dpo: {init: sft, chosen: first, pairsFrom: s3://p/}\n", "spec.stages.dpo.chosen", "must match", 10),
     ("      training: {zeroStage: 4}\n", "spec.stages.sft.training.zeroStage", "must be <= 3", 10),
     ("      extra: 1\n", "spec.stages.sft.extra", "unknown field", 10),
+    # a DeepSpeed batch geometry the settings cannot produce: refused at validate, not at step 0
+    ("      training: {zeroStage: 3, globalBatchSize: 12, microBatchSize: 4}\n      resources: {gpusPerNode: 8}\n",
+     "spec.stages.sft.training.globalBatchSize", "not a multiple of microBatchSize 4 x 8 rank(s)", 10),
     ("    pairs: {prompts: s3://p.jsonl}\n", "spec.judge", "required when the pairs stage runs", None),
     ("    bestOfN: {policy: sft, rewardModel: s3://rm/}\n", "spec.stages.bestOfN.prompts", "required unless", 10),
     ("    evaluate: {models: [sft, dpo], mtBench: {questions: s3://q}}\n  judge: {}\n",

@@ -19,8 +19,9 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from xwin_jobs.pipeline import STAGE_ORDER
+from xwin_jobs.pipeline import STAGE_ORDER, TRAINING_STAGES
 from xwin_jobs.training.config import TRAINING_DEFAULTS as TRAINING_CONFIG_DEFAULTS
+from xwin_jobs.training.config import TrainingConfigError, check_training_settings
 
 from .rules import EVAL_MODEL_KEYS, cross_field_errors
 
@@ -286,7 +287,7 @@ class AlignmentRunSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "AlignmentRunSpec":
-        errors = cross_field_errors(self)
+        errors = cross_field_errors(self) + training_errors(self)
         if errors:  # ctx keeps each (path, message) so error reports can point at the field
             raise PydanticCustomError("cross_field", "{summary}", {
                 "summary": "; ".join(f"{path}: {msg}" for path, msg in errors), "errors": errors})
@@ -360,6 +361,26 @@ def _merge(own: BaseModel, default: BaseModel, builtin: dict[str, Any]) -> dict[
 
 def resolved_training(spec: AlignmentRunSpec, stage: _TrainingStage) -> dict[str, Any]:
     return _merge(stage.training, spec.defaults.training, TRAINING_DEFAULTS)
+
+
+def training_errors(spec: AlignmentRunSpec) -> list[tuple[str, str]]:
+    """The trainer's own start-up check (xwin_jobs.training.config.check_training_settings) on
+    each training stage's resolved settings, with the world size its pods will have (nodes x
+    max(1, gpusPerNode)): a batch geometry DeepSpeed cannot produce is refused at validate time,
+    as (field path, message), before any child exists."""
+    errs = []
+    for key in TRAINING_STAGES:
+        stage = getattr(spec.stages, key)
+        if stage is None or stage.reused:
+            continue
+        res = resolved_resources(spec, stage.resources)
+        where = f"spec.stages.{key}.training"
+        try:
+            check_training_settings(resolved_training(spec, stage), res["nodes"] * max(1, res["gpusPerNode"]), where)
+        except TrainingConfigError as e:
+            path, _, msg = str(e).partition(": ")
+            errs.append((path if path.startswith(where) else where, msg or str(e)))
+    return errs
 
 
 def resolved_resources(spec: AlignmentRunSpec, res: Resources) -> dict[str, Any]:
