@@ -59,13 +59,6 @@ def check_disjoint(files: dict[str, list[dict]]) -> None:
                            f"prompts, e.g. {sorted(shared)[0]!r}"
 
 
-def prompt(rng: random.Random, idx: int, text: str, prefix: str) -> dict[str, Any]:
-    """A pair or best-of-N prompt on question `text`: every third one a two-turn prompt."""
-    if idx % 3 == 2:
-        return synthetic.followup_prompt(rng, idx, text, prefix)
-    return synthetic.prompt_record(idx, text, prefix)
-
-
 def task_records(seed: int = 0, n_sft: int = 1024, n_pair_prompts: int = 256,
                  n_rs_prompts: int = 256, n_alpaca: int = 300, n_mt: int = 200,
                  noise: float = 0.5, n_pairs: int = 128, n_scored: int = 64,
@@ -77,9 +70,8 @@ def task_records(seed: int = 0, n_sft: int = 1024, n_pair_prompts: int = 256,
     files = {
         "sft": [synthetic.noisy_conversation(rng, i, pick(), multi_turn=i % 3 == 0, noise=noise)
                 for i in range(n_sft)],
-        # a third of the pair and best-of-N prompts ask the second turn, as MT-bench does
-        "pair-prompts": [prompt(rng, i, pick(), "pp") for i in range(n_pair_prompts)],
-        "rs-prompts": [prompt(rng, i, pick(), "rs") for i in range(n_rs_prompts)],
+        "pair-prompts": [synthetic.prompt_record(i, pick(), "pp") for i in range(n_pair_prompts)],
+        "rs-prompts": [synthetic.prompt_record(i, pick(), "rs") for i in range(n_rs_prompts)],
         # ready-made pairs and scored sets: run-training.yaml reuses them with `from:`
         "pairs": [synthetic.pair(rng, i, pick()) for i in range(n_pairs)],
         "scored": [synthetic.scored(rng, i, n_responses, pick()) for i in range(n_scored)],

@@ -184,15 +184,6 @@ def prompt_record(idx: int, text: str, prefix: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{idx}", "messages": [{"role": "user", "content": text}]}
 
 
-def followup_prompt(rng: random.Random, idx: int, text: str, prefix: str) -> dict[str, Any]:
-    """A two-turn prompt on question `text`: the worked answer, then "And plus c?" (what the
-    second turn of an MT-bench-style question asks), for sampling the second turn."""
-    a, b = (int(x) for x in re.findall(r"\d+", text))
-    return {"id": f"{prefix}-{idx}", "messages": [
-        {"role": "user", "content": text}, {"role": "assistant", "content": _answer(a, b)},
-        {"role": "user", "content": _followup(rng.randint(0, MAX_TERM))}]}
-
-
 def mt_question(rng: random.Random, idx: int, text: str) -> dict[str, Any]:
     """A two-turn MT-bench-style question: `text`, then "And plus c?"."""
     return {"id": f"mt-{idx}", "turns": [text, _followup(rng.randint(0, MAX_TERM))]}
