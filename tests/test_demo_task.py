@@ -37,7 +37,7 @@ def test_sft_data_is_imperfect_and_the_grader_tells_answers_apart():
     files = make_task.task_records(0)
     grades = Counter(synthetic.grade(c["messages"][:1], c["messages"][1]["content"]) for c in files["sft"])
     share_right = grades[1.0] / len(files["sft"])
-    assert 0.5 < share_right < 0.7 and grades[0.0] > 0 and grades[0.5] > 0
+    assert 0.4 < share_right < 0.6 and grades[0.0] > 0 and grades[0.5] > 0
     q = [{"role": "user", "content": "Quick question. Add 3 and 4."}]
     assert synthetic.grade(q, "3 plus 4 is 7.") == 1.0
     assert synthetic.grade(q, "It is 7.") == 0.5

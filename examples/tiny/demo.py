@@ -117,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     if run != original:  # another port or seed: a copy of the spec
         spec_file = str(Path(tempfile.mkdtemp(prefix="xwin-demo-")) / Path(args.spec).name)
         Path(spec_file).write_text(yaml.safe_dump(run, sort_keys=False))
-    env = {**os.environ, "OPENAI_API_KEY": DEMO_KEY}
+    # One thread per process: the stage jobs' tiny models gain nothing from a second thread
+    # and lose several times over when the cores are busy (vLLM, the judge and the sampler run
+    # beside each other; on a shared machine, other work too). A caller's setting wins.
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           **os.environ, "OPENAI_API_KEY": DEMO_KEY}
     cmd = [str(Path(sys.executable).parent / "xwin"), "run", spec_file, "--store", args.store]
     try:
         code = subprocess.call(cmd + (["-v"] if args.verbose else []), env=env)

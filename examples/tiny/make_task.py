@@ -61,7 +61,7 @@ def check_disjoint(files: dict[str, list[dict]]) -> None:
 
 def task_records(seed: int = 0, n_sft: int = 1024, n_pair_prompts: int = 256,
                  n_rs_prompts: int = 256, n_alpaca: int = 300, n_mt: int = 200,
-                 noise: float = 0.4, n_pairs: int = 128, n_scored: int = 64,
+                 noise: float = 0.5, n_pairs: int = 128, n_scored: int = 64,
                  n_responses: int = 8) -> dict[str, list[dict]]:
     """Every data file of the task, as records. Pure."""
     rng = random.Random(seed)

@@ -8,7 +8,7 @@ Small enough for a 2-layer model to pick up in a minute on a CPU, exact enough t
 pure function of a seed.
 
 The questions come in several phrasings (an opener times a template times the two numbers),
-so there are thousands of distinct prompts: the demo's evaluation prompts are a part of that
+so there are over a thousand distinct prompts: the demo's evaluation prompts are a part of that
 pool that no training, pair or best-of-N prompt is drawn from (`split_pool`). The SFT data is
 imperfect on purpose, as human-written SFT data is (`noisy_conversation`): a share of its
 answers are refusals, answers without the worked sum, or wrong sums. The SFT model learns that
@@ -24,9 +24,15 @@ from typing import Any
 SYSTEM = None  # the vicuna template adds Xwin-LM's system line itself
 
 _ANSWER = re.compile(r"(-?\d+)\s+plus\s+(-?\d+)\s+is\s+(-?\d+)")
-OPENERS = ("", "Hi! ", "Hello. ", "Quick question. ", "Please help. ", "Dear assistant, ")
+OPENERS = ("", "Hi! ", "Hello. ", "Quick question. ", "Please help. ", "Dear assistant, ",
+           "Hey there. ", "Good morning. ", "One more thing. ", "Excuse me. ")
 TEMPLATES = ("What is {a} plus {b}?", "How much is {a} plus {b}?", "Add {a} and {b}.",
              "What do you get when you add {a} and {b}?", "Tell me the sum of {a} and {b}.")
+# The demo task's terms are 0..MAX_TERM: few enough sums (25 first-turn, 45 second-turn facts)
+# that the 2-layer model gets the arithmetic mostly right in a minute of training, so what the
+# recipe has to fix is the behaviour the SFT data taught it (refusals, bare numbers), as in
+# the paper, plus the slips of sampling at temperature 1.
+MAX_TERM = 4
 
 
 def _question(a: int, b: int) -> str:
@@ -133,14 +139,14 @@ def corpus(rng: random.Random, size: int = 400) -> list[str]:
 
 def question_text(rng: random.Random) -> str:
     """One first-turn question in a random phrasing."""
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    a, b = rng.randint(0, MAX_TERM), rng.randint(0, MAX_TERM)
     return rng.choice(OPENERS) + rng.choice(TEMPLATES).format(a=a, b=b)
 
 
 def pool(rng: random.Random) -> list[str]:
     """Every distinct first-turn question (openers x templates x sums), shuffled."""
     texts = [o + t.format(a=a, b=b) for o in OPENERS for t in TEMPLATES
-             for a in range(10) for b in range(10)]
+             for a in range(MAX_TERM + 1) for b in range(MAX_TERM + 1)]
     rng.shuffle(texts)
     return texts
 
@@ -168,7 +174,7 @@ def noisy_conversation(rng: random.Random, idx: int, text: str, multi_turn: bool
     messages = [{"role": "user", "content": text},
                 {"role": "assistant", "content": noisy_answer(rng, a, b, noise)}]
     if multi_turn:
-        c = rng.randint(0, 9)
+        c = rng.randint(0, MAX_TERM)
         messages += [{"role": "user", "content": _followup(c)},
                      {"role": "assistant", "content": noisy_answer(rng, a + b, c, noise)}]
     return {"id": f"{prefix}-{idx}", "messages": messages}
@@ -180,4 +186,4 @@ def prompt_record(idx: int, text: str, prefix: str) -> dict[str, Any]:
 
 def mt_question(rng: random.Random, idx: int, text: str) -> dict[str, Any]:
     """A two-turn MT-bench-style question: `text`, then "And plus c?"."""
-    return {"id": f"mt-{idx}", "turns": [text, _followup(rng.randint(0, 9))]}
+    return {"id": f"mt-{idx}", "turns": [text, _followup(rng.randint(0, MAX_TERM))]}
