@@ -370,6 +370,24 @@ def test_a_stale_marker_from_another_spec_is_not_taken_for_this_runs_result():
     assert creates(acts) == ["PyTorchJob/demo-sft-1"]
 
 
+def test_a_stage_reading_a_stage_that_reruns_runs_again_after_it():
+    # `xwin run` after changing rejectionSampling's settings: its marker no longer matches, and
+    # dpo's still matches the old rejectionSampling marker. dpo must wait and rerun, not count
+    # as done on top of a model that is about to be replaced.
+    old = make_run()
+    changed = make_run(stages__rejectionSampling__training={"learningRate": 1.0e-6})
+    markers = markers_for(old, "sft", "rewardModel", "bestOfN", "rejectionSampling", "dpo")
+    st = status_of(plan(changed, [], markers))
+    assert stage(st, "rejectionSampling")["phase"] == "Running"
+    assert stage(st, "dpo")["phase"] == "Pending" and "rejectionSampling" in stage(st, "dpo")["message"]
+    assert stage(st, "bestOfN")["phase"] == "Succeeded"
+    # once rejectionSampling has its new marker, dpo's old one no longer matches: dpo runs
+    new_rs = markers_for(changed, "sft", "rewardModel", "bestOfN", "rejectionSampling")["rejectionSampling"]
+    rerun = {**markers, "rejectionSampling": new_rs}
+    acts = plan(changed, [child("rejectionSampling", phase="Succeeded")], rerun, status=st)
+    assert creates(acts) == ["PyTorchJob/demo-dpo-1"]
+
+
 def test_children_of_a_stage_no_longer_run_are_deleted():
     run = make_run()
     st = status_of(plan(run, [child("sft")]))

@@ -122,7 +122,10 @@ def stage_view(run: AlignmentRun, stage: str, task: StageTask, cs: list[ChildSta
         matches = marker.get("digest") == task.digest(upstream)
         finished_here = prev.get("phase") == "Succeeded" or any(
             c.step == last.name and c.phase == "Succeeded" for c in cs)
-        if matches or finished_here:
+        # a marker that matches stale upstream markers is not done: a stage it reads is about
+        # to run again (its own marker no longer matches), so this one waits and runs after it
+        upstream_done = all(views[d].phase in ("Succeeded", "Skipped") for d in deps)
+        if matches and upstream_done or finished_here:
             view.phase, view.marker, view.artifact = "Succeeded", marker, task.output
             view.changed = not matches
             # the job writes its marker just before it exits: its child may still show Running.
