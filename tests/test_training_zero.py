@@ -184,7 +184,7 @@ def test_offload_without_host_memory_is_refused_before_the_store_is_touched(worl
     before any model is loaded; an earlier run's marker and outputs stay as they were."""
     from xwin_jobs.stages import StageError, run_stage
     from xwin_jobs.store import Store
-    from xwin_jobs.training import build
+    from xwin_jobs.training import build, distributed
 
     task = stage_task(world, "sft", "offload", _inputs(world, "sft")[0],
                       {**ZERO, "zeroStage": 2, "offloadOptimizer": True})
@@ -195,7 +195,7 @@ def test_offload_without_host_memory_is_refused_before_the_store_is_touched(worl
     counted = []
     real = build.model_parameters
     monkeypatch.setattr(build, "model_parameters", lambda cfg: counted.append(real(cfg)) or counted[-1])
-    monkeypatch.setattr(build, "available_host_bytes", lambda: 1024)
+    monkeypatch.setattr(distributed, "available_host_bytes", lambda: 1024)
     with pytest.raises(StageError, match=r"params.training.offloadOptimizer: ZeRO-Offload of .* needs "
                                          r".* GiB of host memory .* only 0.0 GiB"):
         run_stage(task, Store(), workdir=tmp_path / "scratch")

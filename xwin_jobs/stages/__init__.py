@@ -188,7 +188,8 @@ def _check_training(task: StageTask, dist: Any, store: Store):
 
 
 def _check_offload(task: StageTask, store: Store, config: Any, dist: Any) -> None:
-    from ..training.build import available_host_bytes, model_parameters
+    from ..training.build import model_parameters
+    from ..training.distributed import available_host_bytes
     from ..training.zero_config import check_offload_memory
 
     uri = task.inputs.get("model")

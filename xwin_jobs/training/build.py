@@ -63,18 +63,6 @@ def check_settings(config: TrainingConfig, world_size: int) -> None:
         deepspeed_config(config, world_size, bf16=False)
 
 
-def available_host_bytes() -> int:
-    """MemAvailable of this node (Linux), 0 when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def model_parameters(config_json: dict) -> int:
     """The parameter count of a causal LM with this config.json, counted on the meta device
     (nothing allocated, no weights read)."""

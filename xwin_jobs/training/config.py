@@ -137,6 +137,21 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise TrainingConfigError(f"{where}: expected {typ}, got {value!r}")
 
 
+def batch_geometry(config: TrainingConfig, world_size: int,
+                   where: str = "params.training") -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps) for DeepSpeed; a clear error naming
+    globalBatchSize when the product cannot reach it exactly."""
+    micro = min(config.micro_batch_size, config.global_batch_size)
+    per_pass = micro * world_size
+    if config.global_batch_size % per_pass:
+        raise TrainingConfigError(
+            f"{where}.globalBatchSize: {config.global_batch_size} is not a multiple of "
+            f"microBatchSize {micro} x {world_size} rank(s) = {per_pass}; DeepSpeed ZeRO "
+            f"(zeroStage {config.zero_stage}) needs globalBatchSize = microBatchSize x ranks x "
+            f"accumulation steps (e.g. {max(per_pass, config.global_batch_size // per_pass * per_pass)})")
+    return micro, config.global_batch_size // per_pass
+
+
 def check_training_settings(params: dict[str, Any] | None, world_size: int,
                             where: str = "params.training") -> TrainingConfig:
     """Every refusal a stage's `training` block can get before any process starts, as a pure
@@ -153,7 +168,5 @@ def check_training_settings(params: dict[str, Any] | None, world_size: int,
     if not isinstance(world_size, int) or world_size < 1:
         raise TrainingConfigError(f"{where}: world size must be an int >= 1, got {world_size!r}")
     if config.zero_stage:
-        from .zero_config import batch_geometry
-
         batch_geometry(config, world_size, where)
     return config

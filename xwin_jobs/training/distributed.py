@@ -120,3 +120,15 @@ class Distributed:
             if tdist.is_initialized():
                 self.barrier()  # no rank tears down while another is still in a collective
                 tdist.destroy_process_group()
+
+
+def available_host_bytes() -> int:
+    """MemAvailable of this node (Linux), 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

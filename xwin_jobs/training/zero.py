@@ -32,9 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .build import available_host_bytes
 from .config import TrainingConfig
-from .distributed import PROCESS_GROUP_TIMEOUT, Distributed
+from .distributed import PROCESS_GROUP_TIMEOUT, Distributed, available_host_bytes
 from .engine import EngineBase, enable_checkpointing, make_scheduler, param_groups, pick_device
 from .zero_config import check_offload_memory, deepspeed_config
 

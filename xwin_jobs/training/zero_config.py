@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import TrainingConfig, TrainingConfigError
+from .config import TrainingConfig, TrainingConfigError, batch_geometry
 
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
@@ -71,21 +71,6 @@ def bucket_sizes(hidden_size: int | None) -> dict[str, int]:
     square = min(BUCKET, max(MIN_BUCKET, hidden_size * hidden_size))
     return {"bucket": square, "prefetch": int(0.9 * square),
             "persistence": max(PERSISTENCE, 10 * hidden_size)}
-
-
-def batch_geometry(config: TrainingConfig, world_size: int,
-                   where: str = "params.training") -> tuple[int, int]:
-    """(micro batch per rank, gradient accumulation steps) for DeepSpeed; a clear error naming
-    globalBatchSize when the product cannot reach it exactly."""
-    micro = min(config.micro_batch_size, config.global_batch_size)
-    per_pass = micro * world_size
-    if config.global_batch_size % per_pass:
-        raise TrainingConfigError(
-            f"{where}.globalBatchSize: {config.global_batch_size} is not a multiple of "
-            f"microBatchSize {micro} x {world_size} rank(s) = {per_pass}; DeepSpeed ZeRO "
-            f"(zeroStage {config.zero_stage}) needs globalBatchSize = microBatchSize x ranks x "
-            f"accumulation steps (e.g. {max(per_pass, config.global_batch_size // per_pass * per_pass)})")
-    return micro, config.global_batch_size // per_pass
 
 
 def deepspeed_config(config: TrainingConfig, world_size: int, bf16: bool,
