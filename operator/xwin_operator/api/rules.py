@@ -6,12 +6,9 @@ CEL `x-kubernetes-validations`, so `xwin validate` and the API server agree. Pur
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from xwin_jobs.pipeline import JUDGE_STAGES  # noqa: F401  (re-exported for crd.py)
-
-if TYPE_CHECKING:
-    from .spec import AlignmentRunSpec
 
 URI_PREFIXES = ("s3://", "file://", "hf://", "/")
 EVAL_MODEL_KEYS = ("sft", "rejectionSampling", "dpo", "base")
@@ -44,8 +41,10 @@ LIST_REFERENCE_RULES = (("evaluate", "models", EVAL_MODEL_KEYS),)
 REQUIRED_UNLESS_REUSED = (("sft", "data"), ("pairs", "prompts"), ("bestOfN", "prompts"))
 
 
-def cross_field_errors(spec: AlignmentRunSpec) -> list[tuple[str, str]]:
-    """Rules between fields, as (field path, message). Each is also a CEL rule in the CRD."""
+def cross_field_errors(spec: Any) -> list[tuple[str, str]]:
+    """Rules between fields of an AlignmentRunSpec, as (field path, message); each is also a
+    CEL rule in the CRD. spec.py's validator calls it with the model (not imported here: the two
+    modules do not import each other)."""
     s, present, errs = spec.stages, spec.stages.present(), []
     if not present:
         errs.append(("spec.stages", "at least one stage is required"))

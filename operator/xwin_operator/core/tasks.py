@@ -29,26 +29,27 @@ def _is_stage_key(spec: AlignmentRunSpec, ref: str) -> bool:
     return ref in spec.stages.present()
 
 
+def _stage_output(spec: AlignmentRunSpec, root: str, ref: str, folder: str) -> tuple[str, str | None]:
+    """(URI, stage folder whose marker must exist or None): `folder` of a stage of the run
+    (its `from:` URI when reused), or `ref` itself when it is a URI."""
+    if _is_stage_key(spec, ref):
+        st = getattr(spec.stages, ref)
+        if st.reused:
+            return st.from_, None
+        return stage_uri(root, ref) + folder, stage_uri(root, ref)
+    return ref, None
+
+
 def model_input(spec: AlignmentRunSpec, root: str, ref: str) -> tuple[str, str | None]:
     """(model URI, stage folder whose marker must exist or None) for a model reference."""
     if ref == "base":
         return spec.baseModel, None
-    if _is_stage_key(spec, ref):
-        st = getattr(spec.stages, ref)
-        if st.reused:
-            return st.from_, None
-        return stage_uri(root, ref) + "model/", stage_uri(root, ref)
-    return ref, None
+    return _stage_output(spec, root, ref, "model/")
 
 
 def data_input(spec: AlignmentRunSpec, root: str, ref: str) -> tuple[str, str | None]:
     """(data URI, stage folder whose marker must exist or None) for a data reference."""
-    if _is_stage_key(spec, ref):
-        st = getattr(spec.stages, ref)
-        if st.reused:
-            return st.from_, None
-        return stage_uri(root, ref) + "data/", stage_uri(root, ref)
-    return ref, None
+    return _stage_output(spec, root, ref, "data/")
 
 
 def stage_task(run: AlignmentRun, stage: str, store: str | None = None) -> StageTask:
