@@ -173,13 +173,11 @@ def _check_training(task: StageTask, dist: Any, store: Store):
     meta device); None for other stages. Reads only: nothing in the store is touched."""
     if task.stage not in DATA_PARALLEL:
         return None
-    from ..training.build import check_settings
     from ..training.config import TrainingConfigError, check_training_settings
 
     world = dist.world_size if dist is not None else 1
     try:
         config = check_training_settings(task.params.get("training") or {}, world)
-        check_settings(config, world)
         if config.offload_optimizer:
             _check_offload(task, store, config, dist)
     except TrainingConfigError as e:

@@ -53,16 +53,6 @@ def build_engine(loader: Callable[[], Any], config: TrainingConfig, total_steps:
     return Engine(loader(), config, total_steps=total_steps, dist=dist)
 
 
-def check_settings(config: TrainingConfig, world_size: int) -> None:
-    """Refuse settings the engine cannot run (naming the field) before anything is read or
-    written: a DeepSpeed config the settings cannot produce (config.check_training_settings
-    is the same check from the raw settings, for the operator)."""
-    if config.zero_stage:
-        from .zero_config import deepspeed_config
-
-        deepspeed_config(config, world_size, bf16=False)
-
-
 def model_parameters(config_json: dict) -> int:
     """The parameter count of a causal LM with this config.json, counted on the meta device
     (nothing allocated, no weights read)."""
