@@ -16,7 +16,6 @@ import asyncio
 import datetime
 import itertools
 import json
-import re
 import time
 import uuid
 from typing import Any
@@ -26,6 +25,7 @@ import attrs
 import kmock
 
 from . import kubectl_api
+from .paths import NAMESPACES_PATH, RESOURCE_PATH, resource_key
 from .selectors import _pointer, field_selector_matches, merge_patch, parse_selector, selector_matches  # noqa: F401
 
 # resource -> (kind, namespaced, subresources): the built-in kinds the operator touches.
@@ -43,11 +43,6 @@ BUILTIN_RESOURCES: dict[str, tuple[str, bool, frozenset[str]]] = {
 }
 _FAST_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE, kmock.action.FETCH,
                  kmock.action.LIST)
-_NAMESPACES_PATH = re.compile(r"^/api/v1/namespaces/?([^/]+)?/?$")
-# a collection (what a watch is on): core or group-version, optional namespace, plural
-_RESOURCE_PATH = re.compile(r"^/(?:api/(v1)|apis/([^/]+)/([^/]+))(?:/namespaces/([^/]+))?/([^/]+)$")
-# a collection or one object of it
-_OBJECT_PATH = re.compile(r"^/(?:api/(v1)|apis/([^/]+)/([^/]+))(?:/namespaces/([^/]+))?/([^/]+)(?:/[^/]+)?$")
 
 
 @attrs.define
@@ -58,15 +53,6 @@ class _WatchRequest:
     resource: Any
     namespace: str | None
     name: str | None
-
-
-def _resource_key(path: str) -> str:
-    """`group/version/plural` of a resource path (`v1/plural` for the core group)."""
-    m = _RESOURCE_PATH.match(path) or _OBJECT_PATH.match(path)
-    if not m:
-        return ""
-    return f"v1/{m.group(5)}" if m.group(1) else f"{m.group(2)}/{m.group(3)}/{m.group(5)}"
-VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
 
 
 def now_iso() -> str:
@@ -159,11 +145,11 @@ class FakeApiServer(kmock.KubernetesEmulator):
         served = self._serve_for_kubectl(path)
         if served is not None:
             return served
-        match = _NAMESPACES_PATH.match(raw_request.path)
+        match = NAMESPACES_PATH.match(raw_request.path)
         if match:  # KMock's path parser takes `/api/v1/namespaces` for a namespace prefix
             response = await self._serve_namespaces(raw_request, match.group(1))
         elif raw_request.method == "GET" and raw_request.query.get("watch") in ("true", "1") \
-                and _RESOURCE_PATH.match(path) and self._only_builtin_reactions():
+                and RESOURCE_PATH.match(path) and self._only_builtin_reactions():
             response = await self._serve_json_watch(raw_request, path)
         else:
             response = await super().__call__(raw_request)
@@ -172,7 +158,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
                 and response.status == 200 and response.body:
             data = json.loads(response.body)
             items = data.get("items") if "items" in data else [data]
-            crd = self.crds.get(_resource_key(path))
+            crd = self.crds.get(resource_key(path))
             return aiohttp.web.json_response(kubectl_api.table(items, crd, str(self._last_version)))
         return response
 
@@ -180,9 +166,9 @@ class FakeApiServer(kmock.KubernetesEmulator):
         """A watch stream as a real server sends it: `Content-Type: application/json` (KMock's
         is octet-stream, which kubectl refuses), one event per line, each object a one-row
         Table when the client asks for Tables (`kubectl get -w`), closed after timeoutSeconds."""
-        m = _RESOURCE_PATH.match(path)
+        m = RESOURCE_PATH.match(path)
         assert m is not None
-        key = _resource_key(path)
+        key = resource_key(path)
         request = _WatchRequest(params=dict(raw_request.query), resource=kmock.resource(key),
                                 namespace=m.group(4), name=None)
         if request.resource not in self._resources:
@@ -427,29 +413,3 @@ class FakeApiServer(kmock.KubernetesEmulator):
                     yield event
         finally:
             await bus.unmark(marker)
-
-def resource_path(resource: str, namespace: str | None = None, name: str | None = None,
-                  subresource: str | None = None) -> str:
-    """`batch/v1/jobs` + ns + name -> `/apis/batch/v1/namespaces/ns/jobs/name`."""
-    parts = resource.split("/")
-    group_version, plural = "/".join(parts[:-1]), parts[-1]
-    path = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
-    if namespace:
-        path += f"/namespaces/{namespace}"
-    path += f"/{plural}"
-    if name:
-        path += f"/{name}"
-    if subresource:
-        path += f"/{subresource}"
-    return path
-
-
-def crd_resource(crd: dict) -> tuple[str, dict]:
-    """(kmock resource key, ResourceInfo kwargs) for a CustomResourceDefinition."""
-    spec = crd["spec"]
-    version = next(v for v in spec["versions"] if v.get("served", True))
-    names = spec["names"]
-    return (f"{spec['group']}/{version['name']}/{names['plural']}", dict(
-        kind=names["kind"], singular=names.get("singular"), shortnames=set(names.get("shortNames", [])),
-        categories=set(names.get("categories", [])), namespaced=spec.get("scope", "Namespaced") == "Namespaced",
-        subresources=set(version.get("subresources", {})), verbs=VERBS))

@@ -21,7 +21,8 @@ import aiohttp
 import aiohttp.test_utils
 import kmock
 
-from .apiserver import BUILTIN_RESOURCES, VERBS, FakeApiServer, crd_resource, now_iso, resource_path
+from .apiserver import BUILTIN_RESOURCES, FakeApiServer, now_iso
+from .paths import VERBS, crd_resource, resource_path
 
 class _TlsTestServer(aiohttp.test_utils.RawTestServer):
     """KMock's server over HTTPS."""

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import aiohttp
 
-from .apiserver import resource_path
+from .paths import resource_path
 from .cluster import ApiError, Cluster
 from .pods import default_base_env
 from .runners import DeploymentRunner, InstantFn, JobRunner, Outcome, PyTorchJobRunner  # noqa: F401

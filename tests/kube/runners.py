@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import aiohttp
 
-from .apiserver import now_iso, resource_path
+from .apiserver import now_iso
+from .paths import resource_path
 from .cluster import ApiError
 from .pods import LocalProcess, PodConfigError, free_port, pod_process, training_operator_env
 
