@@ -93,13 +93,14 @@ def job_env(device: str) -> dict:
 def run_stage_both_ways(world, tmp_path, stage: str, inputs: dict, device: str = "cpu",
                         grad_rel: float = 1e-3, training: dict | None = None, **params):
     """(single-process output folder, 2-rank output folder) of the same task (the single
-    process at zeroStage 0, the ranks at `training`'s), and the logged (step, grad norm)
+    process at zeroStage 0 without offload, the ranks at `training`'s), and the logged (step, grad norm)
     lines of each run (every rank's)."""
     training = dict(training or TRAINING)
     outs, grads = [], []
     zero = training["zeroStage"]
     for name, launcher, settings in (
-            ("single", [sys.executable, "-m", "xwin_jobs"], {**training, "zeroStage": 0}),
+            ("single", [sys.executable, "-m", "xwin_jobs"],
+             {**training, "zeroStage": 0, "offloadOptimizer": False}),
             (f"zero{zero}" if zero else "ddp", TORCHRUN, training)):
         # the run's name carries the ranks' zeroStage: the single-process run of another
         # zeroStage's test would otherwise be this one's (same task, done, nothing logged)

@@ -223,9 +223,10 @@ class ZeroEngine(EngineBase):
 
 
 def prebuild_cpu_ops() -> None:
-    """Compile (once, into torch's extension cache) the shared-memory collective DeepSpeed
-    builds on a CPU-only machine at its first process group, so the first ZeRO run does not
-    spend minutes compiling (`make setup` calls it)."""
+    """Compile (once, into torch's extension cache, with the system C++ compiler) the ops
+    DeepSpeed builds on a CPU-only machine at first use: the shared-memory collective of its
+    first process group and DeepSpeedCPUAdam (offloadOptimizer), so the first ZeRO run does
+    not spend minutes compiling (`make setup` calls it)."""
     import torch
 
     if torch.cuda.is_available():
@@ -233,9 +234,10 @@ def prebuild_cpu_ops() -> None:
     _import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and builder.is_compatible():
-        builder.load()
+    for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load()
 
 
 def _groups_by_bytes(named: list[tuple[str, Any]], limit: int) -> list[list[tuple[str, Any]]]:
