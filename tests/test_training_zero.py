@@ -97,8 +97,10 @@ def test_offload_optimizer_trains_like_one_process(world, tmp_path, zero):
     environment's extension cache; `make setup` prebuilds it) on 2 CPU ranks: the same
     losses and weights as the single process, the loss goes down, the model loads."""
     inputs, _ = _inputs(world, "sft")
-    single, ranks = run_stage_both_ways(world, tmp_path, "sft", inputs, training={
+    logs: list[str] = []
+    single, ranks = run_stage_both_ways(world, tmp_path, "sft", inputs, logs=logs, training={
         **ZERO, "zeroStage": zero, "offloadOptimizer": True, "epochs": 3})
+    assert "optimizer state offloaded to CPU" in logs[1] and "optimizer DeepSpeedCPUAdam" in logs[1]
     metrics = assert_same_training(single, ranks, tolerance=TOLERANCE)
     assert metrics["trainLoss"] < metrics["initialTrainLoss"]
     _check_loads(ranks, "sft")

@@ -136,12 +136,13 @@ class ZeroEngine(EngineBase):
         self.ds.set_gradient_accumulation_boundary(True)
         self.model = self.ds
         self.module = self.ds.module
-        log.info("DeepSpeed ZeRO-%d on %d rank(s)%s, %s, micro batch %d, %d accumulation steps",
-                 config.zero_stage, self.world_size,
+        basic = getattr(self.optimizer, "optimizer", self.optimizer)  # inside ZeRO's wrapper
+        log.info("DeepSpeed ZeRO-%d on %d rank(s)%s, %s, micro batch %d, %d accumulation steps, "
+                 "optimizer %s", config.zero_stage, self.world_size,
                  ", optimizer state offloaded to CPU" if config.offload_optimizer else "",
                  "bf16" if self.ds_config["bf16"]["enabled"] else "fp32",
                  self.ds_config["train_micro_batch_size_per_gpu"],
-                 self.ds_config["gradient_accumulation_steps"])
+                 self.ds_config["gradient_accumulation_steps"], type(basic).__name__)
 
     # -- the training step
     def no_sync(self):
