@@ -239,9 +239,16 @@ def main() -> int:
               "sized from the hidden size, zero_config.py: 0.79x), and glibc kept the freed "
               "gathers and gradients resident in its heap (~0.5 GiB per rank; build.py maps "
               "allocations of 1 MiB or more on their own, which leaves DDP's peak as it was). "
-              "The CPU step-time gap is DeepSpeed's bookkeeping and its extra collectives (ZeRO-3 "
-              "gathers every layer's weights in each forward and backward), which a GPU hides "
-              "behind compute.", ""]
+              "The tiny model's CPU step time is set by the number of collectives per step, not "
+              "their bytes (py-spy of both ranks, issue 9): each is a rendezvous of the two "
+              "ranks, and on shared cores a rendezvous waits for the other rank's time slice. "
+              "DDP runs 2 a step (its gradient all-reduce, the loop's statistics); ZeRO adds a "
+              "gradient-norm all-reduce and a weight all-gather per AdamW group, ZeRO-3 an "
+              "all-gather per persistent parameter after the step and DeepSpeed's fetch/release "
+              "hooks on every submodule in forward and backward. With weightDecay 0 the engine "
+              "now gives DeepSpeed one AdamW group (engine.param_groups), not two; on the 143M "
+              "model ZeRO-3 also gathers each layer's weights in forward and backward, which a "
+              "GPU hides behind compute.", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_results:
