@@ -85,16 +85,17 @@ def worker(args) -> None:
     from xwin_jobs.training.distributed import Distributed
     from xwin_jobs.training.loop import train_loop
 
-    if args.legacy_sizes:  # the sizes before the floors (for the before/after comparison)
-        from xwin_jobs.training import zero_config
+    if args.before:  # the engine before issue 9's step-time work: two AdamW groups always
+        from xwin_jobs.training import engine as engine_module, zero as zero_module
 
-        def legacy(hidden_size):
-            if not hidden_size:
-                return {"bucket": zero_config.BUCKET, "prefetch": zero_config.BUCKET, "persistence": 100_000}
-            square = min(zero_config.BUCKET, hidden_size * hidden_size)
-            return {"bucket": square, "prefetch": int(0.9 * square), "persistence": 10 * hidden_size}
+        split = engine_module.param_groups
 
-        zero_config.bucket_sizes = legacy
+        def two_groups(model, weight_decay):
+            groups = split(model, 1.0)  # the split by shape: decayed weights, the rest
+            groups[0]["weight_decay"] = weight_decay
+            return groups
+
+        engine_module.param_groups = zero_module.param_groups = two_groups
     dist = Distributed.from_env()
     steps = args.steps + args.warmup
     config = TrainingConfig.from_params({
@@ -132,7 +133,7 @@ def worker(args) -> None:
 
 
 def run_config(model: Path, zero: int, steps: int, warmup: int, micro: int, seq: int,
-               legacy: bool = False) -> list[dict]:
+               before: bool = False) -> list[dict]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
@@ -140,12 +141,12 @@ def run_config(model: Path, zero: int, steps: int, warmup: int, micro: int, seq:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            __file__, "--worker", "--model", str(model), "--zero", str(zero), "--steps", str(steps),
            "--warmup", str(warmup), "--micro", str(micro), "--seq", str(seq), "--out", out] + (
-               ["--legacy-sizes"] if legacy else [])
+               ["--before"] if before else [])
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"zeroStage {zero} failed:\n{done.stderr[-4000:]}")
     rows = json.loads(Path(out).read_text())
-    print(f"{model.name} zeroStage {zero}{' (before)' if legacy else ''}: {json.dumps(rows)} "
+    print(f"{model.name} zeroStage {zero}{' (before)' if before else ''}: {json.dumps(rows)} "
           f"(load {os.getloadavg()[0]:.1f})", flush=True)
     return rows
 
@@ -159,7 +160,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--micro", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, default=128, help=argparse.SUPPRESS)
-    p.add_argument("--legacy-sizes", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of the step-time runs")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps of the memory runs")
     p.add_argument("--timed-steps", type=int, default=20, help="timed steps of the step-time runs")
@@ -176,14 +177,14 @@ def main() -> int:
         # the big model: memory, and step time after one warm-up step
         memory = {zero: run_config(big, zero, args.steps, 1, 1, 128) for zero in (0, 2, 3)}
         loads.append(os.getloadavg()[0])
-        # the tiny model: step time, alternating rounds (the machine is shared); "3L"/"2L":
-        # the bucket sizes before the floors of zero_config (MIN_BUCKET, PERSISTENCE)
-        configs = [0, 2, 3, "2L", "3L"]
+        # the tiny model: step time, alternating rounds (the machine is shared); "2B"/"3B":
+        # the engine before the step-time work (two AdamW groups although weightDecay is 0)
+        configs = [0, 2, 3, "2B", "3B"]
         timing: dict = {c: [] for c in configs}
         for r in range(args.rounds):
             for c in (configs if r % 2 == 0 else configs[::-1]):
-                zero, legacy = (int(str(c)[0]), str(c).endswith("L"))
-                rows = run_config(tiny, zero, args.timed_steps, 3, 2, 64, legacy)
+                zero, before = (int(str(c)[0]), str(c).endswith("B"))
+                rows = run_config(tiny, zero, args.timed_steps, 3, 2, 64, before)
                 timing[c].append(max(x["stepSeconds"] for x in rows))
                 loads.append(os.getloadavg()[0])
     peak = {z: max(r["peakRssMiB"] for r in rows) for z, rows in memory.items()}
@@ -214,11 +215,12 @@ def main() -> int:
                   f"parameters), micro batch 2 x 64 tokens, 2 micro-batches per step, mean of "
                   f"{args.timed_steps} steps after 3 warm-up steps, slower rank; median of "
                   f"{args.rounds} alternating rounds (all rounds in brackets). \"before\": the "
-                  "bucket sizes without zero_config's floors (hidden^2 = 16k-element buckets, "
-                  "persistence 1,280 elements: every weight partitioned):", "",
+                  "engine before the step-time work (two AdamW groups, decayed weights and the "
+                  "rest, although weightDecay is 0: ZeRO's norm all-reduce and post-step "
+                  "all-gather ran twice per step):", "",
               "| engine | seconds/step | rounds | vs DDP |", "| --- | --- | --- | --- |"]
-    for c, name in ((0, "DDP (zeroStage 0)"), (2, "ZeRO-2"), (3, "ZeRO-3"), ("2L", "ZeRO-2, before"),
-                    ("3L", "ZeRO-3, before")):
+    for c, name in ((0, "DDP (zeroStage 0)"), (2, "ZeRO-2"), (3, "ZeRO-3"), ("2B", "ZeRO-2, before"),
+                    ("3B", "ZeRO-3, before")):
         lines.append(f"| {name} | {step[c]:.4f} | {', '.join(f'{v:.4f}' for v in timing[c])} | "
                      f"{step[c] / step[0]:.2f}x |")
     share = params * 20 / 2 / 2**20
@@ -237,9 +239,16 @@ def main() -> int:
               "sized from the hidden size, zero_config.py: 0.79x), and glibc kept the freed "
               "gathers and gradients resident in its heap (~0.5 GiB per rank; build.py maps "
               "allocations of 1 MiB or more on their own, which leaves DDP's peak as it was). "
-              "The CPU step-time gap is DeepSpeed's bookkeeping and its extra collectives (ZeRO-3 "
-              "gathers every layer's weights in each forward and backward), which a GPU hides "
-              "behind compute.", ""]
+              "The tiny model's CPU step time is set by the number of collectives per step, not "
+              "their bytes (py-spy of both ranks, issue 9): each is a rendezvous of the two "
+              "ranks, and on shared cores a rendezvous waits for the other rank's time slice. "
+              "DDP runs 2 a step (its gradient all-reduce, the loop's statistics); ZeRO adds a "
+              "gradient-norm all-reduce and a weight all-gather per AdamW group, ZeRO-3 an "
+              "all-gather per persistent parameter after the step and DeepSpeed's fetch/release "
+              "hooks on every submodule in forward and backward. With weightDecay 0 the engine "
+              "now gives DeepSpeed one AdamW group (engine.param_groups), not two; on the 143M "
+              "model ZeRO-3 also gathers each layer's weights in forward and backward, which a "
+              "GPU hides behind compute.", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_results:

@@ -89,6 +89,23 @@ def test_zero_on_one_process(world, tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOLERANCE
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_offload_optimizer_trains_like_one_process(world, tmp_path, zero):
+    """offloadOptimizer (ZeRO-Offload: the AdamW state in host memory, updated by
+    DeepSpeedCPUAdam, which DeepSpeed compiles once with the system C++ compiler into the
+    environment's extension cache; `make setup` prebuilds it) on 2 CPU ranks: the same
+    losses and weights as the single process, the loss goes down, the model loads."""
+    inputs, _ = _inputs(world, "sft")
+    logs: list[str] = []
+    single, ranks = run_stage_both_ways(world, tmp_path, "sft", inputs, logs=logs, training={
+        **ZERO, "zeroStage": zero, "offloadOptimizer": True, "epochs": 3})
+    assert "optimizer state offloaded to CPU" in logs[1] and "optimizer DeepSpeedCPUAdam" in logs[1]
+    metrics = assert_same_training(single, ranks, tolerance=TOLERANCE)
+    assert metrics["trainLoss"] < metrics["initialTrainLoss"]
+    _check_loads(ranks, "sft")
+
+
 def test_batch_that_zero_cannot_make_is_refused_before_anything_is_written(world, tmp_path):
     task = stage_task(world, "sft", "bad-batch", _inputs(world, "sft")[0],
                       {**ZERO, "globalBatchSize": 7, "zeroStage": 3})
@@ -120,6 +137,22 @@ def test_deepspeed_config_is_built_from_the_settings():
     with pytest.raises(TrainingConfigError, match=r"globalBatchSize: 128 is not a multiple of "
                                                   r"microBatchSize 4 x 3 rank\(s\)"):
         deepspeed_config(config, world_size=3, bf16=False)
+
+
+def test_one_optimizer_group_without_weight_decay():
+    """No weight decay: every trainable parameter in one AdamW group (ZeRO runs a gradient-norm
+    all-reduce and a parameter all-gather per group); with it, only >= 2-D weights decay."""
+    import torch
+
+    from xwin_jobs.training.engine import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[2].requires_grad_(False)
+    (only,) = param_groups(model, 0.0)
+    assert len(only["params"]) == 4 and only["weight_decay"] == 0.0
+    decay, no_decay = param_groups(model, 0.1)
+    assert [p.dim() for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
+    assert [p.dim() for p in no_decay["params"]] == [1, 1, 1] and no_decay["weight_decay"] == 0.0
 
 
 def test_deepspeed_buffers_are_sized_from_the_hidden_size():

@@ -91,15 +91,18 @@ def job_env(device: str) -> dict:
 
 
 def run_stage_both_ways(world, tmp_path, stage: str, inputs: dict, device: str = "cpu",
-                        grad_rel: float = 1e-3, training: dict | None = None, **params):
+                        grad_rel: float = 1e-3, training: dict | None = None,
+                        logs: list | None = None, **params):
     """(single-process output folder, 2-rank output folder) of the same task (the single
-    process at zeroStage 0, the ranks at `training`'s), and the logged (step, grad norm)
-    lines of each run (every rank's)."""
+    process at zeroStage 0 without offload, the ranks at `training`'s), and the logged (step, grad norm)
+    lines of each run (every rank's). `logs`, when given, gets each run's output (stdout and
+    stderr)."""
     training = dict(training or TRAINING)
     outs, grads = [], []
     zero = training["zeroStage"]
     for name, launcher, settings in (
-            ("single", [sys.executable, "-m", "xwin_jobs"], {**training, "zeroStage": 0}),
+            ("single", [sys.executable, "-m", "xwin_jobs"],
+             {**training, "zeroStage": 0, "offloadOptimizer": False}),
             (f"zero{zero}" if zero else "ddp", TORCHRUN, training)):
         # the run's name carries the ranks' zeroStage: the single-process run of another
         # zeroStage's test would otherwise be this one's (same task, done, nothing logged)
@@ -108,6 +111,8 @@ def run_stage_both_ways(world, tmp_path, stage: str, inputs: dict, device: str =
         task_file.write_text(task.to_json())
         done = run_command([*launcher, stage, "--task", str(task_file)], job_env(device))
         assert done.returncode == 0, done.stderr[-4000:]
+        if logs is not None:
+            logs.append(done.stdout + done.stderr)
         outs.append(Path(task.output[len("file://"):]))
         grads.append(sorted(set(GRAD_LINE.findall(done.stderr))))
     # DDP averages gradients over ranks: the loss weighting must undo it, or the pre-clip

@@ -58,12 +58,17 @@ def enable_checkpointing(model, non_reentrant: bool) -> None:
 
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and norm weights (1-D parameters), as usual for transformers
-    (a ZeRO-3 partitioned parameter keeps its real shape in `ds_shape`)."""
+    (a ZeRO-3 partitioned parameter keeps its real shape in `ds_shape`). With no weight decay
+    one group: the groups would only differ by name, and DeepSpeed ZeRO runs its gradient-norm
+    all-reduce and its post-step parameter all-gather once per group (benchmarks/RESULTS.md
+    "ZeRO memory": collectives, not bytes, are a small model's step time)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not weight_decay:
+        return [{"params": trainable, "weight_decay": 0.0}]
     decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            shape = getattr(p, "ds_shape", p.shape)
-            (decay if len(shape) >= 2 else no_decay).append(p)
+    for p in trainable:
+        shape = getattr(p, "ds_shape", p.shape)
+        (decay if len(shape) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -136,12 +136,13 @@ class ZeroEngine(EngineBase):
         self.ds.set_gradient_accumulation_boundary(True)
         self.model = self.ds
         self.module = self.ds.module
-        log.info("DeepSpeed ZeRO-%d on %d rank(s)%s, %s, micro batch %d, %d accumulation steps",
-                 config.zero_stage, self.world_size,
+        basic = getattr(self.optimizer, "optimizer", self.optimizer)  # inside ZeRO's wrapper
+        log.info("DeepSpeed ZeRO-%d on %d rank(s)%s, %s, micro batch %d, %d accumulation steps, "
+                 "optimizer %s", config.zero_stage, self.world_size,
                  ", optimizer state offloaded to CPU" if config.offload_optimizer else "",
                  "bf16" if self.ds_config["bf16"]["enabled"] else "fp32",
                  self.ds_config["train_micro_batch_size_per_gpu"],
-                 self.ds_config["gradient_accumulation_steps"])
+                 self.ds_config["gradient_accumulation_steps"], type(basic).__name__)
 
     # -- the training step
     def no_sync(self):
@@ -223,9 +224,10 @@ class ZeroEngine(EngineBase):
 
 
 def prebuild_cpu_ops() -> None:
-    """Compile (once, into torch's extension cache) the shared-memory collective DeepSpeed
-    builds on a CPU-only machine at its first process group, so the first ZeRO run does not
-    spend minutes compiling (`make setup` calls it)."""
+    """Compile (once, into torch's extension cache, with the system C++ compiler) the ops
+    DeepSpeed builds on a CPU-only machine at first use: the shared-memory collective of its
+    first process group and DeepSpeedCPUAdam (offloadOptimizer), so the first ZeRO run does
+    not spend minutes compiling (`make setup` calls it)."""
     import torch
 
     if torch.cuda.is_available():
@@ -233,9 +235,10 @@ def prebuild_cpu_ops() -> None:
     _import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and builder.is_compatible():
-        builder.load()
+    for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load()
 
 
 def _groups_by_bytes(named: list[tuple[str, Any]], limit: int) -> list[list[tuple[str, Any]]]:
