@@ -202,6 +202,38 @@ def test_the_sampler_starts_when_its_server_is_ready_and_the_server_goes_when_it
     assert "PyTorchJob/demo-bestofn-score-1" in creates(acts)
 
 
+def test_evaluate_starts_the_next_models_server_while_the_current_one_samples():
+    """The next server's cold start overlaps the sampling; never more than two servers up."""
+    run = make_run(RUN + "    evaluate: {models: [sft, rejectionSampling, dpo], "
+                         "mtBench: {questions: s3://eval/mt.jsonl}}\n")
+    markers = markers_for(run, "sft", "rewardModel", "bestOfN", "rejectionSampling", "dpo")
+
+    def servers(step, phase):
+        return [child("evaluate", step, kind=k, phase=phase) for k in ("Deployment", "Service")]
+
+    acts = plan(run, servers("serve-sft", "Pending"), markers)   # cold start: nothing else yet
+    assert not [c for c in creates(acts) if "evaluate" in c]
+    kids = servers("serve-sft", "Running")
+    acts = plan(run, kids, markers)
+    assert creates(acts) == ["Job/demo-evaluate-sample-sft-1",
+                             "Deployment/demo-evaluate-serve-rejectionsampling-1",
+                             "Service/demo-evaluate-serve-rejectionsampling-1"]
+    # sft sampled: its server goes, the next sampler starts, the third server comes up early
+    kids += [child("evaluate", "sample-sft", kind="Job", phase="Succeeded")]
+    kids += servers("serve-rejectionsampling", "Running")
+    acts = plan(run, kids, markers)
+    assert DeleteChild("Deployment", "demo-evaluate-serve-sft-1") in acts
+    assert creates(acts) == ["Job/demo-evaluate-sample-rejectionsampling-1",
+                             "Deployment/demo-evaluate-serve-dpo-1", "Service/demo-evaluate-serve-dpo-1"]
+    # a next server that is still starting when the sampler ends: the stage waits for it
+    kids = [k for k in kids if "serve-sft" not in k.name]
+    kids += [child("evaluate", "sample-rejectionsampling", kind="Job", phase="Succeeded")]
+    kids += servers("serve-dpo", "Pending")
+    acts = plan(run, kids, markers)
+    assert DeleteChild("Deployment", "demo-evaluate-serve-rejectionsampling-1") in acts
+    assert not creates(acts)
+
+
 def test_a_failed_sampler_retries_with_a_new_server():
     run = make_run()
     markers = markers_for(run, "sft", "rewardModel")

@@ -315,6 +315,62 @@ def test_dpo_pair_records_random_is_reproducible():
     assert a == b and all(p["chosen"] != p["rejected"] for p in a)
 
 
+# ---------------------------------------------------------------- rejected floor
+# Two prompts, scores as a reward model gives them: refusals at the bottom (-3), wrong answers
+# in the middle (0, 0.5), right answers at the top (2). The floor is a quantile of all 10 valid
+# scores: q = 0.5 resolves to 0, above the 4 refusals (the bottom 40%).
+FLOORED = [[2.0, -3.0, 0.5, -3.0, 0.0],
+           [2.0, 0.0, -3.0, -3.0, 2.0]]
+
+
+def test_rejected_floor_skips_degenerate_answers_for_worst():
+    plain = build_pairs(FLOORED, rejected="worst")
+    assert plain.rejected_idx.tolist() == [3, 3]          # the worst: a refusal
+    sel = build_pairs(FLOORED, rejected="worst", rejected_floor=0.5)
+    assert sel.floor == pytest.approx(0.0)                # the median of the 10 scores
+    assert sel.chosen_idx.tolist() == [0, 0]
+    assert sel.rejected_idx.tolist() == [4, 1]            # the lowest answer at or above 0
+    assert sel.margin.tolist() == [2.0, 2.0]
+
+
+def test_rejected_floor_applies_to_random_and_rank():
+    for seed in range(20):
+        sel = build_pairs(FLOORED, rejected="random", rejected_floor=0.5, seed=seed)
+        assert sel.rejected_idx[0] in (2, 4) and sel.rejected_idx[1] in (1, 4)
+    ranked3 = build_pairs(FLOORED, rejected="rank:3", rejected_floor=0.5)
+    assert ranked3.rejected_idx.tolist() == [4, 1]        # third best: 0.0, at the floor
+    ranked4 = build_pairs(FLOORED, rejected="rank:4", rejected_floor=0.5)
+    assert ranked4.rejected_idx.tolist() == [-1, -1]      # fourth best: a refusal
+    assert ranked4.too_few_valid.tolist() == [True, True]
+
+
+def test_rejected_floor_without_anything_above_it_below_the_chosen_gives_no_pair():
+    scores = [[1.0, -5.0, -5.0], [3.0, 2.5, nan]]
+    sel = build_pairs(scores, rejected="worst", rejected_floor=0.6)   # floor 1.6: row 0 has none
+    assert sel.floor == pytest.approx(1.6)
+    assert sel.kept.tolist() == [False, True]
+    assert sel.counts()["too_few_valid"] == 1
+    assert sel.rejected_idx.tolist() == [-1, 1]
+
+
+def test_rejected_floor_zero_is_the_plain_strategy_and_bad_floors_are_refused():
+    for rejected in ("worst", "random", "rank:2"):
+        a = build_pairs(FLOORED, rejected=rejected, rejected_floor=0.0, seed=3)
+        b = build_pairs(FLOORED, rejected=rejected, seed=3)
+        assert a.rejected_idx.tolist() == b.rejected_idx.tolist()
+    for bad in (1.0, -0.1, 2):
+        with pytest.raises(ValueError, match="rejectedFloor"):
+            build_pairs(FLOORED, rejected_floor=bad)
+
+
+def test_dpo_pair_records_report_the_floor_score():
+    out, summary = dpo_pair_records(SCORED, rejected="worst", rejected_floor=0.0)
+    assert summary["rejectedFloor"] == 0.0
+    assert summary["rejectedFloorScore"] == -1.0           # the lowest valid score (a2)
+    assert summary["pairsKept"] == 2                       # as without a floor
+    json.dumps(summary, allow_nan=False)
+
+
 # ---------------------------------------------------------------- benchmark smoke
 
 def test_benchmark_methods_agree_on_a_small_table():

@@ -202,6 +202,14 @@ def test_dpo_min_margin_drops_pairs_from_the_scored_set(world):
     assert not (output_dir(task) / MARKER).exists()
 
 
+
+def test_dpo_rejected_floor_is_a_task_param_and_a_bad_one_names_it(world):
+    task = make_task(world, "dpo", "dpo-floor", {"model": world["base"], "scored": world["scored"]},
+                     beta=0.1, chosen="best", rejected="worst", rejectedFloor=1.5, pairsFrom="bestOfN")
+    with pytest.raises(StageError, match="params.rejectedFloor: expected a quantile in"):
+        run_stage(task, Store())
+    assert not (output_dir(task) / MARKER).exists()
+
 def test_micro_batch_tokens_below_the_longest_example_is_refused_before_training(world):
     task = make_task(world, "dpo", "dpo-budget", {"model": world["base"], "pairs": world["pairs"]},
                      beta=0.1, pairsFrom="pairs")

@@ -17,6 +17,15 @@ response:
             `rank:N` (N counted from the best, as the Xwin-LM paper's "rank r" rejected
             sample; N must exceed the chosen rank) |
             `random` (uniform over the valid responses ranked below the chosen one, seeded).
+- rejected_floor: q in [0, 1): the rejected strategy picks only among responses scoring at
+  or above the q-quantile of every valid score in the table (the *floor*): `worst` is then
+  the lowest-ranked response at or above the floor, `random` draws among those below the
+  chosen one, and `rank:N` pairs only where the N-th response is at or above it. The rejected
+  answer is then a *plausible* lower-ranked one, not a degenerate one (a refusal, an empty or
+  cut-off answer): rejection sampling already moves the policy away from the bottom of the
+  ranking, and DPO learns from the near misses left, as Xwin-LM-DPO pairs the best response
+  with a lower-ranked one rather than always the worst. A prompt with nothing at or above
+  the floor ranked below its chosen response gets no pair (flagged as too few).
 - min_margin: a pair is dropped when chosen_score - rejected_score < min_margin
   (a gap equal to min_margin is kept).
 
@@ -66,6 +75,7 @@ class PairSelection:
     margin: np.ndarray        # (P,) float64 chosen - rejected score, NaN where no pair
     kept: np.ndarray          # (P,) bool: a pair exists and margin >= min_margin
     too_few_valid: np.ndarray  # (P,) bool
+    floor: float | None = None  # the score rejected_floor resolved to (None: no floor)
 
     @property
     def pairs_kept(self) -> int:
@@ -154,8 +164,17 @@ def parse_strategy(text: str, *, role: str) -> tuple[str, int]:
     raise ValueError(f"{role}: expected {choices}, got {text!r}")
 
 
+def floor_score(s: np.ndarray, q: float) -> float:
+    """The q-quantile (linear interpolation) of the table's valid scores; -inf without any."""
+    if isinstance(q, bool) or not (0.0 <= float(q) < 1.0):
+        raise ValueError(f"rejectedFloor: expected a quantile in [0, 1), got {q!r}")
+    finite = s[np.isfinite(s)]
+    return float(np.quantile(finite.astype(np.float64), q)) if finite.size else -math.inf
+
+
 def build_pairs(scores: Any, chosen: str = "best", rejected: str = "worst",
-                min_margin: float = 0.0, seed: int = 0) -> PairSelection:
+                min_margin: float = 0.0, seed: int = 0,
+                rejected_floor: float | None = None) -> PairSelection:
     """One (chosen, rejected) pair per prompt; see the module docstring for the strategies."""
     c_kind, c_rank = parse_strategy(chosen, role="chosen")
     r_kind, r_rank = parse_strategy(rejected, role="rejected")
@@ -168,14 +187,17 @@ def build_pairs(scores: Any, chosen: str = "best", rejected: str = "worst",
     top, top_val = _ranked(s, max(c_rank, r_rank))
     c_idx, c_val = top[:, c_rank - 1], top_val[:, c_rank - 1]
     has_chosen = c_val > -np.inf
+    floor = None if rejected_floor is None else floor_score(s, rejected_floor)
+    # the candidates for rejected: every valid response, or those at or above the floor
+    s_r = s if floor is None else np.where(s >= floor, s, np.nan).astype(s.dtype)
     if r_kind == "rank":
         r_idx, r_val = top[:, r_rank - 1], top_val[:, r_rank - 1]
-        has_pair = r_val > -np.inf
+        has_pair = (r_val > -np.inf) & (r_val >= (-np.inf if floor is None else floor))
     elif r_kind == "worst":       # the worst is the chosen itself iff nothing ranks below it
-        r_idx, r_val = _worst(s)
-        has_pair = has_chosen & (r_idx != c_idx)
+        r_idx, r_val = _worst(s_r)
+        has_pair = has_chosen & (r_idx != c_idx) & (r_val < np.inf)
     else:
-        r_idx, below = _random_below(s, c_idx, c_val, seed)
+        r_idx, below = _random_below(s_r, c_idx, c_val, seed)
         r_val = _gather(s, r_idx)
         has_pair = has_chosen & (below > 0)
     with np.errstate(invalid="ignore"):
@@ -183,7 +205,7 @@ def build_pairs(scores: Any, chosen: str = "best", rejected: str = "worst",
     return PairSelection(chosen_idx=np.where(has_pair, c_idx, -1),
                          rejected_idx=np.where(has_pair, r_idx, -1), margin=margin,
                          kept=margin >= float(min_margin),   # NaN (no pair) compares False
-                         too_few_valid=~has_pair)
+                         too_few_valid=~has_pair, floor=floor)
 
 
 def _random_below(s: np.ndarray, c_idx: np.ndarray, c_val: np.ndarray, seed: int
@@ -314,13 +336,15 @@ def rejection_sampling_records(scored_records: Iterable[dict], k: int = 1
 
 
 def dpo_pair_records(scored_records: Iterable[dict], chosen: str = "best",
-                     rejected: str = "worst", min_margin: float = 0.0, seed: int = 0
+                     rejected: str = "worst", min_margin: float = 0.0, seed: int = 0,
+                     rejected_floor: float | None = None
                      ) -> tuple[list[dict], dict[str, Any]]:
     """Pair records (DESIGN.md pair format, without `judge`) for every kept pair, in prompt
-    order, plus a summary: pairsKept, pairsDroppedByMargin, promptsTooFewResponses."""
+    order, plus a summary: pairsKept, pairsDroppedByMargin, promptsTooFewResponses (and
+    rejectedFloorScore, the score the floor quantile resolved to, when one is set)."""
     table = score_table_from_records(scored_records)
     sel = build_pairs(table.scores, chosen=chosen, rejected=rejected,
-                      min_margin=min_margin, seed=seed)
+                      min_margin=min_margin, seed=seed, rejected_floor=rejected_floor)
     out: list[dict] = []
     for p in np.flatnonzero(sel.kept):
         c, r = int(sel.chosen_idx[p]), int(sel.rejected_idx[p])
@@ -336,4 +360,6 @@ def dpo_pair_records(scored_records: Iterable[dict], chosen: str = "best",
     summary.update({"chosen": chosen, "rejected": rejected, "minMargin": float(min_margin),
                     "pairsKept": sel.pairs_kept, "pairsDroppedByMargin": sel.dropped_by_margin,
                     "promptsTooFewResponses": sel.too_few})
+    if sel.floor is not None:
+        summary.update(rejectedFloor=float(rejected_floor), rejectedFloorScore=sel.floor)
     return out, summary

@@ -2,10 +2,12 @@
 
 Task: inputs {model: init model URI (also the reference), and `scored` (pairsFrom=bestOfN,
 the default) or `pairs` (pairsFrom=pairs)}; params {training, beta, chosen, rejected,
-minMargin, pairsFrom}.
+rejectedFloor, minMargin, pairsFrom}.
 
 From a scored set, one pair per prompt is built by xwin_jobs.selection (chosen `best` |
-`rank:N`; rejected `worst` | `rank:N` | `random`; pairs with score gap < minMargin dropped).
+`rank:N`; rejected `worst` | `rank:N` | `random`, with `worst` and `random` drawn only from
+responses at or above the `rejectedFloor` quantile of the set's scores when it is set; pairs
+with score gap < minMargin dropped).
 Reference log-probabilities are computed once, by the init model before the first step (and
 before any checkpoint is loaded), and stored with the stage (`reference/`, marker last), so a
 restarted stage reads them instead of recomputing them from a partly trained policy.
@@ -32,12 +34,17 @@ def load_pair_records(ctx: StageContext, pairs_from: str) -> tuple[list[dict], d
         records = read_records(ctx.store, ctx.input("pairs"), "pair")
         return records, {"pairs": len(records)}
     scored = read_records(ctx.store, ctx.input("scored"), "scored")
+    floor = ctx.param("rejectedFloor", None)
     try:
         records, summary = dpo_pair_records(
             scored, chosen=str(ctx.param("chosen", "best")), rejected=str(ctx.param("rejected", "worst")),
-            min_margin=float(ctx.param("minMargin", 0.0)), seed=ctx.training().seed)
+            min_margin=float(ctx.param("minMargin", 0.0)), seed=ctx.training().seed,
+            rejected_floor=None if floor is None else float(floor))
     except ValueError as e:
         raise StageError(f"stage dpo: params.{e}") from None
+    if "rejectedFloorScore" in summary:
+        log.info("rejectedFloor %s: rejected answers score at least %.4f",
+                 summary["rejectedFloor"], summary["rejectedFloorScore"])
     return records, {"scoredPrompts": len(scored), "pairs": len(records),
                      "pairsDroppedByMargin": summary.get("pairsDroppedByMargin", 0),
                      "promptsTooFewResponses": summary.get("promptsTooFewResponses", 0)}

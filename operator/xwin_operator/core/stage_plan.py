@@ -52,6 +52,12 @@ def _failure_text(c: ChildState) -> str:
     return f"{c.kind}/{c.name}: {why}" + (f": {c.message}" if c.message else "")
 
 
+def _next_server(steps: list[Step], sample: Step) -> Step | None:
+    """The serve step right after `sample` (evaluate's next model), if the next step is one."""
+    i = steps.index(sample)
+    return steps[i + 1] if i + 1 < len(steps) and steps[i + 1].kind == "serve" else None
+
+
 def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
                 observed: Observed, config: OperatorConfig) -> None:
     """A ready, unfinished stage: its current attempt, its next step's children, retries."""
@@ -101,6 +107,9 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
         server = _find(cs, "Deployment", current.name, attempt)
         if server is not None and server.phase == "Running":
             ensure(sample)
+            following = _next_server(steps, sample)
+            if following is not None:   # its cold start overlaps this sampling: two servers at most
+                ensure(following)
         else:
             view.message = f"stage {view.name}: waiting for the vLLM server (attempt {attempt})"
     else:

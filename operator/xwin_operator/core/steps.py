@@ -16,7 +16,9 @@ Kinds of step:
     the steps of other stages (xwin_jobs.stages.STEPS);
   * `serve`: a vLLM OpenAI server for one model input of the task (a Deployment + Service). It
     lives only while the sample step it serves runs: it starts right before it and is deleted
-    as soon as that step finishes, so GPUs are not held;
+    as soon as that step finishes, so GPUs are not held. Where a sample step is followed by
+    another serve step (evaluate's next model), that server is created as soon as the sampler
+    starts, so its cold start overlaps the sampling: at most two servers of a stage are up;
   * `job`: `python -m xwin_jobs <job> --task ...` once (a Job).
 
 What a step's process gets besides the task (the StageTask is the same for every step of a

@@ -103,6 +103,8 @@ def stage_task(run: AlignmentRun, stage: str, store: str | None = None) -> Stage
         add(source, data_input(spec, root, st.pairsFrom))
         params.update(beta=st.beta, chosen=st.chosen, rejected=st.rejected,
                       minMargin=st.minMargin, pairsFrom=st.pairsFrom)
+        if st.rejectedFloor is not None:   # absent when unset: unchanged digests for old specs
+            params["rejectedFloor"] = st.rejectedFloor
     elif stage == "evaluate":
         for i, m in enumerate(st.models):
             add(f"model:{m}", model_input(spec, root, m))

@@ -14,7 +14,9 @@ planned child (core.children.PlannedChild) is run by its step (core/steps.py) an
   * its Service -> Running at once (the sample step reads the server's own URL).
 
 This is a laptop executor: at most ONE job process runs at a time, plus the vLLM server its
-sample step needs. Children the planner creates together (independent stages) are queued and
+sample step needs and, beside a sampler, the next server of the same stage attempt that the
+planner creates early (evaluate's next model: its cold start overlaps the sampling; two
+servers at most). Children the planner creates together (independent stages) are queued and
 started one by one; a queued child is observed as Pending. `state()` gives every child as a
 planner `ChildState`; `changed` is notified whenever a child changes phase, so the executor
 sleeps until something happens (or a backoff ends).
@@ -113,6 +115,25 @@ class LocalChild:
                           exit_code=self.exit_code, created=self.created, finished=finished)
 
 
+def serves(server: LocalChild, job: LocalChild) -> bool:
+    return (server.stage, server.step.name, server.attempt) == (job.stage, job.step.served_by,
+                                                                job.attempt)
+
+
+def may_start(child: LocalChild, active: list[LocalChild]) -> bool:
+    """The one-job rule: a job starts when no other job runs and every server up is its own
+    (for a sampler: or the next server of its stage attempt, started early); a server starts
+    alone, or beside a sampler of its stage attempt and that sampler's server (two at most).
+    `active` are the children started and not ended (Services aside). Pure."""
+    jobs = [c for c in active if c.kind in JOB_KINDS]
+    servers = [c for c in active if c.kind == "Deployment"]
+    ours = all((o.stage, o.attempt) == (child.stage, child.attempt) for o in servers + jobs)
+    if child.kind == "Deployment":
+        return len(servers) < 2 and ours and all(j.step.served_by for j in jobs)
+    return not jobs and all(serves(s, child) for s in servers) or (
+        not jobs and bool(child.step.served_by) and ours and any(serves(s, child) for s in servers))
+
+
 class LocalChildren:
     """The children of one `xwin run`, by name, with the one-job-at-a-time queue."""
 
@@ -194,13 +215,7 @@ class LocalChildren:
         with self.changed:
             active = [c for c in self.children.values() if c.active and c.kind != "Service"]
             for child in list(self.queue):
-                jobs = [c for c in active if c.kind in JOB_KINDS]
-                servers = [c for c in active if c.kind == "Deployment"]
-                if child.kind == "Deployment":
-                    ok = not jobs and not servers
-                else:
-                    ok = not jobs and all(self._serves(s, child) for s in servers)
-                if not ok:
+                if not may_start(child, active):
                     continue
                 self.queue.remove(child)
                 child.started_at = time.monotonic()
@@ -209,14 +224,9 @@ class LocalChildren:
                 threading.Thread(target=target, args=(child,), name=child.name, daemon=True).start()
                 self.on_start(child)
 
-    @staticmethod
-    def _serves(server: LocalChild, job: LocalChild) -> bool:
-        return (server.stage, server.step.name, server.attempt) == (job.stage, job.step.served_by,
-                                                                    job.attempt)
-
     def server_for(self, job: LocalChild) -> LocalChild | None:
         return next((c for c in self.children.values()
-                     if c.kind == "Deployment" and self._serves(c, job)), None)
+                     if c.kind == "Deployment" and serves(c, job)), None)
 
     def _finish(self, child: LocalChild, phase: str, reason: str = "", message: str = "",
                 exit_code: int | None = None) -> None:
