@@ -22,8 +22,9 @@ is `WatchOnlyDiffBase`, on kopf's public abstract storage.
 kinds labelled `app.kubernetes.io/managed-by=xwin-operator`, grouped by `xwin.ai/run`; kopf
 fills them completely before any handler runs, so a restarted operator sees every child it
 made before), the stages' `_SUCCESS.json` markers and the run's inputs in the store, and the
-Secrets the run names; `planner.decide` says what to do; `act` does it through kube.KubeApi,
-with at most one status patch per reconcile (none when nothing changed). When observing or
+Secrets the run names; `planner.decide` says what to do; the actions become kube.KubeApi calls,
+with at most one status patch per reconcile (none when nothing changed): core.loop's one pass,
+with reconciler.py's observer and actions. When observing or
 acting fails (the store unreachable, the API refusing a child or a lookup, a launcher's CRD
 missing: blocked.py) the run's status says so (a Progressing=False condition naming the field
 or endpoint, never an empty phase) with one Warning Event per distinct reason, and the resync
