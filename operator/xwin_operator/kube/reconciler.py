@@ -2,7 +2,7 @@
 trigger it).
 
 `reconcile` runs core.loop's one pass (observe -> decide -> act) with this side's parts:
-`KubeObserver` (the run's children as the handlers' indexes hold them, the stages'
+`KubeObserver` (the run's children as the child book holds them, the stages'
 `_SUCCESS.json` markers and the run's inputs in the store, the Secrets the run names) and
 `KubeActions` (the actions as kube.KubeApi calls, with at most one status patch per reconcile,
 none when nothing changed: children first, then the status, then the Events in the background). When observing or acting fails (blocked.py: the store unreachable, the API refusing a
@@ -26,10 +26,13 @@ from ..core.config import OperatorConfig
 from ..core.loop import act, reconcile_once
 from ..core.planner import stage_tasks
 from ..core.types import EmitEvent, now_iso
+from ..core.children import LABEL_RUN
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
 from .client import API_THREADS, ApiError, KubeApi
+from .child_book import ChildBook
 from .kubeconfig import Login, LoginError
 from .manifests import render
+from .observe import child_state
 from .run_body import parse_run
 from .store_reader import StoreReader
 
@@ -73,10 +76,9 @@ class OperatorState:
     login: Callable[[], Login]
     interval: float = 3.0
     gates: dict[str, RunGate] = field(default_factory=dict)
-    indexes: Mapping[str, Any] = field(default_factory=dict)     # kopf's live child indexes
-    child_indexes: tuple[str, ...] = ()                          # their ids, one per child kind
+    book: ChildBook = field(default_factory=ChildBook)           # the children, from the watch
+    listings: dict[str, asyncio.Task] = field(default_factory=dict)  # namespace -> its children listed
     secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)  # -> when last found
-    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the indexes are complete
     resync: asyncio.Task | None = None
     # status patches wait in slow_lane and Events in event_lane, children creates in neither: under
     # a burst of new runs, the children (what users wait for) go first
@@ -84,14 +86,34 @@ class OperatorState:
     event_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(EVENT_LANE))
 
 
-    def children(self, namespace: str, name: str) -> list:
-        """The run's children as the indexes hold them now."""
-        key, out = (namespace, name), []
-        for index_id in self.child_indexes:
-            index = self.indexes[index_id]
-            if key in index:   # kopf's O(1) membership test; .get() raises and catches KeyError
-                out.extend(index[key])
-        return out
+
+async def children_complete(state: OperatorState, namespace: str) -> None:
+    """Return once the book holds every child of the namespace that existed when it was first
+    asked (child_book.py): its children listed once, by label, then awaited from the watch
+    (listed again every second for those deleted meanwhile). A failed listing raises ApiError
+    (or LoginError); the next reconcile lists again."""
+    if state.book.complete(namespace):
+        return
+    task = state.listings.get(namespace)
+    if task is None or task.done():
+        task = state.listings[namespace] = asyncio.get_running_loop().create_task(_await_children(state, namespace))
+    await asyncio.shield(task)
+
+
+async def _await_children(state: OperatorState, namespace: str) -> None:
+    book = state.book
+    if not book.listed(namespace):
+        book.expect(namespace, await _child_uids(state.api, namespace))
+    while not book.complete(namespace):
+        try:
+            await asyncio.wait_for(book.wait(namespace), timeout=1.0)
+        except asyncio.TimeoutError:
+            book.still_there(namespace, await _child_uids(state.api, namespace))
+
+
+async def _child_uids(api: KubeApi, namespace: str) -> set[str]:
+    return {item["metadata"]["uid"] for item in await api.list_children(namespace)
+            if LABEL_RUN in (item["metadata"].get("labels") or {}) and child_state(item) is not None}
 
 
 def finished(body: Mapping[str, Any], written: dict | None) -> bool:
@@ -102,7 +124,7 @@ def finished(body: Mapping[str, Any], written: dict | None) -> bool:
 
 async def reconcile(state: OperatorState, gate: RunGate,
                     logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Reconcile the run of `gate` (its newest body), with its children as the indexes hold
+    """Reconcile the run of `gate` (its newest body), with its children as the book holds
     them once the lock is held (not when the trigger fired: a queued reconcile sees the
     newest children)."""
     async with gate.lock:
@@ -112,7 +134,8 @@ async def reconcile(state: OperatorState, gate: RunGate,
             return  # being deleted: its children go with it (owner references); nothing to start
         meta = body["metadata"]
         try:
-            await _reconcile(state, gate, body, state.children(meta["namespace"], meta["name"]), logger)
+            await children_complete(state, meta["namespace"])
+            await _reconcile(state, gate, body, state.book.children(meta["namespace"], meta["name"]), logger)
             gate.blocked = None
         except Blocked as b:
             await report_blocked(state, gate, body, b, logger)
@@ -166,7 +189,7 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
 
 class KubeObserver:
     """What the loop observes of a run on Kubernetes (core.loop.Observer): its children as the
-    indexes held them when its reconcile started (remembered as the phases the run last saw),
+    book held them when its reconcile started (remembered as the phases the run last saw),
     the markers of its stages and its missing external inputs in the store (an input found once
     is not probed again: StoreReader remembers it), and its missing Secrets."""
 
