@@ -90,7 +90,7 @@ class OperatorState:
 async def children_complete(state: OperatorState, namespace: str) -> None:
     """Return once the book holds every child of the namespace that existed when it was first
     asked (child_book.py): its children listed once, by label, then awaited from the watch
-    (listed again every second for those deleted meanwhile). A failed listing raises ApiError
+    (listed again every second for those deleted meanwhile). A failed listing raises Blocked
     (or LoginError); the next reconcile lists again."""
     if state.book.complete(namespace):
         return
@@ -112,7 +112,11 @@ async def _await_children(state: OperatorState, namespace: str) -> None:
 
 
 async def _child_uids(api: KubeApi, namespace: str) -> set[str]:
-    return {item["metadata"]["uid"] for item in await api.list_children(namespace)
+    try:
+        items = await api.list_children(namespace)
+    except ApiError as e:  # the run's status says so (blocked.py); the resync lists again
+        raise api_refusal(f"cannot list the children in namespace '{namespace}'", e.status, str(e)) from None
+    return {item["metadata"]["uid"] for item in items
             if LABEL_RUN in (item["metadata"].get("labels") or {}) and child_state(item) is not None}
 
 
