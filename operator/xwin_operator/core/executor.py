@@ -1,5 +1,6 @@
 """The one interface both executors implement for the planner's actions, and the one dispatch of
-the actions onto it (kube/ turns them into API calls, local/ into processes). Pure.
+the actions onto it (kube/ turns them into API calls, local/ into processes); loop.py runs it
+after `decide`. Pure.
 """
 
 from __future__ import annotations

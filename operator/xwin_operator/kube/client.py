@@ -187,9 +187,12 @@ class KubeApi:
             raise ApiError(0, f"{method.upper()} {path}: {e}") from None
 
     # --- the calls ------------------------------------------------------------------------------
-    async def list_children(self, namespace: str, run_name: str) -> list[dict]:
-        """Every child of a run, by its labels (xwin.ai/run and managed-by), all kinds."""
-        selector = {f"{API_GROUP}/run": run_name, "app.kubernetes.io/managed-by": MANAGED_BY}
+    async def list_children(self, namespace: str, run_name: str | None = None) -> list[dict]:
+        """Every child of a run (or, with no run, of every run in the namespace), by its labels
+        (xwin.ai/run and managed-by), all kinds."""
+        selector = {"app.kubernetes.io/managed-by": MANAGED_BY}
+        if run_name is not None:
+            selector = {f"{API_GROUP}/run": run_name, **selector}
         text = ",".join(f"{k}={v}" for k, v in selector.items())
         out: list[dict] = []
         for kind in CHILD_KINDS:

@@ -9,7 +9,7 @@ Triggers, all running the same `reconcile` (serialised per run by a lock):
   * a child changing phase (a PyTorchJob or Job finishing, a vLLM Deployment becoming
     available, a child deleted), so stages follow each other without waiting for the resync.
 
-Only watch-event handlers (`kopf.on.event`) and indexes are registered, no change-detection
+Only watch-event handlers (`kopf.on.event`) are registered, no indexes and no change-detection
 handlers (on.create/update/resume): the operator is level-based (state is recomputed from the
 children, the markers and `.status.observedGeneration`), so kopf's per-object bookkeeping
 (progress and last-handled-configuration annotations, each a PATCH that echoes back as one more
@@ -18,12 +18,15 @@ written, and a killed operator has nothing of its own to recover. kopf's storage
 configured under the `xwin.ai` prefix for any such handler added later (progress); the diff-base
 is `WatchOnlyDiffBase`, on kopf's public abstract storage.
 
-`reconcile` observes the run's children from kopf indexes (the watch streams of the four child
-kinds labelled `app.kubernetes.io/managed-by=xwin-operator`, grouped by `xwin.ai/run`; kopf
-fills them completely before any handler runs, so a restarted operator sees every child it
-made before), the stages' `_SUCCESS.json` markers and the run's inputs in the store, and the
-Secrets the run names; `planner.decide` says what to do; `act` does it through kube.KubeApi,
-with at most one status patch per reconcile (none when nothing changed). When observing or
+`reconcile` observes the run's children from the child book (child_book.py: the watch streams
+of the five child kinds labelled `app.kubernetes.io/managed-by=xwin-operator`, grouped by
+`xwin.ai/run`, fed by the child event filters; a namespace's first reconcile lists its children
+once and waits until the watch has shown each, so a restarted operator sees every child it made
+before: kopf indexes promised the same at the price of kopf's handler machinery for every child
+event), the stages' `_SUCCESS.json` markers and the run's inputs in the store, and the
+Secrets the run names; `planner.decide` says what to do; the actions become kube.KubeApi calls,
+with at most one status patch per reconcile (none when nothing changed): core.loop's one pass,
+with reconciler.py's observer and actions. When observing or
 acting fails (the store unreachable, the API refusing a child or a lookup, a launcher's CRD
 missing: blocked.py) the run's status says so (a Progressing=False condition naming the field
 or endpoint, never an empty phase) with one Warning Event per distinct reason, and the resync
@@ -42,8 +45,9 @@ from typing import Any, Mapping
 import kopf
 
 from ..api.spec import API_GROUP, API_VERSION, KIND, PLURAL
-from ..core.children import LABEL_RUN, MANAGED_BY
+from ..core.children import MANAGED_BY
 from ..core.config import OperatorConfig
+from ..core.types import ChildState
 from .client import KubeApi, verify_login
 from .kubeconfig import Login, LoginError, MemFiles, load_login
 from .observe import child_state
@@ -54,7 +58,6 @@ RUNS = (API_GROUP, API_VERSION, PLURAL)
 CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
                    ("batch", "v1", "jobs"),
                    ("apps", "v1", "deployments"), ("", "v1", "services"))
-CHILD_INDEXES = tuple(f"{plural}_by_run" for _, _, plural in CHILD_RESOURCES)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 LOGIN_RETRY = 15.0  # seconds between tries of a login that failed
 
@@ -86,7 +89,7 @@ class WatchOnlyDiffBase(kopf.DiffBaseStorage):
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
-                    **indexes: Any) -> None:
+                    **_: Any) -> None:
     settings.peering.standalone = True
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = WatchOnlyDiffBase()
@@ -100,9 +103,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     def login() -> Login:
         return load_login(memfiles)
 
-    state = OperatorState(api=KubeApi(login), store=StoreReader(), child_indexes=CHILD_INDEXES,
-                          config=OperatorConfig.from_env(), login=login,
-                          interval=float(os.environ.get("XWIN_RECONCILE_INTERVAL", "3")), indexes=indexes)
+    state = OperatorState(api=KubeApi(login), store=StoreReader(), config=OperatorConfig.from_env(), login=login,
+                          interval=float(os.environ.get("XWIN_RECONCILE_INTERVAL", "3")))
     state.resync = asyncio.create_task(resync_forever(state, logging.getLogger("xwin_operator.resync")))
     memo.xwin = state
 
@@ -127,18 +129,6 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     await state.api.close()
 
 
-# --- what is observed: indexes of the children ----------------------------------------------
-
-
-async def _index_child(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict | None:
-    state = child_state(body)  # async: kopf runs a sync handler through a thread pool
-    return {(namespace, labels[LABEL_RUN]): state} if state is not None and LABEL_RUN in labels else None
-
-
-for (_group, _version, _plural), _index_id in zip(CHILD_RESOURCES, CHILD_INDEXES):
-    kopf.index(_group, _version, _plural, labels=MANAGED, id=_index_id)(_index_child)
-
-
 # --- reconcile: observe -> decide -> act -----------------------------------------------------
 
 
@@ -153,7 +143,6 @@ async def resync_forever(state: OperatorState, logger: logging.Logger) -> None:
     One loop for all runs rather than a kopf timer per run: kopf gives every object with a
     timer or daemon a finalizer, so runs could not be deleted while the operator is down, and
     a thousand timers firing together cost more than the work they trigger."""
-    await state.ready.wait()
     limit = asyncio.Semaphore(16)
 
     async def one(gate: RunGate) -> None:
@@ -187,7 +176,6 @@ def _run_matters(type: str | None, body: kopf.Body, uid: str, memo: kopf.Memo, *
     state = _state(memo)
     if type == "DELETED":
         return True
-    state.ready.set()  # kopf runs filters and handlers only once every index is filled
     gate = state.gates.get(uid)
     if gate is None:
         gate = state.gates[uid] = RunGate()
@@ -206,34 +194,37 @@ async def run_event(type: str | None, uid: str, memo: kopf.Memo, logger: logging
         await reconcile_logged(state, state.gates[uid], "run event", logger)
 
 
-def _child_gate(type: str | None, body: Mapping[str, Any], name: str, memo: kopf.Memo, **_: Any) -> RunGate | None:
+def _child_gate(state: OperatorState, body: Mapping[str, Any], name: str, child: ChildState | None) -> RunGate | None:
     """The gate of the child's run when the child's phase moved from what the run last saw
-    to one the planner acts on, and no reconcile of the run is queued yet; else None."""
-    state = _state(memo)
+    to one the planner acts on, and no reconcile of the run is queued yet; else None (`child`:
+    None when it was deleted)."""
     owners = [o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or [] if o.get("kind") == KIND]
     gate = state.gates.get(owners[0]) if owners else None
     if gate is None or gate.body is None or gate.queued:
         return None  # not seen by this process yet (its first run event reconciles it), or queued
-    child = child_state(body)
-    phase = "Deleted" if type == "DELETED" or child is None else child.phase
+    phase = "Deleted" if child is None else child.phase
     kind = body.get("kind", "")
     if gate.phases.get((kind, name)) == phase or not decisive(kind, phase):
         return None  # nothing the planner acts on (a child created or started by us echoes back)
     return gate
 
 
-def _child_matters(**kwargs: Any) -> bool:
-    """kopf's filter of child events: most (a child created or started, echoing back) need
-    no handler call at all."""
-    return _child_gate(**kwargs) is not None
+def _child_matters(type: str | None, body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> bool:
+    """kopf's filter of child events: every event goes into the child book (what reconciles
+    read), and most (a child created or started, echoing back) need no handler call at all."""
+    state = _state(memo)
+    return _child_gate(state, body, name, state.book.saw(type, body)) is not None
 
 
-async def _child_event(logger: logging.LoggerAdapter, memo: kopf.Memo, **kwargs: Any) -> None:
+async def _child_event(type: str | None, body: kopf.Body, name: str, logger: logging.LoggerAdapter,
+                       memo: kopf.Memo, **_: Any) -> None:
     """Reconcile the parent run when a child's phase moved from what the run last saw."""
-    gate = _child_gate(memo=memo, **kwargs)
+    state = _state(memo)
+    child = None if type == "DELETED" else child_state(body)
+    gate = _child_gate(state, body, name, child)
     if gate is not None:
         gate.queued = True
-        await reconcile_logged(_state(memo), gate, "child event", logger)
+        await reconcile_logged(state, gate, "child event", logger)
 
 
 def decisive(kind: str, phase: str) -> bool:

@@ -1,11 +1,11 @@
 """One run's reconcile, without kopf: observe -> decide -> act (the kopf handlers in handlers.py
 trigger it).
 
-`reconcile` observes the run's children (as the handlers' indexes hold them), the stages'
-`_SUCCESS.json` markers and the run's inputs in the store, and the Secrets the run names;
-`planner.decide` says what to do; `act` does it through kube.KubeApi, with at most one status
-patch per reconcile (none when nothing changed), children first, then the status, then the
-Events. When observing or acting fails (blocked.py: the store unreachable, the API refusing a
+`reconcile` runs core.loop's one pass (observe -> decide -> act) with this side's parts:
+`KubeObserver` (the run's children as the child book holds them, the stages'
+`_SUCCESS.json` markers and the run's inputs in the store, the Secrets the run names) and
+`KubeActions` (the actions as kube.KubeApi calls, with at most one status patch per reconcile,
+none when nothing changed: children first, then the status, then the Events in the background). When observing or acting fails (blocked.py: the store unreachable, the API refusing a
 child or a lookup, a launcher's CRD missing) the run's status says so, with one Warning Event
 per distinct reason; the resync retries.
 """
@@ -23,13 +23,16 @@ from xwin_jobs.store import StoreError
 from ..api.spec import API_GROUP, API_VERSION, KIND
 from ..core.children import PlannedChild
 from ..core.config import OperatorConfig
-from ..core.executor import apply
-from ..core.planner import decide, input_uris, secret_refs, stage_tasks
-from ..core.types import EmitEvent, Observed, now_iso
+from ..core.loop import act, reconcile_once
+from ..core.planner import stage_tasks
+from ..core.types import EmitEvent, now_iso
+from ..core.children import LABEL_RUN
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
 from .client import API_THREADS, ApiError, KubeApi
+from .child_book import ChildBook
 from .kubeconfig import Login, LoginError
 from .manifests import render
+from .observe import child_state
 from .run_body import parse_run
 from .store_reader import StoreReader
 
@@ -73,10 +76,9 @@ class OperatorState:
     login: Callable[[], Login]
     interval: float = 3.0
     gates: dict[str, RunGate] = field(default_factory=dict)
-    indexes: Mapping[str, Any] = field(default_factory=dict)     # kopf's live child indexes
-    child_indexes: tuple[str, ...] = ()                          # their ids, one per child kind
+    book: ChildBook = field(default_factory=ChildBook)           # the children, from the watch
+    listings: dict[str, asyncio.Task] = field(default_factory=dict)  # namespace -> its children listed
     secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)  # -> when last found
-    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the indexes are complete
     resync: asyncio.Task | None = None
     # status patches wait in slow_lane and Events in event_lane, children creates in neither: under
     # a burst of new runs, the children (what users wait for) go first
@@ -84,14 +86,38 @@ class OperatorState:
     event_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(EVENT_LANE))
 
 
-    def children(self, namespace: str, name: str) -> list:
-        """The run's children as the indexes hold them now."""
-        key, out = (namespace, name), []
-        for index_id in self.child_indexes:
-            index = self.indexes[index_id]
-            if key in index:   # kopf's O(1) membership test; .get() raises and catches KeyError
-                out.extend(index[key])
-        return out
+
+async def children_complete(state: OperatorState, namespace: str) -> None:
+    """Return once the book holds every child of the namespace that existed when it was first
+    asked (child_book.py): its children listed once, by label, then awaited from the watch
+    (listed again every second for those deleted meanwhile). A failed listing raises Blocked
+    (or LoginError); the next reconcile lists again."""
+    if state.book.complete(namespace):
+        return
+    task = state.listings.get(namespace)
+    if task is None or task.done():
+        task = state.listings[namespace] = asyncio.get_running_loop().create_task(_await_children(state, namespace))
+    await asyncio.shield(task)
+
+
+async def _await_children(state: OperatorState, namespace: str) -> None:
+    book = state.book
+    if not book.listed(namespace):
+        book.expect(namespace, await _child_uids(state.api, namespace))
+    while not book.complete(namespace):
+        try:
+            await asyncio.wait_for(book.wait(namespace), timeout=1.0)
+        except asyncio.TimeoutError:
+            book.still_there(namespace, await _child_uids(state.api, namespace))
+
+
+async def _child_uids(api: KubeApi, namespace: str) -> set[str]:
+    try:
+        items = await api.list_children(namespace)
+    except ApiError as e:  # the run's status says so (blocked.py); the resync lists again
+        raise api_refusal(f"cannot list the children in namespace '{namespace}'", e.status, str(e)) from None
+    return {item["metadata"]["uid"] for item in items
+            if LABEL_RUN in (item["metadata"].get("labels") or {}) and child_state(item) is not None}
 
 
 def finished(body: Mapping[str, Any], written: dict | None) -> bool:
@@ -102,7 +128,7 @@ def finished(body: Mapping[str, Any], written: dict | None) -> bool:
 
 async def reconcile(state: OperatorState, gate: RunGate,
                     logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Reconcile the run of `gate` (its newest body), with its children as the indexes hold
+    """Reconcile the run of `gate` (its newest body), with its children as the book holds
     them once the lock is held (not when the trigger fired: a queued reconcile sees the
     newest children)."""
     async with gate.lock:
@@ -112,7 +138,8 @@ async def reconcile(state: OperatorState, gate: RunGate,
             return  # being deleted: its children go with it (owner references); nothing to start
         meta = body["metadata"]
         try:
-            await _reconcile(state, gate, body, state.children(meta["namespace"], meta["name"]), logger)
+            await children_complete(state, meta["namespace"])
+            await _reconcile(state, gate, body, state.book.children(meta["namespace"], meta["name"]), logger)
             gate.blocked = None
         except Blocked as b:
             await report_blocked(state, gate, body, b, logger)
@@ -149,39 +176,57 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
     current = dict(body.get("status") or {})
     previous = gate.status if gate.status is not None else current
     if gate.run is not None and gate.generation == generation:
-        run, actions = gate.run, []  # same spec: no need to validate it again
+        run, invalid = gate.run, []  # same spec: no need to validate it again
     else:
-        run, actions = parse_run(body, previous, generation, now_iso())
+        run, invalid = parse_run(body, previous, generation, now_iso())
         gate.tasks = stage_tasks(run, state.config) if run is not None else None
-    if run is not None:
-        observed = await observe(state, run, gate.tasks, children)
-        gate.phases = {(c.kind, c.name): c.phase for c in children}
-        actions = decide(run, observed, previous, generation=generation, config=state.config,
-                         tasks=gate.tasks)
-    await act(state, gate, body, run, actions, current, logger)
+    executor = KubeActions(state, gate, body, run, current, logger)
+    if run is None:
+        await act(invalid, executor)
+    else:
+        await reconcile_once(run, KubeObserver(state, gate, run, children), executor, previous,
+                             generation=generation, config=state.config, tasks=gate.tasks)
+    if executor.events:  # after the status they tell about, in order
+        post_events(state, gate, meta, executor.events, logger)
     gate.generation, gate.run = generation, run
 
 
-async def observe(state: OperatorState, run: Any, tasks: dict, children: list) -> Observed:
-    """The markers of the run's stages (`tasks`: planner.stage_tasks, each with its output
-    folder), its missing Secrets and its missing external inputs (an input found once is not
-    probed again: StoreReader remembers it)."""
-    spec, meta = run.spec, run.metadata
-    endpoint = spec.storage.endpoint
-    try:
-        markers = await state.store.markers(endpoint, {s: t.output for s, t in tasks.items()})
-        missing_inputs = await state.store.missing(endpoint, list(input_uris(run).values()))
-    except StoreError as e:
-        raise store_problem(state.config.store or spec.storage.uri, endpoint, e) from None
-    missing_secrets = []
-    for path, name in secret_refs(run).items():
+class KubeObserver:
+    """What the loop observes of a run on Kubernetes (core.loop.Observer): its children as the
+    book held them when its reconcile started (remembered as the phases the run last saw),
+    the markers of its stages and its missing external inputs in the store (an input found once
+    is not probed again: StoreReader remembers it), and its missing Secrets."""
+
+    def __init__(self, state: OperatorState, gate: RunGate, run: Any, children: list):
+        self.state, self.gate, self._children = state, gate, children
+        self.namespace, self.endpoint = run.metadata.namespace, run.spec.storage.endpoint
+        self.store_uri = state.config.store or run.spec.storage.uri
+
+    def children(self) -> list:
+        self.gate.phases = {(c.kind, c.name): c.phase for c in self._children}
+        return self._children
+
+    async def markers(self, outputs: dict[str, str]) -> dict[str, dict | None]:
         try:
-            if name not in missing_secrets and not await secret_exists(state, meta.namespace, name):
-                missing_secrets.append(name)
-        except ApiError as e:
-            raise api_refusal(f"cannot look up Secret '{name}' ({path})", e.status, str(e)) from None
-    return Observed(children=list(children), markers=markers, now=now_iso(),
-                    missing_secrets=missing_secrets, missing_inputs=missing_inputs)
+            return await self.state.store.markers(self.endpoint, outputs)
+        except StoreError as e:
+            raise store_problem(self.store_uri, self.endpoint, e) from None
+
+    async def missing_inputs(self, uris: list[str]) -> list[str]:
+        try:
+            return await self.state.store.missing(self.endpoint, uris)
+        except StoreError as e:
+            raise store_problem(self.store_uri, self.endpoint, e) from None
+
+    async def missing_secrets(self, refs: dict[str, str]) -> list[str]:
+        missing: list[str] = []
+        for path, name in refs.items():
+            try:
+                if name not in missing and not await secret_exists(self.state, self.namespace, name):
+                    missing.append(name)
+            except ApiError as e:
+                raise api_refusal(f"cannot look up Secret '{name}' ({path})", e.status, str(e)) from None
+        return missing
 
 
 async def secret_exists(state: OperatorState, namespace: str, name: str) -> bool:
@@ -200,7 +245,15 @@ async def secret_exists(state: OperatorState, namespace: str, name: str) -> bool
 class KubeActions:
     """The planner's actions as API calls (core.executor.Executor): children created, deleted
     and (un)suspended at once, the status patched through `slow_lane`, the Events collected
-    for `post_events` (posted in the background); a requeue is the resync's."""
+    for `post_events` (posted in the background once the actions are done); a requeue is the
+    resync's.
+
+    Children first (a new child is the latency users wait for), then the one status patch (the
+    planner emits at most one, and none when nothing changed), then the Events, in order. The
+    status patch goes through `slow_lane` (SLOW_LANE requests at once, half the API client's
+    threads) and the Events through `event_lane` (a quarter), in the background: under a burst
+    of new runs, creating children is not queued behind the other runs' bookkeeping, nor a run's
+    next reconcile (its child finishing) behind its Events."""
 
     def __init__(self, state: OperatorState, gate: RunGate, body: Mapping[str, Any], run: Any,
                  current: dict, logger: logging.Logger | logging.LoggerAdapter):
@@ -247,22 +300,6 @@ class KubeActions:
 
     def requeue(self, seconds: float, reason: str) -> None:
         """Nothing to do: the resync reconciles every unfinished run every few seconds."""
-
-
-async def act(state: OperatorState, gate: RunGate, body: Mapping[str, Any], run: Any, actions: list,
-              current: dict, logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Children first (a new child is the latency users wait for), then the one status patch
-    (the planner emits at most one, and none when nothing changed), then the Events, in order.
-    The status patch goes through `slow_lane` (SLOW_LANE requests at once, half the API client's
-    threads) and the Events through `event_lane` (a quarter), in the background: under a burst of
-    new runs, creating children is not queued behind the other runs' bookkeeping, nor a run's
-    next reconcile (its child finishing) behind its Events."""
-    executor = KubeActions(state, gate, body, run, current, logger)
-    for call in apply(actions, executor):
-        if call is not None:
-            await call
-    if executor.events:  # after the status they tell about, in order
-        post_events(state, gate, executor.meta, executor.events, logger)
 
 
 def post_events(state: OperatorState, gate: RunGate, meta: Mapping[str, Any], events: list[EmitEvent],

@@ -1,13 +1,14 @@
 """`xwin run`: the local executor. The operator's planner, with processes instead of children.
 
-`execute` is a loop around the SAME `planner.decide` the kopf handlers call, so both walk one
-graph with one set of rules (readiness, steps, retries with backoff, markers):
+`execute` repeats the SAME pass the kopf handlers run (core.loop.reconcile_once: observe ->
+`planner.decide` -> act), so both walk one graph with one set of rules (readiness, steps,
+retries with backoff, markers); this side supplies its parts:
 
-    observe: the children it started (children.LocalChildren, as ChildStates) and then
-             each stage's `_SUCCESS.json`, read from the store exactly as the operator reads it
-    decide:  decide(run, observed, status, uid, generation, config=OperatorConfig(store=...))
-    act:     CreateChild -> queue a local process for the planned child's step (a job, a vLLM
-             server, nothing for a Service); DeleteChild -> stop it; SuspendChild -> n/a;
+    observe: LocalObserver: the children it started (children.LocalChildren, as ChildStates)
+             and then each stage's `_SUCCESS.json`, read from the store as the operator reads it
+    act:     LocalActions: CreateChild -> queue a local process for the planned child's step
+             (a job, a vLLM server, nothing for a Service); DeleteChild -> stop it;
+             SuspendChild -> n/a;
              PatchStatus -> keep the status and write `<log dir>/status.json`; EmitEvent ->
              a progress line; RequeueAfter -> sleep that long, or until a child changes
     until the status phase is Succeeded or Failed.
@@ -31,15 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from xwin_jobs.task import StageTask
-
 from ..api.spec import AlignmentRun
 from ..core.config import OperatorConfig
-from ..core.planner import decide, stage_tasks
-from ..core.tasks import run_root
 from ..core.children import PlannedChild
-from ..core.executor import apply
-from ..core.types import Observed, now_iso
+from ..core.loop import reconcile_once, run_sync
+from ..core.planner import stage_tasks
+from ..core.tasks import run_root
 from .children import LocalChild, LocalChildren
 
 POLL_SECONDS = 5.0     # a safety net: children notify when they change
@@ -106,19 +104,41 @@ def local_config(store_uri: str | None, env: dict[str, str] | None = None,
     return config if backoff_seconds is None else replace(config, backoff_seconds=backoff_seconds)
 
 
-def read_markers(tasks: dict[str, StageTask], store) -> dict[str, dict | None]:
-    """stage -> its `_SUCCESS.json` in its task's output folder (None if absent), as the
-    operator's handlers read them; a store error is a StageFailed naming the stage whose marker
-    could not be read."""
+def read_markers(outputs: dict[str, str], store) -> dict[str, dict | None]:
+    """stage -> its `_SUCCESS.json` in its output folder `outputs[stage]` (None if absent), as
+    the operator's handlers read them; a store error is a StageFailed naming the stage whose
+    marker could not be read."""
     from xwin_jobs.store import read_marker
 
     markers: dict[str, dict | None] = {}
-    for stage, task in tasks.items():
+    for stage, output in outputs.items():
         try:
-            markers[stage] = read_marker(store, task.output)
+            markers[stage] = read_marker(store, output)
         except Exception as e:  # unreachable endpoint, unreadable marker
             raise StageFailed(stage, f"{type(e).__name__}: {e}") from None
     return markers
+
+
+class LocalObserver:
+    """What the loop observes here (core.loop.Observer): the children it started (queued ones
+    whose turn came are started first), then the markers in the store. Inputs and Secrets are
+    not probed: a missing input fails its stage's process, and there are no Secrets."""
+
+    def __init__(self, children: LocalChildren, store):
+        self._children, self.store = children, store
+
+    def children(self) -> list:
+        self._children.start_ready()
+        return self._children.states()
+
+    def markers(self, outputs: dict[str, str]) -> dict[str, dict | None]:
+        return read_markers(outputs, self.store)
+
+    def missing_inputs(self, uris: list[str]) -> list[str]:
+        return []
+
+    def missing_secrets(self, refs: dict[str, str]) -> list[str]:
+        return []
 
 
 class _Progress:
@@ -212,18 +232,13 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
     progress = _Progress(on_stage)
     children = LocalChildren(ctx, on_start=progress.started)
     actions_here = LocalActions(children, ctx, progress)
+    observer = LocalObserver(children, store)
     previous_sigterm = _trap_sigterm()
     try:
         while True:
-            children.start_ready()
-            states = children.states()            # children first, then the markers
-            observed = Observed(children=states, markers=read_markers(tasks, store),
-                                now=now_iso())
-            actions = decide(run, observed, actions_here.status, generation=1, config=config,
-                             tasks=tasks)
             actions_here.wait, actions_here.acted = POLL_SECONDS, False
-            for _ in apply(actions, actions_here):
-                pass
+            run_sync(reconcile_once(run, observer, actions_here, actions_here.status, generation=1,
+                                    config=config, tasks=tasks))
             status, wait, acted = actions_here.status, actions_here.wait, actions_here.acted
             phase = (status or {}).get("phase")
             if phase == "Succeeded":

@@ -1,0 +1,96 @@
+"""The loop around `decide`, written once for both executors: observe the children, then the
+markers (and whatever else the executor probes), decide, act, and say what to wait for. Pure.
+
+    outcome = await reconcile_once(run, observer, executor, status, generation=..., config=...,
+                                   tasks=...)           # kube/: inside the kopf handlers
+    outcome = run_sync(reconcile_once(...))            # local/: `xwin run`, no event loop
+
+An executor supplies its observation (`Observer`) and its action implementations
+(executor.Executor). Their methods may return plain values (local/) or awaitables (kube/):
+`reconcile_once` awaits only what is awaitable, so with plain values it never suspends and
+`run_sync` runs it to the end without an event loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Awaitable, Coroutine, Protocol, TypeVar
+
+from xwin_jobs.task import StageTask
+
+from ..api.spec import AlignmentRun
+from .config import OperatorConfig
+from .executor import Executor, apply
+from .planner import decide, input_uris, secret_refs
+from .types import Action, ChildState, Observed, PatchStatus, RequeueAfter, now_iso
+
+T = TypeVar("T")
+
+
+class Observer(Protocol):
+    """What an executor observes of one run (each method may return an awaitable)."""
+
+    def children(self) -> list[ChildState] | Awaitable[list[ChildState]]: ...
+    def markers(self, outputs: dict[str, str]) -> dict[str, dict | None] | Awaitable[dict[str, dict | None]]:
+        """stage -> its `_SUCCESS.json` in `outputs[stage]` (the stage's output folder), or None."""
+    def missing_inputs(self, uris: list[str]) -> list[str] | Awaitable[list[str]]:
+        """The external inputs among `uris` found not to exist ([] when not probed)."""
+    def missing_secrets(self, refs: dict[str, str]) -> list[str] | Awaitable[list[str]]:
+        """The Secret names among `refs` ({field path: name}) that do not exist ([] when none apply)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One pass: what was observed, the actions taken, the status written (None when the
+    planner left it as it was) and the shortest requeue asked for (None: none)."""
+
+    observed: Observed
+    actions: list[Action]
+    status: dict | None
+    requeue: float | None
+
+
+async def _value(x: T | Awaitable[T]) -> T:
+    return await x if inspect.isawaitable(x) else x
+
+
+async def act(actions: list[Action], executor: Executor) -> None:
+    """Each action through the executor, in order, each call finished before the next starts."""
+    for call in apply(actions, executor):
+        await _value(call)
+
+
+async def observe(run: AlignmentRun, observer: Observer, tasks: dict[str, StageTask]) -> Observed:
+    """The children FIRST, then the markers (a child seen Succeeded always has its marker in
+    view), the missing inputs and Secrets, then the time."""
+    children = list(await _value(observer.children()))
+    markers = await _value(observer.markers({s: t.output for s, t in tasks.items()}))
+    missing_inputs = list(await _value(observer.missing_inputs(list(input_uris(run).values()))))
+    missing_secrets = list(await _value(observer.missing_secrets(secret_refs(run))))
+    return Observed(children=children, markers=markers, now=now_iso(),
+                    missing_secrets=missing_secrets, missing_inputs=missing_inputs)
+
+
+async def reconcile_once(run: AlignmentRun, observer: Observer, executor: Executor, status: dict | None, *,
+                         generation: int, config: OperatorConfig,
+                         tasks: dict[str, StageTask]) -> Outcome:
+    """observe -> decide -> act for `run`, whose last written status is `status`; `tasks` is
+    planner.stage_tasks(run, config) (a caller may keep it per generation)."""
+    observed = await observe(run, observer, tasks)
+    actions = decide(run, observed, status, generation=generation, config=config, tasks=tasks)
+    await act(actions, executor)
+    patched = [a.status for a in actions if isinstance(a, PatchStatus)]
+    waits = [a.seconds for a in actions if isinstance(a, RequeueAfter)]
+    return Outcome(observed, actions, patched[-1] if patched else None, min(waits) if waits else None)
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (every observer and executor call it made
+    returned a plain value), without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("run_sync: an observer or executor call returned an awaitable that waits")

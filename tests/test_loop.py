@@ -1,0 +1,86 @@
+"""The loop around `decide`, as both executors run it (core.loop): what it observes, in which
+order, and that the actions reach the executor in the planner's order, sync (`xwin run`) or
+async (the kopf handlers)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from xwin_operator.core.config import OperatorConfig
+from xwin_operator.core.loop import reconcile_once, run_sync
+from xwin_operator.core.planner import stage_tasks
+
+from test_planner import make_run
+
+
+class World:
+    """An observer and an executor that record every call; `wrap` makes them async."""
+
+    def __init__(self, wrap=lambda v: v, missing_secrets=()):
+        self.calls: list[tuple] = []
+        self.wrap, self._missing_secrets = wrap, list(missing_secrets)
+
+    def _ret(self, name, *args, value=None):
+        self.calls.append((name, *args))
+        return self.wrap(value)
+
+    def children(self): return self._ret("children", value=[])
+    def markers(self, outputs): return self._ret("markers", value={s: None for s in outputs})
+    def missing_inputs(self, uris): return self._ret("missing_inputs", value=[])
+    def missing_secrets(self, refs): return self._ret("missing_secrets", value=self._missing_secrets)
+    def create(self, child): return self._ret("create", f"{child.kind}/{child.name}")
+    def delete(self, kind, name): return self._ret("delete", kind, name)
+    def suspend(self, kind, name, suspend): return self._ret("suspend", kind, name, suspend)
+    def patch_status(self, status): return self._ret("patch_status", status["phase"])
+    def event(self, reason, message, type_): return self._ret("event", reason)
+    def requeue(self, seconds, reason): return self._ret("requeue", seconds)
+
+
+def once(world: World, run, status=None):
+    config = OperatorConfig()
+    return reconcile_once(run, world, world, status, generation=1, config=config,
+                          tasks=stage_tasks(run, config))
+
+
+def test_a_new_run_is_observed_children_first_then_its_first_child_created_then_its_status():
+    run = make_run()
+    world = World()
+    outcome = run_sync(once(world, run))
+    names = [c[0] for c in world.calls]
+    assert names[:4] == ["children", "markers", "missing_inputs", "missing_secrets"]
+    assert world.calls[4:] == [("create", "PyTorchJob/demo-sft-1"), ("patch_status", "Running"),
+                               ("event", "StageStarted"), ("event", "StageReused")]
+    assert outcome.status["phase"] == "Running" and outcome.requeue is None
+    assert [type(a).__name__ for a in outcome.actions] == ["CreateChild", "PatchStatus", "EmitEvent",
+                                                           "EmitEvent"]
+
+
+def test_the_async_executor_gets_the_same_calls_in_the_same_order():
+    async def value(v):
+        await asyncio.sleep(0)   # really suspends, as an API call does
+        return v
+
+    run = make_run()
+    sync_world, async_world = World(), World(wrap=value)
+    run_sync(once(sync_world, run))
+    asyncio.run(once(async_world, run))
+    assert async_world.calls == sync_world.calls
+
+
+def test_a_missing_secret_holds_the_children_back():
+    world = World(missing_secrets=["s3-creds"])
+    outcome = run_sync(once(world, make_run()))
+    assert world.calls[4:] == [("patch_status", "Pending"), ("event", "StageReused"),
+                               ("event", "SecretNotFound")]
+    assert outcome.status["phase"] == "Pending"
+
+
+def test_run_sync_refuses_an_executor_that_waits():
+    async def value(v):
+        await asyncio.sleep(0)
+        return v
+
+    with pytest.raises(RuntimeError, match="awaitable that waits"):
+        run_sync(once(World(wrap=value), make_run()))
