@@ -65,6 +65,9 @@ def test_tasks_point_at_upstream_artifacts_and_require_their_markers():
     dpo = stage_task(run, "dpo", store="s3://bucket/root")
     assert dpo.inputs["model"].endswith("/rejectionSampling/model/")
     assert "scored" in dpo.inputs and dpo.params["beta"] == 0.1
+    assert "rpoAlpha" not in dpo.params   # unset (plain DPO): the task and its digest as before
+    run.spec.stages.dpo.rpoAlpha = 1.0
+    assert stage_task(run, "dpo", store="s3://bucket/root").params["rpoAlpha"] == 1.0
 
 
 def test_judge_secret_name_never_reaches_a_task(full):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from xwin_jobs.losses import bradley_terry_loss, dpo_sigmoid_loss, sequence_logprobs, sft_loss
+from xwin_jobs.losses import bradley_terry_loss, dpo_sigmoid_loss, length_normalised_nll, sequence_logprobs, sft_loss
 
 LN3 = math.log(3.0)
 
@@ -114,3 +114,49 @@ def test_dpo_gradient_scales_with_beta():
                                   torch.tensor([-1.0]), beta=0.2)
     loss.backward()
     assert pol_c.grad.item() == pytest.approx(-0.1)
+
+
+def rpo_case():
+    """Two pairs: chosen log-probs -4 (2 tokens) and -9 (3 tokens); their per-token NLLs
+    are 2 and 3, mean 2.5."""
+    return (torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -5.0]), torch.tensor([-5.0, -8.0]),
+            torch.tensor([-5.0, -6.0]), torch.tensor([2, 3]))
+
+
+def test_rpo_alpha_zero_is_plain_dpo():
+    pol_c, pol_r, ref_c, ref_r, tokens = rpo_case()
+    plain = dpo_sigmoid_loss(pol_c, pol_r, ref_c, ref_r, beta=0.5)
+    rpo0 = dpo_sigmoid_loss(pol_c, pol_r, ref_c, ref_r, beta=0.5, rpo_alpha=0.0, chosen_tokens=tokens)
+    assert all(torch.equal(a, b) for a, b in zip(plain, rpo0))
+
+
+def test_rpo_adds_alpha_times_the_chosen_answers_mean_token_nll():
+    pol_c, pol_r, ref_c, ref_r, tokens = rpo_case()
+    plain, _, _ = dpo_sigmoid_loss(pol_c, pol_r, ref_c, ref_r, beta=0.5)
+    rpo, chosen_r, _ = dpo_sigmoid_loss(pol_c, pol_r, ref_c, ref_r, beta=0.5, rpo_alpha=0.4,
+                                        chosen_tokens=tokens)
+    assert length_normalised_nll(pol_c, tokens).tolist() == pytest.approx([2.0, 3.0])
+    assert rpo.item() == pytest.approx(plain.item() + 0.4 * 2.5, rel=1e-6)
+    assert chosen_r.tolist() == pytest.approx([0.5 * 1.0, 0.5 * -1.0])  # rewards unchanged
+
+
+def test_rpo_pulls_chosen_log_probability_up_where_dpo_alone_does_not():
+    # policy == reference: DPO's gradient on pi_c is -beta/2 per pair / N; RPO adds
+    # -alpha / (tokens * N): a stronger push up on the chosen answer, more for short ones
+    pol_c, pol_r, _, _, tokens = rpo_case()
+    grads = {}
+    for alpha in (0.0, 1.0):
+        c = pol_c.clone().requires_grad_(True)
+        loss, _, _ = dpo_sigmoid_loss(c, pol_r, pol_c, pol_r, beta=0.1, rpo_alpha=alpha, chosen_tokens=tokens)
+        loss.backward()
+        grads[alpha] = c.grad.tolist()
+    assert grads[0.0] == pytest.approx([-0.025, -0.025])
+    assert grads[1.0] == pytest.approx([-0.025 - 1 / 4, -0.025 - 1 / 6])
+    # a gradient step on the loss raises log p(chosen) by more with RPO
+    assert all(g1 < g0 < 0 for g0, g1 in zip(grads[0.0], grads[1.0]))
+
+
+def test_rpo_needs_the_chosen_token_counts():
+    pol_c, pol_r, ref_c, ref_r, _ = rpo_case()
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_sigmoid_loss(pol_c, pol_r, ref_c, ref_r, beta=0.5, rpo_alpha=1.0)

@@ -64,6 +64,7 @@ BAD = [
     ("    dpo: {init: sft, pairsFrom: pairs}\n", "spec.stages.dpo.pairsFrom", "must name a stage present", 10),
     ("    dpo: {init: sft, chosen: first, pairsFrom: s3://p/}\n", "spec.stages.dpo.chosen", "must match", 10),
     ("    dpo: {init: sft, rejectedFloor: 1.0, pairsFrom: s3://p/}\n", "spec.stages.dpo.rejectedFloor", "must be < 1", 10),
+    ("    dpo: {init: sft, rpoAlpha: -0.5, pairsFrom: s3://p/}\n", "spec.stages.dpo.rpoAlpha", "must be >= 0", 10),
     ("      training: {zeroStage: 4}\n", "spec.stages.sft.training.zeroStage", "must be <= 3", 10),
     ("      extra: 1\n", "spec.stages.sft.extra", "unknown field", 10),
     # a DeepSpeed batch geometry the settings cannot produce: refused at validate, not at step 0

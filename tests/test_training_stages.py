@@ -210,6 +210,26 @@ def test_dpo_rejected_floor_is_a_task_param_and_a_bad_one_names_it(world):
         run_stage(task, Store())
     assert not (output_dir(task) / MARKER).exists()
 
+def test_dpo_rpo_alpha_keeps_the_chosen_answers_likelier_and_reports_their_nll(world):
+    """The summary reports the chosen answers' per-token NLL; with rpoAlpha it ends lower than
+    plain DPO's (the same pairs, seed and steps) and the loss starts above ln 2 by alpha x it."""
+    runs = {}
+    for alpha in (0.0, 1.0):
+        params = dict(beta=0.1, pairsFrom="pairs", **({"rpoAlpha": alpha} if alpha else {}))
+        task = make_task(world, "dpo", f"dpo-rpo-{alpha}", {"model": world["base"], "pairs": world["pairs"]},
+                         **params)
+        runs[alpha] = run_stage(task, Store())["metrics"]
+    assert runs[1.0]["trainChosenNll"] < runs[0.0]["trainChosenNll"]
+    assert runs[1.0]["initialTrainLoss"] > math.log(2) + 0.5   # ln 2 + NLL of the reference's answers
+
+
+def test_dpo_negative_rpo_alpha_is_refused_by_name(world):
+    task = make_task(world, "dpo", "dpo-rpo-bad", {"model": world["base"], "pairs": world["pairs"]},
+                     beta=0.1, pairsFrom="pairs", rpoAlpha=-1)
+    with pytest.raises(StageError, match="params.rpoAlpha: must be a number >= 0"):
+        run_stage(task, Store())
+
+
 def test_micro_batch_tokens_below_the_longest_example_is_refused_before_training(world):
     task = make_task(world, "dpo", "dpo-budget", {"model": world["base"], "pairs": world["pairs"]},
                      beta=0.1, pairsFrom="pairs")

@@ -107,12 +107,20 @@ def bradley_terry_loss(chosen_rewards: "torch.Tensor", rejected_rewards: "torch.
     return loss, accuracy
 
 
+def length_normalised_nll(sequence_logprobs: "torch.Tensor", tokens: "torch.Tensor") -> "torch.Tensor":
+    """Per sequence: -log p(y) / |y|, the mean negative log-likelihood of its labelled tokens."""
+    return -sequence_logprobs.float() / tokens.to(sequence_logprobs.device).float().clamp(min=1)
+
+
 def dpo_sigmoid_loss(policy_chosen: "torch.Tensor", policy_rejected: "torch.Tensor",
                      reference_chosen: "torch.Tensor", reference_rejected: "torch.Tensor",
-                     beta: float):
+                     beta: float, rpo_alpha: float = 0.0, chosen_tokens: "torch.Tensor | None" = None):
     """DPO (Rafailov et al. 2023), sigmoid form, from sequence log-probabilities.
 
-    loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), mean over pairs.
+    loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), mean over pairs,
+    plus, when rpo_alpha > 0 (RPO, Pang et al. 2024; TRL's rpo_alpha), rpo_alpha times the
+    chosen answers' length-normalised NLL (-pi_c / chosen_tokens), mean over pairs: a pull
+    towards the chosen answer that DPO's difference alone does not give.
     Returns (loss, chosen_rewards, rejected_rewards); the implicit rewards
     beta * (pi - ref) are detached (for logging)."""
     import torch.nn.functional as F
@@ -120,4 +128,8 @@ def dpo_sigmoid_loss(policy_chosen: "torch.Tensor", policy_rejected: "torch.Tens
     chosen_logratio = policy_chosen.float() - reference_chosen.float()
     rejected_logratio = policy_rejected.float() - reference_rejected.float()
     loss = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio)).mean()
+    if rpo_alpha:
+        if chosen_tokens is None:
+            raise ValueError("rpo_alpha > 0 needs chosen_tokens (labelled tokens per chosen answer)")
+        loss = loss + rpo_alpha * length_normalised_nll(policy_chosen, chosen_tokens).mean()
     return loss, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach()

@@ -2,12 +2,14 @@
 
 Task: inputs {model: init model URI (also the reference), and `scored` (pairsFrom=bestOfN,
 the default) or `pairs` (pairsFrom=pairs)}; params {training, beta, chosen, rejected,
-rejectedFloor, minMargin, pairsFrom}.
+rejectedFloor, minMargin, pairsFrom, rpoAlpha}.
 
 From a scored set, one pair per prompt is built by xwin_jobs.selection (chosen `best` |
 `rank:N`; rejected `worst` | `rank:N` | `random`, with `worst` and `random` drawn only from
 responses at or above the `rejectedFloor` quantile of the set's scores when it is set; pairs
 with score gap < minMargin dropped).
+rpoAlpha > 0 adds rpoAlpha times the chosen answers' per-token NLL to the loss (RPO); the
+summary reports that NLL (`chosenNll`) whatever rpoAlpha is.
 Reference log-probabilities are computed once, by the init model before the first step (and
 before any checkpoint is loaded), and stored with the stage (`reference/`, marker last), so a
 restarted stage reads them instead of recomputing them from a partly trained policy.
@@ -88,6 +90,9 @@ def run(ctx: StageContext) -> StageResult:
     beta = ctx.param("beta", 0.1)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0:
         raise StageError(f"params.beta: must be a number > 0, got {beta!r}")
+    rpo_alpha = ctx.param("rpoAlpha", 0.0)
+    if isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, (int, float)) or rpo_alpha < 0:
+        raise StageError(f"params.rpoAlpha: must be a number >= 0, got {rpo_alpha!r}")
     inputs = ctx.task.inputs
     default_from = "pairs" if "pairs" in inputs and "scored" not in inputs else "bestOfN"
     pairs_from = ctx.param("pairsFrom", default_from)
@@ -115,7 +120,8 @@ def run(ctx: StageContext) -> StageResult:
 
     metrics, uri = train_and_publish(
         ctx, lambda: load_causal_lm(source), tokenizer, config, len(pairs),
-        lambda engine: dpo_step(engine, pairs, reference["logps"], pad_id, float(beta), workload.packed),
+        lambda engine: dpo_step(engine, pairs, reference["logps"], pad_id, float(beta),
+                                workload.packed, float(rpo_alpha)),
         before_training=compute_reference, workload=workload)
     metrics["truncated"] = stats.truncated
     return StageResult(counts={**counts, **stats.as_counts()}, metrics=metrics, outputs={"model": uri})

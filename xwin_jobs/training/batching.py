@@ -37,7 +37,9 @@ Loss normalisation, the one definition (every training stage):
   labelled tokens, so the step's loss does not depend on how the step is split or packed.
 - dpo, rewardModel: per pair. A sequence's log-probability is the SUM over its labelled
   tokens (DPO); a reward is read at a sequence's last token (RM). The step's loss is the
-  mean over its pairs; micro-batch i is weighted by its share of the step's pairs.
+  mean over its pairs; micro-batch i is weighted by its share of the step's pairs. DPO's
+  RPO term (rpoAlpha) is per pair too: each chosen answer's NLL divided by its own labelled
+  tokens, then the mean over pairs like the rest of the loss.
 - Under data parallelism the same weights are used on every rank, times the world size
   (DDP and DeepSpeed average gradients over ranks), so the applied gradient is the
   single-process one.

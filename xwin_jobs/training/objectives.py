@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..losses import bradley_terry_loss, dpo_sigmoid_loss, segment_sums, token_nll_mean
+from ..losses import bradley_terry_loss, dpo_sigmoid_loss, length_normalised_nll, segment_sums, token_nll_mean
 from .batching import Workload, sorted_batches
 from .data import PairExample, SftExample
 from .packing import IGNORE_INDEX, collate_rows, label_logprobs, last_token_rewards
@@ -158,17 +158,22 @@ def reference_logprobs(engine, pairs: Sequence[PairExample], pad_id: int, batch_
 
 
 def dpo_step(engine, pairs: Sequence[PairExample], reference, pad_id: int, beta: float,
-             packed: bool = False):
-    """DPO sigmoid loss against precomputed reference log-probabilities ([N, 2])."""
+             packed: bool = False, rpo_alpha: float = 0.0):
+    """DPO sigmoid loss against precomputed reference log-probabilities ([N, 2]), plus
+    rpo_alpha times the chosen answers' per-token NLL (RPO) when rpo_alpha > 0."""
+    import torch
 
     def micro_step(indices: list[int]):
         pol_c, pol_r = _pair_logprobs(engine, engine.model, [pairs[i] for i in indices],
                                       pad_id, packed)
         ref = reference[indices].to(pol_c.device)
-        loss, chosen_r, rejected_r = dpo_sigmoid_loss(pol_c, pol_r, ref[:, 0], ref[:, 1], beta)
+        tokens = torch.tensor([_targets(pairs[i].chosen) for i in indices], device=pol_c.device)
+        loss, chosen_r, rejected_r = dpo_sigmoid_loss(pol_c, pol_r, ref[:, 0], ref[:, 1], beta,
+                                                      rpo_alpha, tokens)
         return loss, {"rewardAccuracy": float((chosen_r > rejected_r).float().mean()),
                       "rewardMargin": float((chosen_r - rejected_r).mean()),
                       "chosenReward": float(chosen_r.mean()),
-                      "rejectedReward": float(rejected_r.mean())}
+                      "rejectedReward": float(rejected_r.mean()),
+                      "chosenNll": float(length_normalised_nll(pol_c.detach(), tokens).mean())}
 
     return micro_step

@@ -188,6 +188,7 @@ class DPOStage(_TrainingStage):
     rejected: str = Field("worst", pattern=r"^(worst|random|rank:[1-9][0-9]*)$", description="worst | rank:N (counted from the best) | random (seeded).")
     rejectedFloor: Optional[float] = Field(None, ge=0, lt=1, description="A quantile q in [0, 1): the rejected answer is picked (by `rejected`) only among responses scoring at or above the q-quantile of all scores in the scored set, so it is the lowest-ranked plausible answer rather than a degenerate one (a refusal, an empty or cut-off answer) that rejection sampling already taught the policy to avoid: DPO learns from near misses, best vs a lower-ranked response as Xwin-LM-DPO pairs them. Prompts with nothing at or above the floor below their chosen answer get no pair. Unset: every response may be rejected.")
     minMargin: float = Field(0.0, ge=0, description="Drop pairs whose reward gap is smaller than this.")
+    rpoAlpha: float = Field(0.0, ge=0, le=100, description="RPO (Pang et al. 2024; TRL's rpo_alpha): adds rpoAlpha times the chosen answer's negative log-likelihood per token (its mean over the answer's tokens, then over pairs) to the DPO loss, so the policy keeps (raises) the chosen answers' probability instead of only widening the gap to the rejected ones, which can lower both. 0: plain DPO.")
     pairsFrom: str = Field("bestOfN", description="bestOfN (Xwin-LM-DPO) | pairs (plain DPO on judged pairs) | a pairs data URI.")
 
 

@@ -105,6 +105,8 @@ def stage_task(run: AlignmentRun, stage: str, store: str | None = None) -> Stage
                       minMargin=st.minMargin, pairsFrom=st.pairsFrom)
         if st.rejectedFloor is not None:   # absent when unset: unchanged digests for old specs
             params["rejectedFloor"] = st.rejectedFloor
+        if st.rpoAlpha:   # absent when 0 (plain DPO): unchanged digests for old specs
+            params["rpoAlpha"] = st.rpoAlpha
     elif stage == "evaluate":
         for i, m in enumerate(st.models):
             add(f"model:{m}", model_input(spec, root, m))
