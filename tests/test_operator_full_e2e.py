@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,10 @@ VLLM_PYTHON = Path(REPO_ROOT) / ".venv-vllm" / "bin" / "python"
 FULL = Path(REPO_ROOT) / "examples" / "tiny" / "run.yaml"
 JUDGE_SECRET = "judge-api-key"
 SAMPLED_STAGES = ("pairs", "bestOfN", "evaluate")
+# the operator's plumbing, not the recipe's gains (tests/test_demo.py runs the whole task):
+# the first lines of each prompt file, enough for every stage to have work
+PROMPT_LINES = {"pair-prompts.jsonl": 64, "rs-prompts.jsonl": 64, "alpaca.jsonl": 48,
+                "alpaca-ref.jsonl": 48, "mt-bench.jsonl": 32}
 
 
 def full_run(name: str, *, storage: dict, judge_url: str) -> dict:
@@ -35,6 +40,18 @@ def full_run(name: str, *, storage: dict, judge_url: str) -> dict:
     for stage in ("sft", "rewardModel", "rejectionSampling", "dpo"):
         run["spec"]["stages"][stage].setdefault("training", {})["maxSteps"] = 16
     return run
+
+
+@pytest.fixture
+def small_task(tiny_task, tmp_path) -> Path:
+    """examples/tiny's task (`tiny_task`) with its prompt files cut to PROMPT_LINES."""
+    out = tmp_path / "small-task"
+    shutil.copytree(tiny_task, out)
+    for name, lines in PROMPT_LINES.items():
+        path = out / name
+        if path.exists():
+            path.write_text("".join(path.read_text().splitlines(keepends=True)[:lines]))
+    return out
 
 
 def judge_secret(cluster) -> None:
@@ -53,13 +70,13 @@ def deployment_lifetime(cluster, name: str) -> tuple[bool, bool]:
 @pytest.mark.timeout(1800)
 @pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="needs vLLM in .venv-vllm (`make vllm`)")
 def test_full_tiny_demo_succeeds_through_the_operator(cluster, kubelet_factory, operator_factory,
-                                                     s3_server, s3_bucket, tiny_task, judge_server):
+                                                     s3_server, s3_bucket, small_task, judge_server):
     from xwin_jobs.store import Store, read_marker
 
     store = Store(endpoint_url=s3_server.endpoint_url)
     name = "tiny-xwin"
     run = full_run(name, storage=storage(s3_server, s3_bucket), judge_url=judge_server.base_url)
-    run = inputs_on_s3(run, store, f"{s3_bucket}/inputs", tiny_task)
+    run = inputs_on_s3(run, store, f"{s3_bucket}/inputs", small_task)
     s3_secret(cluster, s3_server.env, secret=s3_server.env["AWS_SECRET_ACCESS_KEY"])
     judge_secret(cluster)
     kubelet = kubelet_factory(server_python=str(VLLM_PYTHON))  # samplers, judges, trainers: this python
