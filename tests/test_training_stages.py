@@ -193,22 +193,20 @@ def test_dpo_from_scored_set_or_pairs(world, source):
     AutoModelForCausalLM.from_pretrained(output_dir(task) / "model")
 
 
-def test_dpo_min_margin_drops_pairs_from_the_scored_set(world):
-    task = make_task(world, "dpo", "dpo-margin", {"model": world["base"], "scored": world["scored"]},
-                     beta=0.1, chosen="best", rejected="rank:2", minMargin=1.5, pairsFrom="bestOfN")
+@pytest.mark.parametrize("name,params,match", [
     # best scores 0, rank 2 scores -1: a gap of 1 < 1.5 drops every pair
-    with pytest.raises(StageError, match="no DPO pairs"):
+    ("dpo-margin", {"rejected": "rank:2", "minMargin": 1.5}, "no DPO pairs"),
+    ("dpo-floor", {"rejected": "worst", "rejectedFloor": 1.5}, "params.rejectedFloor: expected a quantile in"),
+])
+def test_dpo_without_pairs_or_with_a_bad_floor_writes_nothing(world, name, params, match):
+    """minMargin dropping every pair from the scored set, a rejectedFloor out of range (named):
+    the stage fails and writes no marker."""
+    task = make_task(world, "dpo", name, {"model": world["base"], "scored": world["scored"]},
+                     beta=0.1, chosen="best", pairsFrom="bestOfN", **params)
+    with pytest.raises(StageError, match=match):
         run_stage(task, Store())
     assert not (output_dir(task) / MARKER).exists()
 
-
-
-def test_dpo_rejected_floor_is_a_task_param_and_a_bad_one_names_it(world):
-    task = make_task(world, "dpo", "dpo-floor", {"model": world["base"], "scored": world["scored"]},
-                     beta=0.1, chosen="best", rejected="worst", rejectedFloor=1.5, pairsFrom="bestOfN")
-    with pytest.raises(StageError, match="params.rejectedFloor: expected a quantile in"):
-        run_stage(task, Store())
-    assert not (output_dir(task) / MARKER).exists()
 
 def test_dpo_rpo_alpha_keeps_the_chosen_answers_likelier_and_reports_their_nll(world):
     """The summary reports the chosen answers' per-token NLL; with rpoAlpha it ends lower than
