@@ -12,7 +12,7 @@ from xwin_operator.core.config import OperatorConfig
 from xwin_operator.core.loop import reconcile_once, run_sync
 from xwin_operator.core.planner import stage_tasks
 
-from test_planner import make_run
+from planner_helpers import make_run
 
 
 class World:
