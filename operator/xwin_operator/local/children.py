@@ -130,8 +130,11 @@ def may_start(child: LocalChild, active: list[LocalChild]) -> bool:
     ours = all((o.stage, o.attempt) == (child.stage, child.attempt) for o in servers + jobs)
     if child.kind == "Deployment":
         return len(servers) < 2 and ours and all(j.step.served_by for j in jobs)
-    return not jobs and all(serves(s, child) for s in servers) or (
-        not jobs and bool(child.step.served_by) and ours and any(serves(s, child) for s in servers))
+    if jobs:
+        return False
+    if all(serves(s, child) for s in servers):
+        return True
+    return bool(child.step.served_by) and ours and any(serves(s, child) for s in servers)
 
 
 class LocalChildren:
