@@ -35,7 +35,7 @@ from ..core.planner import stage_tasks
 from ..core.types import EmitEvent, now_iso
 from ..core.children import LABEL_RUN
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
-from .client import API_THREADS, ApiError, KubeApi
+from .client import BULK_THREADS, ApiError, KubeApi
 from .child_book import ChildBook
 from .kubeconfig import Login, LoginError
 from .manifests import render
@@ -46,11 +46,11 @@ from .store_reader import StoreReader
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
 IDLE_FACTOR = 10  # a run waiting on its child is resynced every IDLE_FACTOR intervals (missed events)
-# status patches in flight at once: half the client's threads, so creates always have threads of
-# their own (they are not limited); Events (posted in the background, nobody waits for them) get a
-# quarter, so neither creates nor status patches queue behind them
-SLOW_LANE = API_THREADS // 2
-EVENT_LANE = API_THREADS // 4
+# the client's bulk threads (status patches and Events; creates have a pool of their own) split
+# between status patches (two thirds) and Events (posted in the background, nobody waits for
+# them: a third), so status patches never queue behind Events
+SLOW_LANE = BULK_THREADS * 2 // 3
+EVENT_LANE = BULK_THREADS - SLOW_LANE
 
 
 class RunGone(Exception):
@@ -270,10 +270,11 @@ class KubeActions:
 
     Children first (a new child is the latency users wait for), then the one status patch (the
     planner emits at most one, and none when nothing changed), then the Events, in order. The
-    status patch goes through `slow_lane` (SLOW_LANE requests at once, half the API client's
-    threads) and the Events through `event_lane` (a quarter), in the background: under a burst
-    of new runs, creating children is not queued behind the other runs' bookkeeping, nor a run's
-    next reconcile (its child finishing) behind its Events."""
+    status patch goes through `slow_lane` (SLOW_LANE requests at once, two thirds of the API
+    client's bulk threads) and the Events through `event_lane` (the other third), in the
+    background; creates have the client's main pool to themselves: under a burst of new runs,
+    creating children is not queued behind the other runs' bookkeeping, nor a run's next
+    reconcile (its child finishing) behind its Events."""
 
     def __init__(self, state: OperatorState, gate: RunGate, body: Mapping[str, Any], run: Any,
                  current: dict, logger: logging.Logger | logging.LoggerAdapter):
