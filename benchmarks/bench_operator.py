@@ -324,12 +324,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def notes(best: dict[str, dict]) -> str:
-    from xwin_operator.kube.client import API_THREADS
+    from xwin_operator.kube.client import API_THREADS, BULK_THREADS
 
     xwin, noop, peer = best["xwin"], best["noop"], best.get("peer")
     same_calls = "" if peer is None else (
         "Both the xwin operator and the same-calls peer make their API calls with the official `kubernetes` "
-        f"client (xwin_operator.kube.client.KubeApi: its ApiClient in {API_THREADS} worker threads, JSON bodies, "
+        f"client (xwin_operator.kube.client.KubeApi: its ApiClient in {API_THREADS} worker threads, and {BULK_THREADS} "
+        "more for status patches and Events, JSON bodies, "
         "no model classes) and log kopf in through the same kubeconfig loading (xwin_operator.kube.kubeconfig); the "
         "no-op operator makes none of its own (kopf patches its status). "
         "The same-calls peer (benchmarks/peer_operator.py) is the floor for this job in kopf: the same "

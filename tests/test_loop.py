@@ -1,6 +1,6 @@
 """The loop around `decide`, as both executors run it (core.loop): what it observes, in which
 order, and that the actions reach the executor in the planner's order, sync (`xwin run`) or
-async (the kopf handlers)."""
+async (the kopf handlers); and when the kopf side's resync comes back to a run (resync_after)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,24 @@ import asyncio
 import pytest
 
 from xwin_operator.core.config import OperatorConfig
-from xwin_operator.core.loop import reconcile_once, run_sync
+from xwin_operator.core.loop import reconcile_once, resync_after, run_sync
 from xwin_operator.core.planner import stage_tasks
 
-from planner_helpers import make_run
+from planner_helpers import child, make_run
 
 
 class World:
     """An observer and an executor that record every call; `wrap` makes them async."""
 
-    def __init__(self, wrap=lambda v: v, missing_secrets=()):
+    def __init__(self, wrap=lambda v: v, missing_secrets=(), children=()):
         self.calls: list[tuple] = []
-        self.wrap, self._missing_secrets = wrap, list(missing_secrets)
+        self.wrap, self._missing_secrets, self._children = wrap, list(missing_secrets), list(children)
 
     def _ret(self, name, *args, value=None):
         self.calls.append((name, *args))
         return self.wrap(value)
 
-    def children(self): return self._ret("children", value=[])
+    def children(self): return self._ret("children", value=self._children)
     def markers(self, outputs): return self._ret("markers", value={s: None for s in outputs})
     def missing_inputs(self, uris): return self._ret("missing_inputs", value=[])
     def missing_secrets(self, refs): return self._ret("missing_secrets", value=self._missing_secrets)
@@ -38,8 +38,8 @@ class World:
     def requeue(self, seconds, reason): return self._ret("requeue", seconds)
 
 
-def once(world: World, run, status=None):
-    config = OperatorConfig()
+def once(world: World, run, status=None, config=None):
+    config = config or OperatorConfig()
     return reconcile_once(run, world, world, status, generation=1, config=config,
                           tasks=stage_tasks(run, config))
 
@@ -84,3 +84,27 @@ def test_run_sync_refuses_an_executor_that_waits():
 
     with pytest.raises(RuntimeError, match="awaitable that waits"):
         run_sync(once(World(wrap=value), make_run()))
+
+
+# resync_after(outcome, interval=3, idle=30): when the resync reconciles the run again unasked
+
+
+def test_a_run_waiting_on_the_child_it_created_or_has_is_resynced_only_by_the_safety_net():
+    created = run_sync(once(World(), make_run()))                   # creates the sft child
+    assert resync_after(created, 3.0, 30.0) == 30.0
+    running = run_sync(once(World(children=[child("sft")]), make_run(), created.status))
+    assert not [a for a in running.actions if type(a).__name__ == "CreateChild"]
+    assert resync_after(running, 3.0, 30.0) == 30.0
+
+
+def test_a_run_waiting_on_what_no_event_announces_is_resynced_every_interval():
+    held = run_sync(once(World(missing_secrets=["s3-creds"]), make_run()))  # a Secret created later heals it
+    assert resync_after(held, 3.0, 30.0) == 3.0
+
+
+def test_a_backoff_is_resynced_when_it_ends():
+    failed = child("sft", phase="Failed", finished="2999-01-01T00:00:00Z")  # failed "now": the whole backoff
+    outcome = run_sync(once(World(children=[failed]), make_run(), config=OperatorConfig(backoff_seconds=20)))
+    assert outcome.requeue is not None and 0 < outcome.requeue
+    assert resync_after(outcome, 3.0, 30.0) == min(outcome.requeue, 30.0)
+    assert resync_after(outcome, 3.0, 5.0) == 5.0  # never later than the safety net

@@ -1,7 +1,8 @@
 """The operator's handlers through the fake API server: one real operator process for the module,
 one AlignmentRun per test, children completed by the test kubelet as each test says.
 
-Retries with backoff, giving up with a message naming the stage, the child and its reason;
+Retries with backoff, giving up with a message naming the stage, the child and its reason; a
+run waiting on its child is not reconciled again every interval, only by the slow safety resync;
 suspend and resume; a missing Secret that heals; a spec the schema lets through but the spec
 model rejects; an input URI that does not exist; a finished stage whose spec changes; deleting
 a run removes its children (owner references) and keeps its artifacts.
@@ -93,6 +94,30 @@ def condition(status: dict, type_: str) -> dict:
 
 def children_of(cluster, run: str) -> list[dict]:
     return cluster.list("kubeflow.org/v1/pytorchjobs", NS, labels=f"xwin.ai/run={run}")
+
+
+def test_a_run_waiting_on_its_child_is_left_to_the_childs_events_and_a_slow_safety_resync(env):
+    """Its stage's marker written while the child still runs is something only a reconcile sees:
+    not within several intervals (0.3 s; the child's event is what wakes the run), but by the
+    safety resync (10 intervals), which heals a missed event."""
+    cluster, op, bucket = env
+    release = asyncio.Event()
+
+    async def hold(child):
+        await release.wait()
+        return None
+    behaviours["waiting"] = hold
+    cluster.create(RUNS, sft_run("waiting", bucket))
+    job = cluster.wait_for(lambda: children_of(cluster, "waiting"), timeout=20, what="the sft child")[0]
+    cluster.wait_for(lambda: run_status(cluster, NS, "waiting").get("phase") == "Running", timeout=10,
+                     what="the run Running")
+    write_marker_for(job)
+    written = time.monotonic()
+    time.sleep(1.5)  # five intervals: no reconcile came back to it
+    assert run_status(cluster, NS, "waiting")["phase"] == "Running"
+    wait_phase(cluster, NS, "waiting", timeout=20, operator=op)  # the safety resync (3 s) saw the marker
+    assert 1.5 <= time.monotonic() - written < 15
+    cluster.call(lambda: _set(release))
 
 
 def test_a_failed_child_is_retried_as_a_new_attempt(env):

@@ -5,7 +5,8 @@ settings of handlers.configure (kopf's storages under the `xwin.ai/` prefix, tho
 watch-event handlers kopf writes none; Events posted from WARNING up; no peering). Credentials: the in-cluster service account, else $KUBECONFIG /
 ~/.kube/config. S3 credentials for reading stage markers: the usual AWS_* environment.
 
-Environment: XWIN_RECONCILE_INTERVAL (resync seconds, default 3), XWIN_NAMESPACE (watched
+Environment: XWIN_RECONCILE_INTERVAL (resync seconds, default 3: a run waiting on its children
+is resynced every ten intervals, their changes arrive as events), XWIN_NAMESPACE (watched
 namespace when no -n/-A is given), and OperatorConfig's XWIN_* fields (images, backoff...).
 """
 
@@ -24,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="namespace to watch (repeatable; default $XWIN_NAMESPACE, else all)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     p.add_argument("--interval", type=float, default=None,
-                   help="seconds between reconciles of an unfinished run (default $XWIN_RECONCILE_INTERVAL or 3)")
+                   help="seconds between reconciles of an unfinished run that waits on what no event announces "
+                        "(a Secret, an input, a backoff); ten times that for one waiting on its children "
+                        "(default $XWIN_RECONCILE_INTERVAL or 3)")
     p.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")

@@ -4,6 +4,7 @@ markers (and whatever else the executor probes), decide, act, and say what to wa
     outcome = await reconcile_once(run, observer, executor, status, generation=..., config=...,
                                    tasks=...)           # kube/: inside the kopf handlers
     outcome = run_sync(reconcile_once(...))            # local/: `xwin run`, no event loop
+    wait = resync_after(outcome, interval, idle)       # kube/: when to reconcile it unasked
 
 An executor supplies its observation (`Observer`) and its action implementations
 (executor.Executor). Their methods may return plain values (local/) or awaitables (kube/):
@@ -23,7 +24,7 @@ from ..api.spec import AlignmentRun
 from .config import OperatorConfig
 from .executor import Executor, apply
 from .planner import decide, input_uris, secret_refs
-from .types import Action, ChildState, Observed, PatchStatus, RequeueAfter, now_iso
+from .types import Action, ChildState, CreateChild, Observed, PatchStatus, RequeueAfter, now_iso
 
 T = TypeVar("T")
 
@@ -83,6 +84,29 @@ async def reconcile_once(run: AlignmentRun, observer: Observer, executor: Execut
     patched = [a.status for a in actions if isinstance(a, PatchStatus)]
     waits = [a.seconds for a in actions if isinstance(a, RequeueAfter)]
     return Outcome(observed, actions, patched[-1] if patched else None, min(waits) if waits else None)
+
+
+ACTIVE = ("Pending", "Running")
+
+
+def resync_after(outcome: Outcome, interval: float, idle: float) -> float:
+    """Seconds after this pass until the run should be reconciled again if nothing else wakes
+    it (an executor whose children's changes arrive as events, like kube/'s watch):
+
+      * the planner's requeue (a backoff running), at most `idle`;
+      * `interval` while the run waits on something no event announces: a Secret or an
+        input that is missing, or no child active (a run that changed nothing else);
+      * `idle` (a slow safety resync, for missed events) while it only waits on a child
+        it has (or just created): that child's next phase arrives as an event.
+    A pass that failed (an API or store error, a block) is the caller's: `interval`."""
+    if outcome.requeue is not None:
+        return min(max(outcome.requeue, 0.0), idle)
+    observed = outcome.observed
+    if observed.missing_secrets or observed.missing_inputs:
+        return interval
+    waiting = (any(c.phase in ACTIVE for c in observed.children)
+               or any(isinstance(a, CreateChild) for a in outcome.actions))
+    return idle if waiting else interval
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:

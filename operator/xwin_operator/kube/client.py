@@ -44,6 +44,10 @@ MERGE_PATCH = "application/merge-patch+json"
 # operator's share of it (the aiohttp client it replaced kept 64 connections); an idle worker
 # costs nothing but its stack
 API_THREADS = 64
+# status patches and Events (bookkeeping: nobody waits on them to start work) run in a pool of
+# their own, so under a burst of new runs a child's create never queues behind them for a thread
+# (it did: 0.3 s p50 in the queue of one shared pool, 1000 runs at once, load 6)
+BULK_THREADS = 48
 
 
 class ApiError(Exception):
@@ -113,16 +117,21 @@ def verify_login(login: Login, timeout: float = 10.0) -> None:
 class KubeApi:
     """The API calls of the handlers, through the official client. `login()` gives a
     kubeconfig.Login: called lazily, and again after a 401 (rotated or expired credentials).
-    `threads` calls run at once (the client is synchronous)."""
+    `threads` calls run at once (the client is synchronous), and beside them `bulk_threads`
+    status patches and Events (`bulk=True`), so creates, deletes and lookups never wait for a
+    thread behind the bookkeeping."""
 
-    def __init__(self, login: Callable[[], Login], *, timeout: float = 30.0, threads: int = API_THREADS):
-        self._login, self._timeout, self._threads = login, timeout, threads
+    def __init__(self, login: Callable[[], Login], *, timeout: float = 30.0, threads: int = API_THREADS,
+                 bulk_threads: int = BULK_THREADS):
+        self._login, self._timeout, self._threads = login, timeout, threads + bulk_threads
         self._client: Any = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kube-api")
+        self._bulk = ThreadPoolExecutor(bulk_threads, thread_name_prefix="kube-api-bulk")
         self._lock = threading.Lock()
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._bulk.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -176,11 +185,11 @@ class KubeApi:
         raise error
 
     async def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
-                      content_type: str = "application/json", *, reply: bool = True) -> Any:
+                      content_type: str = "application/json", *, reply: bool = True, bulk: bool = False) -> Any:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, self._call, method, path, body, params,
-                                              content_type, reply)
+            return await loop.run_in_executor(self._bulk if bulk else self._pool, self._call, method, path, body,
+                                              params, content_type, reply)
         except LoginError:
             raise
         except RuntimeError as e:  # the pool shut down: the operator is stopping
@@ -240,7 +249,7 @@ class KubeApi:
 
     async def patch_status(self, namespace: str, name: str, status_patch: dict) -> None:
         await self.request("patch", path_of("AlignmentRun", namespace, name, "status"),
-                           {"status": status_patch}, content_type=MERGE_PATCH, reply=False)
+                           {"status": status_patch}, content_type=MERGE_PATCH, reply=False, bulk=True)
 
     async def post_event(self, involved: dict, reason: str, message: str, type_: str = "Normal",
                          component: str = MANAGED_BY) -> None:
@@ -251,7 +260,7 @@ class KubeApi:
             "metadata": {"generateName": f"{involved['name']}.", "namespace": ns},
             "involvedObject": involved, "reason": reason, "message": message[:1024], "type": type_,
             "source": {"component": component}, "reportingComponent": component,
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1}, reply=False)
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1}, reply=False, bulk=True)
 
     async def secret_exists(self, namespace: str, name: str) -> bool:
         try:

@@ -3,9 +3,11 @@
 Triggers, all running the same `reconcile` (serialised per run by a lock):
   * a run seen for the first time by this process (created, or listed when the operator
     starts) or whose `metadata.generation` moved (a spec change: suspend, stages, ...);
-  * a resync every XWIN_RECONCILE_INTERVAL seconds (default 3) of each unfinished run not
-    reconciled meanwhile (backoffs, missing Secrets and inputs heal without any event; a
-    reconcile that failed on an API or store error is retried there);
+  * a resync of each unfinished run when its reconcile said (reconciler.py, RunGate.due):
+    XWIN_RECONCILE_INTERVAL seconds (default 3) after it while it waits on what no event
+    announces (missing Secrets and inputs heal without any event; a reconcile that failed on
+    an API or store error or was blocked is retried there), at a backoff's end, and ten
+    intervals after it while it only waits on its children (a safety net for missed events);
   * a child changing phase (a PyTorchJob or Job finishing, a vLLM Deployment becoming
     available, a child deleted), so stages follow each other without waiting for the resync.
 
@@ -136,9 +138,9 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 
 
 async def resync_forever(state: OperatorState, logger: logging.Logger) -> None:
-    """The periodic trigger: every unfinished run not reconciled for `interval` seconds is
-    reconciled again (backoffs expire, Secrets and inputs appear, failed reconciles and missed
-    events heal).
+    """The periodic trigger: every unfinished run whose `due` time (set by its last reconcile:
+    reconciler.py) has passed is reconciled again (backoffs expire, Secrets and inputs appear,
+    failed reconciles and missed events heal).
 
     One loop for all runs rather than a kopf timer per run: kopf gives every object with a
     timer or daemon a finalizer, so runs could not be deleted while the operator is down, and
@@ -160,7 +162,7 @@ async def resync_forever(state: OperatorState, logger: logging.Logger) -> None:
             body = gate.body
             if body is None or body["metadata"].get("deletionTimestamp"):
                 continue
-            if now - gate.last < state.interval or gate.lock.locked():
+            if now < gate.due or gate.lock.locked():
                 continue
             if not finished(body, gate.status):
                 due.append(gate)
@@ -177,8 +179,8 @@ def _run_matters(type: str | None, body: kopf.Body, uid: str, memo: kopf.Memo, *
     if type == "DELETED":
         return True
     gate = state.gates.get(uid)
-    if gate is None:
-        gate = state.gates[uid] = RunGate()
+    if gate is None:  # its run event reconciles it; the resync only if that fails to
+        gate = state.gates[uid] = RunGate(due=time.monotonic() + state.interval)
     gate.body = body
     return gate.generation is None or gate.generation != body.get("metadata", {}).get("generation")
 

@@ -8,6 +8,13 @@ trigger it).
 none when nothing changed: children first, then the status, then the Events in the background). When observing or acting fails (blocked.py: the store unreachable, the API refusing a
 child or a lookup, a launcher's CRD missing) the run's status says so, with one Warning Event
 per distinct reason; the resync retries.
+
+When the resync reconciles a run again unasked (`RunGate.due`) is core.loop.resync_after's
+call: at the planner's requeue (a backoff), every `interval` while the run waits on something
+no event announces (a missing Secret or input, a block, a failed reconcile), and only every
+`idle` (IDLE_FACTOR intervals, a safety net for missed events) while it waits on a child, whose
+next phase arrives as a watch event: under a burst of new runs, the resync does not compete
+with their first reconciles.
 """
 
 from __future__ import annotations
@@ -23,12 +30,12 @@ from xwin_jobs.store import StoreError
 from ..api.spec import API_GROUP, API_VERSION, KIND
 from ..core.children import PlannedChild
 from ..core.config import OperatorConfig
-from ..core.loop import act, reconcile_once
+from ..core.loop import act, reconcile_once, resync_after
 from ..core.planner import stage_tasks
 from ..core.types import EmitEvent, now_iso
 from ..core.children import LABEL_RUN
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
-from .client import API_THREADS, ApiError, KubeApi
+from .client import BULK_THREADS, ApiError, KubeApi
 from .child_book import ChildBook
 from .kubeconfig import Login, LoginError
 from .manifests import render
@@ -38,11 +45,12 @@ from .store_reader import StoreReader
 
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
-# status patches in flight at once: half the client's threads, so creates always have threads of
-# their own (they are not limited); Events (posted in the background, nobody waits for them) get a
-# quarter, so neither creates nor status patches queue behind them
-SLOW_LANE = API_THREADS // 2
-EVENT_LANE = API_THREADS // 4
+IDLE_FACTOR = 10  # a run waiting on its child is resynced every IDLE_FACTOR intervals (missed events)
+# the client's bulk threads (status patches and Events; creates have a pool of their own) split
+# between status patches (two thirds) and Events (posted in the background, nobody waits for
+# them: a third), so status patches never queue behind Events
+SLOW_LANE = BULK_THREADS * 2 // 3
+EVENT_LANE = BULK_THREADS - SLOW_LANE
 
 
 class RunGone(Exception):
@@ -53,7 +61,8 @@ class RunGone(Exception):
 class RunGate:
     """Per-run state of this process: one reconcile at a time, the newest body the watch
     delivered, the status it last wrote (newer than a body the watch has not caught up with),
-    the child phases it last saw, and when it was last reconciled."""
+    the child phases it last saw, when it was last reconciled, and when the resync should
+    reconcile it again (`due`, time.monotonic(); see the module docstring)."""
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     body: Mapping[str, Any] | None = None   # the newest body of the run seen by the watch
@@ -64,6 +73,7 @@ class RunGate:
     phases: dict[tuple[str, str], str] = field(default_factory=dict)
     queued: bool = False
     last: float = 0.0
+    due: float = 0.0
     blocked: str | None = None              # the reason of the block last reported (blocked.py)
     events: asyncio.Task | None = None      # the run's Events being posted (in order, in the background)
 
@@ -74,7 +84,7 @@ class OperatorState:
     store: StoreReader
     config: OperatorConfig
     login: Callable[[], Login]
-    interval: float = 3.0
+    interval: float = 3.0     # the resync of runs waiting on what no event announces (seconds)
     gates: dict[str, RunGate] = field(default_factory=dict)
     book: ChildBook = field(default_factory=ChildBook)           # the children, from the watch
     listings: dict[str, asyncio.Task] = field(default_factory=dict)  # namespace -> its children listed
@@ -85,6 +95,10 @@ class OperatorState:
     slow_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SLOW_LANE))
     event_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(EVENT_LANE))
 
+    @property
+    def idle(self) -> float:
+        """The safety resync of a run waiting on its child (seconds)."""
+        return IDLE_FACTOR * self.interval
 
 
 async def children_complete(state: OperatorState, namespace: str) -> None:
@@ -137,9 +151,10 @@ async def reconcile(state: OperatorState, gate: RunGate,
         if body is None or body["metadata"].get("deletionTimestamp"):
             return  # being deleted: its children go with it (owner references); nothing to start
         meta = body["metadata"]
+        wait = state.interval  # a block or an error: retried by the resync
         try:
             await children_complete(state, meta["namespace"])
-            await _reconcile(state, gate, body, state.book.children(meta["namespace"], meta["name"]), logger)
+            wait = await _reconcile(state, gate, body, state.book.children(meta["namespace"], meta["name"]), logger)
             gate.blocked = None
         except Blocked as b:
             await report_blocked(state, gate, body, b, logger)
@@ -147,6 +162,7 @@ async def reconcile(state: OperatorState, gate: RunGate,
             state.gates.pop(meta["uid"], None)  # deleted meanwhile: nothing left to do
         finally:
             gate.last = time.monotonic()
+            gate.due = gate.last + wait
 
 
 async def report_blocked(state: OperatorState, gate: RunGate, body: Mapping[str, Any], blocked: Blocked,
@@ -170,7 +186,8 @@ async def report_blocked(state: OperatorState, gate: RunGate, body: Mapping[str,
 
 
 async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any], children: list,
-                     logger: logging.Logger | logging.LoggerAdapter) -> None:
+                     logger: logging.Logger | logging.LoggerAdapter) -> float:
+    """One pass; the seconds until the resync should reconcile the run again."""
     meta = body["metadata"]
     generation = int(meta.get("generation") or 1)
     current = dict(body.get("status") or {})
@@ -181,14 +198,17 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
         run, invalid = parse_run(body, previous, generation, now_iso())
         gate.tasks = stage_tasks(run, state.config) if run is not None else None
     executor = KubeActions(state, gate, body, run, current, logger)
+    wait = state.interval
     if run is None:
         await act(invalid, executor)
     else:
-        await reconcile_once(run, KubeObserver(state, gate, run, children), executor, previous,
-                             generation=generation, config=state.config, tasks=gate.tasks)
+        outcome = await reconcile_once(run, KubeObserver(state, gate, run, children), executor, previous,
+                                       generation=generation, config=state.config, tasks=gate.tasks)
+        wait = resync_after(outcome, state.interval, state.idle)
     if executor.events:  # after the status they tell about, in order
         post_events(state, gate, meta, executor.events, logger)
     gate.generation, gate.run = generation, run
+    return wait
 
 
 class KubeObserver:
@@ -246,14 +266,15 @@ class KubeActions:
     """The planner's actions as API calls (core.executor.Executor): children created, deleted
     and (un)suspended at once, the status patched through `slow_lane`, the Events collected
     for `post_events` (posted in the background once the actions are done); a requeue is the
-    resync's.
+    resync's (reconcile sets RunGate.due from core.loop.resync_after).
 
     Children first (a new child is the latency users wait for), then the one status patch (the
     planner emits at most one, and none when nothing changed), then the Events, in order. The
-    status patch goes through `slow_lane` (SLOW_LANE requests at once, half the API client's
-    threads) and the Events through `event_lane` (a quarter), in the background: under a burst
-    of new runs, creating children is not queued behind the other runs' bookkeeping, nor a run's
-    next reconcile (its child finishing) behind its Events."""
+    status patch goes through `slow_lane` (SLOW_LANE requests at once, two thirds of the API
+    client's bulk threads) and the Events through `event_lane` (the other third), in the
+    background; creates have the client's main pool to themselves: under a burst of new runs,
+    creating children is not queued behind the other runs' bookkeeping, nor a run's next
+    reconcile (its child finishing) behind its Events."""
 
     def __init__(self, state: OperatorState, gate: RunGate, body: Mapping[str, Any], run: Any,
                  current: dict, logger: logging.Logger | logging.LoggerAdapter):
@@ -299,7 +320,7 @@ class KubeActions:
         self.logger.info(f"{reason}: {message}")
 
     def requeue(self, seconds: float, reason: str) -> None:
-        """Nothing to do: the resync reconciles every unfinished run every few seconds."""
+        """Nothing to do here: the outcome's requeue sets when the resync comes back (RunGate.due)."""
 
 
 def post_events(state: OperatorState, gate: RunGate, meta: Mapping[str, Any], events: list[EmitEvent],
@@ -326,8 +347,8 @@ def post_events(state: OperatorState, gate: RunGate, meta: Mapping[str, Any], ev
 
 async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,
                            logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Reconcile; an API or store error is logged and left to the resync (which retries every
-    unfinished run not reconciled for `interval` seconds): one run's trouble never stops the others."""
+    """Reconcile; an API or store error is logged and left to the resync (which retries the run
+    `interval` seconds later): one run's trouble never stops the others."""
     try:
         await reconcile(state, gate, logger)
     except (ApiError, StoreError) as e:
