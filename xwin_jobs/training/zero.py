@@ -223,11 +223,15 @@ class ZeroEngine(EngineBase):
         return save_model(module, tokenizer, out_dir, state_dict=state)
 
 
-def prebuild_cpu_ops() -> None:
+CPU_OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
+
+
+def prebuild_cpu_ops(names: tuple[str, ...] = CPU_OPS) -> None:
     """Compile (once, into torch's extension cache, with the system C++ compiler) the ops
-    DeepSpeed builds on a CPU-only machine at first use: the shared-memory collective of its
-    first process group and DeepSpeedCPUAdam (offloadOptimizer), so the first ZeRO run does
-    not spend minutes compiling (`make setup` calls it)."""
+    DeepSpeed builds on a CPU-only machine at first use, so the first ZeRO run does not spend
+    minutes compiling: `ShareMemCommBuilder`, the shared-memory collective of its first process
+    group (`make setup`), and `CPUAdamBuilder`, DeepSpeedCPUAdam for offloadOptimizer (`make
+    cpu-adam`, which the slow tests need)."""
     import torch
 
     if torch.cuda.is_available():
@@ -235,7 +239,7 @@ def prebuild_cpu_ops() -> None:
     _import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
-    for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+    for name in names:
         builder = get_accelerator().create_op_builder(name)
         if builder is not None and builder.is_compatible():
             builder.load()
