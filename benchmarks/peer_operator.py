@@ -12,11 +12,21 @@ threads; kopf logged in through xwin_operator.kube.kubeconfig). Nothing else: no
 markers, no indexes, no resync, no retries. It is what any kopf operator doing this job must
 at least cost, so `xwin / peer` is the price of our logic, and `peer / no-op` the price of the
 API work itself.
+
+The bodies are ours too (PEER_BODIES=same, the default): the PyTorchJob and the status patches
+are the xwin operator's own for the first run the peer sees (rendered once, with our planner
+and manifests), then copied with each run's name and uid. The pod needs what the manifest
+carries (the stage task, security context, volumes), and `kubectl get ar` shows the status, so
+a job like ours costs those bytes on every watch whoever sends them: with PEER_BODIES=small (a
+bare 0.9 KB PyTorchJob, a 48-byte status) the API server and the watches carry half the bytes
+per run, which is not the price of our logic.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from typing import Any
 
 import kopf
@@ -65,23 +75,71 @@ def _new_run(type: str | None, body: Any, **_: Any) -> bool:
     return type in (None, "ADDED") and not (body.get("status") or {}).get("phase")
 
 
-@kopf.on.event("xwin.ai", "v1alpha1", "alignmentruns", when=_new_run)
-async def run_added(body: Any, name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
+SAME_BODIES = os.environ.get("PEER_BODIES", "same") == "same"
+TEMPLATES: dict[str, Any] = {}
+
+
+def small_bodies(name: str, namespace: str, uid: str) -> tuple[dict, dict, dict]:
+    """A bare PyTorchJob and one-field status patches (PEER_BODIES=small)."""
     labels = {**MANAGED, "xwin.ai/run": name, "xwin.ai/stage": "sft", "xwin.ai/step": "train",
               "xwin.ai/attempt": "1"}
     pod = {"metadata": {"labels": labels},
            "spec": {"restartPolicy": "Never",
                     "containers": [{"name": "pytorch", "image": "trainer",
                                     "command": ["python", "-m", "xwin_jobs", "sft"]}]}}
-    await memo.api.create({
+    job = {
         "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
         "metadata": {"name": f"{name}-sft-1", "namespace": namespace, "labels": labels,
                      "ownerReferences": [{"apiVersion": "xwin.ai/v1alpha1", "kind": "AlignmentRun",
                                           "name": name, "uid": uid, "controller": True,
                                           "blockOwnerDeletion": True}]},
         "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1, "restartPolicy": "ExitCode",
-                                                    "template": pod}}}})
-    await memo.api.patch_status(namespace, name, {"phase": "Running", "stage": "sft"})
+                                                    "template": pod}}}}
+    return job, {"phase": "Running", "stage": "sft"}, {"phase": "Succeeded", "stage": None}
+
+
+def our_bodies(body: Any) -> tuple[dict, dict, dict]:
+    """The xwin operator's PyTorchJob and Running status patch for `body` (its planner and
+    manifests, as its first reconcile makes them), and a Succeeded patch of the same shape."""
+    from xwin_operator.core.config import OperatorConfig
+    from xwin_operator.core.planner import decide
+    from xwin_operator.core.types import CreateChild, Observed, PatchStatus, now_iso
+    from xwin_operator.kube.manifests import render
+    from xwin_operator.kube.run_body import parse_run
+
+    config = OperatorConfig.from_env()
+    run, _ = parse_run(body, None, 1, now_iso())
+    actions = decide(run, Observed(children=[], markers={}, now=now_iso()), None, generation=1, config=config)
+    child = next(a.child for a in actions if isinstance(a, CreateChild))
+    running = next(a.status for a in actions if isinstance(a, PatchStatus))
+    done = copy.deepcopy(running)
+    done["phase"] = "Succeeded"
+    for stage in done.get("stages") or []:
+        stage["phase"] = "Succeeded"
+    return render(run, child, body["metadata"]["uid"], config), running, done
+
+
+def bodies(body: Any, name: str, namespace: str, uid: str) -> tuple[dict, dict, dict]:
+    """This run's PyTorchJob and status patches: ours rendered once, then renamed per run."""
+    if not SAME_BODIES:
+        return small_bodies(name, namespace, uid)
+    if not TEMPLATES:
+        TEMPLATES["job"], TEMPLATES["running"], TEMPLATES["done"] = our_bodies(body)
+    job = copy.deepcopy(TEMPLATES["job"])
+    meta = job["metadata"]
+    meta["name"], meta["namespace"] = f"{name}-sft-1", namespace
+    meta["labels"]["xwin.ai/run"] = name
+    meta["ownerReferences"][0].update(name=name, uid=uid)
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        replica["template"]["metadata"]["labels"]["xwin.ai/run"] = name
+    return job, TEMPLATES["running"], TEMPLATES["done"]
+
+
+@kopf.on.event("xwin.ai", "v1alpha1", "alignmentruns", when=_new_run)
+async def run_added(body: Any, name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
+    job, running, _done = bodies(body, name, namespace, uid)
+    await memo.api.create(job)
+    await memo.api.patch_status(namespace, name, running)
     await memo.api.post_event(involved(body), "StageStarted", "stage sft started")
 
 
@@ -94,6 +152,7 @@ def _succeeded(body: Any, **_: Any) -> bool:
 async def child_succeeded(body: Any, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     owner = body["metadata"]["ownerReferences"][0]
     run = {"metadata": {"name": owner["name"], "namespace": namespace, "uid": owner["uid"]}}
-    await memo.api.patch_status(namespace, owner["name"], {"phase": "Succeeded", "stage": None})
+    done = TEMPLATES["done"] if SAME_BODIES else {"phase": "Succeeded", "stage": None}
+    await memo.api.patch_status(namespace, owner["name"], done)
     await memo.api.post_event(involved(run), "StageSucceeded", "stage sft succeeded")
     await memo.api.post_event(involved(run), "RunSucceeded", "run succeeded")
