@@ -62,13 +62,13 @@ def check_disjoint(files: dict[str, list[dict]]) -> None:
 def task_records(seed: int = 0, n_sft: int = 1024, n_pair_prompts: int = 256,
                  n_rs_prompts: int = 256, n_alpaca: int = 300, n_mt: int = 200,
                  noise: float = 0.5, n_pairs: int = 128, n_scored: int = 64,
-                 n_responses: int = 8, second_turn_every: int = 2) -> dict[str, list[dict]]:
+                 n_responses: int = 8, second_turn_every: int = 0) -> dict[str, list[dict]]:
     """Every data file of the task, as records. Pure.
 
-    Every `second_turn_every`-th pair and best-of-N prompt (0: none) asks the second turn
-    ("And plus c?" after a worked first answer), as MT-bench's second turn does: the later
-    stages then learn both turns. Its follow-ups come from their own seeded generator, so
-    every other file is the same as without them."""
+    Every `second_turn_every`-th pair and best-of-N prompt (0, the demo's: none) asks the
+    second turn ("And plus c?" after a worked first answer), as MT-bench's second turn does,
+    so the later stages see both turns (tried for issue 11, benchmarks/RESULTS.md `## Recipe`).
+    Its follow-ups come from their own seeded generator: every other file is the same."""
     rng = random.Random(seed)
     follow = random.Random(f"{seed}:second-turn")
     evaluation, training = synthetic.split_pool(rng, n_alpaca + n_mt)
