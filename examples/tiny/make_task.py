@@ -62,16 +62,29 @@ def check_disjoint(files: dict[str, list[dict]]) -> None:
 def task_records(seed: int = 0, n_sft: int = 1024, n_pair_prompts: int = 256,
                  n_rs_prompts: int = 256, n_alpaca: int = 300, n_mt: int = 200,
                  noise: float = 0.5, n_pairs: int = 128, n_scored: int = 64,
-                 n_responses: int = 8) -> dict[str, list[dict]]:
-    """Every data file of the task, as records. Pure."""
+                 n_responses: int = 8, second_turn_every: int = 0) -> dict[str, list[dict]]:
+    """Every data file of the task, as records. Pure.
+
+    Every `second_turn_every`-th pair and best-of-N prompt (0, the demo's: none) asks the
+    second turn ("And plus c?" after a worked first answer), as MT-bench's second turn does,
+    so the later stages see both turns (tried for issue 11, benchmarks/RESULTS.md `## Recipe`).
+    Its follow-ups come from their own seeded generator: every other file is the same."""
     rng = random.Random(seed)
+    follow = random.Random(f"{seed}:second-turn")
     evaluation, training = synthetic.split_pool(rng, n_alpaca + n_mt)
     pick = lambda: rng.choice(training)  # noqa: E731
+
+    def prompt(i: int, prefix: str) -> dict[str, Any]:
+        text = pick()
+        if second_turn_every and i % second_turn_every == second_turn_every - 1:
+            return synthetic.two_turn_prompt(i, text, follow.randint(0, synthetic.MAX_TERM), prefix)
+        return synthetic.prompt_record(i, text, prefix)
+
     files = {
         "sft": [synthetic.noisy_conversation(rng, i, pick(), multi_turn=i % 3 == 0, noise=noise)
                 for i in range(n_sft)],
-        "pair-prompts": [synthetic.prompt_record(i, pick(), "pp") for i in range(n_pair_prompts)],
-        "rs-prompts": [synthetic.prompt_record(i, pick(), "rs") for i in range(n_rs_prompts)],
+        "pair-prompts": [prompt(i, "pp") for i in range(n_pair_prompts)],
+        "rs-prompts": [prompt(i, "rs") for i in range(n_rs_prompts)],
         # ready-made pairs and scored sets: run-training.yaml reuses them with `from:`
         "pairs": [synthetic.pair(rng, i, pick()) for i in range(n_pairs)],
         "scored": [synthetic.scored(rng, i, n_responses, pick()) for i in range(n_scored)],

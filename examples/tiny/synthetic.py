@@ -184,6 +184,14 @@ def prompt_record(idx: int, text: str, prefix: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{idx}", "messages": [{"role": "user", "content": text}]}
 
 
+def two_turn_prompt(idx: int, text: str, c: int, prefix: str) -> dict[str, Any]:
+    """A prompt for the second turn: question `text`, its worked answer, then "And plus c?"."""
+    a, b = (int(x) for x in re.findall(r"\d+", text))
+    return {"id": f"{prefix}-{idx}", "messages": [
+        {"role": "user", "content": text}, {"role": "assistant", "content": _answer(a, b)},
+        {"role": "user", "content": _followup(c)}]}
+
+
 def mt_question(rng: random.Random, idx: int, text: str) -> dict[str, Any]:
     """A two-turn MT-bench-style question: `text`, then "And plus c?"."""
     return {"id": f"mt-{idx}", "turns": [text, _followup(rng.randint(0, MAX_TERM))]}
