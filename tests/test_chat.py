@@ -116,3 +116,28 @@ def test_unknown_template_and_prompt_ending_with_assistant():
         render_prompt(CONVERSATION[:1], "chatml", None)
     with pytest.raises(ChatFormatError, match="must not end with an assistant"):
         render_prompt(CONVERSATION[:2], "vicuna", None)
+
+
+def test_training_examples_do_not_depend_on_the_order_records_were_written(tokenizer):
+    """A judge or sampler writes its records as requests finish, so the same pairs come in
+    another order on every run: the encoded examples (what the seeded shuffle orders) are the
+    same, in id order."""
+    import random
+
+    from xwin_jobs.training.data import encode_conversations, encode_pairs
+
+    pairs = [{"id": f"p-{i}", "prompt": [{"role": "user", "content": f"What is {i} plus 1?"}],
+              "chosen": [{"role": "assistant", "content": f"{i} plus 1 is {i + 1}."}],
+              "rejected": [{"role": "assistant", "content": "I do not know."}]} for i in range(12)]
+    shuffled = pairs[:]
+    random.Random(3).shuffle(shuffled)
+    assert shuffled != pairs
+    first, _ = encode_pairs(pairs, "vicuna", tokenizer, 64)
+    second, _ = encode_pairs(shuffled, "vicuna", tokenizer, 64)
+    assert [(e.chosen.input_ids, e.rejected.input_ids) for e in first] == \
+        [(e.chosen.input_ids, e.rejected.input_ids) for e in second]
+    conversations = [{"id": p["id"], "messages": p["prompt"] + p["chosen"]} for p in pairs]
+    a, _ = encode_conversations(conversations, "vicuna", tokenizer, 64)
+    b, _ = encode_conversations(list(reversed(conversations)), "vicuna", tokenizer, 64)
+    assert [e.input_ids for e in a] == [e.input_ids for e in b]
+    assert tokenizer.decode(a[0].input_ids, skip_special_tokens=True).endswith("0 plus 1 is 1.")

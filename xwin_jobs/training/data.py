@@ -49,6 +49,14 @@ def _record_id(record: dict[str, Any], index: int) -> str:
     return str(record.get("id", f"#{index}"))
 
 
+def by_id(records: Iterable[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(id, record) sorted by id (stable for equal ids): what a stage trains on does not depend
+    on the order its records were written in (a judge or sampler writes them as requests finish,
+    so the same records come in another order on every run), so the seeded shuffle of
+    `batch_plan` and `split_held_out` gives the same batches for the same records."""
+    return sorted(((_record_id(r, i), r) for i, r in enumerate(records)), key=lambda pair: pair[0])
+
+
 def _encode(messages, template, tokenizer, max_length, label_from, rid) -> Any:
     try:
         return encode_conversation(messages, template, tokenizer, max_length, label_from)
@@ -58,11 +66,11 @@ def _encode(messages, template, tokenizer, max_length, label_from, rid) -> Any:
 
 def encode_conversations(records: Iterable[dict[str, Any]], template: str, tokenizer: Any,
                          max_length: int) -> tuple[list[SftExample], EncodeStats]:
-    """Conversation records ({id, messages}) -> SFT examples (labels on assistant turns)."""
+    """Conversation records ({id, messages}) -> SFT examples (labels on assistant turns), in
+    id order (`by_id`)."""
     examples, stats = [], EncodeStats()
-    for i, rec in enumerate(records):
+    for rid, rec in by_id(records):
         stats.records += 1
-        rid = _record_id(rec, i)
         enc = _encode(rec["messages"], template, tokenizer, max_length, 0, rid)
         stats.truncated += enc.truncated
         if enc.num_labelled == 0:
@@ -78,11 +86,10 @@ def encode_conversations(records: Iterable[dict[str, Any]], template: str, token
 def encode_pairs(records: Iterable[dict[str, Any]], template: str, tokenizer: Any,
                  max_length: int) -> tuple[list[PairExample], EncodeStats]:
     """Pair records ({id, prompt, chosen, rejected}) -> prompt+chosen / prompt+rejected
-    examples, labelled on the response messages only."""
+    examples, labelled on the response messages only, in id order (`by_id`)."""
     examples, stats = [], EncodeStats()
-    for i, rec in enumerate(records):
+    for rid, rec in by_id(records):
         stats.records += 1
-        rid = _record_id(rec, i)
         prompt = list(rec["prompt"])
         sides = [_encode(prompt + list(rec[side]), template, tokenizer, max_length, len(prompt), rid)
                  for side in ("chosen", "rejected")]
