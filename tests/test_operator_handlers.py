@@ -92,6 +92,17 @@ def condition(status: dict, type_: str) -> dict:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
 
+def held_until_released(run: str) -> asyncio.Event:
+    """The test kubelet keeps `run`'s children running until the returned event is set."""
+    release = asyncio.Event()
+
+    async def hold(child):
+        await release.wait()
+        return None
+    behaviours[run] = hold
+    return release
+
+
 def children_of(cluster, run: str) -> list[dict]:
     return cluster.list("kubeflow.org/v1/pytorchjobs", NS, labels=f"xwin.ai/run={run}")
 
@@ -101,12 +112,7 @@ def test_a_run_waiting_on_its_child_is_left_to_the_childs_events_and_a_slow_safe
     not within several intervals (0.3 s; the child's event is what wakes the run), but by the
     safety resync (10 intervals), which heals a missed event."""
     cluster, op, bucket = env
-    release = asyncio.Event()
-
-    async def hold(child):
-        await release.wait()
-        return None
-    behaviours["waiting"] = hold
+    release = held_until_released("waiting")
     cluster.create(RUNS, sft_run("waiting", bucket))
     job = cluster.wait_for(lambda: children_of(cluster, "waiting"), timeout=20, what="the sft child")[0]
     cluster.wait_for(lambda: run_status(cluster, NS, "waiting").get("phase") == "Running", timeout=10,
@@ -171,12 +177,7 @@ def test_a_stage_failing_every_attempt_fails_the_run_naming_stage_child_and_reas
 
 def test_suspend_stops_the_running_child_and_resume_finishes(env):
     cluster, op, bucket = env
-    release = asyncio.Event()
-
-    async def wait_for_release(child):
-        await release.wait()
-        return None
-    behaviours["paused"] = wait_for_release
+    release = held_until_released("paused")
     cluster.create(RUNS, sft_run("paused", bucket))
     cluster.wait_for(lambda: children_of(cluster, "paused"), timeout=20, what="the sft child")
     cluster.patch(RUNS, NS, "paused", {"spec": {"suspend": True}})
