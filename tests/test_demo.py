@@ -46,6 +46,13 @@ def test_demo_runs_every_stage(demo):
     created = re.findall(r"^\s+· create (\S+/\S+)", done.stdout, flags=re.M)
     assert created == planned_creates(load_run(ROOT / "examples/tiny/run.yaml"), f"file://{tmp_path}/runs")
     assert "Deployment/tiny-xwin-evaluate-serve-dpo-1" in created
+    # five serve steps, three models: the SFT model's server (pairs) is kept for bestOfN and
+    # for evaluate's first model, so vLLM cold-starts three times, not five
+    started = re.findall(r"starting vLLM for (\S+)", done.stdout)
+    reused = re.findall(r"^\s+(\S+) reusing the vLLM server for (\S+)", done.stdout, flags=re.M)
+    assert len(started) == 3 and len(set(started)) == 3, started
+    assert [stage for stage, _ in reused] == ["bestOfN", "evaluate"] and \
+        {uri for _, uri in reused} == {started[0]}, reused
     root = tmp_path / "runs/demo/tiny-xwin"
     for stage in STAGES:
         marker = json.loads((root / stage / "_SUCCESS.json").read_text())

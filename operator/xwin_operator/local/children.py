@@ -37,6 +37,7 @@ from xwin_jobs.task import StageTask
 from ..core.children import TRAIN_LAUNCHER, PlannedChild
 from ..core.steps import Step
 from ..core.types import ChildState, now_iso
+from .server_pool import Parked, ServerPool
 
 JOB_KINDS = ("PyTorchJob", "TrainJob", "Job")
 
@@ -97,6 +98,7 @@ class LocalChild:
     handle: Any = None                # Popen of a job, LocalVllmServer of a Deployment
     scratch: Any = None               # the TemporaryDirectory a server's model was fetched into
     url: str | None = None            # a server's OpenAI base URL (None: no server needed)
+    server_key: str | None = None     # a server's model and settings (server_pool.server_key)
     stopped: bool = False            # deleted: its thread must not report back
 
     @property
@@ -142,6 +144,9 @@ class LocalChildren:
 
     def __init__(self, ctx: Any, on_start: Callable[[LocalChild], None] = lambda child: None):
         self.ctx, self.on_start = ctx, on_start
+        # idle servers a later stage will serve again (server_pool); `keep` says which to park
+        self.pool = ServerPool()
+        self.keep: Callable[[LocalChild], bool] = lambda child: False
         self.children: dict[tuple[str, str], LocalChild] = {}   # (kind, name): a Deployment
         # and its Service share a name, as on Kubernetes
         self.queue: list[LocalChild] = []
@@ -191,7 +196,7 @@ class LocalChildren:
                 return False
             if child in self.queue:
                 self.queue.remove(child)
-        self._stop(child)
+        self._stop(child, park=True)
         return True
 
     def stop_all(self) -> None:
@@ -200,6 +205,7 @@ class LocalChildren:
             children, self.queue = list(self.children.values()), []
         for child in children:
             self._stop(child)
+        self.pool.close()
 
     def wait_jobs(self, timeout: float) -> None:
         """Let job processes still exiting (a last step after its marker) finish."""
@@ -275,7 +281,7 @@ class LocalChildren:
         from .sampling import start_server
 
         try:
-            started = start_server(child, self.ctx)
+            started = start_server(child, self.ctx, self.pool)
         except Exception as e:  # VllmServerError, a model that cannot be fetched, ...
             self._finish(child, "Failed", "ServerFailed", str(e))
             return
@@ -283,10 +289,19 @@ class LocalChildren:
             self.ctx.on_line(child.stage, f"{child.name}: samples already complete, no vLLM server")
         self._finish(child, "Running")
 
-    def _stop(self, child: LocalChild) -> None:
+    def _stop(self, child: LocalChild, park: bool = False) -> None:
+        """Stop a child's process; a server a later stage will serve again (`keep`) is parked
+        in `pool` instead when `park` (the planner deleted it, the run goes on)."""
         with self.changed:
             child.stopped = True
         handle = child.handle
+        if (park and child.kind == "Deployment" and child.server_key and handle is not None
+                and getattr(handle, "proc", None) is not None and handle.proc.poll() is None
+                and self.keep(child)):
+            self.pool.park(child.server_key, Parked(handle, child.scratch))
+            child.handle = child.scratch = None
+            self.ctx.on_line(child.stage, f"{child.name}: vLLM server kept for a later stage")
+            return
         if child.kind in JOB_KINDS and handle is not None and handle.poll() is None:
             handle.terminate()
             try:

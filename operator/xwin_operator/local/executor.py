@@ -7,7 +7,8 @@ retries with backoff, markers); this side supplies its parts:
     observe: LocalObserver: the children it started (children.LocalChildren, as ChildStates)
              and then each stage's `_SUCCESS.json`, read from the store as the operator reads it
     act:     LocalActions: CreateChild -> queue a local process for the planned child's step
-             (a job, a vLLM server, nothing for a Service); DeleteChild -> stop it;
+             (a job, a vLLM server, nothing for a Service); DeleteChild -> stop it (a
+             vLLM server a later stage serves again is kept idle instead: server_pool);
              SuspendChild -> n/a;
              PatchStatus -> keep the status and write `<log dir>/status.json`; EmitEvent ->
              a progress line; RequeueAfter -> sleep that long, or until a child changes
@@ -39,6 +40,7 @@ from ..core.loop import reconcile_once, run_sync
 from ..core.planner import stage_tasks
 from ..core.tasks import run_root
 from .children import LocalChild, LocalChildren
+from .server_pool import wanted_later
 
 POLL_SECONDS = 5.0     # a safety net: children notify when they change
 
@@ -232,6 +234,8 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
     progress = _Progress(on_stage)
     children = LocalChildren(ctx, on_start=progress.started)
     actions_here = LocalActions(children, ctx, progress)
+    children.keep = lambda child: wanted_later(run.spec, tasks, actions_here.status, child.stage,
+                                               child.step.model_input or "")
     observer = LocalObserver(children, store)
     previous_sigterm = _trap_sigterm()
     try:

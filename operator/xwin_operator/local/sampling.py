@@ -29,6 +29,7 @@ from xwin_jobs.store import Store
 from xwin_jobs.task import StageTask
 
 from ..core.steps import Step, step_env
+from .server_pool import ServerPool, server_key
 
 
 def sampler_env(env: dict[str, str], server_url: str, served_model: str,
@@ -75,10 +76,12 @@ def samples_done(task: StageTask, model_input: str, store: Store) -> bool:
     return False
 
 
-def start_server(child: Any, ctx: Any) -> str | None:
+def start_server(child: Any, ctx: Any, pool: ServerPool | None = None) -> str | None:
     """Bring up the vLLM server of a serve-step child (`children.LocalChild`): sets
-    `child.handle`, `child.scratch`, `child.url`; returns the URL, or None when the samples
-    it would serve are complete. Raises VllmServerError (with the server log's last lines)."""
+    `child.handle`, `child.scratch`, `child.url`, `child.server_key`; returns the URL, or None
+    when the samples it would serve are complete. A server for the same model and settings
+    parked in `pool` by an earlier stage is adopted instead of started. Raises
+    VllmServerError (with the server log's last lines)."""
     from xwin_jobs.modeling import resolve_model_source
     from xwin_jobs.vllm_server import LocalVllmServer, vllm_python
 
@@ -86,8 +89,20 @@ def start_server(child: Any, ctx: Any) -> str | None:
     store = Store(endpoint_url=ctx.env.get("AWS_ENDPOINT_URL"))
     if samples_done(task, child.step.model_input, store):
         return None
-    python = vllm_python(ctx.env)
     uri = task.inputs[child.step.model_input]
+    child.server_key = server_key(uri, task.params.get("serving"))
+    parked = pool.take(child.server_key) if pool is not None else None
+    if parked is not None:
+        child.handle, child.scratch = parked.server, parked.scratch
+        if child.stopped:  # deleted meanwhile: give it back unless _stop already did
+            if child.handle is not None:
+                pool.park(child.server_key, parked)
+                child.handle = child.scratch = None
+            return None
+        ctx.on_line(child.stage, f"reusing the vLLM server for {uri} (log: {parked.server.log_path})")
+        child.url = parked.server.base_url
+        return child.url
+    python = vllm_python(ctx.env)
     child.scratch = tempfile.TemporaryDirectory(prefix="xwin-model-")
     model_dir = resolve_model_source(store, uri, Path(child.scratch.name))
     server = LocalVllmServer(python, model_dir, task.params.get("serving"),
