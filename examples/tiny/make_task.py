@@ -62,13 +62,16 @@ def check_disjoint(files: dict[str, list[dict]]) -> None:
 def task_records(seed: int = 0, n_sft: int = 1024, n_pair_prompts: int = 256,
                  n_rs_prompts: int = 256, n_alpaca: int = 300, n_mt: int = 200,
                  noise: float = 0.5, n_pairs: int = 128, n_scored: int = 64,
-                 n_responses: int = 8, second_turn_every: int = 0) -> dict[str, list[dict]]:
+                 n_responses: int = 8, second_turn_every: int = 2,
+                 second_turn_in: tuple[str, ...] = ("pp",)) -> dict[str, list[dict]]:
     """Every data file of the task, as records. Pure.
 
-    Every `second_turn_every`-th pair and best-of-N prompt (0, the demo's: none) asks the
-    second turn ("And plus c?" after a worked first answer), as MT-bench's second turn does,
-    so the later stages see both turns (tried for issue 11, benchmarks/RESULTS.md `## Recipe`).
-    Its follow-ups come from their own seeded generator: every other file is the same."""
+    Every `second_turn_every`-th prompt of the files `second_turn_in` names ("pp": the pair
+    prompts, "rs": the best-of-N prompts; 0: none) asks the second turn ("And plus c?" after a
+    worked first answer), as MT-bench's second turn does. The demo's: every other pair prompt,
+    so the judged pairs (which its DPO learns from) cover both turns, while best-of-N stays on
+    first turns, which the 2-layer reward model ranks well (benchmarks/RESULTS.md `## Recipe`).
+    The follow-ups come from their own seeded generator: every other file is the same."""
     rng = random.Random(seed)
     follow = random.Random(f"{seed}:second-turn")
     evaluation, training = synthetic.split_pool(rng, n_alpaca + n_mt)
@@ -76,7 +79,7 @@ def task_records(seed: int = 0, n_sft: int = 1024, n_pair_prompts: int = 256,
 
     def prompt(i: int, prefix: str) -> dict[str, Any]:
         text = pick()
-        if second_turn_every and i % second_turn_every == second_turn_every - 1:
+        if second_turn_every and prefix in second_turn_in and i % second_turn_every == second_turn_every - 1:
             return synthetic.two_turn_prompt(i, text, follow.randint(0, synthetic.MAX_TERM), prefix)
         return synthetic.prompt_record(i, text, prefix)
 
