@@ -26,7 +26,6 @@ A stage is a function `run(ctx: StageContext) -> StageResult`, registered in `ST
 
 from __future__ import annotations
 
-import gc
 import importlib
 import logging
 import os
@@ -163,12 +162,6 @@ def run_stage(task: StageTask, store: Store, workdir: str | Path | None = None) 
     # Only on success: a failed rank must not wait in a barrier the others never reach; it
     # exits and torchrun stops the rest of the group.
     if dist is not None:
-        # The stage's model, DDP wrapper and optimizer are garbage now, but reference cycles
-        # keep DDP's reducer (and through it the gloo process group and its worker threads)
-        # alive until the interpreter's own teardown, where gloo's threads then abort the
-        # process ("terminate called without an active exception", 1 run in 8 here): collect
-        # them while the process group can still be destroyed cleanly.
-        gc.collect()
         dist.close()
     return marker
 

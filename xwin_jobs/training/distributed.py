@@ -115,9 +115,16 @@ class Distributed:
         success path only: after a failure a rank should just exit (torchrun then stops
         the others) instead of waiting at a barrier the others may never reach."""
         if self.active:
+            import gc
+
             import torch.distributed as tdist
 
             if tdist.is_initialized():
+                # A finished stage's DDP wrapper is garbage by now, but reference cycles keep its
+                # reducer (and through it the gloo process group and its threads) alive until the
+                # interpreter's own teardown, where gloo's threads abort the process ("terminate
+                # called without an active exception", 1 run in 8): collect it first.
+                gc.collect()
                 self.barrier()  # no rank tears down while another is still in a collective
                 tdist.destroy_process_group()
 

@@ -37,7 +37,7 @@ from xwin_jobs.task import StageTask
 from ..core.children import TRAIN_LAUNCHER, PlannedChild
 from ..core.steps import Step
 from ..core.types import ChildState, now_iso
-from .server_pool import Parked, ServerPool
+from .server_pool import Parked, ServerPool, running
 
 JOB_KINDS = ("PyTorchJob", "TrainJob", "Job")
 
@@ -295,8 +295,7 @@ class LocalChildren:
         with self.changed:
             child.stopped = True
         handle = child.handle
-        if (park and child.kind == "Deployment" and child.server_key and handle is not None
-                and getattr(handle, "proc", None) is not None and handle.proc.poll() is None
+        if (park and child.kind == "Deployment" and child.server_key and running(handle)
                 and self.keep(child)):
             self.pool.park(child.server_key, Parked(handle, child.scratch))
             child.handle = child.scratch = None

@@ -60,6 +60,12 @@ def wanted_later(spec: AlignmentRunSpec, tasks: Mapping[str, StageTask], status:
         for s, m, k in keys)
 
 
+def running(server: Any) -> bool:
+    """Whether a LocalVllmServer's process was started and has not exited."""
+    proc = getattr(server, "proc", None)
+    return proc is not None and proc.poll() is None
+
+
 @dataclass
 class Parked:
     server: Any          # xwin_jobs.vllm_server.LocalVllmServer, running
@@ -85,8 +91,7 @@ class ServerPool:
             parked = self._parked.pop(key, None)
         if parked is None:
             return None
-        proc = getattr(parked.server, "proc", None)
-        if proc is None or proc.poll() is not None:
+        if not running(parked.server):
             _stop(parked)
             return None
         return parked
