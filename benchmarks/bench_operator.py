@@ -161,7 +161,7 @@ def measure(kind: str, runs: int, interval: float, timeout: float, work: Path, p
             import subprocess
 
             spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--nonblocking",
-                                    "-r", "250", "-f", "raw", "-o", profile, "--pid", str(op.proc.pid)],
+                                    "-r", "250", "--gil", "--threads", "-f", "raw", "-o", profile, "--pid", str(op.proc.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             cluster.create(RUNS, run_manifest("warmup", store, base))
@@ -324,13 +324,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def notes(best: dict[str, dict]) -> str:
-    from xwin_operator.kube.client import API_THREADS, BULK_THREADS
+    from xwin_operator.kube.client import API_THREADS, BULK_THREADS, EVENT_THREADS
 
     xwin, noop, peer = best["xwin"], best["noop"], best.get("peer")
     same_calls = "" if peer is None else (
         "Both the xwin operator and the same-calls peer make their API calls with the official `kubernetes` "
-        f"client (xwin_operator.kube.client.KubeApi: its ApiClient in {API_THREADS} worker threads, and {BULK_THREADS} "
-        "more for status patches and Events, JSON bodies, "
+        f"client (xwin_operator.kube.client.KubeApi: its ApiClient in {API_THREADS} worker threads, {BULK_THREADS} "
+        f"more for status patches and awaited Events (the peer's), and {EVENT_THREADS} posting ours without the event "
+        "loop, JSON bodies, "
         "no model classes) and log kopf in through the same kubeconfig loading (xwin_operator.kube.kubeconfig); the "
         "no-op operator makes none of its own (kopf patches its status). "
         "The same-calls peer (benchmarks/peer_operator.py) is the floor for this job in kopf: the same "

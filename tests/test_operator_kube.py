@@ -3,6 +3,8 @@ child objects and run bodies to what the planner sees (observe.child_state, run_
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from kube import Cluster
@@ -111,6 +113,36 @@ def test_kube_api_calls_against_the_api_server(api_cluster):
     assert event["involvedObject"]["name"] == "s" and event["reason"] == "Tested" and event["metadata"]["name"].startswith("s.")
 
 
+def test_events_are_posted_in_order_per_object_without_an_event_loop(api_cluster, caplog):
+    """KubeApi.post_events returns at once (no event loop needed), posts an object's Events in
+    the order given across calls, and logs one that cannot be posted without losing the rest."""
+    import logging
+    import time
+
+    c = api_cluster
+    api = KubeApi(lambda: login_from_dict(c.kubeconfig_doc(), MemFiles()), event_threads=4)
+    runs = [{"apiVersion": "xwin.ai/v1alpha1", "kind": "AlignmentRun", "name": f"r{i}", "namespace": NS,
+             "uid": f"u{i}"} for i in range(3)]
+    log = logging.getLogger("test.events")
+    for i in range(15):
+        for run in runs:
+            api.post_events(run, [(f"R{i}", f"message {i}", "Normal")], log)
+    api.post_events({**runs[0], "namespace": "no/where"}, [("Lost", "refused (404)", "Warning")], log)
+    for run in runs:
+        api.post_events(run, [("Last", "a", "Normal"), ("Final", "b", "Warning")], log)
+
+    deadline = time.monotonic() + 20
+    while len(c.list("v1/events", NS)) < 3 * 17 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    events = sorted(c.list("v1/events", NS), key=lambda e: int(e["metadata"]["resourceVersion"]))
+    for run in runs:
+        mine = [e["reason"] for e in events if e["involvedObject"]["name"] == run["name"]]
+        assert mine == [f"R{i}" for i in range(15)] + ["Last", "Final"]
+    assert [e["type"] for e in events if e["reason"] == "Final"] == ["Warning"] * 3
+    assert any("could not post Event Lost" in r.getMessage() and "[no/where/r0]" in r.getMessage() for r in caplog.records)
+    asyncio.run(api.close())
+
+
 def test_unreachable_api_is_a_transient_error():
     from kube.pods import free_port
 
@@ -118,7 +150,6 @@ def test_unreachable_api_is_a_transient_error():
            "clusters": [{"name": "x", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}],
            "users": [{"name": "x", "user": {}}]}
     api = KubeApi(lambda: login_from_dict(doc, MemFiles()), timeout=2)
-    import asyncio
 
     async def call() -> ApiError:
         try:

@@ -9,7 +9,8 @@ Triggers, all running the same `reconcile` (serialised per run by a lock):
     an API or store error or was blocked is retried there), at a backoff's end, and ten
     intervals after it while it only waits on its children (a safety net for missed events);
   * a child changing phase (a PyTorchJob or Job finishing, a vLLM Deployment becoming
-    available, a child deleted), so stages follow each other without waiting for the resync.
+    available, a child deleted), so stages follow each other without waiting for the resync;
+    while new runs are arriving, at most a few of these at once (admission.py: new runs first).
 
 Only watch-event handlers (`kopf.on.event`) are registered, no indexes and no change-detection
 handlers (on.create/update/resume): the operator is level-based (state is recomputed from the
@@ -169,18 +170,24 @@ async def resync_forever(state: OperatorState, logger: logging.Logger) -> None:
         await asyncio.gather(*(one(g) for g in due))
 
 
-def _run_matters(type: str | None, body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any) -> bool:
+def _run_matters(type: str | None, event: Mapping[str, Any], uid: str, memo: kopf.Memo, **_: Any) -> bool:
     """kopf's filter of run events (called for each, cheaper than a handler call): keeps the
     newest body of the run, and says whether `run_event` has anything to do: a run deleted, a
     run this process sees first (created, or listed at start-up: resume), or a new generation
     (a spec change). The echo of the run's own status patch, or a metadata-only change, wakes
-    nothing."""
+    nothing.
+
+    Bodies are kept and read as the watch event's plain dict (`event["object"]`), not kopf's
+    `body` view: every read through the view resolves its path again (the view cost a
+    reconcile more than its planning, 1000 runs at once)."""
     state = _state(memo)
     if type == "DELETED":
         return True
+    body = event["object"]
     gate = state.gates.get(uid)
     if gate is None:  # its run event reconciles it; the resync only if that fails to
         gate = state.gates[uid] = RunGate(due=time.monotonic() + state.interval)
+        state.lane.arrived()
     gate.body = body
     return gate.generation is None or gate.generation != body.get("metadata", {}).get("generation")
 
@@ -211,22 +218,27 @@ def _child_gate(state: OperatorState, body: Mapping[str, Any], name: str, child:
     return gate
 
 
-def _child_matters(type: str | None, body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> bool:
+def _child_matters(type: str | None, event: Mapping[str, Any], name: str, memo: kopf.Memo, **_: Any) -> bool:
     """kopf's filter of child events: every event goes into the child book (what reconciles
-    read), and most (a child created or started, echoing back) need no handler call at all."""
+    read), and most (a child created or started, echoing back) need no handler call at all.
+    The body is the event's plain dict, as for runs (`_run_matters`)."""
     state = _state(memo)
+    body = event["object"]
     return _child_gate(state, body, name, state.book.saw(type, body)) is not None
 
 
-async def _child_event(type: str | None, body: kopf.Body, name: str, logger: logging.LoggerAdapter,
+async def _child_event(type: str | None, event: Mapping[str, Any], name: str, logger: logging.LoggerAdapter,
                        memo: kopf.Memo, **_: Any) -> None:
-    """Reconcile the parent run when a child's phase moved from what the run last saw."""
+    """Reconcile the parent run when a child's phase moved from what the run last saw, in the
+    completion lane: while new runs arrive, their first reconciles go first (admission.py)."""
     state = _state(memo)
+    body = event["object"]
     child = None if type == "DELETED" else child_state(body)
     gate = _child_gate(state, body, name, child)
     if gate is not None:
         gate.queued = True
-        await reconcile_logged(state, gate, "child event", logger)
+        async with state.lane:
+            await reconcile_logged(state, gate, "child event", logger)
 
 
 def decisive(kind: str, phase: str) -> bool:

@@ -5,9 +5,10 @@ trigger it).
 `KubeObserver` (the run's children as the child book holds them, the stages'
 `_SUCCESS.json` markers and the run's inputs in the store, the Secrets the run names) and
 `KubeActions` (the actions as kube.KubeApi calls, with at most one status patch per reconcile,
-none when nothing changed: children first, then the status, then the Events in the background). When observing or acting fails (blocked.py: the store unreachable, the API refusing a
-child or a lookup, a launcher's CRD missing) the run's status says so, with one Warning Event
-per distinct reason; the resync retries.
+none when nothing changed: children first, then the status, then the Events, handed to the
+client's event threads). When observing or acting fails (blocked.py: the store unreachable, the
+API refusing a child or a lookup, a launcher's CRD missing) the run's status says so, with one
+Warning Event per distinct reason; the resync retries.
 
 When the resync reconciles a run again unasked (`RunGate.due`) is core.loop.resync_after's
 call: at the planner's requeue (a backoff), every `interval` while the run waits on something
@@ -34,8 +35,9 @@ from ..core.loop import act, reconcile_once, resync_after
 from ..core.planner import stage_tasks
 from ..core.types import EmitEvent, now_iso
 from ..core.children import LABEL_RUN
+from .admission import CompletionLane
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
-from .client import BULK_THREADS, ApiError, KubeApi
+from .client import ApiError, KubeApi
 from .child_book import ChildBook
 from .kubeconfig import Login, LoginError
 from .manifests import render
@@ -45,12 +47,8 @@ from .store_reader import StoreReader
 
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
+EVENT_LOG = logging.getLogger("xwin_operator.events")  # Events that could not be posted (from the event threads)
 IDLE_FACTOR = 10  # a run waiting on its child is resynced every IDLE_FACTOR intervals (missed events)
-# the client's bulk threads (status patches and Events; creates have a pool of their own) split
-# between status patches (two thirds) and Events (posted in the background, nobody waits for
-# them: a third), so status patches never queue behind Events
-SLOW_LANE = BULK_THREADS * 2 // 3
-EVENT_LANE = BULK_THREADS - SLOW_LANE
 
 
 class RunGone(Exception):
@@ -75,7 +73,6 @@ class RunGate:
     last: float = 0.0
     due: float = 0.0
     blocked: str | None = None              # the reason of the block last reported (blocked.py)
-    events: asyncio.Task | None = None      # the run's Events being posted (in order, in the background)
 
 
 @dataclass
@@ -90,10 +87,7 @@ class OperatorState:
     listings: dict[str, asyncio.Task] = field(default_factory=dict)  # namespace -> its children listed
     secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)  # -> when last found
     resync: asyncio.Task | None = None
-    # status patches wait in slow_lane and Events in event_lane, children creates in neither: under
-    # a burst of new runs, the children (what users wait for) go first
-    slow_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SLOW_LANE))
-    event_lane: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(EVENT_LANE))
+    lane: CompletionLane = field(default_factory=CompletionLane)  # new runs first (admission.py)
 
     @property
     def idle(self) -> float:
@@ -175,14 +169,13 @@ async def report_blocked(state: OperatorState, gate: RunGate, body: Mapping[str,
     logger.warning(f"blocked: {blocked}")
     if status != previous:
         try:
-            async with state.slow_lane:
-                await state.api.patch_status(meta["namespace"], meta["name"], status)
+            await state.api.patch_status(meta["namespace"], meta["name"], status)
         except ApiError as e:
             raise RunGone() if e.status == 404 else e from None
         gate.status = status
     if gate.blocked != blocked.reason:
         gate.blocked = blocked.reason
-        post_events(state, gate, meta, [EmitEvent(blocked.reason, blocked.message, "Warning")], logger)
+        post_events(state, meta, [EmitEvent(blocked.reason, blocked.message, "Warning")])
 
 
 async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any], children: list,
@@ -206,7 +199,7 @@ async def _reconcile(state: OperatorState, gate: RunGate, body: Mapping[str, Any
                                        generation=generation, config=state.config, tasks=gate.tasks)
         wait = resync_after(outcome, state.interval, state.idle)
     if executor.events:  # after the status they tell about, in order
-        post_events(state, gate, meta, executor.events, logger)
+        post_events(state, meta, executor.events)
     gate.generation, gate.run = generation, run
     return wait
 
@@ -264,17 +257,16 @@ async def secret_exists(state: OperatorState, namespace: str, name: str) -> bool
 
 class KubeActions:
     """The planner's actions as API calls (core.executor.Executor): children created, deleted
-    and (un)suspended at once, the status patched through `slow_lane`, the Events collected
-    for `post_events` (posted in the background once the actions are done); a requeue is the
+    and (un)suspended at once, the status patched, the Events collected for `post_events`
+    (handed to the client's event threads once the actions are done); a requeue is the
     resync's (reconcile sets RunGate.due from core.loop.resync_after).
 
     Children first (a new child is the latency users wait for), then the one status patch (the
     planner emits at most one, and none when nothing changed), then the Events, in order. The
-    status patch goes through `slow_lane` (SLOW_LANE requests at once, two thirds of the API
-    client's bulk threads) and the Events through `event_lane` (the other third), in the
-    background; creates have the client's main pool to themselves: under a burst of new runs,
-    creating children is not queued behind the other runs' bookkeeping, nor a run's next
-    reconcile (its child finishing) behind its Events."""
+    status patch goes to the client's bulk threads and the Events to its event threads; creates
+    have the client's main pool to themselves: under a burst of new runs, creating children is
+    not queued behind the other runs' bookkeeping, nor a run's next reconcile (its child
+    finishing) behind its Events."""
 
     def __init__(self, state: OperatorState, gate: RunGate, body: Mapping[str, Any], run: Any,
                  current: dict, logger: logging.Logger | logging.LoggerAdapter):
@@ -309,8 +301,7 @@ class KubeActions:
         old_keys = set(self.current) | set(self.gate.status or {})
         patch = {**status, **{k: None for k in old_keys if k not in status}}
         try:
-            async with self.state.slow_lane:
-                await self.state.api.patch_status(self.ns, self.name, patch)
+            await self.state.api.patch_status(self.ns, self.name, patch)
         except ApiError as e:
             raise RunGone() if e.status == 404 else e from None
         self.gate.status = dict(status)
@@ -323,26 +314,12 @@ class KubeActions:
         """Nothing to do here: the outcome's requeue sets when the resync comes back (RunGate.due)."""
 
 
-def post_events(state: OperatorState, gate: RunGate, meta: Mapping[str, Any], events: list[EmitEvent],
-                logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Post Events on the run in the background, best effort (as Events are): the reconcile does
-    not wait for them. A run's Events keep their order: each batch starts once the run's
-    previous one is posted."""
+def post_events(state: OperatorState, meta: Mapping[str, Any], events: list[EmitEvent]) -> None:
+    """Post Events on the run, best effort (as Events are), without waiting: the client's event
+    threads post them in order per run (KubeApi.post_events), at no cost to the event loop."""
     involved = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
                 "namespace": meta["namespace"], "uid": meta["uid"]}
-    previous = gate.events
-
-    async def post() -> None:
-        if previous is not None and not previous.done():
-            await asyncio.wait([previous])
-        async with state.event_lane:
-            for e in events:
-                try:
-                    await state.api.post_event(involved, e.reason, e.message, e.type)
-                except (ApiError, LoginError) as err:
-                    logger.warning(f"could not post Event {e.reason}: {err}")
-
-    gate.events = asyncio.get_running_loop().create_task(post())
+    state.api.post_events(involved, [(e.reason, e.message, e.type) for e in events], EVENT_LOG)
 
 
 async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,
