@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
     parser.add_argument("--only", choices=("xwin", "noop", "peer"), help="measure one operator (implies --no-results)")
     parser.add_argument("--profile", metavar="FILE", help="sample the operator with py-spy (pip install py-spy) "
-                        "into FILE.<kind>.<round> (collapsed stacks; implies --no-results)")
+                        "into FILE.<kind>.<round> (collapsed stacks, each rooted at its thread's name; only the "
+                        "thread holding the GIL is sampled: py-spy --gil; implies --no-results)")
     parser.add_argument("--before", metavar="DIR", help="also measure an older xwin operator: DIR is its operator/ "
                         "folder (e.g. `git archive REV operator | tar -x -C /tmp/old`, DIR=/tmp/old/operator)")
     parser.add_argument("--before-label", default="", help="what to call it in the table (e.g. the commit)")
