@@ -143,6 +143,40 @@ def test_events_are_posted_in_order_per_object_without_an_event_loop(api_cluster
     asyncio.run(api.close())
 
 
+def test_a_run_deleted_while_its_reconcile_waited_starts_nothing(tmp_path):
+    """A reconcile that waited (the completion lane, while new runs arrive) for a run deleted
+    meanwhile (its gate dropped by the DELETED event) creates no child and writes nothing."""
+    import logging
+
+    from xwin_operator.api.crd import crd
+    from xwin_operator.core.config import OperatorConfig
+    from xwin_operator.kube.reconciler import OperatorState, RunGate, reconcile
+    from xwin_operator.kube.store_reader import StoreReader
+
+    def run(name: str) -> dict:
+        return {"apiVersion": "xwin.ai/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": name, "namespace": NS},
+                "spec": {"baseModel": f"file://{tmp_path}/base", "storage": {"uri": f"file://{tmp_path}/runs"},
+                         "defaults": {"resources": {"nodes": 1, "gpusPerNode": 0}},
+                         "stages": {"sft": {"data": f"file://{tmp_path}/sft.jsonl"}}}}
+
+    with Cluster(namespaces=(NS,), crds=(crd(),)) as c:
+        login = lambda: login_from_dict(c.kubeconfig_doc(), MemFiles())  # noqa: E731
+        state = OperatorState(api=KubeApi(login), store=StoreReader(), config=OperatorConfig.from_env(), login=login)
+        kept, gone = (RunGate(body=c.create("xwin.ai/v1alpha1/alignmentruns", run(n))) for n in ("kept", "gone"))
+        state.gates[kept.body["metadata"]["uid"]] = kept  # `gone`'s gate was dropped by its DELETED event
+
+        async def scenario() -> None:
+            await reconcile(state, kept, logging.getLogger("test"))
+            await reconcile(state, gone, logging.getLogger("test"))
+            await state.api.close()
+
+        c.call(scenario)
+        children = [o["metadata"]["name"] for o in c.list("kubeflow.org/v1/pytorchjobs", NS)]
+        statuses = {o["metadata"]["name"]: (o.get("status") or {}).get("phase") for o in c.list("xwin.ai/v1alpha1/alignmentruns", NS)}
+    assert children == ["kept-sft-1"]
+    assert statuses == {"kept": "Running", "gone": None}
+
+
 def test_unreachable_api_is_a_transient_error():
     from kube.pods import free_port
 

@@ -145,6 +145,8 @@ async def reconcile(state: OperatorState, gate: RunGate,
         if body is None or body["metadata"].get("deletionTimestamp"):
             return  # being deleted: its children go with it (owner references); nothing to start
         meta = body["metadata"]
+        if state.gates.get(meta["uid"]) is not gate:
+            return  # deleted while this reconcile waited (the completion lane): nothing to start
         wait = state.interval  # a block or an error: retried by the resync
         try:
             await children_complete(state, meta["namespace"])
