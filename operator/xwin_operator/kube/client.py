@@ -149,7 +149,8 @@ class KubeApi:
         self._bulk = ThreadPoolExecutor(bulk_threads, thread_name_prefix="kube-api-bulk")
         self._event_queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(event_threads)]
         self._event_threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
+        self._event_start = threading.Lock()
+        self._lock = threading.Lock()  # held while logging in
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -288,13 +289,14 @@ class KubeApi:
         (as Events are): returns at once, and the event loop is not involved at all (no task, no
         future, no callback). An object's Events are posted in the order given, across calls:
         they all go to the same thread (by uid). A failure is logged to `log` and dropped."""
-        with self._lock:  # threads started on first use (an operator that never posts has none)
-            if not self._event_threads:
-                self._event_threads = [threading.Thread(target=self._post_forever, args=(q,), daemon=True,
-                                                        name=f"kube-api-events-{i}")
-                                       for i, q in enumerate(self._event_queues)]
-                for t in self._event_threads:
-                    t.start()
+        if not self._event_threads:  # started on first use (an operator that never posts has none)
+            with self._event_start:  # not self._lock: a login (an exec plugin) may hold that for seconds
+                if not self._event_threads:
+                    threads = [threading.Thread(target=self._post_forever, args=(q,), daemon=True,
+                                                name=f"kube-api-events-{i}") for i, q in enumerate(self._event_queues)]
+                    for t in threads:
+                        t.start()
+                    self._event_threads = threads
         index = zlib.crc32(str(involved.get("uid") or involved["name"]).encode()) % len(self._event_queues)
         self._event_queues[index].put((involved, events, log, component))
 
