@@ -79,3 +79,20 @@ def test_a_cancelled_waiter_gives_its_turn_away():
         return waiting, lane.waiting
 
     assert asyncio.run(scenario()) == (1, 0)
+
+
+def test_a_waiter_cancelled_as_a_turn_frees_up_neither_breaks_nor_leaks_the_turn():
+    async def scenario() -> int:
+        lane = CompletionLane(limit=1, window=10.0)
+        lane.arrived()
+        await lane.__aenter__()  # the one turn, held here
+        waiter = asyncio.create_task(_track(lane, [0], [0], 0))
+        await asyncio.sleep(0.01)
+        waiter.cancel()                          # its wait is cancelled at once ...
+        await lane.__aexit__(None, None, None)   # ... and the turn frees up before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await asyncio.wait_for(lane.__aenter__(), 1.0)  # the turn is free again
+        return lane.waiting
+
+    assert asyncio.run(scenario()) == 0

@@ -61,7 +61,7 @@ class CompletionLane:
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self._release()  # woken, then cancelled before it ran
-            else:
+            elif future in self._waiters:  # (a _wake may have dropped it already, cancelled)
                 self._waiters.remove(future)
             raise
 
