@@ -178,8 +178,8 @@ def _run_matters(type: str | None, event: Mapping[str, Any], uid: str, memo: kop
     nothing.
 
     Bodies are kept and read as the watch event's plain dict (`event["object"]`), not kopf's
-    `body` view: every read through the view resolves its path again (the view cost a
-    reconcile more than its planning, 1000 runs at once)."""
+    `body` view: every read through the view resolves its path again (profiled with 1000 runs
+    at once, copying the status out of the view took three quarters of the time of planning)."""
     state = _state(memo)
     if type == "DELETED":
         return True
