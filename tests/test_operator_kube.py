@@ -143,6 +143,37 @@ def test_events_are_posted_in_order_per_object_without_an_event_loop(api_cluster
     asyncio.run(api.close())
 
 
+def test_posting_events_never_waits_for_a_login_in_progress(api_cluster):
+    """post_events runs on the event loop: it returns at once even while a worker thread holds
+    the client's login lock (an exec plugin can take seconds), and the Event follows."""
+    import logging
+    import threading
+    import time
+
+    c = api_cluster
+    api = KubeApi(lambda: login_from_dict(c.kubeconfig_doc(), MemFiles()), event_threads=2)
+    run = {"apiVersion": "xwin.ai/v1alpha1", "kind": "AlignmentRun", "name": "r", "namespace": NS, "uid": "u"}
+    held, release = threading.Event(), threading.Event()
+
+    def slow_login() -> None:
+        with api._lock:  # what KubeApi._api_client holds while the login runs
+            held.set()
+            release.wait(10)
+
+    threading.Thread(target=slow_login, daemon=True).start()
+    held.wait(5)
+    started = time.monotonic()
+    api.post_events(run, [("Started", "while logging in", "Normal")], logging.getLogger("test"))
+    took = time.monotonic() - started
+    release.set()
+    deadline = time.monotonic() + 10
+    while not c.list("v1/events", NS) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert took < 0.5
+    assert [e["reason"] for e in c.list("v1/events", NS)] == ["Started"]
+    asyncio.run(api.close())
+
+
 def test_a_run_deleted_while_its_reconcile_waited_starts_nothing(tmp_path):
     """A reconcile that waited (the completion lane, while new runs arrive) for a run deleted
     meanwhile (its gate dropped by the DELETED event) creates no child and writes nothing."""
