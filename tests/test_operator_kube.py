@@ -116,20 +116,18 @@ def test_kube_api_calls_against_the_api_server(api_cluster):
 def test_events_are_posted_in_order_per_object_without_an_event_loop(api_cluster, caplog):
     """KubeApi.post_events returns at once (no event loop needed), posts an object's Events in
     the order given across calls, and logs one that cannot be posted without losing the rest."""
-    import logging
     import time
 
     c = api_cluster
     api = KubeApi(lambda: login_from_dict(c.kubeconfig_doc(), MemFiles()), event_threads=4)
     runs = [{"apiVersion": "xwin.ai/v1alpha1", "kind": "AlignmentRun", "name": f"r{i}", "namespace": NS,
              "uid": f"u{i}"} for i in range(3)]
-    log = logging.getLogger("test.events")
     for i in range(15):
         for run in runs:
-            api.post_events(run, [(f"R{i}", f"message {i}", "Normal")], log)
-    api.post_events({**runs[0], "namespace": "no/where"}, [("Lost", "refused (404)", "Warning")], log)
+            api.post_events(run, [(f"R{i}", f"message {i}", "Normal")])
+    api.post_events({**runs[0], "namespace": "no/where"}, [("Lost", "refused (404)", "Warning")])
     for run in runs:
-        api.post_events(run, [("Last", "a", "Normal"), ("Final", "b", "Warning")], log)
+        api.post_events(run, [("Last", "a", "Normal"), ("Final", "b", "Warning")])
 
     deadline = time.monotonic() + 20
     while len(c.list("v1/events", NS)) < 3 * 17 and time.monotonic() < deadline:
@@ -146,7 +144,6 @@ def test_events_are_posted_in_order_per_object_without_an_event_loop(api_cluster
 def test_posting_events_never_waits_for_a_login_in_progress(api_cluster):
     """post_events runs on the event loop: it returns at once even while a worker thread holds
     the client's login lock (an exec plugin can take seconds), and the Event follows."""
-    import logging
     import threading
     import time
 
@@ -163,7 +160,7 @@ def test_posting_events_never_waits_for_a_login_in_progress(api_cluster):
     threading.Thread(target=slow_login, daemon=True).start()
     held.wait(5)
     started = time.monotonic()
-    api.post_events(run, [("Started", "while logging in", "Normal")], logging.getLogger("test"))
+    api.post_events(run, [("Started", "while logging in", "Normal")])
     took = time.monotonic() - started
     release.set()
     deadline = time.monotonic() + 10

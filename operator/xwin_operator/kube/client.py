@@ -58,6 +58,7 @@ BULK_THREADS = 48
 # thread posted 2000 Events about as fast as 16 against the test API server (730 and 790/s, the
 # server in the same process); 4 keep one slow reply from holding up every run's Events
 EVENT_THREADS = 4
+EVENT_LOG = logging.getLogger("xwin_operator.events")  # Events that could not be posted
 
 
 class ApiError(Exception):
@@ -147,10 +148,10 @@ class KubeApi:
         self._client: Any = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kube-api")
         self._bulk = ThreadPoolExecutor(bulk_threads, thread_name_prefix="kube-api-bulk")
-        self._event_queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(event_threads)]
-        self._event_threads: list[threading.Thread] = []
-        self._event_start = threading.Lock()
         self._lock = threading.Lock()  # held while logging in
+        self._event_queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(event_threads)]
+        for i, q in enumerate(self._event_queues):  # idle until an Event comes (blocked on the queue)
+            threading.Thread(target=self._post_forever, args=(q,), daemon=True, name=f"kube-api-events-{i}").start()
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -283,35 +284,27 @@ class KubeApi:
         await self.request("post", path_of("Event", ns), _event(involved, reason, message, type_, component),
                            reply=False, bulk=True)
 
-    def post_events(self, involved: dict, events: list[tuple[str, str, str]],
-                    log: logging.Logger | logging.LoggerAdapter, component: str = MANAGED_BY) -> None:
+    def post_events(self, involved: dict, events: list[tuple[str, str, str]], component: str = MANAGED_BY) -> None:
         """Post Events (reason, message, type) on `involved` from the event threads, best effort
-        (as Events are): returns at once, and the event loop is not involved at all (no task, no
-        future, no callback). An object's Events are posted in the order given, across calls:
-        they all go to the same thread (by uid). A failure is logged to `log` and dropped."""
-        if not self._event_threads:  # started on first use (an operator that never posts has none)
-            with self._event_start:  # not self._lock: a login (an exec plugin) may hold that for seconds
-                if not self._event_threads:
-                    threads = [threading.Thread(target=self._post_forever, args=(q,), daemon=True,
-                                                name=f"kube-api-events-{i}") for i, q in enumerate(self._event_queues)]
-                    for t in threads:
-                        t.start()
-                    self._event_threads = threads
+        (as Events are): returns at once, takes no lock, and the event loop is not involved at
+        all (no task, no future, no callback). An object's Events are posted in the order given,
+        across calls: they all go to the same thread (by uid). A failure is logged to EVENT_LOG
+        and dropped."""
         index = zlib.crc32(str(involved.get("uid") or involved["name"]).encode()) % len(self._event_queues)
-        self._event_queues[index].put((involved, events, log, component))
+        self._event_queues[index].put((involved, events, component))
 
     def _post_forever(self, q: queue.SimpleQueue) -> None:
         while (item := q.get()) is not None:
-            involved, events, log, component = item
+            involved, events, component = item
             path, who = path_of("Event", involved["namespace"]), f"[{involved['namespace']}/{involved['name']}]"
             for reason, message, type_ in events:
                 try:
                     self._call("post", path, _event(involved, reason, message, type_, component),
                                None, "application/json", False)
                 except (ApiError, LoginError) as err:
-                    log.warning(f"{who} could not post Event {reason}: {err}")
+                    EVENT_LOG.warning(f"{who} could not post Event {reason}: {err}")
                 except Exception:  # noqa: BLE001 - a bug here must not end the thread (later Events)
-                    log.exception(f"{who} could not post Event {reason}")
+                    EVENT_LOG.exception(f"{who} could not post Event {reason}")
 
     async def secret_exists(self, namespace: str, name: str) -> bool:
         try:

@@ -47,7 +47,6 @@ from .store_reader import StoreReader
 
 FINISHED = ("Succeeded", "Failed")
 SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
-EVENT_LOG = logging.getLogger("xwin_operator.events")  # Events that could not be posted (from the event threads)
 IDLE_FACTOR = 10  # a run waiting on its child is resynced every IDLE_FACTOR intervals (missed events)
 
 
@@ -321,7 +320,7 @@ def post_events(state: OperatorState, meta: Mapping[str, Any], events: list[Emit
     threads post them in order per run (KubeApi.post_events), at no cost to the event loop."""
     involved = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
                 "namespace": meta["namespace"], "uid": meta["uid"]}
-    state.api.post_events(involved, [(e.reason, e.message, e.type) for e in events], EVENT_LOG)
+    state.api.post_events(involved, [(e.reason, e.message, e.type) for e in events])
 
 
 async def reconcile_logged(state: OperatorState, gate: RunGate, why: str,
