@@ -171,6 +171,8 @@ def test_a_stage_failing_every_attempt_fails_the_run_naming_stage_child_and_reas
     assert "sft" in status["message"] and "PyTorchJob/doomed-sft-2" in status["message"]
     assert "PyTorchJobFailed" in status["message"]
     assert condition(status, "Succeeded")["reason"] == "StageFailed"
+    cluster.wait_for(lambda: any(e["reason"] == "RunFailed" for e in events_of(cluster, NS, "doomed")),
+                     timeout=10, what="the RunFailed Event")  # Events are posted in the background
     assert [e["reason"] for e in events_of(cluster, NS, "doomed")][-1] == "RunFailed"
     assert attempts_seen["doomed-sft-3"] == 0
 

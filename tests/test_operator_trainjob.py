@@ -44,6 +44,9 @@ def test_a_run_with_trainjobs_succeeds_and_retries_a_failed_one(cluster, kubelet
     assert failed_once == {"tj-sft-1"}
     job = cluster.get(TRAINJOBS, NS, "tj-sft-2")
     assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    # Events are posted in the background (best effort): wait for the run's last one first
+    cluster.wait_for(lambda: any(e["reason"] == "RunSucceeded" for e in events_of(cluster, NS, "tj")),
+                     timeout=10, what="the RunSucceeded Event")
     assert any(e["reason"] == "StageAttemptFailed" for e in events_of(cluster, NS, "tj"))
 
 
