@@ -132,7 +132,7 @@ def test_vllm_server_uses_the_shared_arguments_and_health_probe(run7b, children)
     assert deployment["spec"]["replicas"] == 4
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
     serving = stage_task(run7b, "bestOfN").params["serving"]
-    assert c["command"] == ["python", "-m", "vllm.entrypoints.openai.api_server", *vllm_server_args(
+    assert c["command"] == ["python", "-m", "xwin_jobs.serve", *vllm_server_args(
         "/scratch/model", serving, 8000, host="0.0.0.0", served_model_name="policy", device="gpu")]
     # the model is copied from the store into the pod's scratch volume before vLLM starts
     (fetch,) = deployment["spec"]["template"]["spec"]["initContainers"]

@@ -192,6 +192,39 @@ def test_a_server_dying_mid_run_keeps_what_arrived(stub):
     assert got == ["p0", "p1", "p2", "p3"]
 
 
+def test_a_server_that_goes_away_ends_the_sampler_once_after_one_retry_schedule(stub):
+    """The server vanishes with 8 requests in flight and 200 prompts to go: the sampler ends
+    with one message about the server (not a prompt), within about one request's retry
+    schedule, without trying the prompts that were not yet sent."""
+    stub.delay = 0.05
+    config = cfg(stub, concurrency=8, max_attempts=6, backoff_s=0.05, max_backoff_s=0.4)
+    assert config.retry_span_s == pytest.approx(0.05 + 0.1 + 0.2 + 0.4 + 0.4)
+    got: list[str] = []
+
+    async def go():
+        async for record, _ in sample_responses(prompts(200), 2, SamplingParams(), config, encode):
+            got.append(record["id"])
+            if len(got) == 16:
+                stub.close()  # the server is gone: every connection is refused from now on
+
+    started = time.monotonic()
+    with pytest.raises(SamplerError, match=r"server at http://127\.0\.0\.1:\d+/v1 stopped answering: "
+                                           r"\d+ requests failed to reach it"):
+        asyncio.run(go())
+    assert time.monotonic() - started < 5
+    assert 16 <= len(got) < 40
+    assert len(stub.requests) < 40  # no prompt was sent after the server went
+
+
+def test_a_server_answering_errors_is_not_taken_for_gone(stub):
+    """503s are answers: the shared reachability stays fresh, each request keeps its own
+    retries, and the first to run out names its prompt and the last error."""
+    stub.fail_after = 2
+    config = cfg(stub, concurrency=4, max_attempts=3, backoff_s=0.01)
+    with pytest.raises(SamplerError, match=r"prompt 'p\d+': no answer .* after 3 attempts.*engine died"):
+        collect(prompts(10), 2, config)
+
+
 def test_fewer_than_n_responses_is_a_loud_error_naming_the_prompt(stub):
     stub.short = {5}
     with pytest.raises(SamplerError, match=r"prompt 'p5'.*n=4 responses, got 3"):

@@ -22,6 +22,12 @@ What is an error and what is a counted skip:
   caller and is kept for the re-run):
   - the server cannot be reached, answers 5xx / 429 or times out on `max_attempts` attempts
     in a row (exponential backoff in between): the message names the URL;
+  - the server stops answering altogether (it exited, its pod was killed): every request in
+    flight fails to connect. The requests share one `Reachability`: once no request has
+    reached the server for longer than one request's whole retry schedule
+    (`ClientConfig.retry_span_s`, 31 s by default), the sampler ends at once with one message
+    naming the URL, how long and how many requests failed, instead of each prompt spending
+    its own retries in turn;
   - the server refuses a request (another 4xx, e.g. an unknown model): names the prompt id;
   - a response with other than exactly n choices (vLLM has had such bugs): names the prompt
     id, n and the count returned;
@@ -95,6 +101,8 @@ class ClientConfig:
     max_attempts / backoff_s / max_backoff_s: a failing request is tried `max_attempts` times,
         waiting backoff_s, 2*backoff_s, ... (at most max_backoff_s, with jitter) in between.
     timeout_s: one request's time limit (a timeout is retried like a connection error).
+    connect_timeout_s: the limit on opening a connection (a server whose pod is gone may
+        leave a connection hanging rather than refused).
     """
 
     base_url: str
@@ -105,6 +113,14 @@ class ClientConfig:
     backoff_s: float = 1.0
     max_backoff_s: float = 30.0
     timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+
+    @property
+    def retry_span_s(self) -> float:
+        """How long one request's retries wait in all (the backoffs between its attempts,
+        without jitter): a server unreachable for longer than this is taken to be gone."""
+        return sum(min(self.backoff_s * 2 ** i, self.max_backoff_s)
+                   for i in range(self.max_attempts - 1))
 
     @classmethod
     def from_env(cls, serving: Mapping[str, Any] | None = None,
@@ -206,6 +222,42 @@ class ServerInfo:
     max_model_len: int | None
 
 
+class Reachability:
+    """Whether the server still answers, shared by every request of one sampler: the time the
+    last request reached it (any HTTP answer counts) and the connection failures since."""
+
+    def __init__(self, span_s: float):
+        self.span_s = span_s
+        self.last_reached: float | None = None   # never reached: each request's retries decide
+        self.failures = 0
+
+    def reached(self) -> None:
+        self.last_reached, self.failures = time.monotonic(), 0
+
+    def unreachable(self, cfg: "ClientConfig", exc: BaseException) -> None:
+        """Count one connection failure; SamplerError once nothing has reached the server for
+        longer than one request's retry schedule (after it was reached at least once)."""
+        self.failures += 1
+        if self.last_reached is None:
+            return
+        if time.monotonic() - self.last_reached > self.span_s and self.failures >= 2:
+            raise self.gone(cfg, exc)
+
+    def gone(self, cfg: "ClientConfig", exc: BaseException) -> SamplerError:
+        down = time.monotonic() - (self.last_reached or time.monotonic())
+        return SamplerError(
+            f"the server at {cfg.base_url} stopped answering: {self.failures} requests failed "
+            f"to reach it over the last {down:.0f}s (last error: {_message(exc)}); it has most "
+            "likely exited: see its log (`xwin run`: the serve step's log) or its pod "
+            "(`kubectl logs --previous`)")
+
+
+def _connection_failure(exc: BaseException) -> bool:
+    import openai
+
+    return isinstance(exc, (openai.APIConnectionError, asyncio.TimeoutError))
+
+
 def _is_retryable(exc: BaseException) -> bool:
     import openai
 
@@ -217,14 +269,22 @@ def _is_retryable(exc: BaseException) -> bool:
 
 
 async def _with_retries(call: Callable[[], Any], cfg: ClientConfig, what: str,
-                        stats: SampleStats) -> Any:
+                        stats: SampleStats, reach: Reachability | None = None) -> Any:
     import openai
 
     delay, started, last = cfg.backoff_s, time.monotonic(), None
     for attempt in range(1, cfg.max_attempts + 1):
         try:
-            return await call()
+            result = await call()
+            if reach is not None:
+                reach.reached()
+            return result
         except Exception as e:  # noqa: BLE001 - sorted below
+            if reach is not None:
+                if _connection_failure(e):
+                    reach.unreachable(cfg, e)
+                elif isinstance(e, openai.APIStatusError):
+                    reach.reached()  # it answered, if only with an error
             if not _is_retryable(e):
                 if isinstance(e, openai.APIStatusError):
                     raise SamplerError(f"{what}: the server at {cfg.base_url} refused the request "
@@ -238,6 +298,8 @@ async def _with_retries(call: Callable[[], Any], cfg: ClientConfig, what: str,
                         attempt, cfg.max_attempts, wait)
             await asyncio.sleep(wait)
             delay *= 2
+    if reach is not None and reach.last_reached is not None and _connection_failure(last):
+        raise reach.gone(cfg, last)  # it answered before: the server, not this request, is gone
     raise SamplerError(f"{what}: no answer from the server at {cfg.base_url} after "
                        f"{cfg.max_attempts} attempts over {time.monotonic() - started:.0f}s: "
                        f"{_message(last)}")
@@ -255,9 +317,10 @@ def _message(exc: BaseException | None) -> str:
     return text.splitlines()[0]
 
 
-async def server_info(client: Any, cfg: ClientConfig, stats: SampleStats) -> ServerInfo:
+async def server_info(client: Any, cfg: ClientConfig, stats: SampleStats,
+                      reach: Reachability | None = None) -> ServerInfo:
     """The served model (cfg.model, or the server's only one) and its max_model_len."""
-    page = await _with_retries(lambda: client.models.list(), cfg, "listing models", stats)
+    page = await _with_retries(lambda: client.models.list(), cfg, "listing models", stats, reach)
     models = list(page.data)
     names = [m.id for m in models]
     if cfg.model is None:
@@ -278,7 +341,8 @@ async def server_info(client: Any, cfg: ClientConfig, stats: SampleStats) -> Ser
 
 async def _sample_one(client: Any, record: dict, ids: list[int], n: int, sampling: SamplingParams,
                       cfg: ClientConfig, server: ServerInfo, stats: SampleStats,
-                      to_content: Callable | None) -> tuple[dict, list[str], list[str | None]]:
+                      to_content: Callable | None, reach: Reachability | None = None
+                      ) -> tuple[dict, list[str], list[str | None]]:
     pid = record["id"]
     max_tokens = sampling.max_tokens
     if server.max_model_len is not None:
@@ -293,7 +357,7 @@ async def _sample_one(client: Any, record: dict, ids: list[int], n: int, samplin
         lambda: client.completions.create(
             model=server.model, prompt=ids, n=n, temperature=sampling.temperature,
             top_p=sampling.top_p, max_tokens=max_tokens, seed=prompt_seed(sampling.seed, pid)),
-        cfg, f"prompt {pid!r}", stats)
+        cfg, f"prompt {pid!r}", stats, reach)
     choices = sorted(resp.choices or [], key=lambda c: c.index)
     if len(choices) != n or [c.index for c in choices] != list(range(n)):
         raise SamplerError(f"prompt {pid!r}: asked the server at {cfg.base_url} for n={n} "
@@ -315,18 +379,20 @@ async def sample_with_reasons(prompts: Iterable[dict], n: int, sampling: Samplin
                               stats: SampleStats | None = None, to_content: Callable | None = None
                               ) -> AsyncIterator[tuple[dict, list[str], list[str | None]]]:
     """Like `sample_responses`, also yielding each response's finish_reason."""
-    from openai import AsyncOpenAI
+    from openai import AsyncOpenAI, Timeout
 
     if n < 1:
         raise SamplerError(f"n must be >= 1, got {n}")
     stats = stats if stats is not None else SampleStats()
     for name in ("httpx", "httpx2", "httpcore"):  # one INFO line per request otherwise
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
-    client = AsyncOpenAI(base_url=client_cfg.base_url, api_key=client_cfg.api_key,
-                         max_retries=0, timeout=client_cfg.timeout_s)
+    client = AsyncOpenAI(base_url=client_cfg.base_url, api_key=client_cfg.api_key, max_retries=0,
+                         timeout=Timeout(client_cfg.timeout_s,
+                                               connect=client_cfg.connect_timeout_s))
     pending: set[asyncio.Task] = set()
+    reach = Reachability(client_cfg.retry_span_s)
     try:
-        server = await server_info(client, client_cfg, stats)
+        server = await server_info(client, client_cfg, stats, reach)
         seen: set[str] = set()
         source = iter(prompts)
         exhausted = False
@@ -343,7 +409,7 @@ async def sample_with_reasons(prompts: Iterable[dict], n: int, sampling: Samplin
                 ids = list(encode(record["messages"]))
                 pending.add(asyncio.create_task(
                     _sample_one(client, record, ids, n, sampling, client_cfg, server, stats,
-                                to_content)))
+                                to_content, reach)))
             if not pending:
                 break
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

@@ -29,9 +29,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Mapping
 
+from .server_exit import ServerExit, diagnose
+
 log = logging.getLogger(__name__)
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+SERVE_MODULE = "xwin_jobs.serve"   # a server pod's entry point: vLLM, and why it ended
 SERVED_MODEL_NAME = "policy"
 DEFAULT_PORT = 8000
 DEFAULT_VLLM_PYTHON = ".venv-vllm/bin/python"
@@ -39,7 +42,12 @@ CPU_KV_CACHE_GIB = 1
 
 
 class VllmServerError(RuntimeError):
-    """The server could not be started or did not become healthy; the message says why."""
+    """The server could not be started, did not become healthy, or ended; the message says
+    why. `exit` is the diagnosis of a server that ended (server_exit.diagnose), else None."""
+
+    def __init__(self, message: str, exit: ServerExit | None = None):
+        super().__init__(message)
+        self.exit = exit
 
 
 # ----------------------------------------------------------------------------- pure
@@ -130,12 +138,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _tail(path: Path, lines: int = 25) -> str:
+def _tail_lines(path: Path, lines: int) -> list[str]:
     try:
         with open(path, errors="replace") as f:
-            return "".join(deque(f, maxlen=lines)).rstrip() or "(empty log)"
+            return [x.rstrip("\n") for x in deque(f, maxlen=lines)]
     except OSError:
-        return "(no log)"
+        return []
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    text = "\n".join(_tail_lines(path, lines)).rstrip()
+    return text or ("(empty log)" if path.exists() else "(no log)")
 
 
 class LocalVllmServer:
@@ -189,9 +202,10 @@ class LocalVllmServer:
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise VllmServerError(
-                    f"the vLLM server for {self.model_dir} exited with code {code} before it "
-                    f"became healthy; last lines of {self.log_path}:\n{_tail(self.log_path)}")
+                exit = self.exit_of(code)  # its error line, else the log's last lines
+                tail = "" if exit.error_line else f"; its last lines:\n{_tail(self.log_path)}"
+                raise VllmServerError(f"{exit.message} (before it became healthy; log: "
+                                      f"{self.log_path}{tail})", exit)
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
                     if resp.status == 200:
@@ -206,6 +220,15 @@ class LocalVllmServer:
                     f"{self.startup_timeout_s:.0f}s; last lines of {self.log_path}:\n"
                     f"{_tail(self.log_path)}")
             time.sleep(0.5)
+
+    @property
+    def backend(self) -> str:
+        return f"vLLM ({self.device})"
+
+    def exit_of(self, exit_code: int | None) -> ServerExit:
+        """Why the server ended, from the last lines of its log (server_exit.diagnose)."""
+        return diagnose(_tail_lines(self.log_path, 200), exit_code, model=self.model_dir,
+                        backend=self.backend)
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM the process group, SIGKILL it after `grace_s`. Safe to call twice."""

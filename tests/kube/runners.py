@@ -1,6 +1,7 @@
 """The controllers the test kubelet stands for, one `ChildRunner` per child object:
 `PyTorchJobRunner` (Kubeflow Training Operator), `JobRunner` (the Job controller) and
-`DeploymentRunner` (Deployment controller plus readiness probes). Each runs its pods as local
+`DeploymentRunner` (Deployment controller plus readiness probes, and its pods' Pod objects:
+pod_objects.py). Each runs its pods as local
 processes (pods.py) or, with an `instant` outcome, none, and writes back the child's status.
 """
 
@@ -19,6 +20,7 @@ import aiohttp
 from .apiserver import now_iso
 from .paths import resource_path
 from .cluster import ApiError
+from .pod_objects import pod_exited, pod_started, termination_file
 from .pods import LocalProcess, PodConfigError, free_port, pod_process, training_operator_env
 
 if TYPE_CHECKING:
@@ -353,17 +355,22 @@ class DeploymentRunner(ChildRunner):
         container = spec["template"]["spec"]["containers"][0]
         probe = ((container.get("readinessProbe") or {}).get("httpGet") or {}).get("path", "/")
         port = free_port()
+        pod_name, restarts, last = f"{self.name}-0", 0, None
+        term_file = termination_file(self.kubelet.work, pod_name)
         try:
             while True:
                 if not await self._init_containers(spec["template"]):
                     await asyncio.sleep(1.0)  # Init:CrashLoopBackOff, briefly
                     continue
-                lp = await self.process_for(f"{self.name}-0", spec["template"], port=port,
-                                            python=self.kubelet.server_python)
+                lp = await self.process_for(pod_name, spec["template"], port=port,
+                                            python=self.kubelet.server_python,
+                                            extra={"XWIN_TERMINATION_LOG": str(term_file)})
                 if lp is None:
                     await self.wait_change_or(asyncio.sleep(1.0))
                     continue
+                term_file.write_text("")
                 proc = await self.start(lp)
+                await pod_started(self, pod_name, spec["template"], restarts, last)
                 while proc.returncode is None:
                     if await self._ready(port, probe):
                         if (self.ns, self.name) not in self.kubelet.ports:
@@ -372,6 +379,9 @@ class DeploymentRunner(ChildRunner):
                     await self.wait_change_or(proc.wait(), timeout=0.5)
                 self.kubelet.ports.pop((self.ns, self.name), None)
                 self.kill()
+                restarts += 1
+                last = await pod_exited(self, pod_name, spec["template"], exit_code_of(proc.returncode),
+                                        term_file, lp.log, restarts)
                 await self.patch_status(readyReplicas=0, availableReplicas=0, unavailableReplicas=replicas, conditions=[
                     condition("Available", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.", "False")])
                 await asyncio.sleep(1.0)  # CrashLoopBackOff, briefly

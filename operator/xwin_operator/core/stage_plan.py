@@ -74,6 +74,13 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
               and c.step in {s.name for s in pending}]
     if failed:
         text = "; ".join(_failure_text(c) for c in failed)
+        permanent = [c for c in failed if c.permanent]
+        if permanent:  # every attempt would fail the same way: stop now, naming why
+            view.phase, view.reason, view.attempts = "Failed", permanent[0].reason or "StageFailed", attempt
+            view.message = (f"stage {view.name} failed after {attempt} attempt(s), not retried "
+                            f"(another attempt would fail the same way): {text}")
+            view.deletes += [(c.kind, c.name) for c in cs if c.phase in ACTIVE]
+            return
         if attempt >= run.spec.retries.maxAttempts:
             view.phase, view.reason, view.attempts = "Failed", "StageFailed", attempt
             view.message = f"stage {view.name} failed after {attempt} attempt(s): {text}"

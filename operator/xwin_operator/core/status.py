@@ -3,7 +3,8 @@ its transitions. Pure.
 
 Conditions (lastTransitionTime kept from the previous status while `status` is unchanged):
   * Succeeded: True (AllStagesSucceeded) | False, reason StageRunning, Pending, Backoff,
-    Suspended, SecretNotFound, StageFailed, InputNotFound or NoMarker;
+    Suspended, SecretNotFound, StageFailed, InputNotFound, NoMarker or UnsupportedModel (a
+    model the serving backend cannot run: failed on its first attempt, not retried);
   * Suspended: True when spec.suspend holds the run;
   * SecretsReady: False (SecretNotFound) naming the field and the Secret (never its value);
   * SpecChangeNeedsNewRun: present (True) while a finished stage's settings differ from the
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from xwin_jobs.server_exit import UNSUPPORTED_MODEL
+
 from ..api.spec import AlignmentRun
 from ..api.graph import stage_references, stages_of
 from .types import EmitEvent, Observed, PatchStatus, StageView
 
-_FAILED_REASONS = ("StageFailed", "InputNotFound", "NoMarker")
+_FAILED_REASONS = ("StageFailed", "InputNotFound", "NoMarker", UNSUPPORTED_MODEL)
 
 
 def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool) -> dict[str, Any]:

@@ -30,6 +30,8 @@ class ChildState:
     created: str | None = None     # metadata.creationTimestamp (ISO, UTC, "Z")
     finished: str | None = None    # completion / failure time (ISO), when known
     suspended: bool = False        # PyTorchJob runPolicy.suspend / Job spec.suspend
+    permanent: bool = False        # failed in a way every attempt would repeat (a model the
+                                   # serving backend cannot run): no retry
 
 
 @dataclass

@@ -36,6 +36,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Job": ("batch/v1", "jobs"),
     "Deployment": ("apps/v1", "deployments"),
     "Service": ("v1", "services"),
+    "Pod": ("v1", "pods"),
     "Secret": ("v1", "secrets"),
     "Event": ("v1", "events"),
     "AlignmentRun": (f"{API_GROUP}/{API_VERSION}", PLURAL),
@@ -305,6 +306,12 @@ class KubeApi:
                     EVENT_LOG.warning(f"{who} could not post Event {reason}: {err}")
                 except Exception:  # noqa: BLE001 - a bug here must not end the thread (later Events)
                     EVENT_LOG.exception(f"{who} could not post Event {reason}")
+
+    async def list_pods(self, namespace: str, labels: dict[str, str]) -> list[dict]:
+        """The pods carrying every label of `labels` (a server Deployment's pods)."""
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        data = await self.request("get", path_of("Pod", namespace), params={"labelSelector": selector})
+        return list(data.get("items") or [])
 
     async def secret_exists(self, namespace: str, name: str) -> bool:
         try:

@@ -256,13 +256,14 @@ def fetch_model_container(run: AlignmentRun, uri: str, env: list[dict], config: 
 
 def server_command(model: str, serving: dict[str, Any], port: int) -> tuple[list[str], dict[str, str]]:
     """The vLLM server's command and extra env, from `xwin_jobs.vllm_server` (the functions
-    the local executor uses too). No GPU asked for -> vLLM's CPU settings."""
-    from xwin_jobs.vllm_server import VLLM_MODULE, vllm_server_args, vllm_server_env
+    the local executor uses too). No GPU asked for -> vLLM's CPU settings. vLLM runs under
+    `xwin_jobs.serve`, which writes why it ended to the pod's termination log."""
+    from xwin_jobs.vllm_server import SERVE_MODULE, vllm_server_args, vllm_server_env
 
     device = "gpu" if serving.get("gpusPerReplica") else "cpu"
     args = vllm_server_args(model, serving, port, host="0.0.0.0", served_model_name=SERVED_MODEL,
                             device=device)
-    return ["python", "-m", VLLM_MODULE, *args], vllm_server_env(device)
+    return ["python", "-m", SERVE_MODULE, *args], vllm_server_env(device)
 
 
 def vllm_server(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
@@ -281,6 +282,9 @@ def vllm_server(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: st
         "command": command,
         "env": env,
         "ports": [{"name": "http", "containerPort": port}],
+        # why the server ended (xwin_jobs.serve writes it; its last log lines otherwise): the
+        # operator reads it from the pod's status into the stage's message
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
                            "periodSeconds": 5, "failureThreshold": 3},
         "startupProbe": {"httpGet": {"path": "/health", "port": "http"},

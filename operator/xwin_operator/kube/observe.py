@@ -15,12 +15,22 @@ controller writes:
     condition with reason ProgressDeadlineExceeded -> Failed; else Pending.
   * Service: Running once it exists.
 Objects without the `xwin.ai/stage` label are not children: None.
+
+A vLLM server never ends on its own, so a Deployment that is not available is also looked at
+through its pods (`server_failed`): a server container that terminated (now, or before a
+restart) fails the Deployment, with the reason and message its pod's termination message gives
+(`xwin_jobs.serve` writes them; server_exit.diagnose words them) and `permanent` for a model
+the backend cannot serve, so the planner retries a crash and not an unsupported model.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any, Mapping
+
+from dataclasses import replace
+
+from xwin_jobs.server_exit import diagnose, model_arg, parse_line
 
 from ..core.children import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP
 from ..core.types import ChildState
@@ -100,3 +110,37 @@ def child_state(body: Mapping[str, Any]) -> ChildState | None:
                       step=labels.get(LABEL_STEP, ""), attempt=attempt, phase=phase, reason=reason,
                       message=message, exit_code=_exit_code(message) if phase == "Failed" else None,
                       created=meta.get("creationTimestamp"), finished=finished, suspended=suspended)
+
+
+def _terminated(pod: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+    """(container, its last termination) of a pod's first container, if it ever ended."""
+    spec_containers = (pod.get("spec") or {}).get("containers") or [{}]
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        state, last = status.get("state") or {}, status.get("lastState") or {}
+        ended = state.get("terminated") or last.get("terminated")
+        if ended:
+            container = next((c for c in spec_containers if c.get("name") == status.get("name")),
+                             spec_containers[0])
+            return container, ended
+    return None
+
+
+def server_failed(child: ChildState, pods: list[Mapping[str, Any]]) -> ChildState:
+    """A server Deployment's state given its pods: Failed when a server container terminated
+    (named by the pod's termination message), else as it was. Pure."""
+    for pod in pods:
+        found = _terminated(pod)
+        if found is None:
+            continue
+        container, ended = found
+        code = ended.get("exitCode")
+        message = str(ended.get("message") or "")
+        exit = parse_line(message) or diagnose(
+            message.splitlines(), int(code) if code is not None else None,
+            model=model_arg([*(container.get("command") or []), *(container.get("args") or [])]),
+            backend="vLLM", oom_killed=ended.get("reason") == "OOMKilled")
+        pod_name = (pod.get("metadata") or {}).get("name", "")
+        return replace(child, phase="Failed", reason=exit.reason, permanent=exit.permanent,
+                       message=f"{exit.message} (pod {pod_name})", exit_code=code,
+                       finished=ended.get("finishedAt") or child.finished)
+    return child

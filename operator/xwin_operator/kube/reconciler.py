@@ -34,14 +34,14 @@ from ..core.config import OperatorConfig
 from ..core.loop import act, reconcile_once, resync_after
 from ..core.planner import stage_tasks
 from ..core.types import EmitEvent, now_iso
-from ..core.children import LABEL_RUN
+from ..core.children import LABEL_ATTEMPT, LABEL_RUN, LABEL_STAGE, LABEL_STEP, MANAGED_BY
 from .admission import CompletionLane
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal, store_problem
 from .client import ApiError, KubeApi
 from .child_book import ChildBook
 from .kubeconfig import Login, LoginError
 from .manifests import render
-from .observe import child_state
+from .observe import child_state, server_failed
 from .run_body import parse_run
 from .store_reader import StoreReader
 
@@ -214,11 +214,24 @@ class KubeObserver:
     def __init__(self, state: OperatorState, gate: RunGate, run: Any, children: list):
         self.state, self.gate, self._children = state, gate, children
         self.namespace, self.endpoint = run.metadata.namespace, run.spec.storage.endpoint
+        self.run_name = run.metadata.name
         self.store_uri = state.config.store or run.spec.storage.uri
 
-    def children(self) -> list:
+    async def children(self) -> list:
+        """The book's children; a server Deployment not available is looked at through its
+        pods (observe.server_failed: a vLLM server that ended fails it, named)."""
         self.gate.phases = {(c.kind, c.name): c.phase for c in self._children}
-        return self._children
+        if not any(c.kind == "Deployment" and c.phase == "Pending" for c in self._children):
+            return self._children
+        try:
+            pods = await self.state.api.list_pods(self.namespace, {LABEL_RUN: self.run_name,
+                                                                   "app.kubernetes.io/managed-by": MANAGED_BY})
+        except ApiError as e:
+            if e.status in (403, 404):  # no RBAC for pods (an older install): as before
+                return self._children
+            raise api_refusal(f"cannot list the pods of run '{self.run_name}'", e.status, str(e)) from None
+        return [server_failed(c, [p for p in pods if _pod_of(p, c)])
+                if c.kind == "Deployment" and c.phase == "Pending" else c for c in self._children]
 
     async def markers(self, outputs: dict[str, str]) -> dict[str, dict | None]:
         try:
@@ -241,6 +254,12 @@ class KubeObserver:
             except ApiError as e:
                 raise api_refusal(f"cannot look up Secret '{name}' ({path})", e.status, str(e)) from None
         return missing
+
+
+def _pod_of(pod: Mapping[str, Any], child: Any) -> bool:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return (labels.get(LABEL_STAGE), labels.get(LABEL_STEP), labels.get(LABEL_ATTEMPT)) == (
+        child.stage, child.step, str(child.attempt))
 
 
 async def secret_exists(state: OperatorState, namespace: str, name: str) -> bool:

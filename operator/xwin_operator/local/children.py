@@ -100,21 +100,17 @@ class LocalChild:
     url: str | None = None            # a server's OpenAI base URL (None: no server needed)
     server_key: str | None = None     # a server's model and settings (server_pool.server_key)
     stopped: bool = False            # deleted: its thread must not report back
+    permanent: bool = False          # a failure every attempt would repeat (server_exit)
 
     @property
     def active(self) -> bool:
         return self.started_at is not None and self.phase in ("Pending", "Running")
 
     def state(self) -> ChildState:
-        phase, reason, message, finished = self.phase, self.reason, self.message, self.finished
-        server = self.handle if self.kind == "Deployment" else None
-        proc = getattr(server, "proc", None)
-        if phase == "Running" and proc is not None and proc.poll() is not None:
-            phase, reason, finished = "Failed", "ServerExited", now_iso()
-            message = f"the vLLM server exited with code {proc.returncode} (log: {server.log_path})"
         return ChildState(kind=self.kind, name=self.name, stage=self.stage, step=self.step.name,
-                          attempt=self.attempt, phase=phase, reason=reason, message=message,
-                          exit_code=self.exit_code, created=self.created, finished=finished)
+                          attempt=self.attempt, phase=self.phase, reason=self.reason,
+                          message=self.message, exit_code=self.exit_code, created=self.created,
+                          finished=self.finished, permanent=self.permanent)
 
 
 def serves(server: LocalChild, job: LocalChild) -> bool:
@@ -238,12 +234,12 @@ class LocalChildren:
                      if c.kind == "Deployment" and serves(c, job)), None)
 
     def _finish(self, child: LocalChild, phase: str, reason: str = "", message: str = "",
-                exit_code: int | None = None) -> None:
+                exit_code: int | None = None, permanent: bool = False) -> None:
         with self.changed:
             if child.stopped:
                 return
             child.phase, child.reason, child.message = phase, reason, message
-            child.exit_code = exit_code
+            child.exit_code, child.permanent = exit_code, permanent
             if phase in ("Succeeded", "Failed"):
                 child.finished = now_iso()
             self._dirty = True
@@ -278,16 +274,35 @@ class LocalChildren:
                          exit_code=code)
 
     def _run_server(self, child: LocalChild) -> None:
+        """Start the server, report it Running once healthy, then watch it until it is
+        deleted: a server that ends on its own is a failed child, whatever its exit code,
+        named by its last error line (server_exit.diagnose), once."""
         from .sampling import start_server
 
         try:
             started = start_server(child, self.ctx, self.pool)
         except Exception as e:  # VllmServerError, a model that cannot be fetched, ...
-            self._finish(child, "Failed", "ServerFailed", str(e))
+            exit = getattr(e, "exit", None)
+            self._finish(child, "Failed", exit.reason if exit else "ServerFailed", str(e),
+                         permanent=bool(exit and exit.permanent))
             return
         if started is None:
             self.ctx.on_line(child.stage, f"{child.name}: samples already complete, no vLLM server")
         self._finish(child, "Running")
+        server = child.handle
+        proc = getattr(server, "proc", None)
+        while proc is not None and not child.stopped:
+            try:
+                code = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+            if child.stopped or child.handle is not server:  # deleted, or parked for later
+                return
+            exit = server.exit_of(code)
+            self.ctx.on_line(child.stage, f"{child.name}: {exit.message}")
+            self._finish(child, "Failed", exit.reason, f"{exit.message} (log: {server.log_path})",
+                         exit_code=code, permanent=exit.permanent)
+            return
 
     def _stop(self, child: LocalChild, park: bool = False) -> None:
         """Stop a child's process; a server a later stage will serve again (`keep`) is parked

@@ -1,0 +1,79 @@
+"""The entry point of a vLLM server pod: vLLM's OpenAI server, and why it ended, for the operator.
+
+    python -m xwin_jobs.serve --model ... --port 8000 ...     # vLLM's own arguments
+
+runs `python -m vllm.entrypoints.openai.api_server <arguments>` with this interpreter, passes
+its output through unchanged (`kubectl logs` reads it as before) and forwards SIGTERM / SIGINT
+to it. A server never ends on its own, so when it does (vLLM exits 0 after an engine error) this
+process:
+  * writes one line saying why to the container's termination log (`/dev/termination-log`,
+    or XWIN_TERMINATION_LOG, when that file exists, as the kubelet mounts it): the model, the backend and vLLM's last error line, as
+    `server_exit.diagnose` words it. The kubelet puts it in the pod's status
+    (`lastState.terminated.message`), where the operator reads it for the stage's message
+    and Event, and knows an unsupported model from a crash worth retrying;
+  * prints the same line last, so `terminationMessagePolicy: FallbackToLogsOnError` finds it
+    too where the termination log cannot be written;
+  * exits non-zero (vLLM's code, or 1 when vLLM said 0): the exit is a failure.
+A stop asked for (SIGTERM from the kubelet) exits with vLLM's own code and writes nothing.
+
+Only the standard library (this runs in the sampler image beside vLLM).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+
+from .server_exit import diagnose, model_arg
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+TERMINATION_LOG = "/dev/termination-log"
+KEEP_LINES = 200
+
+
+def _backend(env: dict[str, str]) -> str:
+    return "vLLM (cpu)" if env.get("VLLM_TARGET_DEVICE") == "cpu" or env.get(
+        "VLLM_CPU_KVCACHE_SPACE") else "vLLM"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--":
+        args = args[1:]
+    proc = subprocess.Popen([sys.executable, "-m", VLLM_MODULE, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    stopping: list[int] = []
+
+    def forward(signum, frame):
+        stopping.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+
+    tail: deque[str] = deque(maxlen=KEEP_LINES)
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        sys.stdout.buffer.write(raw)
+        sys.stdout.buffer.flush()
+        tail.append(raw.decode(errors="replace").rstrip("\n"))
+    code = proc.wait()
+    if stopping:
+        return code if code >= 0 else 128 - code
+    exit = diagnose(tail, code, model=model_arg(args), backend=_backend(dict(os.environ)))
+    print(f"xwin-serve: {exit.line()}", flush=True)
+    path = os.environ.get("XWIN_TERMINATION_LOG") or TERMINATION_LOG
+    if os.path.isfile(path):  # the kubelet mounts it; never create one outside a pod
+        try:
+            with open(path, "w") as f:
+                f.write(exit.line()[:4000])  # the kubelet keeps at most 4096 bytes
+        except OSError:
+            pass  # read-only: FallbackToLogsOnError finds the last log line
+    return code if code > 0 else (128 - code if code < 0 else 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
