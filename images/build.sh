@@ -102,7 +102,7 @@ for name in $IMAGES; do
     echo "building $image failed (whole log: $log)" >&2
     exit 1
   fi
-  grep -h '^xwin image:' "$log" || true
+  awk '/^xwin image:/ {p = 1; print; next} p && /^  / {print; next} {p = 0}' "$log"
   if [ -n "${REGISTRY:-}" ]; then
     podman tag "$image" "$REGISTRY/xwin-$name:$XWIN_VERSION"
     [ "${PUSH:-0}" = 1 ] && podman push "$REGISTRY/xwin-$name:$XWIN_VERSION"

