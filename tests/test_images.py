@@ -81,7 +81,7 @@ def test_every_image_installs_its_extra_with_the_guard_around_it_and_no_vllm():
     body = (IMAGES / "install.sh").read_text()
     record, install, check = (body.index("guard.py\" record"), body.index("python3 -m pip install"),
                               body.index("guard.py\" check"))
-    assert record < install < body.index("python3 -m pip check") < check
+    assert record < body.index("python3 -m pip check") < install < body.rindex("python3 -m pip check") < check
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for name, extra in (("operator", "operator"), ("trainer", "train"), ("sampler", "sample"),
                         ("annotator", "annotate")):
