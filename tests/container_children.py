@@ -54,15 +54,18 @@ def tiny_spec(bucket: str, endpoint: str, judge_url: str, launcher: str = "PyTor
     return run
 
 
-def planned(run: dict[str, Any], server_port: int) -> list[tuple[str, str, dict[str, Any]]]:
-    """Every child manifest `xwin plan` prints for `run`, naming the images `make images` builds."""
+def planned(run: dict[str, Any], server_port: int, config: Any = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every child manifest `xwin plan` prints for `run` with the operator's `config` (default:
+    its defaults), naming the images `make images` builds and serving on `server_port`."""
+    import dataclasses
+
     from xwin_operator.api.spec import AlignmentRun
     from xwin_operator.core.config import OperatorConfig
     from xwin_operator.kube.plan_print import planned_manifests
 
-    config = OperatorConfig(trainer_image=IMAGES["trainer"], sampler_image=IMAGES["sampler"],
-                            annotator_image=IMAGES["annotator"], image_pull_policy="Never",
-                            server_port=server_port)
+    config = dataclasses.replace(config or OperatorConfig(), trainer_image=IMAGES["trainer"],
+                                 sampler_image=IMAGES["sampler"], annotator_image=IMAGES["annotator"],
+                                 image_pull_policy="Never", server_port=server_port)
     return list(planned_manifests(AlignmentRun.model_validate(copy.deepcopy(run)), config=config))
 
 

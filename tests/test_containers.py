@@ -110,12 +110,32 @@ def test_every_planned_container_finds_its_interpreter_modules_and_mounts(world,
             if key in seen:   # the same command shape in the same image: checked already
                 continue
             seen.add(key)
-            mounts = [path for _, path in probe.run.mounts] + list(probe.run.tmpfs)
-            probe = container(world, pod, spec, injected, name, argv=probe_command(probe.run.argv, mounts))
-            rc = probe.start().wait(180)
+            probe, rc = run_probe(world, pod, spec, injected, name)
             assert rc == 0, probe.report(
                 f"{launcher}: {stage}/{step} {manifest['kind']}/{manifest['metadata']['name']} container "
                 f"{spec['name']!r}: the image lacks what the command needs (exit {rc})")
+
+
+def run_probe(world, pod: dict, spec: dict, injected: dict, name: str) -> tuple[PodmanContainer, int | None]:
+    """The probe in place of the container's command: its interpreter, modules and mounts."""
+    c = container(world, pod, spec, injected, name)
+    mounts = [path for _, path in c.run.mounts] + list(c.run.tmpfs)
+    c = container(world, pod, spec, injected, name, argv=probe_command(c.run.argv, mounts))
+    return c, c.start().wait(180)
+
+
+@pytest.mark.parametrize("command, lacking", [
+    (["python", "-m", "vllm.entrypoints.openai.api_server"], "module vllm.entrypoints.openai.api_server"),
+    (["python3.99", "-m", "xwin_jobs"], "python3.99"),
+    (["python", "-c", "from xwin_jobs.no_such_module import x"], "module xwin_jobs.no_such_module")])
+def test_a_command_naming_what_the_image_lacks_fails_the_probe(world, command, lacking):
+    """The judge Job's pod with a command the annotator image cannot run."""
+    need_images("annotator")
+    job = child(world["children"], "pairs", "judge", "Job")
+    (pod, spec, injected), = containers_of(job)
+    probe, rc = run_probe(world, pod, {**spec, "command": command}, injected, "probe-lacking")
+    assert rc not in (0, None), probe.report("the probe passed a command the image cannot run")
+    assert lacking in probe.output(), probe.report(f"the probe's output does not name {lacking}")
 
 
 def test_trainer_image_runs_the_tiny_sft(world):
