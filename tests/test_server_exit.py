@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from plan_walk import markers_for
-from planner_helpers import child, make_run, plan, status_of
+from planner_helpers import child, make_run, of, plan, status_of
+from xwin_operator.core.types import DeleteChild
 from xwin_jobs.server_exit import (OUT_OF_MEMORY, SERVER_EXITED, SERVER_KILLED, UNSUPPORTED_MODEL,
                                    diagnose, parse_line)
 
@@ -130,7 +131,9 @@ def test_a_permanent_failure_stops_the_stage_on_its_first_attempt():
     server = child("bestOfN", "serve", phase="Failed", kind="Deployment", reason=UNSUPPORTED_MODEL,
                    message="vLLM cannot serve s3://bucket/runs/team/demo/sft/model/: RuntimeError: x",
                    permanent=True, finished="2024-05-01T09:59:59Z")
-    status = status_of(plan(run, [server], markers=done))
+    actions = plan(run, [server], markers=done)
+    status = status_of(actions)
+    assert [(a.kind, a.name) for a in of(actions, DeleteChild)] == [("Deployment", server.name)]  # frees its GPUs
     stage = next(s for s in status["stages"] if s["name"] == "bestOfN")
     assert stage["phase"] == "Failed" and stage["attempts"] == 1
     assert "not retried" in stage["message"] and "vLLM cannot serve" in stage["message"]

@@ -310,6 +310,7 @@ class StageStatus(_Model):
     artifact: Optional[str] = None
     children: list[str] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    reason: Optional[str] = None   # a Failed stage: StageFailed, UnsupportedModel, InputNotFound, ...
     message: Optional[str] = None
 
 

@@ -78,7 +78,7 @@ from ..api.spec import AlignmentRun
 from .children import PlannedChild
 from .config import OperatorConfig
 from ..api.graph import dependencies, stage_references, stages_of
-from .stage_plan import ACTIVE, stage_view
+from .stage_plan import ACTIVE, holds_resources, stage_view
 from .status import build_status, status_actions
 from .steps import steps_of
 from .tasks import stage_task
@@ -138,10 +138,12 @@ def stage_tasks(run: AlignmentRun, config: OperatorConfig | None = None) -> dict
 
 
 def walk(run: AlignmentRun, observed: Observed, status: dict | None,
-         config: OperatorConfig, tasks: dict[str, StageTask] | None = None) -> dict[str, StageView]:
+         config: OperatorConfig, tasks: dict[str, StageTask] | None = None,
+         generation: int | None = None) -> dict[str, StageView]:
     """Every stage in pipeline order, as the planner sees it now."""
     spec = run.spec
     prev = {s.get("name"): s for s in (status or {}).get("stages", [])}
+    same_spec = generation is not None and (status or {}).get("observedGeneration") == generation
     deps = dependencies(spec)
     tasks = stage_tasks(run, config) if tasks is None else tasks
     problems = _input_problems(run, tasks, list(observed.missing_inputs))
@@ -155,7 +157,20 @@ def walk(run: AlignmentRun, observed: Observed, status: dict | None,
         cs = [c for c in observed.children if c.stage == stage]
         views[stage] = stage_view(run, stage, tasks[stage], cs, observed, prev.get(stage, {}),
                                   views, deps[stage], config, problems.get(stage))
+        if same_spec:
+            views[stage] = still_failed(views[stage], prev.get(stage, {}))
     return views
+
+
+def still_failed(view: StageView, prev: dict) -> StageView:
+    """A stage that failed after its attempts stays Failed for the same spec, even once the
+    children that failed are gone (a failed server Deployment is deleted, so its pods stop
+    holding GPUs): nothing is created for it again. A new generation plans it afresh."""
+    if prev.get("phase") != "Failed" or not prev.get("attempts") or view.phase in ("Succeeded", "Failed"):
+        return view
+    return replace(view, phase="Failed", reason=prev.get("reason") or "StageFailed",
+                   message=prev.get("message") or view.message,
+                   attempts=max(view.attempts, int(prev["attempts"])), creates=[], requeue=None)
 
 
 def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, generation: int,
@@ -166,7 +181,7 @@ def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, genera
     config = config or OperatorConfig()
     if not observed.now:  # callers should pass it; never write an empty lastTransitionTime
         observed = replace(observed, now=now_iso())
-    views = walk(run, observed, status, config, tasks)
+    views = walk(run, observed, status, config, tasks, generation)
     failed = [v for v in views.values() if v.phase == "Failed"]
     refs = secret_refs(run)
     missing = {path: name for path, name in refs.items() if name in set(observed.missing_secrets)}
@@ -175,7 +190,7 @@ def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, genera
     finishing = {(c.kind, c.name) for v in views.values() for c in v.finishing}
     if failed:  # fail fast: nothing new starts, nothing keeps holding GPUs
         deletes += [(c.kind, c.name) for c in observed.children
-                    if c.phase in ACTIVE and (c.kind, c.name) not in finishing]
+                    if holds_resources(c) and (c.kind, c.name) not in finishing]
     elif run.spec.suspend:
         for c in observed.children:
             if c.phase not in ACTIVE or (c.kind, c.name) in finishing:

@@ -19,6 +19,12 @@ from .types import ChildState, Observed, StageView
 ACTIVE = ("Pending", "Running")
 
 
+def holds_resources(c: ChildState) -> bool:
+    """Whether deleting the child frees something: an active child, or a failed server
+    Deployment (its pod keeps restarting, and holding its GPUs, until it is deleted)."""
+    return c.phase in ACTIVE or (c.kind == "Deployment" and c.phase == "Failed")
+
+
 def parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
@@ -79,12 +85,12 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
             view.phase, view.reason, view.attempts = "Failed", permanent[0].reason or "StageFailed", attempt
             view.message = (f"stage {view.name} failed after {attempt} attempt(s), not retried "
                             f"(another attempt would fail the same way): {text}")
-            view.deletes += [(c.kind, c.name) for c in cs if c.phase in ACTIVE]
+            view.deletes += [(c.kind, c.name) for c in cs if holds_resources(c)]
             return
         if attempt >= run.spec.retries.maxAttempts:
             view.phase, view.reason, view.attempts = "Failed", "StageFailed", attempt
             view.message = f"stage {view.name} failed after {attempt} attempt(s): {text}"
-            view.deletes += [(c.kind, c.name) for c in cs if c.phase in ACTIVE]
+            view.deletes += [(c.kind, c.name) for c in cs if holds_resources(c)]
             return
         failed_at = max((parse_time(c.finished or c.created) for c in failed), default=None,
                         key=lambda t: t or datetime.min.replace(tzinfo=timezone.utc))

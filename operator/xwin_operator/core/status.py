@@ -45,6 +45,8 @@ def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool) -> dict[s
     metrics = (v.marker or {}).get("metrics") or {}
     if metrics:
         out["metrics"] = dict(metrics)
+    if v.phase == "Failed" and v.reason:
+        out["reason"] = v.reason
     message = v.message
     if v.changed:
         message = (f"spec.stages.{v.name} changed after the stage finished: not rerun (create a new "
@@ -160,8 +162,9 @@ def status_actions(run: AlignmentRun, views: dict[str, StageView], prev_status: 
             text = f"stage {s['name']} started (attempt {s['attempts']})"
         elif s["phase"] == "Succeeded":
             text += _metrics_text(s.get("metrics", {})) + (f": {s['artifact']}" if s.get("artifact") else "")
-        elif s.get("message"):
-            text += f": {s['message']}"
+        elif s.get("message"):  # the planner's message may already say "stage X failed ..."
+            prefix = f"stage {s['name']} {s['phase'].lower()} "
+            text = s["message"] if s["message"].startswith(prefix) else f"{text}: {s['message']}"
         events.append(EmitEvent(reason, text, type_))
     events += _secret_events(prev_status, new_status)
     starting = prev_status.get("phase", "Pending") == "Pending" and any(e.reason == "StageStarted" for e in events)
