@@ -56,6 +56,7 @@ if ! podman image exists "$DEBIAN"; then
     echo "--- debootstrap bookworm from $MIRROR (once; cached in $tarball)"
     mkdir -p "$CACHE"
     rootfs=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+    chmod 755 "$rootfs"   # the image's / (mktemp makes it 0700: no user but root could enter it)
     trap 'rm -rf "$rootfs"' EXIT
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" "$MIRROR" \
       > "$CACHE/debootstrap.log" 2>&1 || { tail -n 20 "$CACHE/debootstrap.log" >&2; exit 1; }

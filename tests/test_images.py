@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kube.podman import container_run, podman_argv
+from kube.pods import PodConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
@@ -130,5 +131,5 @@ def test_a_rendered_container_becomes_the_podman_run_a_node_would_do(tmp_path):
 
 
 def test_a_pod_reading_a_secret_the_test_lacks_names_it():
-    with pytest.raises(KeyError, match="'judge'"):
+    with pytest.raises(PodConfigError, match='"judge"'):
         container_run("judge-1", POD, CONTAINER, secrets={})

@@ -57,6 +57,19 @@ def small_task(tiny_task, tmp_path) -> Path:
     return out
 
 
+def full_run_on_s3(cluster, name: str, s3_server, bucket: str, task_dir: Path, judge_url: str):
+    """(run, store): `full_run` with its inputs uploaded under `<bucket>/inputs`, artifacts
+    under `<bucket>/runs`, and its S3 and judge Secrets created in `cluster`."""
+    from xwin_jobs.store import Store
+
+    store = Store(endpoint_url=s3_server.endpoint_url)
+    run = full_run(name, storage=storage(s3_server, bucket), judge_url=judge_url)
+    run = inputs_on_s3(run, store, f"{bucket}/inputs", task_dir)
+    s3_secret(cluster, s3_server.env, secret=s3_server.env["AWS_SECRET_ACCESS_KEY"])
+    judge_secret(cluster)
+    return run, store
+
+
 def judge_secret(cluster) -> None:
     cluster.create("v1/secrets", {"apiVersion": "v1", "kind": "Secret",
                                   "metadata": {"name": JUDGE_SECRET, "namespace": NS},
@@ -74,14 +87,10 @@ def deployment_lifetime(cluster, name: str) -> tuple[bool, bool]:
 @pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="needs vLLM in .venv-vllm (`make vllm`)")
 def test_full_tiny_demo_succeeds_through_the_operator(cluster, kubelet_factory, operator_factory,
                                                      s3_server, s3_bucket, small_task, judge_server):
-    from xwin_jobs.store import Store, read_marker
+    from xwin_jobs.store import read_marker
 
-    store = Store(endpoint_url=s3_server.endpoint_url)
     name = "tiny-xwin"
-    run = full_run(name, storage=storage(s3_server, s3_bucket), judge_url=judge_server.base_url)
-    run = inputs_on_s3(run, store, f"{s3_bucket}/inputs", small_task)
-    s3_secret(cluster, s3_server.env, secret=s3_server.env["AWS_SECRET_ACCESS_KEY"])
-    judge_secret(cluster)
+    run, store = full_run_on_s3(cluster, name, s3_server, s3_bucket, small_task, judge_server.base_url)
     kubelet = kubelet_factory(server_python=str(VLLM_PYTHON))  # samplers, judges, trainers: this python
     op = operator_factory(env=s3_server.env)
     create_run(cluster, run)

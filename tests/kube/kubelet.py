@@ -1,7 +1,8 @@
 """A test kubelet (plus the controllers it stands for) for the fake API server.
 
 It watches PyTorchJobs, Jobs, Deployments and Services over the API and, for each child:
-  * runs each pod's command as a local process (see pods.py): every TrainJob node
+  * runs each pod's command as a local process (see pods.py), or with `runtime="podman"` as a
+    container of the image it names (podman.py, after `make images`): every TrainJob node
     (trainjob.py) and every PyTorchJob replica with
     MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK (and torchrun's PET_*) as the Kubeflow Training
     Operator sets them; a Job's single pod; a Deployment's initContainers (to completion), then
@@ -34,6 +35,7 @@ import aiohttp
 
 from .paths import resource_path
 from .cluster import ApiError, Cluster
+from .podman import remove_container
 from .pods import default_base_env
 from .runners import DeploymentRunner, InstantFn, JobRunner, Outcome, PyTorchJobRunner  # noqa: F401
 from .trainjob import TrainJobRunner
@@ -47,7 +49,14 @@ class Kubelet:
     def __init__(self, cluster: Cluster, *, work: Path, namespace: str | None = None,
                  cwd: str = REPO_ROOT, python: str = sys.executable,
                  python_for_image: Callable[[str], str] | None = None, server_python: str | None = None,
-                 extra_env: dict[str, str] | None = None, instant: InstantFn | None = None):
+                 extra_env: dict[str, str] | None = None, instant: InstantFn | None = None,
+                 runtime: str = "process"):
+        """`runtime`: "process" (each container's command as a local process, the image
+        replaced by a local interpreter) or "podman" (each container in the image it names,
+        as podman.py runs it: `make images` first)."""
+        if runtime not in ("process", "podman"):
+            raise ValueError(f"runtime must be process or podman, got {runtime!r}")
+        self.runtime = runtime
         self.cluster, self.work, self.namespace, self.cwd = cluster, Path(work), namespace, cwd
         self.python_for_image = python_for_image or (lambda image: python)
         self.server_python = server_python  # Deployments' servers (vLLM); None: by image
@@ -59,6 +68,7 @@ class Kubelet:
         self.runners: dict[tuple[str, str, str], Any] = {}
         self.starts: Counter[tuple[str, str]] = Counter()    # (kind, name) -> pod processes started
         self.pids: set[int] = set()
+        self.containers: set[str] = set()                    # podman mode: containers started
         self._task: asyncio.Future | None = None
 
     # --- lifecycle (called from the test thread) ------------------------------------------
@@ -86,6 +96,9 @@ class Kubelet:
             except (ProcessLookupError, PermissionError):
                 pass
         self.pids.clear()
+        for name in list(self.containers):
+            remove_container(name)
+        self.containers.clear()
 
     # --- watching ------------------------------------------------------------------------------
     async def run(self) -> None:

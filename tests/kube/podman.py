@@ -17,14 +17,16 @@ into `podman run` arguments:
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pods import expand_refs, resolve_env
+from .pods import LocalProcess, expand_refs, resolve_env, rewrite, serve_on
 
 CONTAINERS_CONF = Path(__file__).resolve().parents[2] / "images" / "containers.conf"
 
@@ -43,6 +45,7 @@ class ContainerRun:
     tmpfs: tuple[str, ...] = ()                   # mount paths of memory-backed emptyDirs
     hosts: tuple[str, ...] = ()                   # names that resolve to 127.0.0.1
     workdir: str | None = None
+    binds: tuple[tuple[str, str], ...] = ()       # (host path, container path) of single files
 
 
 def _security(pod: dict, container: dict) -> dict:
@@ -52,11 +55,9 @@ def _security(pod: dict, container: dict) -> dict:
 def container_run(name: str, pod: dict, container: dict, *, secrets: dict[str, dict[str, str]],
                   extra_env: dict[str, str] | None = None, hosts: tuple[str, ...] = ()) -> ContainerRun:
     """What `container` of pod spec `pod` asks for. `secrets`: name -> {key: value}; a missing
-    one raises KeyError naming it, as a kubelet reports CreateContainerConfigError."""
+    one raises PodConfigError naming it, as a kubelet reports CreateContainerConfigError."""
     def secret(name_: str) -> dict | None:
-        if name_ not in secrets:
-            raise KeyError(f"the pod reads Secret {name_!r}, which the test does not provide")
-        return {"stringData": secrets[name_]}
+        return {"stringData": secrets[name_]} if name_ in secrets else None
 
     env = {**resolve_env(container, {"name": name}, secret), **(extra_env or {})}
     argv = [expand_refs(a, env) for a in (container.get("command") or []) + (container.get("args") or [])]
@@ -101,6 +102,8 @@ def podman_argv(run: ContainerRun, volume_dirs: dict[str, Path]) -> list[str]:
         argv += ["--mount", f"type=tmpfs,destination={path},tmpfs-mode=1777"]
     for host in run.hosts:
         argv += ["--add-host", f"{host}:127.0.0.1"]
+    for host_path, path in run.binds:
+        argv += ["-v", f"{host_path}:{path}"]
     if run.workdir:
         argv += ["--workdir", run.workdir]
     for key, value in run.env.items():
@@ -130,6 +133,47 @@ def volume_folders(run: ContainerRun, root: Path, owner: str | None) -> dict[str
             path.chmod(0o777)
         dirs[volume] = path
     return dirs
+
+
+def podman_process(pod_name: str, template: dict, *, container: dict, work: Path,
+                   secrets: dict[str, dict[str, str]], services: dict[str, int], extra_env: dict[str, str],
+                   port: int | None = None) -> LocalProcess:
+    """What the test kubelet starts for a pod's container in podman mode: `podman run` of the
+    container's image (see `container_run`), the pod's emptyDirs in `<work>/pods/<pod>/` (shared
+    by its containers, as on a node), Service URLs pointing at the loopback port of the server
+    behind them, a server's `--port`/`--host` moved to `port` on 127.0.0.1, and a file the
+    kubelet hands over by path (the termination log) bind-mounted at that path."""
+    pod = template.get("spec") or {}
+    name = f"{pod_name}-{container.get('name', 'main')}-{uuid.uuid4().hex[:6]}"
+    files = {v for v in extra_env.values() if v.startswith(str(work)) and Path(v).is_file()}
+    run = container_run(name, pod, container, secrets=secrets, extra_env=extra_env,
+                        hosts=tuple(services))
+    env = {k: rewrite(v, {}, services) for k, v in run.env.items()}
+    argv = [rewrite(a, {}, services) for a in run.argv]
+    if port is not None:
+        argv = serve_on(argv, port)
+    for f in files:
+        Path(f).chmod(0o666)
+    run = ContainerRun(**{**run.__dict__, "env": env, "argv": argv,
+                          "binds": tuple((f, f) for f in sorted(files))})
+    dirs = volume_folders(run, work / "pods" / pod_name, run.user)
+    log_name = f"{pod_name}.log" if container is pod["containers"][0] else f"{pod_name}.{container.get('name', 'init')}.log"
+    return LocalProcess(argv=podman_argv(run, dirs), env=podman_env(), cwd=str(work),
+                        log=work / "logs" / log_name, folders=list(dirs.values()), container=name)
+
+
+def secret_values(found: dict[str, dict | None]) -> dict[str, dict[str, str]]:
+    """The API server's Secret objects (base64 `data`, `stringData`) as name -> {key: value};
+    absent ones (None) left out."""
+    return {name: {**{k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()},
+                   **(obj.get("stringData") or {})}
+            for name, obj in found.items() if obj is not None}
+
+
+def remove_container(name: str) -> None:
+    """`podman rm -f`: a killed `podman run` client leaves its container running."""
+    subprocess.run(["podman", "rm", "-f", "--ignore", "-t", "0", name], env=podman_env(),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @dataclass

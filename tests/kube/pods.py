@@ -38,6 +38,7 @@ class LocalProcess:
     cwd: str
     log: Path
     folders: list[Path] = field(default_factory=list)
+    container: str | None = None    # podman mode (podman.py): the container `argv` runs
 
 
 def free_port() -> int:

@@ -21,6 +21,7 @@ from .apiserver import now_iso
 from .paths import resource_path
 from .cluster import ApiError
 from .pod_objects import pod_exited, pod_started, termination_file
+from .podman import podman_process, remove_container, secret_values
 from .pods import LocalProcess, PodConfigError, free_port, pod_process, training_operator_env
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class ChildRunner:
         self.ns, self.name, self.uid = meta["namespace"], meta["name"], meta.get("uid")
         self.changed = asyncio.Event()
         self.procs: list[asyncio.subprocess.Process] = []
+        self.containers: list[str] = []   # podman mode: the containers of `procs`
         self.status: dict[str, Any] = dict(body.get("status") or {})
         self.pending: dict[str, Any] = {}
         self.task = asyncio.ensure_future(self._main())
@@ -131,6 +133,9 @@ class ChildRunner:
                                                      stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
         self.kubelet.pids.add(p.pid)
+        if proc.container:
+            self.containers.append(proc.container)
+            self.kubelet.containers.add(proc.container)
         self.kubelet.starts[(self.body.get("kind", ""), self.name)] += 1
         return p
 
@@ -143,6 +148,10 @@ class ChildRunner:
                     pass
             self.kubelet.pids.discard(p.pid)
         self.procs = []
+        for name in self.containers:   # podman mode: the container outlives its killed client
+            remove_container(name)
+            self.kubelet.containers.discard(name)
+        self.containers = []
 
     async def process_for(self, pod_name: str, template: dict, extra: dict[str, str] | None = None,
                           port: int | None = None, container: dict | None = None,
@@ -151,6 +160,11 @@ class ChildRunner:
         config cannot be resolved (the kubelet's CreateContainerConfigError: retried until it can)."""
         try:
             secrets = await self.kubelet.secrets_for(self.ns, template)
+            if self.kubelet.runtime == "podman":
+                return podman_process(pod_name, template, container=container or template["spec"]["containers"][0],
+                                      work=self.kubelet.work, secrets=secret_values(secrets),
+                                      services=self.kubelet.service_ports(self.ns),
+                                      extra_env={**self.kubelet.extra_env, **(extra or {})}, port=port)
             image = (container or template["spec"]["containers"][0]).get("image", "")
             return pod_process(pod_name, self.ns, template, python=python or self.kubelet.python_for_image(image),
                                cwd=self.kubelet.cwd, work=self.kubelet.work, base_env=self.kubelet.base_env,
