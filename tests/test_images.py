@@ -92,18 +92,31 @@ def test_every_image_installs_its_extra_with_the_guard_around_it_and_no_vllm():
         assert not [r for r in extras[extra] if r.startswith("vllm")], f"{name}: its extra installs vLLM"
 
 
-def test_make_images_names_the_debian_packages_it_lacks(tmp_path):
+def run_build(bin_dir: Path, home: Path, **env: str) -> subprocess.CompletedProcess:
+    """images/build.sh with only `bin_dir` on PATH and the Makefile's pins."""
+    return subprocess.run([str(bin_dir / "bash"), str(IMAGES / "build.sh")], capture_output=True, text=True,
+                          env={"PATH": str(bin_dir), "HOME": str(home), "TORCH_VERSION": "2.13.0",
+                               "VLLM_VERSION": "0.32.0", "XWIN_VERSION": "0.1.0", **env})
+
+
+def link(bin_dir: Path, name: str, to: str) -> None:
+    os.symlink(subprocess.run(["which", to], capture_output=True, text=True).stdout.strip(), bin_dir / name)
+
+
+def test_make_images_names_the_debian_packages_it_lacks_and_refuses_push_without_registry(tmp_path):
     bin_dir = tmp_path / "bin"   # a PATH with the shell's basics and none of podman, runc, debootstrap
     bin_dir.mkdir()
     for tool in ("bash", "dirname"):
-        os.symlink(subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip(), bin_dir / tool)
-    done = subprocess.run([str(bin_dir / "bash"), str(IMAGES / "build.sh")], capture_output=True, text=True,
-                          env={"PATH": str(bin_dir), "HOME": str(tmp_path), "TORCH_VERSION": "2.13.0",
-                               "VLLM_VERSION": "0.32.0", "XWIN_VERSION": "0.1.0"})
+        link(bin_dir, tool, tool)
+    done = run_build(bin_dir, tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
         "make images needs these Debian packages: podman runc debootstrap "
         "(apt-get install -y podman runc debootstrap)")
+    for tool in ("podman", "runc", "debootstrap"):   # present (stubs): PUSH=1 alone is refused first
+        link(bin_dir, tool, "true")
+    push = run_build(bin_dir, tmp_path, PUSH="1")
+    assert push.returncode == 1 and "PUSH=1 needs REGISTRY=" in push.stderr, push.stderr
 
 
 POD = {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
