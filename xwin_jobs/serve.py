@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import deque
 
 from .server_exit import diagnose, model_arg
@@ -43,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "--":
         args = args[1:]
+    # its own process group: what vLLM starts beside itself (and may leave holding the output
+    # pipe when it is killed) is stopped with it
     proc = subprocess.Popen([sys.executable, "-m", VLLM_MODULE, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
     stopping: list[int] = []
 
     def forward(signum, frame):
@@ -55,12 +59,21 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, forward)
 
     tail: deque[str] = deque(maxlen=KEEP_LINES)
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        sys.stdout.buffer.write(raw)
-        sys.stdout.buffer.flush()
-        tail.append(raw.decode(errors="replace").rstrip("\n"))
-    code = proc.wait()
+
+    def relay() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            sys.stdout.buffer.write(raw)
+            sys.stdout.buffer.flush()
+            tail.append(raw.decode(errors="replace").rstrip("\n"))
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    code = proc.wait()       # not the pipe's end: a process vLLM started may still hold it
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    reader.join(timeout=5)
     if stopping:
         return code if code >= 0 else 128 - code
     exit = diagnose(tail, code, model=model_arg(args), backend=_backend(dict(os.environ)))

@@ -213,7 +213,8 @@ def _child_gate(state: OperatorState, body: Mapping[str, Any], name: str, child:
         return None  # not seen by this process yet (its first run event reconciles it), or queued
     phase = "Deleted" if child is None else child.phase
     kind = body.get("kind", "")
-    if gate.phases.get((kind, name)) == phase or not decisive(kind, phase):
+    before = gate.phases.get((kind, name))
+    if before == phase or not decisive(kind, phase, before):
         return None  # nothing the planner acts on (a child created or started by us echoes back)
     return gate
 
@@ -241,9 +242,11 @@ async def _child_event(type: str | None, event: Mapping[str, Any], name: str, lo
             await reconcile_logged(state, gate, "child event", logger)
 
 
-def decisive(kind: str, phase: str) -> bool:
-    """Child phases the planner acts on: finished, gone, or a vLLM server ready to serve."""
-    return phase in ("Succeeded", "Failed", "Deleted") or (kind == "Deployment" and phase == "Running")
+def decisive(kind: str, phase: str, before: str | None = None) -> bool:
+    """Child phases the planner acts on: finished, gone, a vLLM server ready to serve, or one
+    that was and is no more (its server ended: the reconcile reads why from its pods)."""
+    return phase in ("Succeeded", "Failed", "Deleted") or (kind == "Deployment" and (
+        phase == "Running" or phase == "Pending" and before == "Running"))
 
 
 for _group, _version, _plural in CHILD_RESOURCES:
