@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from container_children import (IMAGES, JUDGE_SECRET, S3_SECRET, child, containers_of, planned, probe_command,
+from container_children import (IMAGES, JUDGE_SECRET, ROOT, S3_SECRET, child, containers_of, planned, probe_command,
                                 tiny_spec, upload_task)
 from judge_fixtures import FAKE_KEY, JudgeServer, ServerConfig
 from kube.podman import PodmanContainer, container_run, image_exists, volume_folders, wait_until
@@ -250,3 +250,48 @@ def test_operator_image_runs_xwin_operator_and_creates_the_first_child(world, tm
             assert image == IMAGES["trainer"]
         finally:
             operator.stop()
+
+
+def fake_wheel(folder: Path, name: str, version: str) -> Path:
+    """A pure-Python wheel that claims to be `name` `version` (an empty package)."""
+    import zipfile
+
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": "", f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+def test_a_build_that_would_replace_the_bases_torch_stops_naming_both_versions(tmp_path):
+    """The image body (images/install.sh) on the trainer's CPU base, installing a project whose
+    extra pins another torch: the build fails and says which torch the base has and which it
+    would end with."""
+    import subprocess
+
+    from kube.podman import podman_env
+
+    base = "localhost/xwin-base-torch-cpu:2.13.0"
+    if not image_exists(base):
+        pytest.fail(f"{base} not built; run `make images` first")
+    context = tmp_path / "context"
+    (context / "images").mkdir(parents=True)
+    (context / "wheels").mkdir()
+    for f in ("install.sh", "guard.py"):
+        shutil.copy(ROOT / "images" / f, context / "images" / f)
+    fake_wheel(context / "wheels", "torch", "2.12.0")
+    (context / "pyproject.toml").write_text(
+        '[project]\nname = "moves-torch"\nversion = "0"\n[project.optional-dependencies]\nx = ["torch==2.12.0"]\n'
+        '[tool.setuptools]\npy-modules = []\n')
+    (context / "Containerfile").write_text(
+        f"FROM {base}\nUSER root\nCOPY . /src/\n"
+        "RUN PIP_NO_INDEX=1 PIP_NO_BUILD_ISOLATION=0 PIP_FIND_LINKS=/src/wheels /src/images/install.sh x /scratch\n")
+    done = subprocess.run(["podman", "build", "--network", "none", "-t", "localhost/xwin-test-moves-torch", str(context)],
+                          capture_output=True, text=True, env=podman_env())
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out[-3000:]
+    assert "torch: the base has 2.13.0+cpu, the build ended with 2.12.0" in out, out[-3000:]
