@@ -11,6 +11,8 @@ settings, against moto S3 and the loopback judge.
 * the annotator image judges the candidates against the loopback judge;
 * the operator image runs `xwin operator` against the test API server and creates the run's
   first child.
+* a command naming an interpreter or module its image lacks fails the probe;
+* an image build whose extra would replace the base's torch stops, naming both versions.
 A failure prints the child's rendered command and the container's last log lines.
 """
 
