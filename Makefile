@@ -88,8 +88,9 @@ test-recipe: $(STAMP) $(VLLM_STAMP)
 images:
 	TORCH_VERSION=$(TORCH_VERSION) VLLM_VERSION=$(VLLM_VERSION) XWIN_VERSION=$(XWIN_VERSION) images/build.sh
 
-# Each child `xwin plan` renders for the tiny run, in its image (after `make images`).
-test-containers: $(STAMP)
+# Each child `xwin plan` renders for the tiny run in its image, and the tiny run through the
+# operator with every pod a podman container (the images: built first, seconds when unchanged).
+test-containers: $(STAMP) images
 	$(VPY) -m pytest -q -m containers -p no:cacheprovider
 
 bench: $(STAMP) $(TRL_STAMP)
