@@ -121,8 +121,9 @@ class StageContext:
     def training(self):
         from ..training.config import TrainingConfig, TrainingConfigError
 
-        try:
-            return TrainingConfig.from_params(self.param("training", {}))
+        world = self.dist.world_size if self.dist is not None else 1
+        try:  # the micro-batch for this many ranks (derived when microBatchSize is unset)
+            return TrainingConfig.from_params(self.param("training", {})).for_world(world)
         except TrainingConfigError as e:
             raise StageError(str(e)) from None
 
@@ -173,11 +174,14 @@ def _check_training(task: StageTask, dist: Any, store: Store):
     meta device); None for other stages. Reads only: nothing in the store is touched."""
     if task.stage not in DATA_PARALLEL:
         return None
-    from ..training.config import TrainingConfigError, check_training_settings
+    from ..training.config import TrainingConfigError, check_training_settings, derive_geometry
 
     world = dist.world_size if dist is not None else 1
     try:
         config = check_training_settings(task.params.get("training") or {}, world)
+        if dist is None or dist.is_main:
+            log.info("stage %s: %s", task.stage,
+                     derive_geometry(config, world).describe(config.global_batch_size))
         if config.offload_optimizer:
             _check_offload(task, store, config, dist)
     except TrainingConfigError as e:

@@ -95,6 +95,7 @@ def train_and_publish(ctx: StageContext, load_model: Callable[[], Any], tokenize
     when the step is made, not before). Returns (metrics, model URI)."""
     from ..training.build import build_engine
     from ..training.checkpoints import Checkpoints
+    from ..training.config import derive_geometry
     from ..training.loop import plan_total_steps, train_loop
     from ..training.preempt import stop_requests
 
@@ -111,6 +112,7 @@ def train_and_publish(ctx: StageContext, load_model: Callable[[], Any], tokenize
                             on_checkpoint=checkpoints.save, start=start, stop_requested=stop,
                             workload=workload)
     metrics = result.metrics()
+    metrics.update(derive_geometry(config, engine.world_size).metrics())
     if after_training:
         metrics.update(after_training(engine))
     ctx.clear(*TRAINING_OUTPUTS)  # an earlier attempt's leftovers; checkpoints stay

@@ -3,13 +3,19 @@
 The planner always passes it fully resolved (camelCase keys as in the AlignmentRun spec).
 `TRAINING_DEFAULTS` is the one set of defaults: the spec (operator/xwin_operator/api/spec.py)
 resolves unset fields with it and hand-written tasks get the same values here. Pure.
+
+Batch geometry is DeepSpeed's: globalBatchSize = micro-batch x ranks x accumulation steps.
+`microBatchSize` has no resolved default: when a stage leaves it unset, `derive_geometry`
+picks the largest micro-batch up to `DEFAULT_MICRO_BATCH_SIZE` that makes that product exact
+for the ranks the stage runs on (so `globalBatchSize: 8` runs on 1 rank as 4 x 1 x 2 and on
+8 GPUs as 1 x 8 x 1); only an explicit microBatchSize that conflicts is refused.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -40,11 +46,14 @@ _KEYS = {
 
 # spec key -> default: the built-in value of every training setting, for the spec and here.
 TRAINING_DEFAULTS: dict[str, Any] = {
-    "epochs": 1, "learningRate": 2.0e-5, "globalBatchSize": 128, "microBatchSize": 4,
+    "epochs": 1, "learningRate": 2.0e-5, "globalBatchSize": 128,
     "maxLength": 4096, "zeroStage": 3, "gradientCheckpointing": True, "seed": 42,
     "checkpointEvery": 500, "warmupRatio": 0.03, "weightDecay": 0.0, "lrScheduler": "cosine",
     "maxSteps": 0, "maxGradNorm": 1.0, "offloadOptimizer": False, "keepCheckpoints": 1,
 }
+# The largest micro-batch a stage gets when it does not set microBatchSize (the micro-batch
+# actually used is derived from globalBatchSize and the ranks: `derive_geometry`).
+DEFAULT_MICRO_BATCH_SIZE = 4
 
 
 class TrainingConfigError(ValueError):
@@ -56,7 +65,10 @@ class TrainingConfig:
     epochs: int = TRAINING_DEFAULTS["epochs"]
     learning_rate: float = TRAINING_DEFAULTS["learningRate"]
     global_batch_size: int = TRAINING_DEFAULTS["globalBatchSize"]
-    micro_batch_size: int = TRAINING_DEFAULTS["microBatchSize"]
+    micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE
+    # True when the task did not set microBatchSize: micro_batch_size is then only the cap of
+    # the micro-batch `for_world` derives for the ranks (DeepSpeed's own rule).
+    micro_batch_derived: bool = False
     # Not in TRAINING_DEFAULTS (left out of resolved tasks, so their digests stay as they were):
     micro_batch_tokens: int = 0  # 0: micro-batches of micro_batch_size examples
     packing: bool = True  # padding-free packing where the attention kernel keeps sequences apart
@@ -90,9 +102,18 @@ class TrainingConfig:
             if key not in params or params[key] is None:
                 continue
             values[attr] = _coerce(params[key], types[attr], f"{where}.{key}")
+        if "micro_batch_size" not in values:
+            values["micro_batch_derived"] = True
         cfg = cls(**values)
         cfg._validate(where)
         return cfg
+
+    def for_world(self, world_size: int, where: str = "params.training") -> "TrainingConfig":
+        """This config with the micro-batch the run uses on `world_size` ranks (the derived
+        one when microBatchSize was not set); raises TrainingConfigError where ZeRO cannot
+        reach globalBatchSize exactly."""
+        geometry = derive_geometry(self, world_size, where)
+        return replace(self, micro_batch_size=geometry.micro)
 
     def _validate(self, where: str) -> None:
         checks = [
@@ -137,19 +158,73 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise TrainingConfigError(f"{where}: expected {typ}, got {value!r}")
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """How one optimizer step's globalBatchSize examples are cut: micro-batches of `micro`
+    examples per rank, `accumulation` of them per rank and step; `derived`: microBatchSize
+    was not set and `micro` was chosen for these ranks; `exact`: global = micro x ranks x
+    accumulation (always under ZeRO; DDP accepts an uneven last share)."""
+
+    micro: int
+    accumulation: int
+    ranks: int
+    derived: bool
+    exact: bool
+
+    def describe(self, global_batch_size: int) -> str:
+        how = ("derived (microBatchSize not set: the largest micro-batch up to "
+               f"{DEFAULT_MICRO_BATCH_SIZE} that divides it)" if self.derived else "microBatchSize")
+        sign = "=" if self.exact else "~"
+        return (f"globalBatchSize {global_batch_size} {sign} micro-batch {self.micro} x "
+                f"{self.ranks} rank(s) x {self.accumulation} accumulation step(s); micro-batch {how}")
+
+    def metrics(self) -> dict[str, Any]:
+        return {"microBatchSize": self.micro, "gradientAccumulationSteps": self.accumulation,
+                "ranks": self.ranks, "microBatchSizeDerived": self.derived}
+
+
+def derive_geometry(config: TrainingConfig, world_size: int,
+                    where: str = "params.training") -> Geometry:
+    """The batch geometry of `config` on `world_size` ranks, as DeepSpeed derives it.
+
+    microBatchSize unset: the largest micro-batch m <= DEFAULT_MICRO_BATCH_SIZE (and <=
+    globalBatchSize) with globalBatchSize a multiple of m x ranks. Under ZeRO (zeroStage 1-3)
+    the product must be exact: an explicit microBatchSize that misses it, or a globalBatchSize
+    that is not a multiple of the ranks, is refused naming the fields and the numbers. DDP and
+    a single process accept an uneven split (the capped micro-batch is used)."""
+    glob, zero = config.global_batch_size, bool(config.zero_stage)
+    if not isinstance(world_size, int) or world_size < 1:
+        raise TrainingConfigError(f"{where}: world size must be an int >= 1, got {world_size!r}")
+    cap = min(config.micro_batch_size, glob)
+    if config.micro_batch_derived:
+        micro = next((m for m in range(cap, 0, -1) if glob % (m * world_size) == 0), None)
+        if micro is None and zero:
+            raise TrainingConfigError(
+                f"{where}.globalBatchSize: {glob} cannot be split over {world_size} rank(s) "
+                f"(nodes x gpusPerNode): DeepSpeed ZeRO (zeroStage {config.zero_stage}) needs "
+                f"globalBatchSize = micro-batch x ranks x accumulation steps, so a multiple of "
+                f"{world_size} (e.g. {-(-glob // world_size) * world_size})")
+    else:
+        micro = cap
+        if zero and glob % (micro * world_size):
+            per_pass = micro * world_size
+            raise TrainingConfigError(
+                f"{where}.globalBatchSize: {glob} is not a multiple of "
+                f"microBatchSize {micro} x {world_size} rank(s) = {per_pass}; DeepSpeed ZeRO "
+                f"(zeroStage {config.zero_stage}) needs globalBatchSize = microBatchSize x ranks x "
+                f"accumulation steps (e.g. {max(per_pass, glob // per_pass * per_pass)}, or leave "
+                f"microBatchSize unset to derive it)")
+    exact = micro is not None and glob % (micro * world_size) == 0
+    micro = micro or cap
+    return Geometry(micro=micro, accumulation=max(1, -(-glob // (micro * world_size))),
+                    ranks=world_size, derived=config.micro_batch_derived, exact=exact)
+
+
 def batch_geometry(config: TrainingConfig, world_size: int,
                    where: str = "params.training") -> tuple[int, int]:
-    """(micro batch per rank, gradient accumulation steps) for DeepSpeed; a clear error naming
-    globalBatchSize when the product cannot reach it exactly."""
-    micro = min(config.micro_batch_size, config.global_batch_size)
-    per_pass = micro * world_size
-    if config.global_batch_size % per_pass:
-        raise TrainingConfigError(
-            f"{where}.globalBatchSize: {config.global_batch_size} is not a multiple of "
-            f"microBatchSize {micro} x {world_size} rank(s) = {per_pass}; DeepSpeed ZeRO "
-            f"(zeroStage {config.zero_stage}) needs globalBatchSize = microBatchSize x ranks x "
-            f"accumulation steps (e.g. {max(per_pass, config.global_batch_size // per_pass * per_pass)})")
-    return micro, config.global_batch_size // per_pass
+    """(micro batch per rank, gradient accumulation steps) for DeepSpeed (`derive_geometry`)."""
+    geometry = derive_geometry(config, world_size, where)
+    return geometry.micro, geometry.accumulation
 
 
 def check_training_settings(params: dict[str, Any] | None, world_size: int,
@@ -157,16 +232,12 @@ def check_training_settings(params: dict[str, Any] | None, world_size: int,
     """Every refusal a stage's `training` block can get before any process starts, as a pure
     function of the settings and the number of ranks (nodes x gpusPerNode): wrong types and
     ranges (`TrainingConfig.from_params`) and, under ZeRO (zeroStage 1-3), a DeepSpeed batch
-    geometry the settings cannot produce (globalBatchSize not a multiple of microBatchSize x
-    ranks). Raises TrainingConfigError naming the field; returns the config.
+    geometry the settings cannot produce (`derive_geometry`). Raises TrainingConfigError naming
+    the field; returns the config with the micro-batch for these ranks (`for_world`).
 
     The trainer calls it at start, before the store is touched (xwin_jobs.stages); the operator
     can call it when it validates a spec, with the stage's world size, to report the same
     message as a Failed phase before any child is created. What needs the model or the node
     (ZeRO-Offload's host memory) is checked at the trainer's start (`check_offload_memory`)."""
     config = TrainingConfig.from_params(params, where)
-    if not isinstance(world_size, int) or world_size < 1:
-        raise TrainingConfigError(f"{where}: world size must be an int >= 1, got {world_size!r}")
-    if config.zero_stage:
-        batch_geometry(config, world_size, where)
-    return config
+    return config.for_world(world_size, where)
