@@ -17,6 +17,26 @@ from typing import Any
 
 from .store_uri import StoreError, as_folder, join_uri, redact_endpoint, split_s3
 
+MiB = 1024 * 1024
+# S3's multipart limits: at most 10,000 parts, each 5 MiB to 5 GiB (the last may be smaller).
+MAX_PARTS = 10_000
+MIN_PART = 5 * MiB
+MAX_PART = 5 * 1024 * MiB
+
+
+def part_size(object_size: int, preferred: int, max_parts: int | None = None) -> int:
+    """The multipart part size for an object of `object_size` bytes: `preferred` (the store's
+    chunk size) unless that would need more than `max_parts` (S3's 10,000) parts, then the
+    smallest whole number of MiB that fits it in `max_parts`. A 8 MiB part caps an object at
+    78 GiB; a 140 GB consolidated 70B checkpoint file gets 14 MiB parts. Pure."""
+    max_parts = MAX_PARTS if max_parts is None else max_parts
+    need = -(-max(0, int(object_size)) // max_parts)
+    size = max(int(preferred), MIN_PART, -(-need // MiB) * MiB)
+    if size > MAX_PART:
+        raise StoreError(f"an object of {object_size} bytes needs parts of {size} bytes to fit in "
+                         f"{max_parts} parts, above S3's largest part ({MAX_PART} bytes)")
+    return size
+
 
 def _plain_cause(exc: BaseException | None) -> str:
     """A network failure in a few plain words."""
@@ -70,11 +90,13 @@ class S3Objects:
                 "s3", endpoint_url=self.endpoint_url, config=Config(**options))
         return self._client
 
-    def transfer_config(self):
+    def transfer_config(self, object_size: int = 0):
+        """boto3's transfer settings; parts sized for an object of `object_size` bytes
+        (`part_size`: at most MAX_PARTS of them)."""
         from boto3.s3.transfer import TransferConfig
 
         return TransferConfig(multipart_threshold=self.multipart_threshold,
-                              multipart_chunksize=self.multipart_chunksize,
+                              multipart_chunksize=part_size(object_size, self.multipart_chunksize),
                               max_concurrency=self.max_concurrency)
 
     def error(self, uri: str, exc: BaseException) -> StoreError:
@@ -190,8 +212,9 @@ class S3Objects:
         bucket, key = split_s3(uri)
         if not key or key.endswith("/"):
             raise StoreError(f"{uri}: cannot upload a file to a folder URI; name the object")
+        size = Path(local).stat().st_size
         self.call(uri, self.client.upload_file, str(local), bucket, key,
-                  Config=self.transfer_config())
+                  Config=self.transfer_config(size))
 
     def download_file(self, uri: str, local: Path) -> None:
         bucket, key = split_s3(uri)
