@@ -1,7 +1,8 @@
 """`python -m xwin_jobs <stage> --task FILE|JSON [--store-endpoint URL]`: one stage step.
 
 Exit status: 0 done (or already done), 1 the stage failed (one line on stderr naming the
-cause; a full traceback only for an unexpected error, i.e. a bug), 2 bad usage: unknown
+cause, e.g. a pod that requested GPUs torch cannot see: xwin_jobs/gpu_check.py; a full
+traceback only for an unexpected error, i.e. a bug), 2 bad usage: unknown
 stage or a task that cannot be read, 128 + signal: a training stage stopped by SIGTERM after
 writing a checkpoint (a restart resumes from it).
 """
@@ -18,6 +19,7 @@ import traceback
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Failures with a clear message of their own: printed as one line, no traceback."""
     from .chat import ChatFormatError
+    from .gpu_check import GpuUnavailableError
     from .modeling import ModelLoadError
     from .records import RecordError
     from .stages import StageError
@@ -26,7 +28,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .training.data import ExampleError
 
     return (StoreError, RecordError, StageError, ModelLoadError, ChatFormatError,
-            TrainingConfigError, ExampleError)
+            TrainingConfigError, ExampleError, GpuUnavailableError)
 
 
 def build_parser(stage_names: list[str]) -> argparse.ArgumentParser:
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     expected = _expected_errors()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # log lines, not bars, in pods
     try:
+        from .gpu_check import check_gpus
+
+        check_gpus()  # a pod given GPUs it cannot see stops here, before the store or training
         store = Store(endpoint_url=args.store_endpoint)
         marker = run_step(step, task, store) if step else run_stage(task, store)
     except expected as e:

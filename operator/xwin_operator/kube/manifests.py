@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from xwin_jobs.gpu_check import GPU_ENV
 from xwin_jobs.task import StageTask
 from xwin_jobs.vllm_server import SERVED_MODEL_NAME as SERVED_MODEL
 
@@ -141,12 +142,16 @@ def _step_resources(run: AlignmentRun, stage: str, step: Step, task: StageTask) 
         run.spec, getattr(run.spec.stages, stage).resources)
 
 
-def _train_env(run: AlignmentRun, task: StageTask, step: Step) -> tuple[int, list[dict[str, Any]]]:
+def _train_env(run: AlignmentRun, task: StageTask, step: Step, gpus: int) -> tuple[int, list[dict[str, Any]]]:
     """The grace period of a training pod and its container env (torchrun's shutdown timeout
-    leaves `SHUTDOWN_MARGIN_S` of it for torchrun itself): the same for either launcher."""
+    leaves `SHUTDOWN_MARGIN_S` of it for torchrun itself): the same for either launcher. A pod
+    that requests GPUs is told how many (`GPU_ENV`): each rank stops at once, exit 1 (not
+    restarted under `restartPolicy: ExitCode`), when torch cannot see them."""
     grace = run.spec.scheduling.terminationGracePeriodSeconds
-    shutdown = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(1, grace - SHUTDOWN_MARGIN_S))}
-    return grace, container_env(run, task, step, {**step_env(step), **shutdown})
+    extra = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(max(1, grace - SHUTDOWN_MARGIN_S))}
+    if gpus:
+        extra[GPU_ENV] = str(int(gpus))
+    return grace, container_env(run, task, step, {**step_env(step), **extra})
 
 
 def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
@@ -154,7 +159,7 @@ def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str
     res = _step_resources(run, stage, step, task)
     name = child_name(run.metadata.name, stage, step.name, attempt)
     labels = child_labels(run, stage, step.name, attempt)
-    grace, env = _train_env(run, task, step)
+    grace, env = _train_env(run, task, step, res["gpusPerNode"])
     container = {"name": "pytorch", "image": config.image(run, step.image),
                  "command": [*TRAIN_LAUNCHER, step.job, "--task", "$(XWIN_TASK)"],
                  "env": env,
@@ -186,7 +191,7 @@ def trainjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
     mounts = pod["containers"][0]["volumeMounts"]
     security = pod["containers"][0]["securityContext"]
     pod["containers"] = [{"name": "node", "volumeMounts": mounts, "securityContext": security}]
-    grace, env = _train_env(run, task, step)
+    grace, env = _train_env(run, task, step, res["gpusPerNode"])
     pod = {k: v for k, v in pod.items() if k in TRAINJOB_POD_FIELDS}  # no priorityClassName: Kueue's
     pod["terminationGracePeriodSeconds"] = grace
     trainer = {"image": config.image(run, step.image),
