@@ -17,6 +17,7 @@ class OperatorConfig:
     sampler_image: str = "ghcr.io/xwin-align/xwin-sampler:0.1.0"
     annotator_image: str = "ghcr.io/xwin-align/xwin-annotator:0.1.0"
     image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: str = ""       # imagePullSecrets of child pods: Secret names, comma-separated
     service_account: str = ""          # serviceAccountName of child pods ("" = namespace default)
     server_port: int = 8000            # vLLM port
     pod_backoff_limit: int = 3         # pod restarts inside one attempt (preemption, OOM kill)

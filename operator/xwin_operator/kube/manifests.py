@@ -23,7 +23,8 @@ functions of (run, stage, step, attempt, owner uid, config); `render` is the ent
 Every pod: the task as env `XWIN_TASK` (JSON; the StageTask of `tasks.stage_task`), S3
 credentials through `secretKeyRef` on `storage.secretRef`, `AWS_ENDPOINT_URL` from
 `storage.endpoint`, the judge key through `secretKeyRef` on `judge.apiKeySecret` (judge steps
-only), scheduling (Kueue queue label, priority class, node selector, tolerations), non-root,
+only), scheduling (Kueue queue label, priority class, node selector, tolerations), the
+operator's `image_pull_secrets` as imagePullSecrets, non-root,
 no privilege escalation, an emptyDir scratch at /scratch and /dev/shm. Every child carries
 the labels of `child_labels` and a controller owner reference to the AlignmentRun.
 
@@ -114,6 +115,9 @@ def pod_spec(run: AlignmentRun, container: dict[str, Any], config: OperatorConfi
         spec["restartPolicy"] = restart_policy
     if config.service_account:
         spec["serviceAccountName"] = config.service_account
+    secrets = [name.strip() for name in config.image_pull_secrets.split(",") if name.strip()]
+    if secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in secrets]
     if sched.priorityClassName:
         spec["priorityClassName"] = sched.priorityClassName
     if sched.nodeSelector:
