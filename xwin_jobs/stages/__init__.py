@@ -14,11 +14,12 @@ A failure leaves no marker, and nothing outside `task.output` is ever written.
 The training stages (`DATA_PARALLEL`) may run under torchrun (data parallel, see
 xwin_jobs.training.engine): every rank runs the stage, rank 0 decides "already done" and
 broadcasts it, only rank 0 writes to the store (clears, checkpoints, model/, metrics.json,
-the marker), and the other ranks wait for its marker before they exit. Their settings are
-checked before anything is written; they resume from their checkpoints
+the marker). Once the stage function returns on every rank they all leave the process group
+(no collective is left), the other ranks exit, and rank 0 uploads the model (`ctx.publish`)
+and writes the marker outside any collective's timeout (`training.collectiveTimeoutMinutes`).
+Their settings are checked before anything is written; they resume from their checkpoints
 (xwin_jobs.training.checkpoints), which are pruned to `keepCheckpoints` once the marker is
-written. Other stages handle
-torchrun ranks themselves (bestOfN's score step).
+written. Other stages handle torchrun ranks themselves (bestOfN's score step).
 
 A stage is a function `run(ctx: StageContext) -> StageResult`, registered in `STAGES` by
 "module:function" so that listing stages imports nothing heavy. Adding a stage is one line.
@@ -90,6 +91,8 @@ class StageContext:
     workdir: Path
     dist: Any = None
     digest: str = ""  # the task's input digest (checkpoints are resumed only for the same)
+    # (local folder, URI) uploaded by rank 0 once the process group is closed (`publish`)
+    uploads: list = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
@@ -117,6 +120,14 @@ class StageContext:
             return
         for part in parts:
             self.store.delete_prefix(self.output(part))
+
+    def publish(self, local: Path | None, uri: str) -> None:
+        """Upload the folder `local` to `uri` once the stage function has returned and every
+        rank has left the process group, so no rank waits in a collective (and its timeout,
+        `training.collectiveTimeoutMinutes`) while rank 0 uploads a 140 GB model. None (the
+        other ranks) uploads nothing."""
+        if local is not None and self.is_main:
+            self.uploads.append((Path(local), uri))
 
     def training(self):
         from ..training.config import TrainingConfig, TrainingConfigError
@@ -156,15 +167,11 @@ def run_stage(task: StageTask, store: Store, workdir: str | Path | None = None) 
     stage_fn = load_stage(task.stage)
     dist = None
     if task.stage in DATA_PARALLEL and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        from ..training.config import collective_timeout
         from ..training.engine import Distributed
 
-        dist = Distributed.from_env()
-    marker = _run_stage(stage_fn, task, store, workdir, dist)
-    # Only on success: a failed rank must not wait in a barrier the others never reach; it
-    # exits and torchrun stops the rest of the group.
-    if dist is not None:
-        dist.close()
-    return marker
+        dist = Distributed.from_env(timeout=collective_timeout(task.params.get("training")))
+    return _run_stage(stage_fn, task, store, workdir, dist)
 
 
 def _check_training(task: StageTask, dist: Any, store: Store):
@@ -218,6 +225,8 @@ def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | No
     if existing is not None and existing.get("digest") == digest:
         log.info("stage %s: already done (%s has a marker for the same inputs)", task.stage,
                  as_folder(task.output))
+        if dist is not None:
+            dist.close()
         return {**existing, "skipped": True}
     config = _check_training(task, dist, store)  # a refused setting leaves the store untouched
     if main:
@@ -230,23 +239,29 @@ def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | No
     if scratch_root:
         Path(scratch_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"xwin-{task.stage}-", dir=scratch_root) as tmp:
-        result = stage_fn(StageContext(task=task, store=store, workdir=Path(tmp), dist=dist,
-                                       digest=digest))
-    marker = None
-    if main:
-        store.write_json(join_uri(as_folder(task.output), "metrics.json"), result.metrics)
-        marker = {"stage": task.stage, "digest": digest, "inputs": task.inputs,
-                  "inputDigests": upstream, "counts": result.counts, "metrics": result.metrics,
-                  "outputs": result.outputs, "run": task.run}
-        marker = write_marker(store, task.output, marker)
-        if config is not None:
-            from ..training.checkpoints import prune
+        ctx = StageContext(task=task, store=store, workdir=Path(tmp), dist=dist, digest=digest)
+        result = stage_fn(ctx)
+        # Only on success (a failed rank must not wait in a barrier the others never reach; it
+        # exits and torchrun stops the rest of the group): every rank leaves the process group
+        # here, so nothing below runs inside a collective's timeout; the other ranks exit.
+        if dist is not None:
+            dist.close()
+        for local, uri in ctx.uploads:
+            store.upload_dir(local, uri)
+            log.info("%s -> %s", local.name, uri)
+    if not main:
+        return {"stage": task.stage, "digest": digest, "rank": dist.rank, "metrics": result.metrics}
+    store.write_json(join_uri(as_folder(task.output), "metrics.json"), result.metrics)
+    marker = {"stage": task.stage, "digest": digest, "inputs": task.inputs,
+              "inputDigests": upstream, "counts": result.counts, "metrics": result.metrics,
+              "outputs": result.outputs, "run": task.run}
+    marker = write_marker(store, task.output, marker)
+    if config is not None:
+        from ..training.checkpoints import prune
 
-            pruned = prune(store, join_uri(as_folder(task.output), "checkpoints/"),
-                           config.keep_checkpoints, digest)
-            if pruned:
-                log.info("stage %s: deleted checkpoint(s) of step %s (keepCheckpoints %d)",
-                         task.stage, ", ".join(map(str, pruned)), config.keep_checkpoints)
-    if dist is not None:  # the other ranks exit once rank 0's marker is written
-        marker = dist.broadcast_object(marker)
+        pruned = prune(store, join_uri(as_folder(task.output), "checkpoints/"),
+                       config.keep_checkpoints, digest)
+        if pruned:
+            log.info("stage %s: deleted checkpoint(s) of step %s (keepCheckpoints %d)",
+                     task.stage, ", ".join(map(str, pruned)), config.keep_checkpoints)
     return marker

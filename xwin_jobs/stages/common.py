@@ -117,8 +117,6 @@ def train_and_publish(ctx: StageContext, load_model: Callable[[], Any], tokenize
         metrics.update(after_training(engine))
     ctx.clear(*TRAINING_OUTPUTS)  # an earlier attempt's leftovers; checkpoints stay
     uri = ctx.output("model/")
-    local = engine.save_pretrained(tokenizer, ctx.workdir / "model")
-    if local is not None:
-        ctx.store.upload_dir(local, uri)
-        log.info("model -> %s", uri)
+    # rank 0's folder goes up once every rank has left the process group (ctx.publish)
+    ctx.publish(engine.save_pretrained(tokenizer, ctx.workdir / "model"), uri)
     return metrics, uri

@@ -13,6 +13,7 @@ for the ranks the stage runs on (so `globalBatchSize: 8` runs on 1 rank as 4 x 1
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 from dataclasses import dataclass, fields, replace
@@ -42,6 +43,7 @@ _KEYS = {
     "maxGradNorm": "max_grad_norm",
     "offloadOptimizer": "offload_optimizer",
     "keepCheckpoints": "keep_checkpoints",
+    "collectiveTimeoutMinutes": "collective_timeout_minutes",
 }
 
 # spec key -> default: the built-in value of every training setting, for the spec and here.
@@ -51,6 +53,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "checkpointEvery": 500, "warmupRatio": 0.03, "weightDecay": 0.0, "lrScheduler": "cosine",
     "maxSteps": 0, "maxGradNorm": 1.0, "offloadOptimizer": False, "keepCheckpoints": 1,
 }
+# How long a rank waits in a collective before failing (`collectiveTimeoutMinutes`); not in
+# TRAINING_DEFAULTS, so resolved tasks (and their digests) are unchanged when it is not set.
+DEFAULT_COLLECTIVE_TIMEOUT_MINUTES = 30.0
 # The largest micro-batch a stage gets when it does not set microBatchSize (the micro-batch
 # actually used is derived from globalBatchSize and the ranks: `derive_geometry`).
 DEFAULT_MICRO_BATCH_SIZE = 4
@@ -84,6 +89,12 @@ class TrainingConfig:
     max_grad_norm: float = TRAINING_DEFAULTS["maxGradNorm"]
     offload_optimizer: bool = TRAINING_DEFAULTS["offloadOptimizer"]
     keep_checkpoints: int = TRAINING_DEFAULTS["keepCheckpoints"]
+    collective_timeout_minutes: float = DEFAULT_COLLECTIVE_TIMEOUT_MINUTES
+
+    @property
+    def collective_timeout(self) -> datetime.timedelta:
+        """`collectiveTimeoutMinutes` as the process group's timeout."""
+        return datetime.timedelta(minutes=self.collective_timeout_minutes)
 
     @property
     def accumulation_steps(self) -> int:
@@ -131,6 +142,7 @@ class TrainingConfig:
             ("maxSteps", self.max_steps >= 0, "must be >= 0"),
             ("maxGradNorm", self.max_grad_norm >= 0, "must be >= 0 (0 = no clipping)"),
             ("keepCheckpoints", self.keep_checkpoints >= 0, "must be >= 0"),
+            ("collectiveTimeoutMinutes", self.collective_timeout_minutes > 0, "must be > 0"),
             ("offloadOptimizer", not self.offload_optimizer or self.zero_stage > 0,
              "needs zeroStage 1, 2 or 3 (ZeRO-Offload is a DeepSpeed feature)"),
         ]
@@ -241,3 +253,12 @@ def check_training_settings(params: dict[str, Any] | None, world_size: int,
     (ZeRO-Offload's host memory) is checked at the trainer's start (`check_offload_memory`)."""
     config = TrainingConfig.from_params(params, where)
     return config.for_world(world_size, where)
+
+
+def collective_timeout(params: dict[str, Any] | None) -> datetime.timedelta:
+    """The process group timeout of a stage whose `training` block is `params`, read before the
+    group exists (so before the rest of the block is checked): its `collectiveTimeoutMinutes`
+    when that is a positive number, else DEFAULT_COLLECTIVE_TIMEOUT_MINUTES."""
+    value = (params or {}).get("collectiveTimeoutMinutes")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return datetime.timedelta(minutes=float(value) if ok else DEFAULT_COLLECTIVE_TIMEOUT_MINUTES)

@@ -15,10 +15,12 @@ from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
-# Long enough for rank 0 to upload a large model while the other ranks wait at the final
-# barrier; a crashed rank does not leave the others waiting this long: torchrun stops the
-# whole group when one worker fails.
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=4)
+# How long a rank waits in a collective before failing, unless the stage's
+# `training.collectiveTimeoutMinutes` says otherwise (training.config.collective_timeout): a
+# rank that hangs (a dead NIC, a stuck kernel) then stops the job after this instead of holding
+# every GPU for hours. No collective waits for an upload: the final model is uploaded after the
+# group is closed (xwin_jobs.stages), checkpoints by every rank before they gather.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 class Distributed:
@@ -32,9 +34,11 @@ class Distributed:
         self.device = device  # this rank's device; None for a single process (engine picks)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Distributed":
+    def from_env(cls, env: Mapping[str, str] | None = None,
+                 timeout: datetime.timedelta | None = None) -> "Distributed":
         """Join torchrun's group when WORLD_SIZE > 1 (RANK, LOCAL_RANK, MASTER_ADDR/PORT set
-        by torchrun); otherwise the single-process stand-in."""
+        by torchrun), its collectives failing after `timeout` (default PROCESS_GROUP_TIMEOUT);
+        otherwise the single-process stand-in."""
         env = os.environ if env is None else env
         world = int(env.get("WORLD_SIZE", 1))
         if world <= 1:
@@ -49,8 +53,9 @@ class Distributed:
         else:
             device, backend = torch.device("cpu"), "gloo"
         if not tdist.is_initialized():
-            tdist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
-        log.info("rank %d of %d (%s, %s)", rank, world, backend, device)
+            tdist.init_process_group(backend, timeout=timeout or PROCESS_GROUP_TIMEOUT)
+        log.info("rank %d of %d (%s, %s, collectives time out after %s)", rank, world, backend,
+                 device, timeout or PROCESS_GROUP_TIMEOUT)
         return cls(rank, world, local, device, int(env.get("LOCAL_WORLD_SIZE", world)))
 
     @property

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import TrainingConfig
-from .distributed import PROCESS_GROUP_TIMEOUT, Distributed, available_host_bytes
+from .distributed import Distributed, available_host_bytes
 from .engine import EngineBase, enable_checkpointing, make_scheduler, param_groups, pick_device
 from .zero_config import check_offload_memory, deepspeed_config
 
@@ -57,7 +57,7 @@ def _import_deepspeed():
     return deepspeed
 
 
-def _one_rank_group(device) -> None:
+def _one_rank_group(device, timeout) -> None:
     """DeepSpeed needs a process group (and torchrun's LOCAL_RANK) even for one process: a
     one-rank group on loopback."""
     import torch.distributed as tdist
@@ -72,7 +72,7 @@ def _one_rank_group(device) -> None:
         port = s.getsockname()[1]
     tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                              init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                             timeout=PROCESS_GROUP_TIMEOUT)
+                             timeout=timeout)
 
 
 class ZeroEngine(EngineBase):
@@ -89,8 +89,10 @@ class ZeroEngine(EngineBase):
         # raises, naming the field, before anything is loaded or written
         self.ds_config = deepspeed_config(config, self.dist.world_size, bf16=bf16)
         self.deepspeed = _import_deepspeed()
-        _one_rank_group(self.device)
-        self.deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        # DeepSpeed's own group (it reuses torchrun's when that exists) with the same timeout
+        _one_rank_group(self.device, config.collective_timeout)
+        self.deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+                                        timeout=config.collective_timeout)
         self._hf_config = None
         self.model = self.module = None
 

@@ -61,6 +61,7 @@ class Training(_Model):
     maxSteps: Optional[int] = Field(None, ge=0, description="Stop after this many optimizer steps (0 = no limit).")
     maxGradNorm: Optional[float] = Field(None, ge=0, description="Clip the global gradient norm to this (0 = no clipping).")
     keepCheckpoints: Optional[int] = Field(None, ge=0, le=1000, description="Checkpoints (checkpoints/step-N/) kept once the stage succeeds, newest first; a restarted stage resumes from the newest complete one.")
+    collectiveTimeoutMinutes: Optional[float] = Field(None, gt=0, le=1440, description="How long a rank waits in a collective (NCCL/gloo, torch.distributed and DeepSpeed's process group) before it fails, so a dead or hung rank stops the job instead of holding every GPU (default 30). The final model upload is outside every collective.")
 
 
 # The one set of built-in training defaults, shared with the stage jobs.

@@ -1,0 +1,59 @@
+"""Bounded waits (issue 23, item 3): `training.collectiveTimeoutMinutes` (default 30) is the
+timeout of the process group a training stage joins, torch.distributed's and DeepSpeed's, so a
+dead rank stops the job instead of holding every GPU for hours; the final upload runs after
+every rank has left the group (no collective waits for it)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xwin_jobs.training.config import TrainingConfig, TrainingConfigError, collective_timeout
+from xwin_operator.api.spec_io import SpecError, parse_run
+from xwin_operator.core.tasks import stage_task
+from test_spec import MINIMAL
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = [str(ROOT / "tests" / "collective_probe.py")]
+RUN = MINIMAL + "      training: TRAINING\n"
+
+
+def test_the_setting_defaults_to_30_minutes_and_reaches_the_task():
+    assert collective_timeout({}) == datetime.timedelta(minutes=30)
+    assert TrainingConfig.from_params({}).collective_timeout == datetime.timedelta(minutes=30)
+    task = stage_task(parse_run(RUN.replace("TRAINING", "{collectiveTimeoutMinutes: 10}")), "sft")
+    assert collective_timeout(task.params["training"]) == datetime.timedelta(minutes=10)
+    unset = stage_task(parse_run(RUN.replace("TRAINING", "{}")), "sft")
+    assert "collectiveTimeoutMinutes" not in unset.params["training"]  # digests as before
+    with pytest.raises(SpecError, match="collectiveTimeoutMinutes"):
+        parse_run(RUN.replace("TRAINING", "{collectiveTimeoutMinutes: 0}"))
+    with pytest.raises(TrainingConfigError, match=r"params.training.collectiveTimeoutMinutes: must be > 0"):
+        TrainingConfig.from_params({"collectiveTimeoutMinutes": -1})
+
+
+def run(cmd: list[str], timeout: int = 240) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_a_rank_that_stays_out_of_a_collective_fails_the_others_after_the_timeout():
+    """2 gloo ranks under torchrun, collectiveTimeoutMinutes 0.1 (6 s): rank 1 never enters the
+    barrier; rank 0's barrier fails after about 6 s (not 30 minutes, not 4 hours)."""
+    out = run([sys.executable, "-m", "xwin_jobs.launch", "--standalone", "--nproc-per-node", "2",
+               *PROBE, "torch", "0.1"])
+    ranks = {o["rank"]: o for o in out}
+    assert ranks[0]["timeout_s"] == ranks[1]["timeout_s"] == pytest.approx(6.0)
+    assert ranks[0]["barrier"] != "passed" and 5.0 <= ranks[0]["waited_s"] < 30.0
+
+
+def test_deepspeed_gets_the_same_timeout():
+    (out,) = run([sys.executable, *PROBE, "deepspeed", "7"])
+    assert out["timeout_s"] == pytest.approx(7 * 60) and out["deepspeed"]
