@@ -80,7 +80,8 @@ def test_training_stage_is_a_pytorchjob_with_master_and_workers(children):
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "585"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
-    assert container["resources"]["requests"] == {"cpu": "64", "memory": "800Gi", "nvidia.com/gpu": 8}
+    assert container["resources"]["requests"] == {"cpu": "64", "memory": "800Gi", "nvidia.com/gpu": 8,
+                                                  "ephemeral-storage": "120Gi"}  # resources.scratch
 
 
 def test_the_task_in_the_pod_is_the_stage_task(run7b, children):

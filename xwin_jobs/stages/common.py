@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from ..modeling import HF_SCHEME, resolve_model_source
+from ..modeling import HF_SCHEME
 from ..store import check_model_folder
 from . import StageContext, StageError
 
@@ -34,8 +34,11 @@ def check_model_input(ctx: StageContext, name: str = "model") -> str:
 
 
 def model_source(ctx: StageContext, name: str = "model") -> str:
-    """A local folder (downloaded into the scratch folder when remote) or a Hub id."""
-    return resolve_model_source(ctx.store, ctx.input(name), ctx.workdir)
+    """A local folder or a Hub id; a remote model is downloaded once per node into the scratch
+    volume and shared by the node's ranks (xwin_jobs.model_cache)."""
+    from ..model_cache import node_model_copy
+
+    return node_model_copy(ctx.store, ctx.input(name), ctx.digest)
 
 
 def require_examples(examples: list, stats, what: str) -> None:

@@ -31,6 +31,7 @@ KIND = "AlignmentRun"
 PLURAL = "alignmentruns"
 
 _URI_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+)$"
+_QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?|k)?$"
 
 
 class _Model(BaseModel):
@@ -75,6 +76,8 @@ class Resources(_Model):
     gpusPerNode: Optional[int] = Field(None, ge=0, le=16, description="nvidia.com/gpu requested by each pod.")
     cpu: Optional[str] = Field(None, description="CPU request of each pod, Kubernetes quantity (e.g. '16').")
     memory: Optional[str] = Field(None, description="Memory request of each pod, Kubernetes quantity (e.g. '200Gi').")
+    scratch: Optional[str] = Field(None, pattern=_QUANTITY_PATTERN, description="Size of each pod's scratch volume (/scratch: the node's one copy of the stage's model, checkpoint staging, the saved model), Kubernetes quantity: an ephemeral-storage request and the emptyDir's sizeLimit, or with scratchStorageClass a generic ephemeral volume of that size. A 7B stage on 16 GPUs needs about 120Gi, a 70B stage on 64 GPUs about 600Gi (README, 'Scratch space').")
+    scratchStorageClass: Optional[str] = Field(None, min_length=1, description="Make the scratch volume a generic ephemeral volume (a PersistentVolumeClaim living with the pod) of this StorageClass and `scratch` size, for nodes whose own disk is too small.")
 
 
 RESOURCES_DEFAULTS = dict(nodes=1, gpusPerNode=8, cpu=None, memory=None)
@@ -100,6 +103,7 @@ class Serving(_Model):
     tensorParallel: Optional[int] = Field(None, ge=1, le=16, description="vLLM --tensor-parallel-size: GPUs each layer is split over.")
     pipelineParallel: Optional[int] = Field(None, ge=1, le=16, description="vLLM --pipeline-parallel-size: consecutive groups of layers on this many groups of GPUs (default 1).")
     maxModelLen: Optional[int] = Field(None, ge=16, description="vLLM --max-model-len (default: the model's).")
+    scratch: Optional[str] = Field(None, pattern=_QUANTITY_PATTERN, description="Size of each server pod's scratch volume, where the model is copied before vLLM starts (Kubernetes quantity: an ephemeral-storage request and the emptyDir's sizeLimit); a 70B model in bf16 needs about 150Gi.")
     gpuMemoryUtilization: Optional[float] = Field(None, gt=0, le=1, description="vLLM --gpu-memory-utilization: the share of each GPU's memory vLLM may take for weights and KV cache (default: vLLM's, 0.9).")
     concurrency: Optional[int] = Field(None, ge=1, le=4096, description="Requests the sampler keeps in flight per replica.")
 

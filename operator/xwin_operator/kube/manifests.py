@@ -96,8 +96,31 @@ def _resources(gpus: int, cpu: str | None, memory: str | None) -> dict[str, Any]
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
+def scratch_volume(size: str | None, storage_class: str | None) -> dict[str, Any]:
+    """The pod's /scratch volume: an emptyDir (of at most `size`), or with `storage_class` a
+    generic ephemeral volume (a PVC created and deleted with the pod) of `size`."""
+    if size and storage_class:
+        return {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {
+            "accessModes": ["ReadWriteOnce"], "storageClassName": storage_class,
+            "resources": {"requests": {"storage": size}}}}}}
+    return {"name": "scratch", "emptyDir": {"sizeLimit": size} if size else {}}
+
+
+def with_scratch_request(resources: dict[str, Any], size: str | None,
+                         storage_class: str | None) -> dict[str, Any]:
+    """`resources` plus an ephemeral-storage request of `size` when the scratch volume is an
+    emptyDir on the node's disk (the scheduler then places the pod where it fits, and the
+    kubelet does not evict it for using what it asked for)."""
+    if not size or storage_class:
+        return resources
+    out = copy.deepcopy(resources)
+    out.setdefault("requests", {})["ephemeral-storage"] = size
+    return out
+
+
 def pod_spec(run: AlignmentRun, container: dict[str, Any], config: OperatorConfig,
-             restart_policy: str | None = None) -> dict[str, Any]:
+             restart_policy: str | None = None, scratch: str | None = None,
+             scratch_class: str | None = None) -> dict[str, Any]:
     sched = run.spec.scheduling
     container = {**container, "imagePullPolicy": config.image_pull_policy,
                  "securityContext": {"allowPrivilegeEscalation": False,
@@ -108,7 +131,7 @@ def pod_spec(run: AlignmentRun, container: dict[str, Any], config: OperatorConfi
         "containers": [container],
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
                             "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
-        "volumes": [{"name": "scratch", "emptyDir": {}},
+        "volumes": [scratch_volume(scratch, scratch_class),
                     {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
     }
     if restart_policy:
@@ -164,12 +187,15 @@ def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str
     name = child_name(run.metadata.name, stage, step.name, attempt)
     labels = child_labels(run, stage, step.name, attempt)
     grace, env = _train_env(run, task, step, res["gpusPerNode"])
+    scratch = res.get("scratch"), res.get("scratchStorageClass")
     container = {"name": "pytorch", "image": config.image(run, step.image),
                  "command": [*TRAIN_LAUNCHER, step.job, "--task", "$(XWIN_TASK)"],
                  "env": env,
-                 "resources": _resources(res["gpusPerNode"], res.get("cpu"), res.get("memory"))}
+                 "resources": with_scratch_request(
+                     _resources(res["gpusPerNode"], res.get("cpu"), res.get("memory")), *scratch)}
     template = {"metadata": {"labels": labels},
-                "spec": {**pod_spec(run, container, config), "terminationGracePeriodSeconds": grace}}
+                "spec": {**pod_spec(run, container, config, None, *scratch),
+                         "terminationGracePeriodSeconds": grace}}
     replicas = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
     if res["nodes"] > 1:
         replicas["Worker"] = {"replicas": res["nodes"] - 1, "restartPolicy": "ExitCode",
@@ -191,7 +217,8 @@ def trainjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
     res = _step_resources(run, stage, step, task)
     name = child_name(run.metadata.name, stage, step.name, attempt)
     labels = child_labels(run, stage, step.name, attempt)
-    pod = pod_spec(run, {"name": "node", "image": config.image(run, step.image)}, config)
+    scratch = res.get("scratch"), res.get("scratchStorageClass")
+    pod = pod_spec(run, {"name": "node", "image": config.image(run, step.image)}, config, None, *scratch)
     mounts = pod["containers"][0]["volumeMounts"]
     security = pod["containers"][0]["securityContext"]
     pod["containers"] = [{"name": "node", "volumeMounts": mounts, "securityContext": security}]
@@ -202,7 +229,8 @@ def trainjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
                "command": [*TRAIN_LAUNCHER, step.job, "--task", "$(XWIN_TASK)"],
                "env": env,
                "numNodes": res["nodes"], "numProcPerNode": max(1, res["gpusPerNode"]),
-               "resourcesPerNode": _resources(res["gpusPerNode"], res.get("cpu"), res.get("memory"))}
+               "resourcesPerNode": with_scratch_request(
+                   _resources(res["gpusPerNode"], res.get("cpu"), res.get("memory")), *scratch)}
     return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
             "metadata": _metadata(run, name, labels, uid),
             "spec": {"runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
@@ -298,7 +326,8 @@ def vllm_server(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: st
                            "periodSeconds": 5, "failureThreshold": 3},
         "startupProbe": {"httpGet": {"path": "/health", "port": "http"},
                          "periodSeconds": 10, "failureThreshold": 180},
-        "resources": _resources(serving.get("gpusPerReplica") or 0, None, None),
+        "resources": with_scratch_request(_resources(serving.get("gpusPerReplica") or 0, None, None),
+                                          serving.get("scratch"), None),
     }
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -306,7 +335,8 @@ def vllm_server(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: st
         "spec": {"replicas": serving["replicas"], "selector": {"matchLabels": labels},
                  "progressDeadlineSeconds": 3600,
                  "template": {"metadata": {"labels": labels},
-                              "spec": pod_spec(run, container, config)}}}
+                              "spec": pod_spec(run, container, config,
+                                               scratch=serving.get("scratch"))}}}
     if fetched_from:
         deployment["spec"]["template"]["spec"]["initContainers"] = [fetch_model_container(run, fetched_from, env, config)]
     service = {
