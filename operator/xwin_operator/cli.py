@@ -30,6 +30,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         print(f"{f}: ok (AlignmentRun {run.metadata.namespace}/{run.metadata.name}, "
               f"stages: {', '.join(run.spec.stages.present())})")
+        from .kube.plan_print import judge_estimates
+
+        _, warning = judge_estimates(run, args.count)
+        if warning:  # a warning, not an error: the budget stops the run safely
+            print(f"{f}: warning: {warning}", file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -141,16 +146,37 @@ def headline_metrics(metrics: dict, most: int = 3) -> list[tuple[str, object]]:
     return chosen[:most]
 
 
+def _count(text: str) -> tuple[str, int]:
+    uri, sep, n = text.rpartition("=")
+    if not sep or not uri or not n.isdigit():
+        raise argparse.ArgumentTypeError(f"expected URI=N (a record count), got {text!r}")
+    return uri, int(n)
+
+
+class _Counts(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        counts = dict(getattr(namespace, self.dest) or {})
+        counts[values[0]] = values[1]
+        setattr(namespace, self.dest, counts)
+
+
+COUNT_OPTION = dict(type=_count, action=_Counts, default={}, metavar="URI=N",
+                    help="the number of records of a judge stage's input that cannot be read here "
+                         "(an s3:// prompt file), for the judge cost estimate; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xwin", description="Xwin-LM alignment runs: validate, plan, run.")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check AlignmentRun files against the spec")
     v.add_argument("files", nargs="+")
+    v.add_argument("--count", **COUNT_OPTION)
     v.set_defaults(func=cmd_validate)
     c = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the spec")
     c.set_defaults(func=cmd_crd)
     pl = sub.add_parser("plan", help="print every child manifest the operator would create")
     pl.add_argument("file")
+    pl.add_argument("--count", **COUNT_OPTION)
     pl.set_defaults(func=cmd_plan)
     # `xwin operator ...` hands every argument to `python -m xwin_operator` (see main())
     sub.add_parser("operator", help="run the operator (kopf) against the current cluster")

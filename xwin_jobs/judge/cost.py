@@ -4,10 +4,12 @@ Prices are USD per million tokens (input, output) of OpenAI's list prices; the B
 costs half. A model missing from the table is priced like the most expensive entry (so a
 budget errs on the safe side) and `price_for` says it is a guess.
 
-`Budget` keeps three sums: `spent` (usage reported by the judge, including earlier attempts
-of the stage, read back from the cache), `reserved` (requests in flight, at an upper-bound
-estimate) and the limit. A request is sent only if `spent + reserved + its estimate` stays
-within the limit, so the estimated spend never passes `budgetUSD`.
+`Budget` keeps four sums: `spent` (usage reported by the judge, including earlier attempts
+of the stage, read back from the cache), `others` (what the run's other judge stages spent,
+read from their caches: `budgetUSD` caps the run as a whole), `reserved` (requests in flight,
+at an upper-bound estimate) and the limit. A request is sent only if `others + spent +
+reserved + its estimate` stays within the limit, so the run's estimated spend never passes
+`budgetUSD`.
 
 Pure.
 """
@@ -76,14 +78,16 @@ class BudgetExceeded(Exception):
 @dataclass
 class Budget:
     limit_usd: float | None
-    spent_usd: float = 0.0
+    spent_usd: float = 0.0      # this stage's, all attempts
     reserved_usd: float = 0.0
+    others_usd: float = 0.0     # the run's other judge stages'
 
     def try_reserve(self, estimate_usd: float) -> bool:
         """Reserve `estimate_usd` for a request about to be sent; False if that would pass
         the limit (then nothing is reserved)."""
         if self.limit_usd is not None and \
-                self.spent_usd + self.reserved_usd + estimate_usd > self.limit_usd + 1e-12:
+                self.others_usd + self.spent_usd + self.reserved_usd + estimate_usd > \
+                self.limit_usd + 1e-12:
             return False
         self.reserved_usd += estimate_usd
         return True
@@ -95,4 +99,8 @@ class Budget:
 
     def describe(self) -> str:
         limit = "no limit" if self.limit_usd is None else f"${self.limit_usd:.4f}"
-        return f"estimated spend ${self.spent_usd:.4f} of budgetUSD {limit}"
+        if not self.others_usd:
+            return f"estimated spend ${self.spent_usd:.4f} of budgetUSD {limit}"
+        return (f"estimated spend ${self.others_usd + self.spent_usd:.4f} of the run-wide "
+                f"budgetUSD {limit} (this stage ${self.spent_usd:.4f}, the run's other judge "
+                f"stages ${self.others_usd:.4f})")

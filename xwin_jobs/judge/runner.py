@@ -3,7 +3,8 @@
     run = judge_all(requests, settings, store, "<stage>/judge/")
 
 reads the judgment cache under `<folder>/cache/`, counts what earlier attempts spent against
-the budget, asks the judge for what is missing (`settings.mode`: online or batch, the batch
+the budget, and what the run's other judge stages spent (their caches, `<run>/<stage>/judge/
+cache/`: `budgetUSD` caps the run as a whole, across stages, attempts and retries), asks the judge for what is missing (`settings.mode`: online or batch, the batch
 state in `<folder>/batch.json`), folds the cache's single judgments into a shard, writes
 `<folder>/progress.json` (counts, spend; never a secret), and raises `check_complete`'s
 errors when something is missing: a budget stop says how far it got.
@@ -16,6 +17,7 @@ import logging
 import time
 from typing import Any
 
+from ..pipeline import JUDGE_STAGES
 from ..store import Store, as_folder, join_uri
 from .batch import BatchJudge
 from .cache import JudgmentCache
@@ -24,6 +26,7 @@ from .core import JudgeError, JudgeRequest, JudgeRun, JudgeSettings, redact
 from .cost import Budget, BudgetExceeded
 
 log = logging.getLogger("xwin_jobs.judge")
+JUDGE_FOLDER = "judge/"  # a judge stage's judging folder (pairs.JUDGE, evaluate.JUDGE)
 
 
 def judge_all(requests: list[JudgeRequest], settings: JudgeSettings, store: Store, folder: str,
@@ -33,7 +36,8 @@ def judge_all(requests: list[JudgeRequest], settings: JudgeSettings, store: Stor
     folder = as_folder(folder)
     cache = JudgmentCache(store, join_uri(folder, "cache/")).load()
     cache.compact()
-    budget = Budget(settings.budget_usd, spent_usd=cache.spent_usd())
+    budget = Budget(settings.budget_usd, spent_usd=cache.spent_usd(),
+                    others_usd=sum(other_stages_spend(store, folder).values()))
     price = settings.price
     if not price.known:
         log.warning("judge model %r is not in the price table: costs are estimated at the "
@@ -52,6 +56,24 @@ def judge_all(requests: list[JudgeRequest], settings: JudgeSettings, store: Stor
     run.stats["requests_total"] = len(unique)
     store.write_json(join_uri(folder, "progress.json"), progress_record(run, budget, settings))
     return run, budget
+
+
+def other_stages_spend(store: Store, folder: str) -> dict[str, float]:
+    """USD spent by the run's other judge stages, by stage, when `folder` is a judge stage's
+    `<run>/<stage>/judge/` (their stored judgments' estimated costs); {} for other folders."""
+    stage_dir = as_folder(folder).rstrip("/").rsplit("/", 1)[0]
+    root, _, stage = stage_dir.rpartition("/")
+    if not as_folder(folder).endswith(f"/{stage}/{JUDGE_FOLDER}") or stage not in JUDGE_STAGES:
+        return {}
+    out = {}
+    for other in JUDGE_STAGES:
+        cache_uri = join_uri(as_folder(root), other, JUDGE_FOLDER, "cache/")
+        if other != stage and store.list_files(cache_uri):
+            out[other] = JudgmentCache(store, cache_uri).load().spent_usd()
+    if out:
+        log.info("judge: the run's other judge stages spent %s (budgetUSD is run-wide)",
+                 ", ".join(f"{k} ${v:.4f}" for k, v in out.items()))
+    return out
 
 
 def progress_record(run: JudgeRun, budget: Budget, settings: JudgeSettings) -> dict[str, Any]:

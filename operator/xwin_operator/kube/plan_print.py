@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 import yaml
@@ -72,11 +73,62 @@ def write_plan(run: AlignmentRun, out: TextIO, uid: str = PLACEHOLDER_UID,
     return count
 
 
+def count_records(uri: str) -> int | None:
+    """Records (non-empty lines) in a local JSON Lines file or folder of shards (.gz too);
+    None for what cannot be read here (s3://, hf://, a missing path)."""
+    import gzip
+
+    from xwin_jobs.store import Store
+
+    try:
+        path = Store().local_path(uri) if "://" in uri else None
+    except Exception:  # noqa: BLE001 - an unreadable URI is an unknown count
+        return None
+    path = path or (Path(uri) if uri.startswith("/") else None)
+    if path is None or not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    total = 0
+    for f in files:
+        if f.name.startswith(("_", ".")):
+            continue
+        opener = gzip.open if f.suffix == ".gz" else open
+        with opener(f, "rt", encoding="utf-8") as handle:
+            total += sum(1 for line in handle if line.strip())
+    return total
+
+
+def judge_estimates(run: AlignmentRun, counts: dict[str, int] | None = None):
+    """(the judge stages' estimates, the budget warning or None); record counts from
+    `counts` (URI -> N, `--count`), else from the files when they are readable here."""
+    from ..core.judge_estimate import budget_warning, estimate_judging, judge_inputs
+
+    given = dict(counts or {})
+    known = {uri: given[uri] if uri in given else count_records(uri) for uri in judge_inputs(run.spec)}
+    estimates = estimate_judging(run.spec, known)
+    return estimates, budget_warning(run.spec, estimates)
+
+
+def write_judge_estimate(run: AlignmentRun, out: TextIO, counts: dict[str, int] | None = None) -> None:
+    """The run's judging cost, as YAML comments (the stream still pipes into kubectl)."""
+    from ..core.judge_estimate import summary_lines
+
+    estimates, warning = judge_estimates(run, counts)
+    if not estimates:
+        return
+    out.write("---\n# judge estimate (before the run; judge.budgetUSD caps the run as a whole):\n")
+    for line in summary_lines(estimates, run.spec.judge.budgetUSD):
+        out.write(f"#   {line}\n")
+    if warning:
+        out.write(f"# warning: {warning}\n")
+
+
 def print_plan(run: AlignmentRun, args: Any = None) -> int:
     """Entry point of `xwin plan` (cli.cmd_plan); exit status."""
     uid = getattr(args, "uid", None) or os.environ.get("XWIN_PLAN_UID") or PLACEHOLDER_UID
     try:
         write_plan(run, sys.stdout, uid, OperatorConfig.from_env())
+        write_judge_estimate(run, sys.stdout, getattr(args, "count", None))
         sys.stdout.flush()
     except BrokenPipeError:  # `xwin plan run.yaml | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
