@@ -3,7 +3,8 @@
 A training pod runs one rank per GPU, and each used to download the whole base model into its
 own temporary folder: 8 x 13.5 GB per node for a 7B model, 8 x 140 GB for a 70B, until the
 kubelet evicted the pod. `node_model_copy` keeps one copy per node in the pod's scratch volume
-(`XWIN_WORKDIR`, /scratch/work in a pod; the system's temporary folder elsewhere):
+(`XWIN_WORKDIR`, /scratch/work in a pod; the system's temporary folder elsewhere, which
+`xwin run` does not clean):
 
 * the ranks of a node take a node-local file lock (`fcntl.flock` on the scratch volume) in
   turn; the first finds no copy and downloads it, the others wait on the lock, then find the
@@ -40,9 +41,12 @@ COPY_RECORD = ".xwin-copy.json"
 
 
 def cache_root(env: dict[str, str] | None = None) -> Path:
-    """Where a node's model copies live: XWIN_WORKDIR/models (the pod's scratch volume)."""
+    """Where a node's model copies live: XWIN_WORKDIR/models (the pod's scratch volume), else
+    xwin-models in the system's temporary folder."""
     env = os.environ if env is None else env
-    return Path(env.get("XWIN_WORKDIR") or tempfile.gettempdir()) / "models"
+    if env.get("XWIN_WORKDIR"):
+        return Path(env["XWIN_WORKDIR"]) / "models"
+    return Path(tempfile.gettempdir()) / "xwin-models"
 
 
 def copy_name(uri: str) -> str:
