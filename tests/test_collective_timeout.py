@@ -57,3 +57,28 @@ def test_a_rank_that_stays_out_of_a_collective_fails_the_others_after_the_timeou
 def test_deepspeed_gets_the_same_timeout():
     (out,) = run([sys.executable, *PROBE, "deepspeed", "7"])
     assert out["timeout_s"] == pytest.approx(7 * 60) and out["deepspeed"]
+
+
+def test_the_other_ranks_are_done_before_rank_0_uploads_the_model(tmp_path_factory, tmp_path):
+    """2 gloo ranks train a tiny SFT: the rank that is not rank 0 finishes ("stage sft done")
+    before rank 0 has uploaded model/ (its "model -> ..." line): nobody waits in a collective,
+    bounded by collectiveTimeoutMinutes, while a 140 GB model uploads."""
+    import re
+
+    from training_runs import TORCHRUN, job_env, make_world, run_command, stage_task as task_of
+
+    world = make_world(tmp_path_factory)
+    task = task_of(world, "sft", "upload-order", {"model": f"file://{world['base']}",
+                                                   "data": f"file://{world['conversations']}"},
+                   {"epochs": 1, "learningRate": 1e-3, "globalBatchSize": 4, "maxLength": 96,
+                    "zeroStage": 0, "checkpointEvery": 0, "maxSteps": 1, "gradientCheckpointing": False,
+                    "collectiveTimeoutMinutes": 0.5})
+    task_file = tmp_path / "task.json"
+    task_file.write_text(task.to_json())
+    done = run_command([*TORCHRUN, "sft", "--task", str(task_file)], job_env("cpu"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    stamp = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
+    finished = re.findall(stamp + r"xwin_jobs: stage sft done", done.stderr, re.M)
+    uploaded = re.findall(stamp + r"xwin_jobs.stage: model -> ", done.stderr, re.M)
+    assert len(finished) == 2 and len(uploaded) == 1
+    assert min(finished) <= uploaded[0] <= max(finished)
