@@ -86,11 +86,13 @@ def pairs_task(root: Path, base_url: str, *, k: int = 4, disagreement: str = "dr
 
 def write_candidates(task: StageTask, records: list[dict[str, Any]]) -> None:
     from xwin_jobs.stages.pairs import CANDIDATES, candidates_digest
+    from xwin_jobs.task import upstream_digests
 
     store = Store()
     folder = task.output + CANDIDATES
     write_records(store, folder, records)
-    store.write_json(folder + "_PROGRESS.json", {"digest": candidates_digest(task, {}), "complete": True})
+    store.write_json(folder + "_PROGRESS.json", {"digest": candidates_digest(task, upstream_digests(store, task)),
+                                                 "complete": True})
 
 
 def eval_task(root: Path, base_url: str, models: dict[str, float], n_alpaca: int = 8,
@@ -98,6 +100,7 @@ def eval_task(root: Path, base_url: str, models: dict[str, float], n_alpaca: int
     """An evaluate task whose models' answers are already sampled: model `name` answers right
     with probability `models[name]`; alpaca references alternate right and wrong."""
     from xwin_jobs.stages.evaluate import answers_folder, part_digest
+    from xwin_jobs.task import upstream_digests
     from xwin_jobs.stages.pairs import PROGRESS
 
     rng = random.Random(seed)
@@ -124,6 +127,7 @@ def eval_task(root: Path, base_url: str, models: dict[str, float], n_alpaca: int
                      params={"models": list(models), "sampling": {}, "serving": {},
                              "judge": {"model": JUDGE_MODEL, "baseURL": base_url, "maxConcurrency": 8,
                                        "backoffBaseSeconds": 0.02, "pollIntervalSeconds": 0.05, **judge}})
+    upstream = upstream_digests(store, task)   # the inputs' fingerprints, as the judge step sees them
     for name, p_right in models.items():
         mrng = random.Random(sum(map(ord, name)))
 
@@ -133,7 +137,7 @@ def eval_task(root: Path, base_url: str, models: dict[str, float], n_alpaca: int
         def put(part, records):
             folder = answers_folder(task, name, part)
             write_records(store, folder, records)
-            store.write_json(folder + PROGRESS, {"digest": part_digest(task, name, part, {}), "complete": True})
+            store.write_json(folder + PROGRESS, {"digest": part_digest(task, name, part, upstream), "complete": True})
 
         put("alpaca", [{"id": p["id"], "prompt": p["messages"],
                         "responses": [{"content": answer(p["messages"], synthetic.right_answer(p["messages"]))}]}

@@ -252,7 +252,7 @@ def test_score_step_reads_and_writes_s3(reward_model, s3_server, s3_bucket, tmp_
     task = StageTask(stage="bestOfN", output=f"{s3_bucket}/runs/bestOfN/",
                      inputs={**local.inputs, "rewardModel": f"{s3_bucket}/models/rm/"},
                      params=local.params)
-    digest = sampling_digest(task, {})
+    digest = sampling_digest(task, upstream_digests(store, task))
     rows = sample_records(3, 2)
     store.write_bytes(f"{s3_bucket}/runs/bestOfN/samples/part-00000.jsonl",
                       "".join(json.dumps(r) + "\n" for r in rows).encode())

@@ -17,7 +17,7 @@ from tiny_files import tiny_model_module, write_jsonl
 
 from xwin_jobs.stages import StageError, run_stage
 from xwin_jobs.store import MARKER, MissingInputError, Store, StoreError
-from xwin_jobs.task import StageTask
+from xwin_jobs.task import StageTask, upstream_digests
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = {"epochs": 2, "learningRate": 1e-3, "globalBatchSize": 8, "microBatchSize": 4,
@@ -93,7 +93,8 @@ def test_sft_through_the_cli_then_rerun_is_a_noop(world, tmp_path):
     assert first.returncode == 0, first.stderr
     out = output_dir(task)
     marker = assert_marker_written_last(out)
-    assert marker["stage"] == "sft" and marker["digest"] == task.digest({})
+    assert marker["stage"] == "sft" and marker["digest"] == task.digest(upstream_digests(Store(), task))
+    assert marker["inputDigests"][world["conversations"]].startswith("sha256:")   # the data, by content
     assert marker["counts"]["examples"] == 24
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == marker["metrics"]
@@ -293,3 +294,24 @@ def test_stage_reads_model_and_writes_outputs_on_s3(world, s3_server, s3_bucket)
         run_stage(StageTask(stage="sft", output=f"{s3_bucket}/runs/t/demo/sft2/",
                             inputs={"model": f"{s3_bucket}/models/base/", "data": world["conversations"]},
                             params={"training": TRAINING}), store)
+
+
+def test_a_second_dpo_with_another_beta_reuses_the_reference_logprobs(world, tmp_path):
+    """Reference log-probabilities are a shared artifact of the store, keyed by the init model
+    and the encoded pairs: a second run's DPO with another beta skips its reference pass and
+    trains exactly as if it had computed them."""
+    def task(root, name, beta):
+        return StageTask(stage="dpo", output=f"file://{root}/t/{name}/dpo/",
+                         inputs={"model": world["base"], "pairs": world["pairs"]},
+                         params={"training": dict(TRAINING), "beta": beta, "pairsFrom": "pairs"},
+                         run={"namespace": "t", "name": name})
+
+    shared = tmp_path / "store"
+    first = run_stage(task(shared, "a", 0.1), Store())["metrics"]
+    second = run_stage(task(shared, "b", 0.3), Store())["metrics"]
+    computed = run_stage(task(tmp_path / "other", "b", 0.3), Store())["metrics"]
+    assert (first["referenceReused"], second["referenceReused"], computed["referenceReused"]) == (False, True, False)
+    assert second["trainLoss"] == computed["trainLoss"]
+    assert second["initialTrainLoss"] == computed["initialTrainLoss"]
+    assert [p.name for p in (shared / "_cache/reference-logprobs").iterdir()] == [
+        json.loads(next((shared / "_cache/reference-logprobs").rglob("_REFERENCE.json")).read_text())["key"]]

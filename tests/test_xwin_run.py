@@ -190,9 +190,10 @@ def test_failed_stage_is_named_after_max_attempts_and_rerun_continues_from_it(wo
 
 
 def test_a_failed_attempt_is_retried_after_the_backoff_and_succeeds(workdir):
-    """Attempt 1 of sft fails (its data is not there yet); the data appears during the backoff
-    (XWIN_BACKOFF_SECONDS); attempt 2, a new child, succeeds."""
+    """Attempt 1 of sft fails (its data is not complete yet: a line cut short); the data is
+    fixed during the backoff (XWIN_BACKOFF_SECONDS); attempt 2, a new child, succeeds."""
     data = workdir / "late-sft.jsonl"
+    data.write_text('{"id": "c0", "messages": [\n')
 
     def change(spec):
         spec["stages"] = {"sft": {**spec["stages"]["sft"], "data": f"file://{data}",
@@ -237,7 +238,8 @@ def test_invalid_spec_and_missing_base_model(workdir):
     res = xwin_run(workdir, env={"XWIN_BACKOFF_SECONDS": "0"})
     assert res.returncode == 1
     out = " ".join(res.stdout.split())
-    assert "stage 'sft' failed after 3 attempt(s)" in out and "nowhere/base-model" in out
+    # found missing before anything runs (its fingerprint), not after three failed attempts
+    assert "stage 'sft' failed: spec.baseModel: file://./nowhere/base-model does not exist" in out
     assert not (workdir / "xwin-runs/demo/tiny/sft/_SUCCESS.json").exists()
 
 

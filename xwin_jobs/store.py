@@ -198,6 +198,11 @@ class Store:
             self.download_file(f, local_dir / f[len(base):])
         return local_dir
 
+    def s3_stats(self, uri: str) -> list[tuple[str, str, int, str]]:
+        """For an s3:// URI: (path under it, ETag, size, VersionId) of the object it names, or
+        of every object under it as a folder ([] when none): what fingerprints read."""
+        return self._s3.stats(uri)
+
     def delete_prefix(self, uri: str) -> None:
         """Delete a file or everything under a folder URI. Missing is fine."""
         if scheme_of(uri) == "file":

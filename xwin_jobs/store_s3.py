@@ -234,3 +234,31 @@ class S3Objects:
             batch = [{"Key": k} for k in keys[i:i + 1000]]
             self.call(uri, self.client.delete_objects, Bucket=bucket,
                       Delete={"Objects": batch, "Quiet": True})
+
+    def stats(self, uri: str) -> list[tuple[str, str, int, str]]:
+        """(path under `uri`, ETag, size, VersionId or "") of the object `uri` names (path ""),
+        else of every object under it as a folder; [] when there is none. For fingerprints."""
+        bucket, key = split_s3(uri)
+        if key and not key.endswith("/"):
+            from botocore.exceptions import ClientError
+
+            try:
+                head = self.call(uri, self.client.head_object, Bucket=bucket, Key=key)
+                return [("", str(head.get("ETag", "")).strip('"'), int(head.get("ContentLength", 0)),
+                         str(head.get("VersionId") or ""))]
+            except StoreError as e:
+                if not (isinstance(e.__context__, ClientError) and str(e).endswith("no such object")):
+                    raise
+        prefix = as_folder(key) if key else ""
+        out: list[tuple[str, str, int, str]] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+
+        def collect():
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):
+                        out.append((obj["Key"][len(prefix):], str(obj.get("ETag", "")).strip('"'),
+                                    int(obj.get("Size", 0)), ""))
+
+        self.call(uri, collect)
+        return sorted(out)

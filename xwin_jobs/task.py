@@ -74,8 +74,9 @@ class StageTask:
             raise ValueError(f"{p}: line {e.lineno}: {e.msg}") from None
 
     def digest(self, marker_digests: dict[str, str] | None = None) -> str:
-        """Identity of this stage's inputs: params, input URIs and the digests recorded in
-        the markers of the stages it reads. Same digest = same work = skip."""
+        """Identity of this stage's inputs: params, input URIs, the digests recorded in the
+        markers of the stages it reads and the fingerprints of its external inputs (both from
+        `upstream_digests`). Same digest = same work = skip."""
         body = {
             "stage": self.stage,
             "inputs": self.inputs,
@@ -86,15 +87,23 @@ class StageTask:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def upstream_digests(store: Any, task: StageTask) -> dict[str, str]:
-    """The digests recorded in the markers of the stages this task reads, by stage folder.
+def upstream_digests(store: Any, task: StageTask, fingerprints: Any = None) -> dict[str, str]:
+    """What the stage's inputs are now: the digests recorded in the markers of the stages this
+    task reads, by stage folder, and the fingerprint of each external input (one the run does
+    not make: xwin_jobs.fingerprint), by URI. `task.digest(upstream_digests(...))` is the
+    stage's identity.
 
     Raises MissingInputError (from xwin_jobs.store) naming the first stage without a marker:
     a stage never reads an input that has not finished. The one implementation: the jobs and
-    `xwin run` must compute the same digest to agree on what is done."""
+    the planners (`xwin run`, the operator) must compute the same digest to agree on what is
+    done. `fingerprints`: a fingerprint.Fingerprints to reuse (hashes kept by size and mtime)."""
+    from .fingerprint import Fingerprints, external_inputs
     from .store import as_folder, require_marker
 
-    return {as_folder(uri): str(require_marker(store, uri).get("digest", "")) for uri in task.markers}
+    out = {as_folder(uri): str(require_marker(store, uri).get("digest", "")) for uri in task.markers}
+    prints = fingerprints or Fingerprints()
+    out.update({uri: prints.of(store, uri) for uri in external_inputs(task).values()})
+    return out
 
 
 def done_marker(store: Any, task: StageTask, upstream: dict[str, str]) -> dict[str, Any] | None:

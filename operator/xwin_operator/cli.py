@@ -111,6 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         console.print(f"--nproc-per-node: must be >= 1, got {args.nproc_per_node}", markup=False)
         return 2
+    if args.dry_run:
+        return dry_run(run, store, config)
     nproc = args.nproc_per_node or default_nproc_per_node()
     ctx = LocalContext(python=python_for_jobs(), env=env, log_dir=log_dir, on_line=on_line,
                        on_event=on_event, nproc_per_node=nproc)
@@ -133,6 +135,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if code:
         console.print(f"[red]failed:[/] {failure}", highlight=False)
     return code
+
+
+def dry_run(run, store, config) -> int:
+    """`xwin run --dry-run`: each stage's decision, as core.explain words it."""
+    from .core.explain import explain
+    from .core.loop import observe, run_sync
+    from .core.planner import stage_tasks
+    from .local.children import LocalChildren
+    from .local.executor import LocalObserver, RunError
+
+    observer = LocalObserver(LocalChildren(None), store)
+    try:
+        observed = run_sync(observe(run, observer, stage_tasks(run, config)))
+    except RunError as e:
+        print(f"failed: {e}")
+        return 1
+    for stage, why in explain(run, observed, config).items():
+        print(f"{stage}: {why}")
+    return 0
 
 
 # The figures a person looks at first, in this order; the rest stay in metrics.json.
@@ -193,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="ranks of every training stage: torchrun with N processes, as a PyTorchJob "
                         "replica runs it (default: the visible GPUs, else 1)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="say which stages would run and why (a missing marker, an input whose "
+                        "content changed, a stage they read), and run nothing")
     r.add_argument("-v", "--verbose", action="store_true",
                    help="print every line the stages log, every child created and every Event")
     r.set_defaults(func=cmd_run)

@@ -114,7 +114,8 @@ def write_marker_for(child: dict, metrics: dict | None = None) -> None:
         return
     task = StageTask.load(env["XWIN_TASK"])
     store = Store(endpoint_url=env.get("AWS_ENDPOINT_URL"))
-    write_marker(store, task.output, {"stage": task.stage, "digest": task.digest(upstream_digests(store, task)),
+    upstream = upstream_digests(store, task)
+    write_marker(store, task.output, {"stage": task.stage, "digest": task.digest(upstream), "inputDigests": upstream,
                                       "counts": {}, "metrics": metrics or {"instant": 1}})
 
 

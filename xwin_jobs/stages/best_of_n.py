@@ -43,7 +43,7 @@ from ..store import Store, as_folder, join_uri
 from ..task import StageTask
 from ..scoring import RankGroup, scored_set_summary, torchrun_rank
 from . import StageContext, StageError, StageResult, run_stage, upstream_digests
-from .sampling_common import (PROGRESS, done_marker, folder_complete, json_digest,
+from .sampling_common import (PROGRESS, done_marker, folder_complete, input_states, json_digest,
                               load_prompts, model_stage_digest, prepare_folder, read_progress,
                               required_input, sample_into_folder, scratch_dir)
 
@@ -62,7 +62,8 @@ def sampling_digest(task: StageTask, upstream: dict[str, str]) -> str:
     return json_digest({"policy": policy, "prompts": task.inputs.get("prompts"),
                         "n": task.params.get("n"), "sampling": task.params.get("sampling"),
                         "chat_template": task.chat_template,
-                        "upstream": model_stage_digest(policy, upstream)})
+                        "upstream": model_stage_digest(policy, upstream),
+                        "contents": input_states(upstream, task.inputs.get("prompts"))})
 
 
 def samples_complete(store: Store, task: StageTask, upstream: dict[str, str]) -> bool:

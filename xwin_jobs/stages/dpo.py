@@ -11,16 +11,25 @@ with score gap < minMargin dropped).
 rpoAlpha > 0 adds rpoAlpha times the chosen answers' per-token NLL to the loss (RPO); the
 summary reports that NLL (`chosenNll`) whatever rpoAlpha is.
 Reference log-probabilities are computed once, by the init model before the first step (and
-before any checkpoint is loaded), and stored with the stage (`reference/`, marker last), so a
-restarted stage reads them instead of recomputing them from a partly trained policy.
+before any checkpoint is loaded), and stored as a shared artifact under the store's root,
+`<storage.uri>/_cache/reference-logprobs/<key>/` (marker last), keyed by what they are a
+function of: the init model (its stage's digest, or an outside model's fingerprint) and the
+encoded pairs themselves (token ids: the pairs' contents, the chat template, maxLength and
+truncation, and for pairs built from a scored set the selection), and whether they were packed.
+A restarted stage reads them instead of recomputing them from a partly trained policy, and any
+DPO stage of any run in the same store with the same key (a second DPO with another `beta`)
+skips its reference pass; `metrics.referenceReused` says which happened.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 from ..records import read_records
-from . import StageContext, StageError, StageResult
+from . import StageContext, StageError, StageResult, upstream_digests
+from .sampling_common import model_stage_digest
 from .common import check_model_input, model_source, pad_id_of, planned, require_examples, train_and_publish
 
 log = logging.getLogger("xwin_jobs.stage")
@@ -52,32 +61,55 @@ def load_pair_records(ctx: StageContext, pairs_from: str) -> tuple[list[dict], d
                      "promptsTooFewResponses": summary.get("promptsTooFewResponses", 0)}
 
 
-REFERENCE = "reference/logprobs.pt"
-REFERENCE_MARKER = "reference/_REFERENCE.json"
+REFERENCE_CACHE = "_cache/reference-logprobs/"
+REFERENCE, REFERENCE_MARKER = "logprobs.pt", "_REFERENCE.json"
 
 
-def stored_reference(ctx: StageContext, engine, compute):
-    """The reference log-probabilities stored for these inputs, else `compute()` (every rank
-    runs it: forward passes are collective under ZeRO-3) stored by rank 0, marker last."""
+def reference_key(model_state: dict, pairs: list, packed: bool) -> str:
+    """What reference log-probabilities are a function of (module docstring). Pure."""
+    h = hashlib.sha256(json.dumps({"model": model_state, "packed": bool(packed)}, sort_keys=True).encode())
+    for pair in pairs:
+        for side in (pair.chosen, pair.rejected):
+            h.update(json.dumps([list(side.input_ids), list(side.labels)]).encode())
+    return h.hexdigest()
+
+
+def store_root(task) -> str:
+    """The store's root (`storage.uri`) from the stage's output `<root>/<ns>/<name>/<stage>/`;
+    the stage's own folder when the output is laid out otherwise."""
+    from ..store import as_folder
+
+    output = as_folder(task.output)
+    suffix = f"{task.run.get('namespace')}/{task.run.get('name')}/{task.stage}/"
+    return output[:-len(suffix)] if task.run and output.endswith("/" + suffix) else output
+
+
+def stored_reference(ctx: StageContext, engine, key: str, compute, reused: dict):
+    """The reference log-probabilities stored under `key`, else `compute()` (every rank runs
+    it: forward passes are collective under ZeRO-3) stored by rank 0, marker last."""
     import io
 
     import torch
 
+    from ..store import join_uri
+
+    folder = join_uri(store_root(ctx.task), REFERENCE_CACHE, key + "/")
+    marker = join_uri(folder, REFERENCE_MARKER)
     stored = None
-    if ctx.is_main and (ctx.store.exists(ctx.output(REFERENCE_MARKER))
-                        and ctx.store.read_json(ctx.output(REFERENCE_MARKER)).get("digest") == ctx.digest):
-        stored = torch.load(io.BytesIO(ctx.store.read_bytes(ctx.output(REFERENCE))))
+    if ctx.is_main and ctx.store.exists(marker) and ctx.store.read_json(marker).get("key") == key:
+        stored = torch.load(io.BytesIO(ctx.store.read_bytes(join_uri(folder, REFERENCE))))
     stored = engine.dist.broadcast_object(stored)
+    reused["referenceReused"] = stored is not None
     if stored is not None:
-        log.info("reference log-probabilities: read from %s", ctx.output(REFERENCE))
+        log.info("reference log-probabilities: reused from %s", folder)
         return stored
     logps = compute()
     if ctx.is_main:
-        ctx.store.delete_prefix(ctx.output(REFERENCE_MARKER))
         buf = io.BytesIO()
         torch.save(logps, buf)
-        ctx.store.write_bytes(ctx.output(REFERENCE), buf.getvalue())
-        ctx.store.write_json(ctx.output(REFERENCE_MARKER), {"digest": ctx.digest, "pairs": len(logps)})
+        ctx.store.write_bytes(join_uri(folder, REFERENCE), buf.getvalue())
+        ctx.store.write_json(marker, {"key": key, "pairs": len(logps), "run": ctx.task.run})
+        log.info("reference log-probabilities: stored in %s", folder)
     return logps
 
 
@@ -111,12 +143,15 @@ def run(ctx: StageContext) -> StageResult:
     workload = planned(config, pair_workload(pairs, packed=False))
     pad_id = pad_id_of(tokenizer)
     seed_everything(config.seed)
-    reference = {}
+    reference, reused = {}, {}
+    model_uri = ctx.task.inputs["model"]
+    key = reference_key(model_stage_digest(model_uri, upstream_digests(ctx.store, ctx.task)),
+                        pairs, workload.packed)
 
     def compute_reference(engine) -> None:
-        reference["logps"] = stored_reference(ctx, engine, lambda: reference_logprobs(
+        reference["logps"] = stored_reference(ctx, engine, key, lambda: reference_logprobs(
             engine, pairs, pad_id, config.micro_batch_size, config.micro_batch_tokens,
-            workload.packed))
+            workload.packed), reused)
 
     metrics, uri = train_and_publish(
         ctx, lambda: load_causal_lm(source), tokenizer, config, len(pairs),
@@ -124,4 +159,5 @@ def run(ctx: StageContext) -> StageResult:
                                 workload.packed, float(rpo_alpha)),
         before_training=compute_reference, workload=workload)
     metrics["truncated"] = stats.truncated
+    metrics.update(reused)
     return StageResult(counts={**counts, **stats.as_counts()}, metrics=metrics, outputs={"model": uri})

@@ -40,7 +40,7 @@ from ..store import Store, as_folder, join_uri
 from ..task import StageTask
 from . import StageContext, StageError, StageResult, run_stage, upstream_digests
 from .pairs import judge_request, judge_settings, sample_from_server, sampling_server_url
-from .sampling_common import (done_marker, folder_complete, json_digest, load_prompts,
+from .sampling_common import (done_marker, folder_complete, input_states, json_digest, load_prompts,
                               model_stage_digest, scratch_dir)
 
 log = logging.getLogger("xwin_jobs.stage.evaluate")
@@ -73,7 +73,8 @@ def part_digest(task: StageTask, name: str, part: str, upstream: Mapping[str, st
     source = task.inputs.get("alpacaPrompts") if part == "alpaca" else task.inputs.get("mtBenchQuestions")
     own = json_digest({"model": model, "source": source, "part": part,
                        "sampling": task.params.get("sampling"), "chat_template": task.chat_template,
-                       "upstream": model_stage_digest(model, upstream)})
+                       "upstream": model_stage_digest(model, upstream),
+                       "contents": input_states(upstream, source)})
     if part == "mtbench-2":   # turn 2 follows the model's own turn-1 answers
         return json_digest({"turn1": part_digest(task, name, "mtbench-1", upstream), "own": own})
     return own

@@ -46,7 +46,7 @@ from ..store import Store, as_folder, join_uri
 from ..task import StageTask
 from . import StageContext, StageError, StageResult, run_stage, upstream_digests
 from .sampling_common import PROGRESS  # noqa: F401  (the candidates' progress file)
-from .sampling_common import (done_marker, folder_complete, json_digest, load_prompts,
+from .sampling_common import (done_marker, folder_complete, input_states, json_digest, load_prompts,
                               model_stage_digest, required_input, sample_into_folder, scratch_dir)
 
 log = logging.getLogger("xwin_jobs.stage.pairs")
@@ -63,7 +63,8 @@ def candidates_digest(task: StageTask, upstream: Mapping[str, str]) -> str:
                         "k": task.params.get("candidatesPerPrompt"),
                         "sampling": task.params.get("sampling"),
                         "chat_template": task.chat_template,
-                        "upstream": model_stage_digest(policy, upstream)})
+                        "upstream": model_stage_digest(policy, upstream),
+                        "contents": input_states(upstream, task.inputs.get("prompts"))})
 
 
 def sampling_server_url(env: Mapping[str, str], allow_openai_base_url: bool) -> str | None:

@@ -49,8 +49,15 @@ def json_digest(body: dict) -> str:
 
 
 def model_stage_digest(model_uri: str, upstream: Mapping[str, str]) -> dict[str, str]:
-    """The upstream digest of the stage that made `model_uri` (empty for outside models)."""
-    return {u: d for u, d in upstream.items() if model_uri.startswith(as_folder(u))}
+    """What `model_uri` is now: the upstream digest of the stage that made it, or the
+    fingerprint of an outside model (upstream_digests has both)."""
+    return {u: d for u, d in upstream.items() if model_uri == u or model_uri.startswith(as_folder(u))}
+
+
+def input_states(upstream: Mapping[str, str], *uris: str | None) -> dict[str, str]:
+    """The fingerprints in `upstream` of some external inputs (prompts, references): a
+    sampled folder made from other contents of the same URI is started over."""
+    return {u: upstream[u] for u in uris if u and u in upstream}
 
 
 def progress_uri(folder: str) -> str:

@@ -18,6 +18,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Awaitable, Coroutine, Protocol, TypeVar
 
+from xwin_jobs.fingerprint import MISSING, external_inputs
 from xwin_jobs.task import StageTask
 
 from ..api.spec import AlignmentRun
@@ -39,6 +40,9 @@ class Observer(Protocol):
         """The external inputs among `uris` found not to exist ([] when not probed)."""
     def missing_secrets(self, refs: dict[str, str]) -> list[str] | Awaitable[list[str]]:
         """The Secret names among `refs` ({field path: name}) that do not exist ([] when none apply)."""
+    def fingerprints(self, uris: list[str]) -> dict[str, str] | Awaitable[dict[str, str]]:
+        """{URI: fingerprint} of the external inputs among `uris` the executor can see
+        (xwin_jobs.fingerprint; MISSING when nothing is there)."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,15 @@ async def act(actions: list[Action], executor: Executor) -> None:
 
 async def observe(run: AlignmentRun, observer: Observer, tasks: dict[str, StageTask]) -> Observed:
     """The children FIRST, then the markers (a child seen Succeeded always has its marker in
-    view), the missing inputs and Secrets, then the time."""
+    view), the missing inputs and Secrets, the external inputs' fingerprints, then the time."""
     children = list(await _value(observer.children()))
     markers = await _value(observer.markers({s: t.output for s, t in tasks.items()}))
     missing_inputs = list(await _value(observer.missing_inputs(list(input_uris(run).values()))))
     missing_secrets = list(await _value(observer.missing_secrets(secret_refs(run))))
-    return Observed(children=children, markers=markers, now=now_iso(),
+    external = sorted({uri for t in tasks.values() for uri in external_inputs(t).values()})
+    prints = dict(await _value(observer.fingerprints(external)))
+    missing_inputs += [u for u, fp in prints.items() if fp == MISSING and u not in missing_inputs]
+    return Observed(children=children, markers=markers, now=now_iso(), fingerprints=prints,
                     missing_secrets=missing_secrets, missing_inputs=missing_inputs)
 
 

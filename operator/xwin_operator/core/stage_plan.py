@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from xwin_jobs.fingerprint import MISSING, external_inputs, short
 from xwin_jobs.task import StageTask
 
 from ..api.spec import AlignmentRun
@@ -138,12 +139,14 @@ def stage_view(run: AlignmentRun, stage: str, task: StageTask, cs: list[ChildSta
     marker = observed.markers.get(stage)
     steps = steps_of(run.spec, stage)
     last = steps[-1]
+    changed: dict[str, tuple[str, str]] = {}
     if marker is not None:
-        upstream = {uri: str((observed.markers.get(s) or {}).get("digest", ""))
-                    for uri, s in _marker_stages(run, task, config).items()}
+        upstream, changed = inputs_now(run, task, observed, marker, config)
         matches = marker.get("digest") == task.digest(upstream)
-        finished_here = prev.get("phase") == "Succeeded" or any(
-            c.step == last.name and c.phase == "Succeeded" for c in cs)
+        # a stage finished in this run is not rerun for a spec change (SpecChangeNeedsNewRun),
+        # but is for an input whose content changed
+        finished_here = not changed and (prev.get("phase") == "Succeeded" or any(
+            c.step == last.name and c.phase == "Succeeded" for c in cs))
         # a marker that matches stale upstream markers is not done: a stage it reads is about
         # to run again (its own marker no longer matches), so this one waits and runs after it
         upstream_done = all(views[d].phase in ("Succeeded", "Skipped") for d in deps)
@@ -166,6 +169,8 @@ def stage_view(run: AlignmentRun, stage: str, task: StageTask, cs: list[ChildSta
         view.message = f"waits for stage(s) {', '.join(waiting)}"
         return view
     _plan_steps(view, run, task, observed, config)
+    if changed and view.phase == "Running":
+        view.message += f" ({changed_text(changed)})"
     # a server no sampler needs any more (done, or from an older attempt) is deleted at once
     for c in cs:
         if c.kind in ("Deployment", "Service") and (c.attempt < view.attempts or _is_done(
@@ -178,3 +183,31 @@ def _marker_stages(run: AlignmentRun, task: StageTask, config: OperatorConfig) -
     root = run_root(run.spec, run.metadata.namespace, run.metadata.name, config.store or None)
     by_uri = {stage_uri(root, s): s for s in stages_of(run.spec)}
     return {uri: by_uri.get(uri, uri) for uri in task.markers}
+
+
+def inputs_now(run: AlignmentRun, task: StageTask, observed: Observed, marker: dict | None,
+               config: OperatorConfig) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """What the stage's inputs are now, as `xwin_jobs.task.upstream_digests` gives them to the
+    job (the upstream markers' digests by stage folder, the external inputs' fingerprints by
+    URI), and {input name: (fingerprint recorded in `marker`, fingerprint now)} for each
+    external input whose content changed. An input the executor cannot see, or that is gone,
+    keeps the fingerprint the marker recorded (a deleted input fails only a stage that must
+    read it again)."""
+    upstream = {uri: str((observed.markers.get(s) or {}).get("digest", ""))
+                for uri, s in _marker_stages(run, task, config).items()}
+    recorded = (marker or {}).get("inputDigests") or {}
+    changed: dict[str, tuple[str, str]] = {}
+    for name, uri in external_inputs(task).items():
+        now = observed.fingerprints.get(uri)
+        if now is None or (now == MISSING and uri in recorded):
+            now = recorded.get(uri)
+        if now is None:
+            continue  # a marker from before fingerprints, and an input this executor cannot see
+        upstream[uri] = now
+        if uri in recorded and recorded[uri] != now:
+            changed[name] = (recorded[uri], now)
+    return upstream, changed
+
+
+def changed_text(changed: dict[str, tuple[str, str]]) -> str:
+    return "; ".join(f"{name} changed ({short(old)} -> {short(new)})" for name, (old, new) in changed.items())

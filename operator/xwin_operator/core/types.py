@@ -41,6 +41,9 @@ class Observed:
     now: str = ""                             # ISO time, UTC ("2024-01-01T00:00:00Z")
     missing_secrets: list[str] = field(default_factory=list)
     missing_inputs: list[str] = field(default_factory=list)
+    # external input URI -> its fingerprint now (xwin_jobs.fingerprint); an input the executor
+    # cannot see is absent, and the fingerprint its stage's marker recorded stands for it
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 # --- actions ----------------------------------------------------------------------------

@@ -245,6 +245,14 @@ class KubeObserver:
         except StoreError as e:
             raise store_problem(self.store_uri, self.endpoint, e) from None
 
+    async def fingerprints(self, uris: list[str]) -> dict[str, str]:
+        try:
+            meta = (self.gate.body or {}).get("metadata") or {}
+            return await self.state.store.fingerprints(self.endpoint, uris,
+                                                       (meta.get("uid"), meta.get("generation")))
+        except StoreError as e:
+            raise store_problem(self.store_uri, self.endpoint, e) from None
+
     async def missing_secrets(self, refs: dict[str, str]) -> list[str]:
         missing: list[str] = []
         for path, name in refs.items():

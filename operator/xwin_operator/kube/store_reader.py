@@ -1,5 +1,5 @@
-"""The operator's store reads: the stages' `_SUCCESS.json` markers and the existence of external
-inputs, read with xwin_jobs' Store in worker threads (boto3 is synchronous). Credentials come
+"""The operator's store reads: the stages' `_SUCCESS.json` markers, the existence of external
+inputs and their fingerprints (what their contents are: xwin_jobs.fingerprint), read with xwin_jobs' Store in worker threads (boto3 is synchronous). Credentials come
 from the operator's own environment; the endpoint from the run's `storage.endpoint`. Errors are
 xwin_jobs' `StoreError`.
 """
@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+FINGERPRINT_TTL = 30.0  # seconds a fingerprint is reused before the store is asked again
+
 
 class StoreReader:
     """Markers and input existence, through xwin_jobs.store.Store (one per endpoint)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fingerprint_ttl: float = FINGERPRINT_TTL) -> None:
         self._stores: dict[str | None, Any] = {}
         self._seen_inputs: set[str] = set()   # inputs found once are not probed again
+        self._ttl = fingerprint_ttl
+        self._prints: dict[str | None, Any] = {}  # endpoint -> xwin_jobs.fingerprint.Fingerprints
 
     def store(self, endpoint: str | None) -> Any:
         if endpoint not in self._stores:
@@ -50,3 +54,22 @@ class StoreReader:
         found = await asyncio.gather(*(asyncio.to_thread(exists, u) for u in todo))
         self._seen_inputs.update(u for u, ok in zip(todo, found) if ok)
         return [u for u, ok in zip(todo, found) if not ok]
+
+    async def fingerprints(self, endpoint: str | None, uris: list[str], scope: Any = None) -> dict[str, str]:
+        """{URI: fingerprint} of the inputs among `uris` this process can see: s3:// and hf://,
+        and file:// paths that exist here (a pod's own volume is not visible to the
+        operator: its stage's marker stands for it). An answer is reused for `FINGERPRINT_TTL`
+        seconds within one `scope` (a run's uid and generation: a new run or a spec change
+        looks again): a reconcile every few seconds costs one S3 HEAD per input per 30 s."""
+        from xwin_jobs.fingerprint import Fingerprints
+        from xwin_jobs.store_uri import file_path, scheme_of
+
+        store = self.store(endpoint)
+        prints = self._prints.setdefault(endpoint, Fingerprints(ttl=self._ttl))
+        seen = [u for u in uris if scheme_of(u) != "file" or file_path(u).exists()]
+        if not seen:
+            return {}
+
+        def look() -> dict[str, str]:
+            return {u: prints.of(store, u, scope) for u in seen}
+        return await asyncio.to_thread(look)

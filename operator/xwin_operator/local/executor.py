@@ -123,11 +123,14 @@ def read_markers(outputs: dict[str, str], store) -> dict[str, dict | None]:
 
 class LocalObserver:
     """What the loop observes here (core.loop.Observer): the children it started (queued ones
-    whose turn came are started first), then the markers in the store. Inputs and Secrets are
-    not probed: a missing input fails its stage's process, and there are no Secrets."""
+    whose turn came are started first), then the markers in the store and the fingerprints of
+    the run's external inputs (a missing one is a missing input). There are no Secrets."""
 
     def __init__(self, children: LocalChildren, store):
+        from xwin_jobs.fingerprint import Fingerprints
+
         self._children, self.store = children, store
+        self._prints = Fingerprints()   # a file's sha256 kept while its size and mtime stay
 
     def children(self) -> list:
         self._children.start_ready()
@@ -141,6 +144,14 @@ class LocalObserver:
 
     def missing_secrets(self, refs: dict[str, str]) -> list[str]:
         return []
+
+    def fingerprints(self, uris: list[str]) -> dict[str, str]:
+        """Every external input as the jobs see it (this machine is theirs): a changed one
+        reruns its stage, a missing one fails the stage that must read it (core.loop)."""
+        try:
+            return {uri: self._prints.of(self.store, uri) for uri in uris}
+        except Exception as e:  # an unreachable endpoint: name it, as for the markers
+            raise RunError(f"cannot read the run's inputs: {type(e).__name__}: {e}") from None
 
 
 class _Progress:
