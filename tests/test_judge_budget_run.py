@@ -67,3 +67,12 @@ def test_the_run_wide_budget_stops_the_second_judge_stage_and_keeps_what_it_paid
     assert judge_server.stats()["chat"]["ok"] - before == total
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert metrics["estimatedCostUSD"] == round(spent(tmp_path, "evaluate")[1], 6)  # the stage's own
+
+
+def test_an_optional_stage_cap_stops_one_stage_within_the_run_budget(judge_server, tmp_path):
+    pairs = pairs_task(tmp_path, judge_server.base_url, budgetUSD=100.0, stageBudgetUSD=0.05)
+    write_candidates(pairs, candidate_records(6, seed=3))
+    done = run_step("pairs-judge", pairs, tmp_path)
+    assert done.returncode == 1 and "stageBudgetUSD $0.0500" in done.stderr
+    asked, usd = spent(tmp_path, "pairs")
+    assert 0 < usd <= 0.05 and judge_server.stats()["chat"]["ok"] == asked

@@ -53,6 +53,7 @@ _FIELDS = {
     "requestsPerMinute": ("requests_per_minute", float, 0.001),
     "tokensPerMinute": ("tokens_per_minute", float, 1),
     "budgetUSD": ("budget_usd", float, 0),
+    "stageBudgetUSD": ("stage_budget_usd", float, 0),
     "requestTimeoutSeconds": ("request_timeout_s", float, 0.001),
     "maxAttempts": ("max_attempts", int, 1),
     "maxReasks": ("max_reasks", int, 0),
@@ -79,7 +80,8 @@ class JudgeSettings:
     max_concurrency: int = 32
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
-    budget_usd: float | None = None
+    budget_usd: float | None = None      # the run's (every judge stage's spend counts)
+    stage_budget_usd: float | None = None  # this stage's own, optional
     request_timeout_s: float = 120.0
     max_attempts: int = 8                # per ask, over 429 / 5xx / timeouts / connection errors
     max_reasks: int = 2                  # further asks after an unparseable reply

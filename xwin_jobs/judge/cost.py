@@ -9,7 +9,7 @@ of the stage, read back from the cache), `others` (what the run's other judge st
 read from their caches: `budgetUSD` caps the run as a whole), `reserved` (requests in flight,
 at an upper-bound estimate) and the limit. A request is sent only if `others + spent +
 reserved + its estimate` stays within the limit, so the run's estimated spend never passes
-`budgetUSD`.
+`budgetUSD`; with `stageBudgetUSD`, `spent + reserved + its estimate` must also stay within it.
 
 Pure.
 """
@@ -81,6 +81,7 @@ class Budget:
     spent_usd: float = 0.0      # this stage's, all attempts
     reserved_usd: float = 0.0
     others_usd: float = 0.0     # the run's other judge stages'
+    stage_limit_usd: float | None = None  # judge.stageBudgetUSD: this stage's own cap
 
     def try_reserve(self, estimate_usd: float) -> bool:
         """Reserve `estimate_usd` for a request about to be sent; False if that would pass
@@ -88,6 +89,9 @@ class Budget:
         if self.limit_usd is not None and \
                 self.others_usd + self.spent_usd + self.reserved_usd + estimate_usd > \
                 self.limit_usd + 1e-12:
+            return False
+        if self.stage_limit_usd is not None and \
+                self.spent_usd + self.reserved_usd + estimate_usd > self.stage_limit_usd + 1e-12:
             return False
         self.reserved_usd += estimate_usd
         return True
@@ -99,6 +103,8 @@ class Budget:
 
     def describe(self) -> str:
         limit = "no limit" if self.limit_usd is None else f"${self.limit_usd:.4f}"
+        if self.stage_limit_usd is not None:
+            limit += f", stageBudgetUSD ${self.stage_limit_usd:.4f}"
         if not self.others_usd:
             return f"estimated spend ${self.spent_usd:.4f} of budgetUSD {limit}"
         return (f"estimated spend ${self.others_usd + self.spent_usd:.4f} of the run-wide "

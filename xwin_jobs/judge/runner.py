@@ -37,7 +37,8 @@ def judge_all(requests: list[JudgeRequest], settings: JudgeSettings, store: Stor
     cache = JudgmentCache(store, join_uri(folder, "cache/")).load()
     cache.compact()
     budget = Budget(settings.budget_usd, spent_usd=cache.spent_usd(),
-                    others_usd=sum(other_stages_spend(store, folder).values()))
+                    others_usd=sum(other_stages_spend(store, folder).values()),
+                    stage_limit_usd=settings.stage_budget_usd)
     price = settings.price
     if not price.known:
         log.warning("judge model %r is not in the price table: costs are estimated at the "

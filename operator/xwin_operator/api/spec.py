@@ -252,7 +252,8 @@ class Judge(_Model):
     maxConcurrency: int = Field(32, ge=1, le=4096, description="Judge requests in flight at most.")
     requestsPerMinute: Optional[int] = Field(None, ge=1, description="Client-side request rate limit.")
     tokensPerMinute: Optional[int] = Field(None, ge=1, description="Client-side token rate limit.")
-    budgetUSD: Optional[float] = Field(None, gt=0, description="Stop before the estimated spend passes this.")
+    budgetUSD: Optional[float] = Field(None, gt=0, description="Stop before the run's estimated judge spend (all judge stages, attempts and retries together) passes this; `xwin plan` estimates it.")
+    stageBudgetUSD: Optional[float] = Field(None, gt=0, description="Optional cap of each judge stage's own estimated spend (all its attempts), within budgetUSD.")
 
 
 class Images(_Model):
