@@ -298,13 +298,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", metavar="DIR", help="also measure an older xwin operator: DIR is its operator/ "
                         "folder (e.g. `git archive REV operator | tar -x -C /tmp/old`, DIR=/tmp/old/operator)")
     parser.add_argument("--before-label", default="", help="what to call it in the table (e.g. the commit)")
+    parser.add_argument("--no-inputs", action="store_true", help="the runs' input files do not exist, so the "
+                        "operator has nothing to fingerprint (to price fingerprinting against the default)")
     args = parser.parse_args(argv)
     kinds = (args.only,) if args.only else ("noop", "peer", "xwin") + (("before",) if args.before else ())
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     for round_ in range(args.rounds):  # alternating, so all see the same machine load
         for kind in kinds:
             with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
-                (Path(tmp) / "inputs").mkdir()
+                if not args.no_inputs:  # the runs' inputs exist, so the operator fingerprints them
+                    (Path(tmp) / "inputs").mkdir()
+                    (Path(tmp) / "inputs" / "config.json").write_text("{}")
+                    (Path(tmp) / "inputs" / "sft.jsonl").write_text('{"id": "c0", "messages": []}\n')
                 profile = f"{args.profile}.{kind}.{round_ + 1}" if args.profile else None
                 results[kind].append(measure(kind, args.runs, args.interval, args.timeout, Path(tmp), profile,
                                              args.before))

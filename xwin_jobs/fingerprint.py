@@ -64,19 +64,28 @@ class Fingerprints:
         """The fingerprint of `uri`; an answer is reused within `ttl` seconds for the same
         `scope` only (the operator passes a run's uid and generation: a new run, or a spec
         change, looks again)."""
+        seen = self.cached(uri, scope)
+        if seen is not None:
+            return seen
+        return self.remember(uri, scope, self.look(store, uri))
+
+    def cached(self, uri: str, scope: Any = None) -> str | None:
+        """The answer for `uri` in `scope` still within the TTL, else None (no I/O)."""
+        if self.ttl <= 0:
+            return None
+        seen = self._answers.get((scope, uri))
+        return seen[1] if seen is not None and self.clock() - seen[0] < self.ttl else None
+
+    def remember(self, uri: str, scope: Any, value: str) -> str:
         if self.ttl > 0:
             now = self.clock()
-            seen = self._answers.get((scope, uri))
-            if seen is not None and now - seen[0] < self.ttl:
-                return seen[1]
             if len(self._answers) > 4096:  # drop what has expired
                 self._answers = {k: v for k, v in self._answers.items() if now - v[0] < self.ttl}
-        value = self._look(store, uri)
-        if self.ttl > 0:
-            self._answers[(scope, uri)] = (self.clock(), value)
+            self._answers[(scope, uri)] = (now, value)
         return value
 
-    def _look(self, store: Any, uri: str) -> str:
+    def look(self, store: Any, uri: str) -> str:
+        """The fingerprint of `uri` now (no answer reused; file hashes kept by size and mtime)."""
         if uri.startswith(HF):
             return "hf:" + uri[len(HF):]
         if scheme_of(uri) == "file":
@@ -107,7 +116,7 @@ class Fingerprints:
 
 def fingerprint(store: Any, uri: str) -> str:
     """The fingerprint of one input URI (module docstring); MISSING when nothing is there."""
-    return Fingerprints()._look(store, uri)
+    return Fingerprints().look(store, uri)
 
 
 def external_inputs(task: Any) -> dict[str, str]:

@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 FINGERPRINT_TTL = 30.0  # seconds a fingerprint is reused before the store is asked again
+INVISIBLE = ""          # a file:// input this process cannot see (remembered like a fingerprint)
 
 
 class StoreReader:
@@ -66,10 +67,13 @@ class StoreReader:
 
         store = self.store(endpoint)
         prints = self._prints.setdefault(endpoint, Fingerprints(ttl=self._ttl))
-        seen = [u for u in uris if scheme_of(u) != "file" or file_path(u).exists()]
-        if not seen:
-            return {}
+        known = {u: prints.cached(u, scope) for u in uris}   # on the loop: no I/O
+        todo = [u for u, value in known.items() if value is None]
 
-        def look() -> dict[str, str]:
-            return {u: prints.of(store, u, scope) for u in seen}
-        return await asyncio.to_thread(look)
+        def look() -> None:  # one thread hop for every input not known yet
+            for u in todo:
+                visible = scheme_of(u) != "file" or file_path(u).exists()
+                known[u] = prints.remember(u, scope, prints.look(store, u) if visible else INVISIBLE)
+        if todo:
+            await asyncio.to_thread(look)
+        return {u: value for u, value in known.items() if value != INVISIBLE}
