@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_scoring import reward_model  # noqa: F401  (the tiny reward model fixture)
 from training_runs import TORCHRUN, job_env, make_world, run_command, stage_task
 
 from xwin_jobs.model_cache import COPY_RECORD, node_model_copy, verified
@@ -91,3 +92,32 @@ def test_scratch_size_becomes_an_ephemeral_storage_request():
     claim = volume["ephemeral"]["volumeClaimTemplate"]["spec"]
     assert claim["storageClassName"] == "fast-nvme" and claim["resources"]["requests"]["storage"] == "600Gi"
     assert "ephemeral-storage" not in pod["containers"][0]["resources"].get("requests", {})
+
+
+def test_the_scoring_ranks_share_one_copy_of_the_reward_model(reward_model, s3_server, s3_bucket, tmp_path):
+    """bestOfN's score step under torchrun (2 ranks, the reward model on moto): one download."""
+    import json
+
+    from test_scoring import sample_records, score_task
+
+    from xwin_jobs.stages.best_of_n import sampling_digest
+    from xwin_jobs.task import StageTask, upstream_digests
+
+    store = Store(s3_server.endpoint_url)
+    rm = f"{s3_bucket}/models/rm/"
+    store.upload_dir(reward_model, rm)
+    local = score_task(tmp_path, reward_model, n=2)
+    task = StageTask(stage="bestOfN", output=local.output, inputs={**local.inputs, "rewardModel": rm},
+                     params=local.params)
+    samples = tmp_path / "bestOfN" / "samples"
+    samples.mkdir(parents=True)
+    (samples / "part-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sample_records(6, 2)))
+    (samples / "_PROGRESS.json").write_text(json.dumps(
+        {"digest": sampling_digest(task, upstream_digests(store, task)), "complete": True}))
+    task_file = tmp_path / "task.json"
+    task_file.write_text(task.to_json())
+    env = {**job_env("cpu"), **s3_server.env, "XWIN_WORKDIR": str(tmp_path / "scratch")}
+    done = run_command([*TORCHRUN, "score", "--task", str(task_file)], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert DOWNLOADING.findall(done.stderr) == [rm] and REUSING.findall(done.stderr) == [rm]
+    assert (tmp_path / "bestOfN" / MARKER).is_file()

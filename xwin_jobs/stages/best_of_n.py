@@ -123,14 +123,14 @@ def score_step(task: StageTask, store: Store) -> dict[str, Any]:
     rank, world = torchrun_rank()
     if world == 1 or rank == 0:
         return run_stage(task, store)
-    marker = done_marker(store, task, upstream_digests(store, task))
+    upstream = upstream_digests(store, task)
+    marker = done_marker(store, task, upstream)
     if marker is not None:
         return {**marker, "skipped": True}
     ranks = RankGroup(world)
     try:
         ranks.barrier()  # rank 0 has checked the samples and prepared data/
-        with scratch_dir(f"xwin-bestOfN-score-{rank}-") as tmp:
-            stats, scored = _score_share(task, store, Path(tmp), rank, world)
+        stats, scored = _score_share(task, store, rank, world, task.digest(upstream))
         ranks.barrier()  # every rank's shards are written
     finally:
         ranks.close()
@@ -159,7 +159,7 @@ def run(ctx: StageContext) -> StageResult:
     ranks = RankGroup(world)
     try:
         ranks.barrier()
-        stats, scored = _score_share(task, store, ctx.workdir, 0, world)
+        stats, scored = _score_share(task, store, 0, world, task.digest(upstream))
         ranks.barrier()
     finally:
         ranks.close()
@@ -169,9 +169,10 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(counts=counts, metrics=metrics, outputs={"data": data})
 
 
-def _score_share(task: StageTask, store: Store, workdir: Path, rank: int, world: int):
+def _score_share(task: StageTask, store: Store, rank: int, world: int, digest: str):
     """Score this rank's share of the sample records not yet in data/, chunk by chunk (each
-    chunk sorted by length inside, written as one shard). Returns (stats, prompts scored)."""
+    chunk sorted by length inside, written as one shard), with the node's one copy of the
+    reward model (`digest`: the stage's input digest). Returns (stats, prompts scored)."""
     from ..scoring import DEFAULT_TOKEN_BUDGET, ScoringStats
 
     n = _n(task)
@@ -190,12 +191,12 @@ def _score_share(task: StageTask, store: Store, workdir: Path, rank: int, world:
             chunk.append(record)
             if len(chunk) < chunk_prompts:
                 continue
-            scorer = scorer or _scorer(task, store, workdir, budget, len(done))
+            scorer = scorer or _scorer(task, store, digest, budget, len(done))
             scored += _score_chunk(scorer, chunk, writer, stats)
             chunk = []
             log.info("scored %d prompt(s) in this attempt", scored)
         if chunk:
-            scorer = scorer or _scorer(task, store, workdir, budget, len(done))
+            scorer = scorer or _scorer(task, store, digest, budget, len(done))
             scored += _score_chunk(scorer, chunk, writer, stats)
     log.info("scored %d prompt(s) in this attempt (%d before)", scored, len(done))
     return stats, scored
@@ -212,16 +213,17 @@ def _unscored(store: Store, samples: str, done: set[str], n: int, rank: int = 0,
         yield record
 
 
-def _scorer(task: StageTask, store: Store, workdir: Path, budget: int, already: int):
+def _scorer(task: StageTask, store: Store, digest: str, budget: int, already: int):
     import torch
 
-    from ..modeling import resolve_model_source
+    from ..model_cache import node_model_copy
     from ..scoring import RewardScorer
 
     log.info("loading the reward model (%d prompt(s) already scored)", already)
     device = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
               else "cpu")
-    source = resolve_model_source(store, required_input(task, "rewardModel"), workdir)
+    # one download per node: the node's ranks share the copy in the scratch volume
+    source = node_model_copy(store, required_input(task, "rewardModel"), digest)
     return RewardScorer(source, task.chat_template, token_budget=budget, device=device)
 
 
