@@ -51,6 +51,7 @@ def bon_run(name: str, store: Path, task: dict, policy: Path | None = None, name
     return {"apiVersion": "xwin.ai/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": name, "namespace": namespace},
             "spec": {"baseModel": f"file://{task['policy']}", "storage": {"uri": f"file://{store}"},
                      "retries": {"maxAttempts": 3},
+                     "defaults": {"resources": {"nodes": 1, "gpusPerNode": 0}},   # the scoring step: CPU
                      "stages": {"bestOfN": {
                          "prompts": f"file://{task['prompts']}", "policy": f"file://{policy or task['policy']}",
                          "rewardModel": f"file://{task['rm']}", "n": N,

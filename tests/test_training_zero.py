@@ -63,8 +63,8 @@ def test_zero_two_ranks_match_one_process(world, tmp_path, stage, zero):
                                         training={**ZERO, "zeroStage": zero}, **params)
     metrics = assert_same_training(single, ranks, tolerance=TOLERANCE)
     _check_loads(ranks, stage)
-    if stage == "dpo":  # the reference log-probabilities are stored with the stage
-        assert (ranks / "reference" / "logprobs.pt").is_file()
+    if stage == "dpo":  # the reference log-probabilities are stored, keyed, in the store's cache
+        assert len(list(ranks.glob("_cache/reference-logprobs/*/logprobs.pt"))) == 1
     if stage == "rewardModel":
         assert metrics["heldOutPairs"] == 3
 

@@ -190,6 +190,8 @@ def test_a_model_vllm_cannot_load_fails_with_the_server_log(tmp_path):
     (bad / "config.json").write_text("{}")
     server = LocalVllmServer(_python(), str(bad), {}, tmp_path / "vllm.log", device="cpu",
                              startup_timeout_s=300)
-    with pytest.raises(VllmServerError, match=r"(?s)exited with code \d+ before it became healthy.*"):
+    with pytest.raises(VllmServerError, match=rf"vLLM \(cpu\) cannot serve {bad}: .*Unrecognized model .*"
+                                              r"\(before it became healthy; log: .*vllm.log\)") as failed:
         with server:
             pass
+    assert failed.value.exit is not None and failed.value.exit.permanent
