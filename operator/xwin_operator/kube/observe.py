@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 from dataclasses import replace
 
-from xwin_jobs.server_exit import diagnose, model_arg, parse_line
+from xwin_jobs.server_exit import backend_name, diagnose, model_arg, parse_line
 
 from ..core.children import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP
 from ..core.types import ChildState
@@ -138,7 +138,7 @@ def server_failed(child: ChildState, pods: list[Mapping[str, Any]]) -> ChildStat
         exit = parse_line(message) or diagnose(
             message.splitlines(), int(code) if code is not None else None,
             model=model_arg([*(container.get("command") or []), *(container.get("args") or [])]),
-            backend="vLLM", oom_killed=ended.get("reason") == "OOMKilled")
+            backend=backend_name("gpu"), oom_killed=ended.get("reason") == "OOMKilled")
         pod_name = (pod.get("metadata") or {}).get("name", "")
         return replace(child, phase="Failed", reason=exit.reason, permanent=exit.permanent,
                        message=f"{exit.message} (pod {pod_name})", exit_code=code,
