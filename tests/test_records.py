@@ -12,7 +12,6 @@ from xwin_jobs.records import (
     ShardWriter,
     existing_ids,
     iter_records,
-    load_dataset_from_records,
     next_shard_index,
     read_records,
     write_records,
@@ -194,28 +193,15 @@ def offline_datasets(monkeypatch, tmp_path):
 
 
 def test_shards_load_with_datasets(store, tmp_path, offline_datasets):
+    """What a user does with a stage's data/ folder: plain and gzip shards alike."""
+    import datasets
+
     folder = f"file://{tmp_path}/data/"
     convs = [{**GOOD["conversation"], "id": f"c{i}"} for i in range(5)]
     write_records(store, folder, convs[:3], max_records=2)
     write_records(store, folder, convs[3:], gzip=True)  # mixed plain and gzip shards
-    ds = load_dataset_from_records(store, folder, "conversation", cache_dir=offline_datasets)
+    ds = datasets.load_dataset("json", data_files=f"{tmp_path}/data/part-*.jsonl*", split="train",
+                               cache_dir=offline_datasets)
     assert ds.num_rows == 5
-    assert ds["id"] == [f"c{i}" for i in range(5)]
-    assert ds[0]["messages"][2] == ASSISTANT
-
-
-def test_s3_shards_load_with_datasets(s3_server, s3_bucket, offline_datasets):
-    store = Store(s3_server.endpoint_url)
-    folder = f"{s3_bucket}/set/data/"
-    write_records(store, folder, [{**GOOD["scored"], "id": f"s{i}"} for i in range(4)],
-                  max_records=3, gzip=True)
-    ds = load_dataset_from_records(store, folder, "scored", cache_dir=offline_datasets)
-    assert ds["id"] == ["s0", "s1", "s2", "s3"]
-    assert [r["score"] for r in ds[0]["responses"]] == [0.5, None]
-
-
-def test_datasets_loading_reports_bad_lines_as_record_errors(store, tmp_path, offline_datasets):
-    uri = f"file://{tmp_path}/d.jsonl"
-    store.write_text(uri, jsonl(GOOD["prompt"], {"id": "p", "messages": [ASSISTANT]}))
-    with pytest.raises(RecordError, match=r"d.jsonl:2: field 'messages'"):
-        load_dataset_from_records(store, uri, "prompt", cache_dir=offline_datasets)
+    assert sorted(ds["id"]) == [f"c{i}" for i in range(5)]
+    assert ds[ds["id"].index("c0")]["messages"][2] == ASSISTANT

@@ -13,8 +13,9 @@ so the stage and everything downstream runs again.
     and modification time (hashing a 14 GB checkpoint at every look is not worth it);
   * an `s3://` object: its ETag (and VersionId where the bucket is versioned);
   * a folder (either scheme): a sha256 over the sorted list of its files' own fingerprints;
-  * `hf://org/name[@revision]`: the reference itself (a pinned revision is content; an
-    unpinned one is what the pods resolve);
+  * `hf://org/name[@revision]`, `hf://datasets/...`: the reference itself (a pinned revision
+    is content; an unpinned one is what the pods resolve); a dataset repo read from a local
+    copy (XWIN_HF_DATASETS_DIR, xwin_jobs.datasets_in) is that folder's fingerprint;
   * nothing there: MISSING (a stage that must read it again stops naming the field).
 
 `Fingerprints` is the same with a memory: a `file://` file's sha256 is kept while its size
@@ -31,7 +32,7 @@ import os
 import time
 from typing import Any, Callable
 
-from .store_uri import as_folder, file_path, scheme_of
+from .store_uri import HF_DATASETS, MIRROR_ENV, as_folder, file_path, mirror_folder, scheme_of
 
 SMALL_FILE = 64 * 1024 * 1024
 MISSING = "missing"
@@ -86,6 +87,8 @@ class Fingerprints:
 
     def look(self, store: Any, uri: str) -> str:
         """The fingerprint of `uri` now (no answer reused; file hashes kept by size and mtime)."""
+        if uri.startswith(HF_DATASETS) and os.environ.get(MIRROR_ENV):
+            return self._file(mirror_folder(uri))
         if uri.startswith(HF):
             return "hf:" + uri[len(HF):]
         if scheme_of(uri) == "file":

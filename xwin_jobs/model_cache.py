@@ -27,12 +27,11 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .modeling import HF_SCHEME, resolve_model_source
+from .node_scratch import copy_name, node_root
 from .store import Store, as_folder, check_model_folder
 
 log = logging.getLogger(__name__)
@@ -41,16 +40,8 @@ COPY_RECORD = ".xwin-copy.json"
 
 
 def cache_root(env: dict[str, str] | None = None) -> Path:
-    """Where a node's model copies live: XWIN_WORKDIR/models (the pod's scratch volume), else
-    xwin-models in the system's temporary folder."""
-    env = os.environ if env is None else env
-    if env.get("XWIN_WORKDIR"):
-        return Path(env["XWIN_WORKDIR"]) / "models"
-    return Path(tempfile.gettempdir()) / "xwin-models"
-
-
-def copy_name(uri: str) -> str:
-    return as_folder(uri).rstrip("/").replace("://", "/").replace("/", "_")
+    """Where a node's model copies live (node_scratch: XWIN_WORKDIR/models, else xwin-models)."""
+    return node_root("models", env)
 
 
 @contextlib.contextmanager

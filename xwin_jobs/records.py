@@ -7,7 +7,7 @@ sorted) from any store URI and yield validated records as plain dicts; a bad lin
 shard becoming visible only once complete, and numbers new shards after existing ones so a
 killed job can resume (skipping `existing_ids`).
 
-pydantic is light; `datasets` is imported only by `load_dataset_from_records`.
+Parquet files and Hugging Face dataset repos are read by xwin_jobs.datasets_in. pydantic is light.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import gzip as gzip_module
 import io
 import json
 import re
-import tempfile
 import zlib
-from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
@@ -29,11 +27,13 @@ SHARD_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
 class RecordError(ValueError):
-    """A bad record: `<file>:<line>: field '<dotted.path>': <problem>`."""
+    """A bad record: `<file>:<line>: field '<dotted.path>': <problem>` (a table's rows:
+    `<file> row <n>: ...`, `unit="row"`)."""
 
-    def __init__(self, file: str, line: int | None, field: str | None, problem: str):
+    def __init__(self, file: str, line: int | None, field: str | None, problem: str,
+                 unit: str = "line"):
         self.file, self.line, self.field, self.problem = file, line, field, problem
-        where = f"{file}:{line}" if line is not None else file
+        where = file if line is None else f"{file}:{line}" if unit == "line" else f"{file} {unit} {line}"
         what = f"field '{field}': " if field is not None else ""
         super().__init__(f"{where}: {what}{problem}")
 
@@ -178,17 +178,18 @@ def _problem(err: dict) -> str:
     return err.get("msg", kind)
 
 
-def validate_record(obj: Any, kind: str, file: str = "<record>", line: int | None = None) -> dict:
+def validate_record(obj: Any, kind: str, file: str = "<record>", line: int | None = None,
+                    unit: str = "line") -> dict:
     """The record as a plain dict (extra keys kept), or a RecordError for its first problem."""
     if not isinstance(obj, dict):
         raise RecordError(file, line, "<record>",
-                          f"must be a JSON object, not {type(obj).__name__}")
+                          f"must be a JSON object, not {type(obj).__name__}", unit)
     try:
         record = model_for(kind).model_validate(obj)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         field = ".".join(str(p) for p in first["loc"]) or "<record>"
-        raise RecordError(file, line, field, _problem(first)) from None
+        raise RecordError(file, line, field, _problem(first), unit) from None
     return record.model_dump(mode="json")
 
 
@@ -367,30 +368,3 @@ def write_records(store: Store, data_uri: str, records, kind: str | None = None,
     with ShardWriter(store, data_uri, kind=kind, **writer_options) as writer:
         writer.write_all(records)
     return writer.shards
-
-
-# ----------------------------------------------------------------------------- datasets
-
-def load_dataset_from_records(store: Store, uri: str, kind: str, *, validate: bool = True,
-                              cache_dir: str | None = None):
-    """The records as a `datasets.Dataset`, read by datasets' own JSON loader. S3 shards are
-    downloaded to a temporary folder first. With `validate`, every line is checked first so a
-    bad line gives a RecordError rather than an Arrow error."""
-    if validate:
-        for _ in iter_records(store, uri, kind):
-            pass
-    shards = shard_uris(store, uri)
-    if not shards:
-        raise RecordError(uri, None, None, "no records: no *.jsonl or *.jsonl.gz files there")
-    import datasets
-
-    with tempfile.TemporaryDirectory(prefix="xwin-records-") as tmp:
-        files = []
-        for i, shard in enumerate(shards):
-            local = store.local_path(shard)
-            if local is None:
-                name = f"{i:05d}-" + shard.rsplit("/", 1)[-1]
-                local = store.download_file(shard, Path(tmp) / name)
-            files.append(str(local))
-        return datasets.load_dataset("json", data_files=files, split="train",
-                                     cache_dir=cache_dir)

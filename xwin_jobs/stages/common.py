@@ -14,8 +14,9 @@ import logging
 from typing import Any, Callable
 
 from ..modeling import HF_SCHEME
-from ..store import check_model_folder
-from . import StageContext, StageError
+from ..pipeline import TRAINING_STAGES
+from ..store import as_folder, check_model_folder, join_uri
+from . import StageContext, StageError, upstream_digests
 
 log = logging.getLogger("xwin_jobs.stage")
 
@@ -39,6 +40,62 @@ def model_source(ctx: StageContext, name: str = "model") -> str:
     from ..model_cache import node_model_copy
 
     return node_model_copy(ctx.store, ctx.input(name), ctx.digest)
+
+
+def input_state(uri: str, upstream: dict[str, str]) -> dict[str, str]:
+    """What the records at `uri` are now: its fingerprint (an external input), or the digest
+    of the stage of this run that made it; for a dataset repo on the Hub without a pinned
+    revision, also the commit the Hub serves."""
+    from ..datasets_in import hub_commit
+
+    state = upstream.get(uri) or next((d for m, d in upstream.items()
+                                       if as_folder(uri).startswith(as_folder(m))), "")
+    commit = hub_commit(uri)
+    return {"uri": uri, "state": state, **({"commit": commit} if commit else {})}
+
+
+def sibling_folders(task, relative: str) -> list[str]:
+    """`relative` under the run's other training stages (same run folder), where a stage that
+    read the same records may have left what this one needs."""
+    output = as_folder(task.output)
+    run, _, stage = output.rstrip("/").rpartition("/")
+    if not task.run or stage != task.stage:
+        return []
+    return [join_uri(run + "/", other, relative) for other in TRAINING_STAGES if other != stage]
+
+
+def tokenized_examples(ctx: StageContext, kind: str, tokenizer_folder: str, tokenizer: Any,
+                       config, inputs: tuple[str, ...], make_records: Callable[[], tuple],
+                       derive: dict | None = None):
+    """The stage's examples tokenized once (xwin_jobs.tokenized) under
+    `<stage>/tokenized/<key>/`, keyed by the records (`inputs`' states and the `derive`
+    settings that turn them into training records), the tokenizer's files, the chat template,
+    maxLength and `kind` (`sft` | `pairs`). `make_records()` -> (records, counts) runs only
+    when no copy exists."""
+    from ..tokenized import TOKENIZED, tokenize_once, tokenized_key, tokenizer_fingerprint
+    from .sampling_common import TOKENIZER_FILES
+
+    upstream = upstream_digests(ctx.store, ctx.task)
+    files = [f for f in TOKENIZER_FILES if f not in ("config.json", "generation_config.json")]
+    key = tokenized_key({"kind": kind, "derive": derive or {}, "template": ctx.task.chat_template,
+                         "records": [input_state(ctx.input(n), upstream) for n in inputs],
+                         "tokenizer": tokenizer_fingerprint(tokenizer_folder, files),
+                         "maxLength": config.max_length})
+    relative = f"{TOKENIZED}{key}/"
+    encode = {"template": ctx.task.chat_template, "tokenizer": tokenizer, "max_length": config.max_length}
+    return tokenize_once(ctx.store, ctx.output(relative), key, kind, make_records, encode, ctx.dist,
+                         also=sibling_folders(ctx.task, relative), root=None,
+                         extra={"stage": ctx.task.stage, "run": ctx.task.run})
+
+
+def tokenizer_of(ctx: StageContext, name: str = "model") -> tuple[str, Any]:
+    """(folder or Hub id, tokenizer) of the model input: only its tokenizer files are fetched
+    (the weights come later, once the data is known good: `model_source`)."""
+    from ..modeling import load_tokenizer
+    from .sampling_common import tokenizer_source
+
+    folder = tokenizer_source(ctx.store, ctx.input(name), ctx.workdir)
+    return folder, load_tokenizer(folder)
 
 
 def require_examples(examples: list, stats, what: str) -> None:

@@ -15,7 +15,8 @@ before any checkpoint is loaded), and stored as a shared artifact under the stor
 `<storage.uri>/_cache/reference-logprobs/<key>/` (marker last), keyed by what they are a
 function of: the init model (its stage's digest, or an outside model's fingerprint) and the
 encoded pairs themselves (token ids: the pairs' contents, the chat template, maxLength and
-truncation, and for pairs built from a scored set the selection), and whether they were packed.
+truncation, and for pairs built from a scored set the selection: the digest of the tokenized
+examples, xwin_jobs.tokenized), and whether they were packed.
 A restarted stage reads them instead of recomputing them from a partly trained policy, and any
 DPO stage of any run in the same store with the same key (a second DPO with another `beta`)
 skips its reference pass; `metrics.referenceReused` says which happened.
@@ -27,14 +28,24 @@ import hashlib
 import json
 import logging
 
-from ..records import read_records
+from ..datasets_in import iter_input_records
 from . import StageContext, StageError, StageResult, upstream_digests
 from .sampling_common import model_stage_digest
-from .common import check_model_input, model_source, pad_id_of, planned, require_examples, train_and_publish
+from .common import (check_model_input, model_source, pad_id_of, planned, require_examples,
+                     tokenized_examples, tokenizer_of, train_and_publish)
 
 log = logging.getLogger("xwin_jobs.stage")
 
 PAIRS_FROM = ("bestOfN", "pairs")
+
+
+def selection(ctx: StageContext, pairs_from: str) -> dict:
+    """The settings that turn the input into pair records (none for judged pairs)."""
+    if pairs_from == "pairs":
+        return {}
+    return {"chosen": str(ctx.param("chosen", "best")), "rejected": str(ctx.param("rejected", "worst")),
+            "minMargin": float(ctx.param("minMargin", 0.0)), "seed": ctx.training().seed,
+            "rejectedFloor": ctx.param("rejectedFloor", None)}
 
 
 def load_pair_records(ctx: StageContext, pairs_from: str) -> tuple[list[dict], dict]:
@@ -42,20 +53,24 @@ def load_pair_records(ctx: StageContext, pairs_from: str) -> tuple[list[dict], d
     from ..selection import dpo_pair_records
 
     if pairs_from == "pairs":
-        records = read_records(ctx.store, ctx.input("pairs"), "pair")
+        records = list(iter_input_records(ctx.store, ctx.input("pairs"), "pair", ctx.workdir))
         return records, {"pairs": len(records)}
-    scored = read_records(ctx.store, ctx.input("scored"), "scored")
-    floor = ctx.param("rejectedFloor", None)
+    scored = list(iter_input_records(ctx.store, ctx.input("scored"), "scored", ctx.workdir))
+    settings = selection(ctx, pairs_from)
+    floor = settings.pop("rejectedFloor")
     try:
         records, summary = dpo_pair_records(
-            scored, chosen=str(ctx.param("chosen", "best")), rejected=str(ctx.param("rejected", "worst")),
-            min_margin=float(ctx.param("minMargin", 0.0)), seed=ctx.training().seed,
+            scored, chosen=settings["chosen"], rejected=settings["rejected"],
+            min_margin=settings["minMargin"], seed=settings["seed"],
             rejected_floor=None if floor is None else float(floor))
     except ValueError as e:
         raise StageError(f"stage dpo: params.{e}") from None
     if "rejectedFloorScore" in summary:
         log.info("rejectedFloor %s: rejected answers score at least %.4f",
                  summary["rejectedFloor"], summary["rejectedFloorScore"])
+    if not records:
+        raise StageError("no DPO pairs: every prompt was dropped (too few valid responses or "
+                         "a score gap below minMargin)")
     return records, {"scoredPrompts": len(scored), "pairs": len(records),
                      "pairsDroppedByMargin": summary.get("pairsDroppedByMargin", 0),
                      "promptsTooFewResponses": summary.get("promptsTooFewResponses", 0)}
@@ -65,13 +80,11 @@ REFERENCE_CACHE = "_cache/reference-logprobs/"
 REFERENCE, REFERENCE_MARKER = "logprobs.pt", "_REFERENCE.json"
 
 
-def reference_key(model_state: dict, pairs: list, packed: bool) -> str:
-    """What reference log-probabilities are a function of (module docstring). Pure."""
-    h = hashlib.sha256(json.dumps({"model": model_state, "packed": bool(packed)}, sort_keys=True).encode())
-    for pair in pairs:
-        for side in (pair.chosen, pair.rejected):
-            h.update(json.dumps([list(side.input_ids), list(side.labels)]).encode())
-    return h.hexdigest()
+def reference_key(model_state: dict, tokens: str, packed: bool) -> str:
+    """What reference log-probabilities are a function of (module docstring): the init model,
+    the digest of the encoded pairs' tokens, packing. Pure."""
+    body = {"model": model_state, "tokens": tokens, "packed": bool(packed)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def store_root(task) -> str:
@@ -114,10 +127,9 @@ def stored_reference(ctx: StageContext, engine, key: str, compute, reused: dict)
 
 
 def run(ctx: StageContext) -> StageResult:
-    from ..modeling import load_causal_lm, load_tokenizer
-    from ..training.data import encode_pairs
+    from ..modeling import load_causal_lm
     from ..training.engine import seed_everything
-    from ..training.objectives import dpo_step, pair_workload, reference_logprobs
+    from ..training.objectives import dpo_step, reference_logprobs
 
     beta = ctx.param("beta", 0.1)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0:
@@ -132,21 +144,19 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"params.pairsFrom: must be one of {', '.join(PAIRS_FROM)}, got {pairs_from!r}")
     config = ctx.training()
     check_model_input(ctx)
-    records, counts = load_pair_records(ctx, pairs_from)
-    if not records:
-        raise StageError("no DPO pairs: every prompt was dropped (too few valid responses or "
-                         "a score gap below minMargin)")
-    source = model_source(ctx)
-    tokenizer = load_tokenizer(source)
-    pairs, stats = encode_pairs(records, ctx.task.chat_template, tokenizer, config.max_length)
+    folder, tokenizer = tokenizer_of(ctx)
+    tokenized = tokenized_examples(ctx, "pairs", folder, tokenizer, config, (pairs_from_input(pairs_from),),
+                                   lambda: load_pair_records(ctx, pairs_from), selection(ctx, pairs_from))
+    pairs, stats = tokenized.rows, tokenized.stats()
     require_examples(pairs, stats, "pairs")
-    workload = planned(config, pair_workload(pairs, packed=False))
+    workload = planned(config, pairs.workload(packed=False))
+    source = model_source(ctx)
     pad_id = pad_id_of(tokenizer)
     seed_everything(config.seed)
     reference, reused = {}, {}
     model_uri = ctx.task.inputs["model"]
     key = reference_key(model_stage_digest(model_uri, upstream_digests(ctx.store, ctx.task)),
-                        pairs, workload.packed)
+                        tokenized.manifest["tokens"], workload.packed)
 
     def compute_reference(engine) -> None:
         reference["logps"] = stored_reference(ctx, engine, key, lambda: reference_logprobs(
@@ -160,4 +170,10 @@ def run(ctx: StageContext) -> StageResult:
         before_training=compute_reference, workload=workload)
     metrics["truncated"] = stats.truncated
     metrics.update(reused)
-    return StageResult(counts={**counts, **stats.as_counts()}, metrics=metrics, outputs={"model": uri})
+    metrics.update(tokenized.metrics())
+    return StageResult(counts={**tokenized.counts, **stats.as_counts()}, metrics=metrics,
+                       outputs={"model": uri})
+
+
+def pairs_from_input(pairs_from: str) -> str:
+    return "pairs" if pairs_from == "pairs" else "scored"

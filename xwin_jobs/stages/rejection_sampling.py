@@ -2,12 +2,13 @@
 
 Task: inputs {model: init model URI, scored: scored-set records}; params {training, topK}.
 The top-k responses of each prompt (by reward-model score, see xwin_jobs.selection) become
-conversations `prompt + [assistant response]`, trained exactly like `sft`.
+conversations `prompt + [assistant response]`, trained exactly like `sft` (tokenized once:
+a restarted attempt reads neither the scored set nor the tokenizer's output again).
 """
 
 from __future__ import annotations
 
-from ..records import read_records
+from ..datasets_in import iter_input_records
 from . import StageContext, StageError, StageResult
 from .common import check_model_input
 from .sft import finetune
@@ -20,15 +21,22 @@ def run(ctx: StageContext) -> StageResult:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise StageError(f"params.topK: must be an integer >= 1, got {top_k!r}")
     check_model_input(ctx)
-    scored = read_records(ctx.store, ctx.input("scored"), "scored")
-    conversations, summary = rejection_sampling_records(scored, top_k)
-    if not conversations:
-        raise StageError(f"{ctx.input('scored')}: no prompt has a valid scored response "
-                         f"({len(scored)} prompts read)")
-    result = finetune(ctx, conversations, counts={"scoredPrompts": len(scored),
-                                                  "selected": len(conversations),
-                                                  "promptsShort": summary.get("promptsShort", 0)})
-    for key in ("meanScore", "meanMaxScore"):
-        if summary.get(key) is not None:
-            result.metrics[f"scored{key[0].upper()}{key[1:]}"] = summary[key]
+    uri = ctx.input("scored")
+
+    def make_records():
+        scored = list(iter_input_records(ctx.store, uri, "scored", ctx.workdir))
+        conversations, summary = rejection_sampling_records(scored, top_k)
+        if not conversations:
+            raise StageError(f"{uri}: no prompt has a valid scored response ({len(scored)} prompts read)")
+        counts = {"scoredPrompts": len(scored), "selected": len(conversations),
+                  "promptsShort": summary.get("promptsShort", 0)}
+        for key in ("meanScore", "meanMaxScore"):
+            if summary.get(key) is not None:
+                counts[f"scored{key[0].upper()}{key[1:]}"] = summary[key]
+        return conversations, counts
+
+    result = finetune(ctx, ("scored",), make_records, derive={"topK": top_k})
+    for key in ("scoredMeanScore", "scoredMeanMaxScore"):  # metrics, not counts
+        if key in result.counts:
+            result.metrics[key] = result.counts.pop(key)
     return result

@@ -1,41 +1,44 @@
 """`rewardModel`: a Bradley-Terry reward model on preference pairs (Xwin-RM).
 
-Task: inputs {model: init model URI, pairs: pair records}; params {training, heldOutFraction
-(default 0.1)}. The model is the init model with a scalar head
-(AutoModelForSequenceClassification, num_labels=1, pad_token_id set: what TRL's
-RewardTrainer produces), so the best-of-N scorer loads it with the same class.
-A seeded `heldOutFraction` of the pairs is never trained on; metrics.json reports
-heldOutAccuracy (chosen reward > rejected reward) on them.
+Task: inputs {model: init model URI, pairs: pair records (JSON Lines, Parquet or a dataset
+repo: xwin_jobs.datasets_in)}; params {training, heldOutFraction (default 0.1)}. The model is
+the init model with a scalar head (AutoModelForSequenceClassification, num_labels=1,
+pad_token_id set: what TRL's RewardTrainer produces), so the best-of-N scorer loads it with
+the same class. The pairs are tokenized once (common.tokenized_examples; a dpo stage reading
+the same pairs with the same tokenizer reuses them). A seeded `heldOutFraction` of the pairs
+is never trained on; metrics.json reports heldOutAccuracy (chosen reward > rejected reward).
 """
 
 from __future__ import annotations
 
-from ..records import read_records
+from ..datasets_in import iter_input_records
 from . import StageContext, StageError, StageResult
-from .common import check_model_input, model_source, pad_id_of, planned, require_examples, train_and_publish
+from .common import (check_model_input, model_source, pad_id_of, planned, require_examples,
+                     tokenized_examples, tokenizer_of, train_and_publish)
 
 
 def run(ctx: StageContext) -> StageResult:
-    from ..modeling import load_reward_model, load_tokenizer
-    from ..training.data import encode_pairs, split_held_out
+    from ..modeling import load_reward_model
+    from ..training.data import split_held_out
     from ..training.engine import seed_everything
-    from ..training.objectives import evaluate_rewards, pair_workload, reward_step
+    from ..training.objectives import evaluate_rewards, reward_step
 
     fraction = ctx.param("heldOutFraction", 0.1)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise StageError(f"params.heldOutFraction: must be a number in [0, 1), got {fraction!r}")
     config = ctx.training()
     check_model_input(ctx)
-    records = read_records(ctx.store, ctx.input("pairs"), "pair")
-    source = model_source(ctx)
-    tokenizer = load_tokenizer(source)
-    pairs, stats = encode_pairs(records, ctx.task.chat_template, tokenizer, config.max_length)
+    uri = ctx.input("pairs")
+    folder, tokenizer = tokenizer_of(ctx)
+    tokenized = tokenized_examples(ctx, "pairs", folder, tokenizer, config, ("pairs",), lambda: (
+        list(iter_input_records(ctx.store, uri, "pair", ctx.workdir)), {}))
+    pairs, stats = tokenized.rows, tokenized.stats()
     require_examples(pairs, stats, "pairs")
     train_idx, held_idx = split_held_out(len(pairs), float(fraction), config.seed)
-    train_pairs = [pairs[i] for i in train_idx]
-    held_pairs = [pairs[i] for i in held_idx]
+    train_pairs, held_pairs = pairs.select(train_idx), pairs.select(held_idx)
     pad_id = pad_id_of(tokenizer)
-    workload = planned(config, pair_workload(train_pairs, packed=False))
+    workload = planned(config, train_pairs.workload(packed=False))
+    source = model_source(ctx)
 
     seed_everything(config.seed)  # the new score head's initialisation
     metrics, uri = train_and_publish(
@@ -46,6 +49,7 @@ def run(ctx: StageContext) -> StageResult:
             workload.packed),
         workload=workload)
     metrics["truncated"] = stats.truncated
+    metrics.update(tokenized.metrics())
     return StageResult(counts={**stats.as_counts(), "trainPairs": len(train_pairs),
                                "heldOutPairs": len(held_pairs)},
                        metrics=metrics, outputs={"model": uri})

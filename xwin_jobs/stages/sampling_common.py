@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..records import ShardWriter, existing_ids, iter_records
+from ..records import ShardWriter, existing_ids
 from ..store import Store, as_folder, join_uri
 from ..task import StageTask, done_marker  # noqa: F401  (re-exported for the steps)
 from . import StageError
@@ -109,10 +109,13 @@ def required_input(task: StageTask, name: str) -> str:
 
 
 def load_prompts(store: Store, uri: str) -> list[dict]:
-    """Prompt records with unique ids (answers are matched back by id)."""
+    """Prompt records with unique ids (answers are matched back by id), from JSON Lines,
+    Parquet or a dataset repo (xwin_jobs.datasets_in)."""
+    from ..datasets_in import iter_input_records
+
     prompts = []
     seen: set[str] = set()
-    for record in iter_records(store, uri, "prompt"):
+    for record in iter_input_records(store, uri, "prompt"):
         if record["id"] in seen:
             raise StageError(f"{uri}: prompt id {record['id']!r} appears more than once "
                              "(ids must be unique: results are matched to prompts by id)")

@@ -1,34 +1,37 @@
 """`sft`: finetune a causal LM on conversations, loss on assistant tokens only (Xwin-LM-SFT).
 
-Task: inputs {model: base model URI, data: conversation records}; params {training}.
-Writes model/, checkpoints/step-N/, metrics.json (trainLoss, ...).
+Task: inputs {model: base model URI, data: conversation records (JSON Lines, Parquet or a
+dataset repo: xwin_jobs.datasets_in)}; params {training}.
+Writes model/, checkpoints/step-N/, tokenized/<key>/ (the examples, xwin_jobs.tokenized),
+metrics.json (trainLoss, tokenizedReused, ...).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from ..records import read_records
+from ..datasets_in import iter_input_records
 from . import StageContext, StageResult
-from .common import check_model_input, model_source, pad_id_of, planned, require_examples, train_and_publish
+from .common import (check_model_input, model_source, pad_id_of, planned, require_examples,
+                     tokenized_examples, tokenizer_of, train_and_publish)
 
 
-def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
-             counts: dict[str, Any] | None = None) -> StageResult:
-    """Supervised finetuning of ctx's `model` input on conversation records (shared with
-    rejectionSampling)."""
-    from ..modeling import load_causal_lm, load_tokenizer
-    from ..training.data import encode_conversations
+def finetune(ctx: StageContext, inputs: tuple[str, ...], make_records: Callable[[], tuple[list, dict]],
+             derive: dict[str, Any] | None = None) -> StageResult:
+    """Supervised finetuning of ctx's `model` input on the conversation records
+    `make_records()` returns (with counts), made from `inputs` with the `derive` settings
+    (shared with rejectionSampling); tokenized once (common.tokenized_examples)."""
+    from ..modeling import load_causal_lm
     from ..training.engine import seed_everything
-    from ..training.objectives import sft_step, sft_workload
+    from ..training.objectives import sft_step
 
     config = ctx.training()
-    source = model_source(ctx)
-    tokenizer = load_tokenizer(source)
-    examples, stats = encode_conversations(conversations, ctx.task.chat_template, tokenizer,
-                                           config.max_length)
+    folder, tokenizer = tokenizer_of(ctx)
+    tokenized = tokenized_examples(ctx, "sft", folder, tokenizer, config, inputs, make_records, derive)
+    examples, stats = tokenized.rows, tokenized.stats()
     require_examples(examples, stats, "conversations")
-    workload = planned(config, sft_workload(examples, packed=False))
+    workload = planned(config, examples.workload(packed=False))
+    source = model_source(ctx)
     seed_everything(config.seed)
     pad_id = pad_id_of(tokenizer)
     metrics, uri = train_and_publish(ctx, lambda: load_causal_lm(source), tokenizer, config, len(examples),
@@ -36,11 +39,13 @@ def finetune(ctx: StageContext, conversations: list[dict[str, Any]],
                                      workload=workload)
     metrics["labelledTokens"] = stats.labelled_tokens
     metrics["truncated"] = stats.truncated
-    return StageResult(counts={**(counts or {}), **stats.as_counts()}, metrics=metrics,
+    metrics.update(tokenized.metrics())
+    return StageResult(counts={**tokenized.counts, **stats.as_counts()}, metrics=metrics,
                        outputs={"model": uri})
 
 
 def run(ctx: StageContext) -> StageResult:
     check_model_input(ctx)
-    conversations = read_records(ctx.store, ctx.input("data"), "conversation")
-    return finetune(ctx, conversations)
+    data = ctx.input("data")
+    return finetune(ctx, ("data",), lambda: (
+        list(iter_input_records(ctx.store, data, "conversation", ctx.workdir)), {}))

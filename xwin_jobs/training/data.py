@@ -4,6 +4,11 @@ Encoding is pure (tokenizer passed in); collation imports torch lazily. The trai
 batch through batching.py / packing.py; `collate_sft` / `collate_pairs` (right-padded,
 HF-style labels for full logits) are the plain layout the tests and the GPU benchmark
 compare those against.
+
+The stages tokenize with `datasets` (xwin_jobs.tokenized): `encode_rows` is the body of
+its `map`, and `TokenRows` reads the memory-mapped result back as the same SftExample /
+PairExample objects, one on demand, with the lengths and loss units the planner needs read
+as whole columns (`workload`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from ..chat import IGNORE_INDEX, ChatFormatError, encode_conversation
+from .batching import Workload
 
 
 class ExampleError(ValueError):
@@ -102,6 +108,87 @@ def encode_pairs(records: Iterable[dict[str, Any]], template: str, tokenizer: An
         examples.append(PairExample(*(SftExample(s.input_ids, s.labels) for s in sides)))
     stats.examples = len(examples)
     return examples, stats
+
+
+# ----------------------------------------------------------------------------- Arrow rows
+
+KINDS = ("sft", "pairs")  # token layouts: one sequence per example, or chosen + rejected
+SIDES = ("chosen", "rejected")
+
+
+def targets_of(labels: Sequence[int]) -> int:
+    """Positions whose next token is learned: the per-token loss weight of a sequence."""
+    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+
+
+def encode_rows(batch: dict[str, list], kind: str, template: str, tokenizer: Any,
+                max_length: int) -> dict[str, list]:
+    """The body of `datasets.map(batched=True)`: record columns (`id`, `messages`; or `id`,
+    `prompt`, `chosen`, `rejected`) -> token columns, one row per record. `keep` is False
+    for a record with nothing left to learn from within max_length (EncodeStats.skipped)."""
+    out: dict[str, list] = {"id": [], "keep": [], "truncated": [], "labelled": []}
+    for i, rid in enumerate(batch["id"]):
+        if kind == "sft":
+            encoded = {"": _encode(batch["messages"][i], template, tokenizer, max_length, 0, rid)}
+        else:
+            prompt = list(batch["prompt"][i])
+            encoded = {f"{side}_": _encode(prompt + list(batch[side][i]), template, tokenizer,
+                                           max_length, len(prompt), rid) for side in SIDES}
+        out["id"].append(rid)
+        out["keep"].append(all(e.num_labelled for e in encoded.values()))
+        out["truncated"].append(any(e.truncated for e in encoded.values()))
+        out["labelled"].append(sum(e.num_labelled for e in encoded.values()))
+        for prefix, e in encoded.items():
+            for name, value in (("input_ids", e.input_ids), ("labels", e.labels),
+                                ("length", len(e.input_ids)), ("targets", targets_of(e.labels))):
+                out.setdefault(prefix + name, []).append(value)
+    return out
+
+
+def token_features(kind: str):
+    """The Arrow schema of `encode_rows`' output (int32 tokens)."""
+    from datasets import Features, Sequence as ArrowList, Value
+
+    columns = {"id": Value("string"), "keep": Value("bool"), "truncated": Value("bool"),
+               "labelled": Value("int64")}
+    for prefix in ([""] if kind == "sft" else [f"{side}_" for side in SIDES]):
+        columns.update({prefix + "input_ids": ArrowList(Value("int32")),
+                        prefix + "labels": ArrowList(Value("int32")),
+                        prefix + "length": Value("int32"), prefix + "targets": Value("int32")})
+    return Features(columns)
+
+
+class TokenRows(Sequence):
+    """The examples of a tokenized `datasets.Dataset` (memory-mapped), read on demand:
+    `rows[i]` is an SftExample (kind `sft`) or a PairExample (`pairs`)."""
+
+    def __init__(self, dataset: Any, kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"unknown token layout {kind!r}")
+        self.dataset, self.kind = dataset, kind
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        row = self.dataset[int(index)]
+        if self.kind == "sft":
+            return SftExample(row["input_ids"], row["labels"])
+        return PairExample(*(SftExample(row[f"{s}_input_ids"], row[f"{s}_labels"]) for s in SIDES))
+
+    def select(self, indices: Sequence[int]) -> "TokenRows":
+        """These examples, in this order (no copy: an index over the same files)."""
+        return TokenRows(self.dataset.select(list(indices)), self.kind)
+
+    def column(self, name: str) -> list:
+        return self.dataset.with_format("arrow")[:].column(name).to_pylist() if len(self) else []
+
+    def workload(self, packed: bool = False) -> Workload:
+        """What planning needs (batching.Workload), read as columns: no example is loaded."""
+        if self.kind == "sft":
+            return Workload([(n,) for n in self.column("length")], self.column("targets"), packed)
+        return Workload(list(zip(self.column("chosen_length"), self.column("rejected_length"))),
+                        None, packed)
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int):
