@@ -98,7 +98,7 @@ bench: $(STAMP) $(TRL_STAMP)
 
 crd: $(STAMP)
 	$(VENV)/bin/xwin crd > manifests/crd/alignmentruns.xwin.ai.yaml
-	cp manifests/crd/alignmentruns.xwin.ai.yaml helm/xwin-operator/crds/alignmentruns.xwin.ai.yaml
+	cp manifests/crd/alignmentruns.xwin.ai.yaml helm/xwin-operator/files/alignmentruns.xwin.ai.yaml
 
 clean:
 	rm -rf xwin-runs xwin-logs examples/tiny/work

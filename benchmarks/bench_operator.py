@@ -330,14 +330,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def notes(best: dict[str, dict]) -> str:
-    from xwin_operator.kube.client import API_THREADS, BULK_THREADS, EVENT_THREADS
+    from xwin_operator.kube.client import API_THREADS
 
     xwin, noop, peer = best["xwin"], best["noop"], best.get("peer")
     same_calls = "" if peer is None else (
         "Both the xwin operator and the same-calls peer make their API calls with the official `kubernetes` "
-        f"client (xwin_operator.kube.client.KubeApi: its ApiClient in {API_THREADS} worker threads, {BULK_THREADS} "
-        f"more for status patches and awaited Events (the peer's), and {EVENT_THREADS} posting ours without the event "
-        "loop, JSON bodies, "
+        f"client (xwin_operator.kube.client.KubeApi: its ApiClient in {API_THREADS} worker threads, JSON bodies, "
         "no model classes) and log kopf in through the same kubeconfig loading (xwin_operator.kube.kubeconfig); the "
         "no-op operator makes none of its own (kopf patches its status). "
         "The same-calls peer (benchmarks/peer_operator.py) is the floor for this job in kopf: the same "
@@ -348,7 +346,7 @@ def notes(best: dict[str, dict]) -> str:
         "Python process on the same 2 cores, pay for every extra write. Ours reaches "
         f"{xwin['runs_per_s'] / peer['runs_per_s']:.2f}x the peer's throughput with "
         f"{xwin['cpu_ms_per_run']:.1f} ms of operator CPU per run: the difference is the cost of our logic "
-        "(see below).\n\n")
+        "(our spec parsing, planner, marker reads, kopf's indexes of the children and pods, and one daemon per run).\n\n")
     return same_calls + (f"Per run, the no-op operator's whole job is one status patch: {noop['writes_per_run']:.1f} API writes "
             f"(the run, kopf's patch of it and of its status) and {noop['cpu_ms_per_run']:.1f} ms of operator CPU. "
             f"Driving a run through its stage takes {xwin['writes_per_run']:.1f} writes (the run; its PyTorchJob; the "
@@ -362,48 +360,10 @@ def notes(best: dict[str, dict]) -> str:
             "operator's own are 6 per run (child, two status patches, three Events); the kubelet writes the "
             "child's status once, or twice when the stage's marker takes over 50 ms to write (it then reports "
             "Running first)." + ("\n\n" + BEFORE_NOTE if "before" in best else "")
-            + ("\n\n" + what_changed(xwin, peer) + "\n\n" + PREVIOUS if peer is not None else ""))
+            + ("\n\n" + PREVIOUS if peer is not None else ""))
 
 
 BEFORE_NOTE = ("What changed against the row 'before' (main at 69ba460, the same logic): every API call goes through the official `kubernetes` client (its ApiClient, synchronous, in worker threads (kube.API_THREADS) so kopf's event loop never blocks; bodies sent as the builders' dicts, replies parsed only when read) instead of a hand-written aiohttp client with its own TLS code, and kopf logs in through the same kubeconfig loading; status patches have half the client's threads, and Events, posted in the background, a quarter. The test API server now also validates every AlignmentRun created or updated against the CRD (schema and CEL rules, as a real server does), which costs every operator's rows the same.")
-
-
-def what_changed(xwin: dict, peer: dict) -> str:
-    """Issue 12's numbers: what was changed after the switch to the official client, and why."""
-    return (
-        "What changed since the official-client figures below (issue 12), found by profiling both operators "
-        "under this benchmark (per-thread CPU from /proc, py-spy --gil, cProfile of the event-loop thread): "
-        "(1) With 16 worker threads (16 pooled connections) the operator had 16 requests in flight against "
-        "the benchmark's 64 POSTs: the API server serves its connections' requests in turn, so during the "
-        "burst the operator got about a fifth of its turns and every run waited for its child behind the "
-        "queue (first-child p50 3.4-3.7 s for ours and the peer alike; the aiohttp client it replaced kept 64 "
-        "connections). KubeApi now runs 64 worker threads with a pool of 64 connections (an idle thread costs "
-        "a stack, no CPU); in 500-run rounds at load 5-7, ours went from 4.7 s (16) to 1.6 s (32) and 1.0-1.5 s "
-        "(64) first-child p50. The peer is made with the same KubeApi, so it has the same 64 threads. "
-        "(2) Status patches and Events shared one lane of 8 requests (half the 16 threads), and each reconcile "
-        "held its run's lock and a lane slot while its three Events were posted one after another, so a run's "
-        "Succeeded patch waited behind other runs' Events (done p50 15.9 s against the peer's 8.8 s on the "
-        "quiet machine). Status patches now have half the threads, and Events are posted in the background "
-        "(in order per run) in their own lane of a quarter, so neither creates nor status patches queue behind "
-        "them and no reconcile waits for them. "
-        "(3) The client's sanitize_for_serialization walked every value of every body to convert model "
-        "classes and dates that our plain-dict bodies never hold; bodies now go to the client's RESTClient "
-        "as they are (it json-encodes them); headers, query, auth (token refresh) are still param_serialize's. "
-        "What the profile also showed, left as it is: per call, the official client costs about 1.1 ms of CPU "
-        "in its worker thread against 0.5 ms for aiohttp (sequential POSTs of a 2.7 KB PyTorchJob, load 5), "
-        "the same for ours and the peer; the rest of our extra CPU over the peer is on the event-loop thread "
-        "(py-spy --gil, 500 runs: 2618 samples for ours against 1134 for the peer): kopf's index machinery for "
-        "the five child kinds (about a third of the difference; the indexes are what lets a restarted operator "
-        "see every child before it reconciles a run), our parse, plan, marker reads and manifest building "
-        "(about a third: 0.45 ms per new run measured alone) and decoding our larger watch events. Every "
-        "syscall of the loop thread (a marker's stat, a socket read) lets a worker thread take the GIL: "
-        "under contention a marker's stat took 2.4 ms of the loop's time on average against 5-12 us alone. "
-        "The 4.6 -> 20.5 ms per run between the two previous tables is mostly not the client: the no-op kopf "
-        "operator, which makes no call of its own, went from 2.1 to 5.8 ms per run and the API server + "
-        "kubelet from 1.7 to 4.1 ms between those two days (the test API server now validates every "
-        "AlignmentRun against the CRD, and the machine was quiet, not idle); measured together in "
-        "alternating rounds (the section's run at 3818417, load 13-15), the official client cost about 10% "
-        "more operator CPU per run than the aiohttp one (24.4 against 21.9 ms).")
 
 
 PREVIOUS = """Previous figures, side by side with the rows above:

@@ -71,3 +71,60 @@ def s3_server():
 @pytest.fixture
 def s3_bucket(s3_server) -> str:
     return s3_server.make_bucket()
+
+
+@dataclass
+class AuthS3Server:
+    """A moto server that checks credentials: only `key` (an IAM user's access key allowed
+    s3:*) is accepted; anything else, the session's fake credentials included, is refused."""
+
+    endpoint_url: str
+    key: dict[str, str]      # {"AWS_ACCESS_KEY_ID": ..., "AWS_SECRET_ACCESS_KEY": ...}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+                            aws_access_key_id=self.key["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.key["AWS_SECRET_ACCESS_KEY"], aws_session_token=None)
+
+    def make_bucket(self, prefix: str = "auth") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def s3_auth_server(s3_server):
+    """A moto server in its own process with authentication on (its first three calls, which
+    make the IAM user, its key and its policy, are the only unauthenticated ones)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    port = closed_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                iam.create_user(UserName="xwin-run")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        key = iam.create_access_key(UserName="xwin-run")["AccessKey"]
+        iam.put_user_policy(UserName="xwin-run", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        yield AuthS3Server(url, {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]})
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -101,6 +101,9 @@ def test_kubectl_apply_get_describe_a_run_to_success(cluster, kubelet_factory, o
     ({"stages": {"sft": {}}}, "spec.stages.sft.data", "required unless sft.from is given"),
     ({"scheduling": {"launcher": "MPIJob"}}, "spec.scheduling.launcher", 'Unsupported value: "MPIJob"'),
     ({"judge": {"model": "gpt-4", "typo": 1}}, "spec.judge.typo", "unknown field"),
+    ({"baseModel": "s3://b/" + "a" * 2048}, "spec.baseModel", "too long"),  # maxLength 2048
+    ({"judge": {}, "stages": {"sft": {"data": "s3://d"}, "evaluate": {"models": ["sft"] * 17, "mtBench": {"questions": "s3://q"}}}},
+     "spec.stages.evaluate.models", "too long"),  # maxItems 16
 ])
 def test_kubectl_apply_refuses_an_invalid_run_naming_the_field(cluster, tmp_path, change, field, expect):
     kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")

@@ -144,15 +144,22 @@ def test_a_failed_child_is_retried_as_a_new_attempt(env):
     assert "StageRetrying" in reasons and reasons[-1] == "RunSucceeded"
 
 
-def test_a_run_is_written_once_per_transition_and_carries_no_bookkeeping_of_kopf(env):
+def test_a_run_is_written_once_per_transition_and_kopfs_finalizer_is_gone_once_it_finished(env):
+    """Its status once per transition; kopf's finalizer (which its daemon needs) added once and
+    removed once it finished, so deleting a finished run never waits for the operator."""
     cluster, op, bucket = env
     cluster.create(RUNS, sft_run("lean", bucket))
     wait_phase(cluster, NS, "lean", timeout=30, operator=op)
     cluster.wait_for(lambda: any(e["reason"] == "RunSucceeded" for e in events_of(cluster, NS, "lean")),
                      timeout=10, what="the RunSucceeded Event")
+    cluster.wait_for(lambda: not versions_of(cluster, RUNS, NS, "lean")[-1]["metadata"].get("finalizers"),
+                     timeout=10, what="kopf's finalizer to go")
     time.sleep(1.0)  # several resyncs (0.3 s) and the child's echoes: nothing writes to it again
     versions = versions_of(cluster, RUNS, NS, "lean")
-    assert [(v.get("status") or {}).get("phase") for v in versions] == [None, "Running", "Succeeded"]
+    phases = [(v.get("status") or {}).get("phase") for v in versions]
+    assert [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]] == [None, "Running", "Succeeded"]
+    finalizers = [bool(v["metadata"].get("finalizers")) for v in versions]
+    assert finalizers.count(True) >= 1 and len(versions) == 5   # create, finalizer, Running, Succeeded, finalizer gone
     meta = versions[-1]["metadata"]
     assert not meta.get("finalizers") and not [a for a in meta.get("annotations") or {} if a.startswith("xwin.ai/")]
     assert [e["reason"] for e in events_of(cluster, NS, "lean")] == ["StageStarted", "StageSucceeded", "RunSucceeded"]

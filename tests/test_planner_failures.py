@@ -121,11 +121,25 @@ def test_suspend_stops_creating_and_suspends_running_children_then_resumes():
     assert stage(st, "rewardModel")["phase"] == "Suspended"
 
     resumed = make_run()
-    kids = [child("rewardModel", suspended=True), child("dpo", suspended=True)]
+    kids = [child("rewardModel", suspended=True, suspended_by_us=True), child("dpo", suspended=True, suspended_by_us=True)]
     acts = plan(resumed, kids, markers_for(resumed, "sft"), status=st)
     assert set(of(acts, SuspendChild)) == {SuspendChild("PyTorchJob", "demo-rewardmodel-1", False),
                                            SuspendChild("PyTorchJob", "demo-dpo-1", False)}
     assert status_of(acts)["phase"] == "Running"
+
+
+def test_a_child_kueue_holds_is_never_resumed_and_the_stage_says_it_waits_for_quota():
+    run = make_run()
+    held = "waiting for quota in Kueue queue 'gpus': insufficient unused quota for nvidia.com/gpu (Workload w)"
+    kids = [child("rewardModel", phase="Pending", suspended=True, held=held)]
+    acts = plan(run, kids, markers_for(run, "sft"))
+    assert of(acts, SuspendChild) == [] and creates(acts) == []
+    st = status_of(acts)
+    assert stage(st, "rewardModel")["reason"] == "WaitingForQuota" and held in stage(st, "rewardModel")["message"]
+    assert cond(st, "Progressing")["status"] == "False" and cond(st, "Progressing")["reason"] == "WaitingForQuota"
+    assert [e.reason for e in of(acts, EmitEvent)].count("WaitingForQuota") == 1
+    again = plan(run, kids, markers_for(run, "sft"), status=st)   # the same cause: no second Event
+    assert "WaitingForQuota" not in [e.reason for e in of(again, EmitEvent)]
 
 
 def test_suspend_deletes_vllm_servers_and_resume_waits_for_a_new_one_before_the_sampler():
@@ -137,7 +151,7 @@ def test_suspend_deletes_vllm_servers_and_resume_waits_for_a_new_one_before_the_
     assert DeleteChild("Deployment", "demo-bestofn-serve-1") in acts
     assert SuspendChild("Job", "demo-bestofn-sample-1") in acts
 
-    kids = [child("bestOfN", "sample", kind="Job", suspended=True)]
+    kids = [child("bestOfN", "sample", kind="Job", suspended=True, suspended_by_us=True)]
     acts = plan(make_run(), kids, markers)
     assert {"Deployment/demo-bestofn-serve-1", "Service/demo-bestofn-serve-1"} <= set(creates(acts))
     assert of(acts, SuspendChild) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cel_cost import schema_nodes
 from xwin_operator.api.crd import crd, crd_yaml
 from xwin_operator.api.spec import AlignmentRun, resolved_training
 from xwin_operator.api.spec_io import SpecError, load_run, parse_run
@@ -130,16 +131,6 @@ def test_crd_in_manifests_is_current():
     assert on_disk == crd_yaml(), "run `make crd` to regenerate manifests/crd/"
 
 
-def _walk(node, path=""):
-    yield path, node
-    for k, v in node.get("properties", {}).items():
-        yield from _walk(v, f"{path}.{k}")
-    if "items" in node:
-        yield from _walk(node["items"], f"{path}[]")
-    if isinstance(node.get("additionalProperties"), dict):
-        yield from _walk(node["additionalProperties"], f"{path}{{}}")
-
-
 def test_crd_is_structural_with_printer_columns():
     doc = crd()
     version = doc["spec"]["versions"][0]
@@ -147,7 +138,7 @@ def test_crd_is_structural_with_printer_columns():
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Age"]
     assert version["subresources"] == {"status": {}}
     schema = version["schema"]["openAPIV3Schema"]
-    for path, node in _walk(schema):
+    for path, node in schema_nodes(schema):
         assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
         for banned in ("$ref", "anyOf", "allOf", "oneOf", "title", "const"):
             assert banned not in node, (path, banned)
@@ -233,3 +224,17 @@ def test_import_xwin_jobs_is_light():
             "print(heavy)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_validate_refuses_a_bare_n_key_that_kubectl_reads_as_false(tmp_path):
+    """kubectl and Helm read YAML 1.1: a bare `n:` key is the boolean false there, and the API
+    server refuses `spec.stages.bestOfN.false`; `xwin validate` says so with the line."""
+    body = MINIMAL + "    bestOfN: {prompts: s3://p, rewardModel: s3://rm/, n: 4}\n"
+    f = tmp_path / "run.yaml"
+    f.write_text(body)
+    res = xwin("validate", str(f))
+    assert res.returncode == 1
+    assert f'{f}:10: spec.stages.bestOfN.n: write the key as "n" (quoted)' in res.stderr, res.stderr
+    f.write_text(body.replace(" n: 4", ' "n": 4'))
+    assert xwin("validate", str(f)).returncode == 0
+    assert parse_run(body).spec.stages.bestOfN.n == 4  # `xwin run` reads the file as it is

@@ -43,7 +43,9 @@ class Store:
     def __init__(self, endpoint_url: str | None = None, *,
                  multipart_threshold: int = 8 * MiB, multipart_chunksize: int = 8 * MiB,
                  max_concurrency: int = 8, max_attempts: int | None = None,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, credentials: Any = None):
+        """`credentials`: a store_s3.S3Credentials for s3:// (default: boto3's own chain)."""
+        self.credentials = credentials
         self.endpoint_url = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
                              or os.environ.get("AWS_ENDPOINT_URL") or None)
         self.multipart_threshold = multipart_threshold
@@ -67,7 +69,7 @@ class Store:
                 self.endpoint_url, multipart_threshold=self.multipart_threshold,
                 multipart_chunksize=self.multipart_chunksize,
                 max_concurrency=self.max_concurrency, max_attempts=self.max_attempts,
-                connect_timeout=self.connect_timeout)
+                connect_timeout=self.connect_timeout, credentials=self.credentials)
         return self._s3_objects
 
     @property

@@ -12,12 +12,33 @@ module (or `xwin_jobs.store`) does not import boto3.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .store_uri import StoreError, as_folder, join_uri, redact_endpoint, split_s3
 
 MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """An access key for S3 given explicitly (the operator's, from a run's Secret) instead of
+    boto3's default chain (the environment, a pod's service account). Never shown: its repr
+    names only the key id's last four characters."""
+
+    access_key_id: str = field(repr=False)
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return f"S3Credentials(access_key_id='...{self.access_key_id[-4:]}')"
+
+    def session_kwargs(self) -> dict[str, str | None]:
+        return {"aws_access_key_id": self.access_key_id, "aws_secret_access_key": self.secret_access_key,
+                "aws_session_token": self.session_token}
+
+
 # S3's multipart limits: at most 10,000 parts, each 5 MiB to 5 GiB (the last may be smaller).
 MAX_PARTS = 10_000
 MIN_PART = 5 * MiB
@@ -58,8 +79,8 @@ class S3Objects:
 
     def __init__(self, endpoint_url: str | None, *, multipart_threshold: int,
                  multipart_chunksize: int, max_concurrency: int, max_attempts: int | None,
-                 connect_timeout: float):
-        self.endpoint_url = endpoint_url
+                 connect_timeout: float, credentials: S3Credentials | None = None):
+        self.endpoint_url, self.credentials = endpoint_url, credentials
         self.multipart_threshold = multipart_threshold
         self.multipart_chunksize = multipart_chunksize
         self.max_concurrency = max_concurrency
@@ -86,7 +107,8 @@ class S3Objects:
                 options["s3"] = {"addressing_style": "path"}
                 options["request_checksum_calculation"] = "when_required"
                 options["response_checksum_validation"] = "when_required"
-            self._client = boto3.session.Session().client(
+            session = boto3.session.Session(**(self.credentials.session_kwargs() if self.credentials else {}))
+            self._client = session.client(
                 "s3", endpoint_url=self.endpoint_url, config=Config(**options))
         return self._client
 

@@ -1,9 +1,13 @@
 """URIs of the artifact store and its errors, pure: scheme, bucket/key, local path, joining,
-redacted endpoints (xwin_jobs.store and xwin_jobs.store_s3 both read them).
+redacted endpoints (xwin_jobs.store and xwin_jobs.store_s3 both read them); and the
+`hf://datasets/ORG/NAME[@revision][/config][:split]` references of dataset repos
+(read by xwin_jobs.datasets_in, fingerprinted by xwin_jobs.fingerprint).
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -14,6 +18,10 @@ class StoreError(Exception):
 
 class MissingInputError(StoreError):
     """An input stage has no `_SUCCESS.json`: it has not finished (or it failed)."""
+
+
+HF_DATASETS = "hf://datasets/"
+MIRROR_ENV = "XWIN_HF_DATASETS_DIR"
 
 
 # ----------------------------------------------------------------------------- URIs (pure)
@@ -27,8 +35,9 @@ def scheme_of(uri: str) -> str:
     if scheme in ("s3", "file"):
         return scheme
     if scheme == "hf":
-        raise StoreError(f"{uri}: hf:// names a Hugging Face Hub model; it is loaded by the "
-                         "model loader, not read through the artifact store")
+        raise StoreError(f"{uri}: hf:// names a Hugging Face Hub model or dataset repo; it is "
+                         "loaded by the model loader or `datasets`, not read through the "
+                         "artifact store")
     raise StoreError(f"{uri}: unsupported URI scheme '{scheme}://' (use s3://, file:// "
                      "or a local path)")
 
@@ -85,3 +94,43 @@ def redact_endpoint(url: str | None) -> str:
             host = f"{host}:{parts.port}"
         return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
     return url
+
+
+# ----------------------------------------------------------------------------- dataset repos (pure)
+
+@dataclass(frozen=True)
+class HfDataset:
+    repo: str             # ORG/NAME
+    revision: str | None  # a branch, tag or commit; None: the default branch
+    config: str | None    # None: the repo's default config
+    split: str            # train unless named
+
+    def where(self) -> str:
+        """The URI as messages name it."""
+        return (HF_DATASETS + self.repo + (f"@{self.revision}" if self.revision else "")
+                + (f"/{self.config}" if self.config else "") + f":{self.split}")
+
+
+def parse_hf_dataset(uri: str) -> HfDataset:
+    """`hf://datasets/ORG/NAME[@revision][/config][:split]` -> HfDataset (StoreError if not)."""
+    rest = uri[len(HF_DATASETS):].strip("/") if uri.startswith(HF_DATASETS) else ""
+    path, _, split = rest.partition(":")
+    parts = path.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise StoreError(f"{uri}: a dataset repo URI is "
+                         "hf://datasets/ORG/NAME[@revision][/config][:split]")
+    name, _, revision = parts[1].partition("@")
+    return HfDataset(f"{parts[0]}/{name}", revision or None,
+                     parts[2] if len(parts) == 3 else None, split or "train")
+
+
+def is_hf_dataset(uri: str) -> bool:
+    return str(uri).startswith(HF_DATASETS)
+
+
+def mirror_folder(uri: str, env: dict[str, str] | None = None) -> Path | None:
+    """The local copy of the repo of an hf://datasets URI under XWIN_HF_DATASETS_DIR, or None
+    (no mirror configured: the Hub)."""
+    env = os.environ if env is None else env
+    root = env.get(MIRROR_ENV)
+    return Path(root) / parse_hf_dataset(uri).repo if root else None

@@ -1,20 +1,20 @@
 """`python -m xwin_operator`: run the AlignmentRun operator (kopf) against the current cluster.
 
-Equivalent to `kopf run --standalone -m xwin_operator.kube.handlers [-n NS ... | -A]` plus the
-settings of handlers.configure (kopf's storages under the `xwin.ai/` prefix, though with only
-watch-event handlers kopf writes none; Events posted from WARNING up; no peering). Credentials: the in-cluster service account, else $KUBECONFIG /
-~/.kube/config. S3 credentials for reading stage markers: the usual AWS_* environment.
-
-Environment: XWIN_RECONCILE_INTERVAL (resync seconds, default 3: a run waiting on its children
-is resynced every ten intervals, their changes arrive as events), XWIN_NAMESPACE (watched
-namespace when no -n/-A is given), and OperatorConfig's XWIN_* fields (images, backoff...).
+Equivalent to `kopf run --standalone -m xwin_operator.kube.handlers [-n NS ... | -A]` with
+the settings of handlers.configure and an OperatorConfig handed over in kopf's memo: its
+XWIN_* variables (images, backoff, XWIN_RECONCILE_INTERVAL...) and this command's flags.
+Credentials: the in-cluster service account, else $KUBECONFIG / ~/.kube/config. S3: each
+run's own storage.secretRef; the usual AWS_* environment for a run without one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+
+from .core.config import OperatorConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config = OperatorConfig.from_env()
     if args.interval is not None:
         if args.interval <= 0:
             print("error: --interval must be positive", file=sys.stderr)
             return 2
-        os.environ["XWIN_RECONCILE_INTERVAL"] = str(args.interval)
+        config = dataclasses.replace(config, reconcile_interval=args.interval)
     namespaces = args.namespace or ([os.environ["XWIN_NAMESPACE"]] if os.environ.get("XWIN_NAMESPACE") else [])
 
     import kopf
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from .kube import handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(standalone=True, clusterwide=args.all_namespaces or not namespaces,
-             namespaces=namespaces, liveness_endpoint=args.liveness)
+             namespaces=namespaces, liveness_endpoint=args.liveness, memo=kopf.Memo(config=config))
     return 0
 
 

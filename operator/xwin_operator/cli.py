@@ -23,7 +23,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
     for f in args.files:
         try:
-            run = load_run(f)
+            run = load_run(f, for_kubectl=True)  # the file is what `kubectl apply` will read
         except SpecError as e:
             print(e, file=sys.stderr)
             bad += 1
@@ -140,14 +140,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def dry_run(run, store, config) -> int:
     """`xwin run --dry-run`: each stage's decision, as core.explain words it."""
     from .core.explain import explain
-    from .core.loop import observe, run_sync
+    from .core.loop import observe_sync
     from .core.planner import stage_tasks
     from .local.children import LocalChildren
     from .local.executor import LocalObserver, RunError
 
     observer = LocalObserver(LocalChildren(None), store)
     try:
-        observed = run_sync(observe(run, observer, stage_tasks(run, config)))
+        observed = observe_sync(run, observer, stage_tasks(run, config))
     except RunError as e:
         print(f"failed: {e}")
         return 1

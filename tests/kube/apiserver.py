@@ -39,6 +39,7 @@ BUILTIN_RESOURCES: dict[str, tuple[str, bool, frozenset[str]]] = {
     "batch/v1/jobs": ("Job", True, frozenset({"status"})),
     "kubeflow.org/v1/pytorchjobs": ("PyTorchJob", True, frozenset({"status"})),
     "trainer.kubeflow.org/v1alpha1/trainjobs": ("TrainJob", True, frozenset({"status"})),
+    "kueue.x-k8s.io/v1beta1/workloads": ("Workload", True, frozenset({"status"})),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, frozenset({"status"})),
 }
 _FAST_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE, kmock.action.FETCH,
@@ -72,6 +73,9 @@ class FakeApiServer(kmock.KubernetesEmulator):
     # authenticate(Authorization header, verified client certificate or None) -> bool; None: no auth
     authenticate: Any = None
     crds: dict = attrs.field(factory=dict)  # "group/version/plural" -> CRD (validation, tables, OpenAPI)
+    # mutating admission: hook("group/version/plural", body) may change a body being created
+    # (a webhook's patch, e.g. Kueue suspending a job of a queue), as the API server applies them
+    admission: list = attrs.field(factory=list)
     _owned: dict = attrs.field(factory=dict, init=False)  # owner uid -> {object keys}
     _gone: set = attrs.field(factory=set, init=False)     # uids of deleted objects
     _builtin_reactions: int | None = attrs.field(default=None, init=False)
@@ -227,6 +231,10 @@ class FakeApiServer(kmock.KubernetesEmulator):
                     obj.patch({"metadata": {"deletionTimestamp": now_iso(), "resourceVersion": self._next_version()}})
                     await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
                 return aiohttp.web.json_response(obj.raw)
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict) and request.resource is not None:
+            r = request.resource
+            for hook in self.admission:
+                hook(f"{r.group}/{r.version}/{r.plural}".lstrip("/"), request.data)
         invalid = self._validation_failure(request)
         if invalid is not None:
             return aiohttp.web.json_response(invalid[1], status=invalid[0])

@@ -37,7 +37,8 @@ from .paths import resource_path
 from .cluster import ApiError, Cluster
 from .podman import remove_container
 from .pods import default_base_env
-from .runners import DeploymentRunner, InstantFn, JobRunner, Outcome, PyTorchJobRunner  # noqa: F401
+from .pytorchjob import PyTorchJobRunner
+from .runners import DeploymentRunner, InstantFn, JobRunner, Outcome  # noqa: F401
 from .trainjob import TrainJobRunner
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])

@@ -1,8 +1,10 @@
-"""The Pod objects of a Deployment's pods, as a real kubelet writes them (for the operator,
-which reads a server pod's status to say why its vLLM server ended).
+"""The Pod objects of the pods the test kubelet runs, as a real kubelet writes them (the
+operator reads them: why a vLLM server ended, whether a job's pods started, what keeps them).
 
-One Pod per Deployment replica the test kubelet runs (`<deployment>-0`), owned by the
-Deployment (deleted with it), labelled with the pod template's labels. Its container status
+One Pod per process: a Deployment replica (`<deployment>-0`), a Job's pod, a PyTorchJob
+replica (`<job>-<type>-<i>`), owned by its child (deleted with it), labelled with the pod
+template's labels. A job's pod ends Succeeded or Failed (`pod_finished`); a server's
+container status
 follows the process: `running` while it runs; when it exits, `lastState.terminated` (exit
 code, reason Completed / Error, finishedAt, and the termination message as the kubelet takes
 it: the container's termination log file, else with `terminationMessagePolicy:
@@ -77,7 +79,8 @@ async def pod_started(runner: "ChildRunner", pod_name: str, template: dict, rest
         body = {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": pod_name, "namespace": runner.ns,
                              "labels": dict((template.get("metadata") or {}).get("labels") or {}),
-                             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                             "ownerReferences": [{"apiVersion": runner.body.get("apiVersion", ""),
+                                                  "kind": runner.body.get("kind", ""),
                                                   "name": runner.name, "uid": runner.uid,
                                                   "controller": True}]},
                 "spec": template.get("spec") or {}}
@@ -102,3 +105,12 @@ async def pod_exited(runner: "ChildRunner", pod_name: str, template: dict, exit_
                          "message": f"back-off restarting failed container {container.get('name', '')}"}}
     await _patch(runner, pod_name, _status(container, state=state, restarts=restarts, last=last, ready=False))
     return last
+
+
+async def pod_finished(runner: "ChildRunner", pod_name: str, template: dict, exit_code: int) -> None:
+    """A job's pod ended (restartPolicy Never / ExitCode): Succeeded or Failed, its container terminated."""
+    container = template["spec"]["containers"][0]
+    terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error", "finishedAt": now_iso()}
+    status = _status(container, state={"terminated": terminated}, restarts=0, last=None, ready=False)
+    status["phase"] = "Succeeded" if exit_code == 0 else "Failed"
+    await _patch(runner, pod_name, status)

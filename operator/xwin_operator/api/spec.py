@@ -14,9 +14,9 @@ Pure: pydantic, and the training defaults of xwin_jobs.training.config (standard
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from xwin_jobs.pipeline import SAMPLING_STAGES, STAGE_ORDER, TRAINING_STAGES
@@ -32,6 +32,19 @@ PLURAL = "alignmentruns"
 
 _URI_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+)$"
 _QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?|k)?$"
+
+# Upper bounds of every string, list and map of the spec. The API server sizes a CEL rule's
+# worst-case cost by them (an unbounded string counts as 3 MiB, an unbounded list as about a
+# million items: the CRD would be refused), and `xwin validate` refuses the same values.
+URI_MAX = 2048          # a URI, or a stage key where a URI may stand
+NAME_MAX = 253          # an object name (DNS subdomain): Secret, StorageClass, PriorityClass, ...
+LABEL_VALUE_MAX = 63    # a label value (the Kueue queue-name label, nodeSelector values)
+LABEL_KEY_MAX = 317     # a label or taint key: prefix (253) '/' name (63)
+QUANTITY_MAX = 64       # a Kubernetes quantity ('200Gi')
+IMAGE_MAX = 1024        # an image reference (registry/path:tag@sha256:...)
+MODELS_MAX = 16         # evaluate.models
+TOLERATIONS_MAX = 64
+NODE_SELECTOR_MAX = 64
 
 
 class _Model(BaseModel):
@@ -74,10 +87,10 @@ class Resources(_Model):
 
     nodes: Optional[int] = Field(None, ge=1, le=1024, description="Pods of a training job (one Master plus nodes-1 Workers).")
     gpusPerNode: Optional[int] = Field(None, ge=0, le=16, description="nvidia.com/gpu requested by each pod.")
-    cpu: Optional[str] = Field(None, description="CPU request of each pod, Kubernetes quantity (e.g. '16').")
-    memory: Optional[str] = Field(None, description="Memory request of each pod, Kubernetes quantity (e.g. '200Gi').")
-    scratch: Optional[str] = Field(None, pattern=_QUANTITY_PATTERN, description="Size of each pod's scratch volume (/scratch: the node's one copy of the stage's model, checkpoint staging, the saved model), Kubernetes quantity: an ephemeral-storage request and the emptyDir's sizeLimit, or with scratchStorageClass a generic ephemeral volume of that size. A 7B stage on 16 GPUs needs about 120Gi, a 70B stage on 64 GPUs about 600Gi (README, 'Scratch space').")
-    scratchStorageClass: Optional[str] = Field(None, min_length=1, description="Make the scratch volume a generic ephemeral volume (a PersistentVolumeClaim living with the pod) of this StorageClass and `scratch` size, for nodes whose own disk is too small.")
+    cpu: Optional[str] = Field(None, max_length=QUANTITY_MAX, description="CPU request of each pod, Kubernetes quantity (e.g. '16').")
+    memory: Optional[str] = Field(None, max_length=QUANTITY_MAX, description="Memory request of each pod, Kubernetes quantity (e.g. '200Gi').")
+    scratch: Optional[str] = Field(None, max_length=QUANTITY_MAX, pattern=_QUANTITY_PATTERN, description="Size of each pod's scratch volume (/scratch: the node's one copy of the stage's model, checkpoint staging, the saved model), Kubernetes quantity: an ephemeral-storage request and the emptyDir's sizeLimit, or with scratchStorageClass a generic ephemeral volume of that size. A 7B stage on 16 GPUs needs about 120Gi, a 70B stage on 64 GPUs about 600Gi (README, 'Scratch space').")
+    scratchStorageClass: Optional[str] = Field(None, min_length=1, max_length=NAME_MAX, description="Make the scratch volume a generic ephemeral volume (a PersistentVolumeClaim living with the pod) of this StorageClass and `scratch` size, for nodes whose own disk is too small.")
 
 
 RESOURCES_DEFAULTS = dict(nodes=1, gpusPerNode=8, cpu=None, memory=None)
@@ -103,7 +116,7 @@ class Serving(_Model):
     tensorParallel: Optional[int] = Field(None, ge=1, le=16, description="vLLM --tensor-parallel-size: GPUs each layer is split over.")
     pipelineParallel: Optional[int] = Field(None, ge=1, le=16, description="vLLM --pipeline-parallel-size: consecutive groups of layers on this many groups of GPUs (default 1).")
     maxModelLen: Optional[int] = Field(None, ge=16, description="vLLM --max-model-len (default: the model's).")
-    scratch: Optional[str] = Field(None, pattern=_QUANTITY_PATTERN, description="Size of each server pod's scratch volume, where the model is copied before vLLM starts (Kubernetes quantity: an ephemeral-storage request and the emptyDir's sizeLimit); a 70B model in bf16 needs about 150Gi.")
+    scratch: Optional[str] = Field(None, max_length=QUANTITY_MAX, pattern=_QUANTITY_PATTERN, description="Size of each server pod's scratch volume, where the model is copied before vLLM starts (Kubernetes quantity: an ephemeral-storage request and the emptyDir's sizeLimit); a 70B model in bf16 needs about 150Gi.")
     gpuMemoryUtilization: Optional[float] = Field(None, gt=0, le=1, description="vLLM --gpu-memory-utilization: the share of each GPU's memory vLLM may take for weights and KV cache (default: vLLM's, 0.9).")
     concurrency: Optional[int] = Field(None, ge=1, le=4096, description="Requests the sampler keeps in flight per replica.")
 
@@ -124,7 +137,7 @@ class Defaults(_Model):
 
 # --- stages -----------------------------------------------------------------------------
 
-_FROM = Field(None, alias="from", pattern=_URI_PATTERN,
+_FROM = Field(None, alias="from", max_length=URI_MAX, pattern=_URI_PATTERN,
               description="Reuse an artifact made elsewhere instead of running the stage: a model folder for model stages, a JSON Lines file or folder of shards for data stages.")
 _POLICY_DESC = "The model that samples: a stage key (sft, rejectionSampling, dpo), 'base', or a model URI."
 
@@ -150,14 +163,14 @@ class _SamplingStage(_Stage):
 class SFTStage(_TrainingStage):
     """Xwin-LM-SFT: finetune the base model on conversations (loss on assistant turns only)."""
 
-    data: Optional[str] = Field(None, pattern=_URI_PATTERN, description="Conversation records (JSON Lines file or folder of shards).")
+    data: Optional[str] = Field(None, max_length=URI_MAX, pattern=_URI_PATTERN, description="Conversation records (JSON Lines file or folder of shards).")
 
 
 class PairsStage(_SamplingStage):
     """Xwin-Pair: the policy samples candidates per prompt and the judge compares them in both orders."""
 
-    prompts: Optional[str] = Field(None, pattern=_URI_PATTERN, description="Prompt records.")
-    policy: str = Field("sft", description=_POLICY_DESC)
+    prompts: Optional[str] = Field(None, max_length=URI_MAX, pattern=_URI_PATTERN, description="Prompt records.")
+    policy: str = Field("sft", max_length=URI_MAX, description=_POLICY_DESC)
     candidatesPerPrompt: int = Field(4, ge=2, le=64, description="Candidates sampled per prompt; every pair of them is judged.")
     disagreement: Literal["tie", "drop"] = Field("drop", description="What a comparison whose two orders disagree becomes.")
 
@@ -165,17 +178,17 @@ class PairsStage(_SamplingStage):
 class RewardModelStage(_TrainingStage):
     """Xwin-RM: a Bradley-Terry reward model trained on preference pairs."""
 
-    init: str = Field("sft", description="Initial weights: a stage key (sft), 'base', or a model URI.")
-    pairs: str = Field("pairs", description="Preference pairs: the 'pairs' stage or a data URI.")
+    init: str = Field("sft", max_length=URI_MAX, description="Initial weights: a stage key (sft), 'base', or a model URI.")
+    pairs: str = Field("pairs", max_length=URI_MAX, description="Preference pairs: the 'pairs' stage or a data URI.")
     heldOutFraction: float = Field(0.1, ge=0, lt=1, description="Pairs held out to report pair accuracy.")
 
 
 class BestOfNStage(_SamplingStage):
     """Xwin-Set: the policy samples n responses per prompt; the reward model scores each."""
 
-    prompts: Optional[str] = Field(None, pattern=_URI_PATTERN, description="Prompt records.")
-    policy: str = Field("sft", description=_POLICY_DESC)
-    rewardModel: str = Field("rewardModel", description="The scorer: the 'rewardModel' stage or a model URI.")
+    prompts: Optional[str] = Field(None, max_length=URI_MAX, pattern=_URI_PATTERN, description="Prompt records.")
+    policy: str = Field("sft", max_length=URI_MAX, description=_POLICY_DESC)
+    rewardModel: str = Field("rewardModel", max_length=URI_MAX, description="The scorer: the 'rewardModel' stage or a model URI.")
     n: int = Field(64, ge=1, le=1024, description="Responses sampled per prompt.")
     scoringResources: Resources = Field(default_factory=Resources, description="Compute of the scoring job.")
 
@@ -183,40 +196,40 @@ class BestOfNStage(_SamplingStage):
 class RejectionSamplingStage(_TrainingStage):
     """Xwin-LM-RS: finetune on the top-k scored responses of every prompt."""
 
-    init: str = Field("sft", description="Initial weights: a stage key (sft), 'base', or a model URI.")
-    scored: str = Field("bestOfN", description="The scored set: the 'bestOfN' stage or a data URI.")
+    init: str = Field("sft", max_length=URI_MAX, description="Initial weights: a stage key (sft), 'base', or a model URI.")
+    scored: str = Field("bestOfN", max_length=URI_MAX, description="The scored set: the 'bestOfN' stage or a data URI.")
     topK: int = Field(1, ge=1, le=1024, description="Responses kept per prompt.")
 
 
 class DPOStage(_TrainingStage):
     """Xwin-LM-DPO: direct preference optimisation on pairs built from the scored set (or on judged pairs)."""
 
-    init: str = Field("rejectionSampling", description="Initial weights and reference model: a stage key, 'base', or a model URI.")
+    init: str = Field("rejectionSampling", max_length=URI_MAX, description="Initial weights and reference model: a stage key, 'base', or a model URI.")
     beta: float = Field(0.1, gt=0, le=100, description="DPO temperature: strength of the KL constraint to the reference.")
-    chosen: str = Field("best", pattern=r"^(best|rank:[1-9][0-9]*)$", description="best | rank:N (1 = best).")
-    rejected: str = Field("worst", pattern=r"^(worst|random|rank:[1-9][0-9]*)$", description="worst | rank:N (counted from the best) | random (seeded).")
+    chosen: str = Field("best", max_length=32, pattern=r"^(best|rank:[1-9][0-9]*)$", description="best | rank:N (1 = best).")
+    rejected: str = Field("worst", max_length=32, pattern=r"^(worst|random|rank:[1-9][0-9]*)$", description="worst | rank:N (counted from the best) | random (seeded).")
     rejectedFloor: Optional[float] = Field(None, ge=0, lt=1, description="A quantile q in [0, 1): the rejected answer is picked (by `rejected`) only among responses scoring at or above the q-quantile of all scores in the scored set, so it is the lowest-ranked plausible answer rather than a degenerate one (a refusal, an empty or cut-off answer) that rejection sampling already taught the policy to avoid: DPO learns from near misses, best vs a lower-ranked response as Xwin-LM-DPO pairs them. Prompts with nothing at or above the floor below their chosen answer get no pair. Unset: every response may be rejected.")
     minMargin: float = Field(0.0, ge=0, description="Drop pairs whose reward gap is smaller than this.")
     rpoAlpha: float = Field(0.0, ge=0, le=100, description="RPO (Pang et al. 2024; TRL's rpo_alpha): adds rpoAlpha times the chosen answer's negative log-likelihood per token (its mean over the answer's tokens, then over pairs) to the DPO loss, so the policy keeps (raises) the chosen answers' probability instead of only widening the gap to the rejected ones, which can lower both. 0: plain DPO.")
-    pairsFrom: str = Field("bestOfN", description="bestOfN (Xwin-LM-DPO) | pairs (plain DPO on judged pairs) | a pairs data URI.")
+    pairsFrom: str = Field("bestOfN", max_length=URI_MAX, description="bestOfN (Xwin-LM-DPO) | pairs (plain DPO on judged pairs) | a pairs data URI.")
 
 
 _REFERENCE_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+|" + "|".join(EVAL_MODEL_KEYS) + r")$"
 
 
 class AlpacaEval(_Model):
-    prompts: str = Field(..., pattern=_URI_PATTERN, description="AlpacaEval instructions (prompt records).")
-    reference: str = Field(..., pattern=_REFERENCE_PATTERN, description="What every model is compared with: a file of reference outputs ({id, output} records, one for every prompt id), or one of evaluate.models (sft, rejectionSampling, dpo, base): that model's own answers, as AlpacaEval compares with a fixed reference model.")
+    prompts: str = Field(..., max_length=URI_MAX, pattern=_URI_PATTERN, description="AlpacaEval instructions (prompt records).")
+    reference: str = Field(..., max_length=URI_MAX, pattern=_REFERENCE_PATTERN, description="What every model is compared with: a file of reference outputs ({id, output} records, one for every prompt id), or one of evaluate.models (sft, rejectionSampling, dpo, base): that model's own answers, as AlpacaEval compares with a fixed reference model.")
 
 
 class MTBench(_Model):
-    questions: str = Field(..., pattern=_URI_PATTERN, description="Two-turn MT-bench questions.")
+    questions: str = Field(..., max_length=URI_MAX, pattern=_URI_PATTERN, description="Two-turn MT-bench questions.")
 
 
 class EvaluateStage(_SamplingStage):
     """AlpacaEval-style win rates and MT-bench-style grades for each listed model."""
 
-    models: list[str] = Field(default_factory=lambda: ["sft", "rejectionSampling", "dpo"], min_length=1, description="Stage keys or model URIs.")
+    models: list[Annotated[str, StringConstraints(max_length=URI_MAX)]] = Field(default_factory=lambda: ["sft", "rejectionSampling", "dpo"], min_length=1, max_length=MODELS_MAX, description=f"Stage keys or model URIs (at most {MODELS_MAX}).")
     alpacaEval: Optional[AlpacaEval] = None
     mtBench: Optional[MTBench] = None
     passGrade: Optional[int] = Field(None, ge=1, le=10, description="Also report accuracy: the share of graded MT-bench answers the judge grades at least this (10 with an exact grader: exactly right).")
@@ -239,15 +252,15 @@ class Stages(_Model):
 
 
 class Storage(_Model):
-    uri: str = Field(..., pattern=r"^(s3://[^/]+.*|file://.+|/.+)$", description="Artifacts land under <uri>/<namespace>/<name>/<stage>/.")
-    endpoint: Optional[str] = Field(None, pattern=r"^https?://.+", description="S3-compatible endpoint (MinIO, Ceph...).")
-    secretRef: Optional[str] = Field(None, min_length=1, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+    uri: str = Field(..., max_length=URI_MAX, pattern=r"^(s3://[^/]+.*|file://.+|/.+)$", description="Artifacts land under <uri>/<namespace>/<name>/<stage>/.")
+    endpoint: Optional[str] = Field(None, max_length=URI_MAX, pattern=r"^https?://.+", description="S3-compatible endpoint (MinIO, Ceph...).")
+    secretRef: Optional[str] = Field(None, min_length=1, max_length=NAME_MAX, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
 
 
 class Judge(_Model):
-    model: str = Field("gpt-4-0613", min_length=1, description="Judge model name.")
-    baseURL: Optional[str] = Field(None, pattern=r"^https?://.+", description="OpenAI-compatible endpoint (default: OpenAI).")
-    apiKeySecret: Optional[str] = Field(None, min_length=1, description="Secret holding OPENAI_API_KEY; never copied into spec, status or logs.")
+    model: str = Field("gpt-4-0613", min_length=1, max_length=NAME_MAX, description="Judge model name.")
+    baseURL: Optional[str] = Field(None, max_length=URI_MAX, pattern=r"^https?://.+", description="OpenAI-compatible endpoint (default: OpenAI).")
+    apiKeySecret: Optional[str] = Field(None, min_length=1, max_length=NAME_MAX, description="Secret holding OPENAI_API_KEY; never copied into spec, status or logs.")
     mode: Literal["online", "batch"] = Field("online", description="online | batch (OpenAI Batch API, half the price).")
     maxConcurrency: int = Field(32, ge=1, le=4096, description="Judge requests in flight at most.")
     requestsPerMinute: Optional[int] = Field(None, ge=1, description="Client-side request rate limit.")
@@ -257,27 +270,29 @@ class Judge(_Model):
 
 
 class Images(_Model):
-    trainer: Optional[str] = Field(None, description="Image of training and scoring pods.")
-    sampler: Optional[str] = Field(None, description="Image of vLLM servers and sampler jobs.")
-    annotator: Optional[str] = Field(None, description="Image of judge jobs.")
+    trainer: Optional[str] = Field(None, max_length=IMAGE_MAX, description="Image of training and scoring pods.")
+    sampler: Optional[str] = Field(None, max_length=IMAGE_MAX, description="Image of vLLM servers and sampler jobs.")
+    annotator: Optional[str] = Field(None, max_length=IMAGE_MAX, description="Image of judge jobs.")
 
 
 class Toleration(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    key: Optional[str] = None
+    key: Optional[str] = Field(None, max_length=LABEL_KEY_MAX)
     operator: Optional[Literal["Exists", "Equal"]] = None
-    value: Optional[str] = None
+    value: Optional[str] = Field(None, max_length=LABEL_VALUE_MAX)
     effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
     tolerationSeconds: Optional[int] = None
 
 
 class Scheduling(_Model):
-    queueName: Optional[str] = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
-    priorityClassName: Optional[str] = None
-    nodeSelector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    queueName: Optional[str] = Field(None, max_length=LABEL_VALUE_MAX, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    priorityClassName: Optional[str] = Field(None, max_length=NAME_MAX, description="PriorityClass of every child pod.")
+    nodeSelector: dict[str, Annotated[str, StringConstraints(max_length=LABEL_VALUE_MAX)]] = Field(
+        default_factory=dict, max_length=NODE_SELECTOR_MAX, description="Node labels every child pod requires.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=TOLERATIONS_MAX, description="Tolerations of every child pod.")
     launcher: Literal["PyTorchJob", "TrainJob"] = Field("PyTorchJob", description="What runs training and scoring steps: PyTorchJob (kubeflow.org/v1, Kubeflow Training Operator) or TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2).")
-    trainingRuntime: str = Field("torch-distributed", min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="The ClusterTrainingRuntime every TrainJob refers to (launcher: TrainJob).")
+    trainingRuntime: str = Field("torch-distributed", min_length=1, max_length=NAME_MAX, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="The ClusterTrainingRuntime every TrainJob refers to (launcher: TrainJob).")
+    pendingTimeoutSeconds: Optional[int] = Field(None, ge=0, le=604800, description="Seconds a step's pods may stay unstarted (unschedulable, image not pulled, a missing Secret key, ...) before its attempt fails and `retries` applies. Default: 3600 for a step asking for GPUs, 900 otherwise; 0 = wait forever. Time a child is held by Kueue for quota does not count.")
     terminationGracePeriodSeconds: int = Field(600, ge=30, le=86400, description="Seconds a training pod has between SIGTERM (preemption, eviction) and SIGKILL: it finishes the optimizer step, uploads a checkpoint and exits 143, and its restart resumes from that checkpoint.")
 
 
@@ -286,7 +301,7 @@ class Retries(_Model):
 
 
 class AlignmentRunSpec(_Model):
-    baseModel: str = Field(..., pattern=r"^(s3://[^/]+.*|file://.+|hf://.+|/.+)$", description="A Hugging Face model folder: s3://, file:// or hf://org/name.")
+    baseModel: str = Field(..., max_length=URI_MAX, pattern=r"^(s3://[^/]+.*|file://.+|hf://.+|/.+)$", description="A Hugging Face model folder: s3://, file:// or hf://org/name.")
     chatTemplate: Literal["vicuna", "tokenizer"] = Field("vicuna", description="vicuna (Xwin-LM's prompt format) | tokenizer (the tokenizer's own chat template).")
     storage: Storage
     judge: Optional[Judge] = None

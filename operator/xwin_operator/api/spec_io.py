@@ -26,7 +26,14 @@ class SpecError(Exception):
         return "\n".join(f"{self.file}:{line or '?'}: {path}: {msg}" for line, path, msg in self.errors)
 
 
-def _line_index(text: str) -> dict[tuple, int]:
+def _compose(text: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+
+def _line_index(root: yaml.Node | None) -> dict[tuple, int]:
     """Maps each key path (('spec', 'stages', 'dpo', 'beta')) to its 1-based line."""
     index: dict[tuple, int] = {}
 
@@ -41,13 +48,26 @@ def _line_index(text: str) -> dict[tuple, int]:
             for i, v in enumerate(node.value):
                 walk(v, path + (i,))
 
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return index
     if root is not None:
         walk(root, ())
     return index
+
+
+def _bare_boolean_keys(node: yaml.Node | None, path: tuple = ()) -> list[tuple[int, str, str]]:
+    """Keys written as a bare y/Y/n/N (bestOfN's `n`): a string here, but the boolean of YAML 1.1
+    for kubectl and Helm (sigs.k8s.io/yaml), so the API server would see another field."""
+    out: list[tuple[int, str, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if k.style is None and k.value in ("y", "Y", "n", "N"):
+                meaning = "false" if k.value in "nN" else "true"
+                out.append((k.start_mark.line + 1, _dotted(path + (k.value,)),
+                            f'write the key as "{k.value}" (quoted): kubectl and Helm read a bare {k.value} as {meaning}'))
+            out += _bare_boolean_keys(v, path + (k.value,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out += _bare_boolean_keys(v, path + (i,))
+    return out
 
 
 _MESSAGES = {
@@ -59,7 +79,9 @@ _MESSAGES = {
     "extra_forbidden": "unknown field",
     "string_pattern_mismatch": "must match {pattern}",
     "string_too_short": "must have at least {min_length} character(s)",
+    "string_too_long": "must have at most {max_length} character(s)",
     "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
     "literal_error": "must be one of {expected}",
     "int_type": "must be an integer",
     "int_parsing": "must be an integer",
@@ -109,8 +131,9 @@ def _loc_of_path(path: str) -> tuple:
     return tuple(parts)
 
 
-def parse_run(text: str, file: str = "<string>") -> AlignmentRun:
-    """Validate the YAML text of one AlignmentRun; raise SpecError naming every problem."""
+def parse_run(text: str, file: str = "<string>", for_kubectl: bool = False) -> AlignmentRun:
+    """Validate the YAML text of one AlignmentRun; raise SpecError naming every problem.
+    for_kubectl: also refuse what kubectl and Helm would read otherwise (a bare y/n key)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -118,11 +141,11 @@ def parse_run(text: str, file: str = "<string>") -> AlignmentRun:
         raise SpecError(file, [(mark.line + 1 if mark else None, "<yaml>", str(getattr(e, "problem", e)))]) from None
     if not isinstance(data, dict):
         raise SpecError(file, [(1, "<document>", "must be a mapping with apiVersion, kind, metadata and spec")])
-    index = _line_index(text)
+    root = _compose(text)
+    index, errors = _line_index(root), (_bare_boolean_keys(root) if for_kubectl else [])
     try:
         run = AlignmentRun.model_validate(data)
     except ValidationError as e:
-        errors: list[tuple[int | None, str, str]] = []
         for err in e.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             if err["type"] == "cross_field":
@@ -131,6 +154,8 @@ def parse_run(text: str, file: str = "<string>") -> AlignmentRun:
             else:
                 errors.append((_locate(index, loc), _dotted(loc), _message(err)))
         raise SpecError(file, errors) from None
+    if errors:
+        raise SpecError(file, errors)
     try:
         dependencies(run.spec)
     except GraphError as e:
@@ -138,10 +163,10 @@ def parse_run(text: str, file: str = "<string>") -> AlignmentRun:
     return run
 
 
-def load_run(path: str | Path) -> AlignmentRun:
+def load_run(path: str | Path, for_kubectl: bool = False) -> AlignmentRun:
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise SpecError(str(p), [(None, "<file>", e.strerror or str(e))]) from None
-    return parse_run(text, str(p))
+    return parse_run(text, str(p), for_kubectl)

@@ -14,6 +14,10 @@ from .steps import Step
 MANAGED_BY = "xwin-operator"
 LABEL_RUN, LABEL_STAGE, LABEL_STEP, LABEL_ATTEMPT = (f"{API_GROUP}/run", f"{API_GROUP}/stage",
                                                      f"{API_GROUP}/step", f"{API_GROUP}/attempt")
+# set by the operator on a child it suspended itself (spec.suspend): only those it resumes
+# (Kueue suspends children of a queue until it admits them); and on a child it stopped
+# because it never started (scheduling.pendingTimeoutSeconds): {"reason", "message", "at"}
+ANNOTATION_SUSPENDED, ANNOTATION_FAILED = f"{API_GROUP}/suspended-by", f"{API_GROUP}/failed"
 MAX_CHILD_NAME = 52  # leaves room for the "-worker-NNNN" replica names the Training Operator derives
 # What a PyTorchJob replica runs before `<job> --task ...` (`xwin run` runs the same).
 TRAIN_LAUNCHER = ("python", "-m", "xwin_jobs.launch", "-m", "xwin_jobs")

@@ -1,22 +1,19 @@
-"""The loop around `decide`, written once for both executors: observe the children, then the
+"""The pass around `decide`, written once for both executors: observe the children, then the
 markers (and whatever else the executor probes), decide, act, and say what to wait for. Pure.
 
     outcome = await reconcile_once(run, observer, executor, status, generation=..., config=...,
-                                   tasks=...)           # kube/: inside the kopf handlers
-    outcome = run_sync(reconcile_once(...))            # local/: `xwin run`, no event loop
-    wait = resync_after(outcome, interval, idle)       # kube/: when to reconcile it unasked
+                                   tasks=...)           # kube/: an async observer and executor
+    outcome = reconcile_once_sync(run, observer, executor, status, ...)   # local/: plain calls
+    wait = resync_after(outcome, interval, idle)       # how long until the next pass, unasked
 
-An executor supplies its observation (`Observer`) and its action implementations
-(executor.Executor). Their methods may return plain values (local/) or awaitables (kube/):
-`reconcile_once` awaits only what is awaitable, so with plain values it never suspends and
-`run_sync` runs it to the end without an event loop.
+The two differ only in awaiting: what is observed, in which order, and what follows from it
+are `observation` and `Outcome.of`, shared.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Any, Awaitable, Coroutine, Protocol, TypeVar
+from typing import Awaitable, Protocol
 
 from xwin_jobs.fingerprint import MISSING, external_inputs
 from xwin_jobs.task import StageTask
@@ -27,13 +24,11 @@ from .executor import Executor, apply
 from .planner import decide, input_uris, secret_refs
 from .types import Action, ChildState, CreateChild, Observed, PatchStatus, RequeueAfter, now_iso
 
-T = TypeVar("T")
-
-
 class Observer(Protocol):
-    """What an executor observes of one run (each method may return an awaitable)."""
+    """What an executor observes of one run: plain calls (local/: reconcile_once_sync), or
+    coroutines but for `children`, which is read from memory on either side (kube/)."""
 
-    def children(self) -> list[ChildState] | Awaitable[list[ChildState]]: ...
+    def children(self) -> list[ChildState]: ...
     def markers(self, outputs: dict[str, str]) -> dict[str, dict | None] | Awaitable[dict[str, dict | None]]:
         """stage -> its `_SUCCESS.json` in `outputs[stage]` (the stage's output folder), or None."""
     def missing_inputs(self, uris: list[str]) -> list[str] | Awaitable[list[str]]:
@@ -56,41 +51,66 @@ class Outcome:
     requeue: float | None
 
 
-async def _value(x: T | Awaitable[T]) -> T:
-    return await x if inspect.isawaitable(x) else x
+def observation(children: list[ChildState], markers: dict[str, dict | None], missing_inputs: list[str],
+                missing_secrets: list[str], prints: dict[str, str]) -> Observed:
+    """What one pass observed, the time last (external inputs whose fingerprint is MISSING
+    count as missing inputs)."""
+    missing_inputs = list(missing_inputs) + [u for u, fp in prints.items() if fp == MISSING and u not in missing_inputs]
+    return Observed(children=list(children), markers=markers, now=now_iso(), fingerprints=dict(prints),
+                    missing_secrets=list(missing_secrets), missing_inputs=missing_inputs)
+
+
+def _external(tasks: dict[str, StageTask]) -> list[str]:
+    return sorted({uri for t in tasks.values() for uri in external_inputs(t).values()})
+
+
+def _outcome(observed: Observed, actions: list[Action]) -> Outcome:
+    patched = [a.status for a in actions if isinstance(a, PatchStatus)]
+    waits = [a.seconds for a in actions if isinstance(a, RequeueAfter)]
+    return Outcome(observed, actions, patched[-1] if patched else None, min(waits) if waits else None)
 
 
 async def act(actions: list[Action], executor: Executor) -> None:
     """Each action through the executor, in order, each call finished before the next starts."""
     for call in apply(actions, executor):
-        await _value(call)
-
-
-async def observe(run: AlignmentRun, observer: Observer, tasks: dict[str, StageTask]) -> Observed:
-    """The children FIRST, then the markers (a child seen Succeeded always has its marker in
-    view), the missing inputs and Secrets, the external inputs' fingerprints, then the time."""
-    children = list(await _value(observer.children()))
-    markers = await _value(observer.markers({s: t.output for s, t in tasks.items()}))
-    missing_inputs = list(await _value(observer.missing_inputs(list(input_uris(run).values()))))
-    missing_secrets = list(await _value(observer.missing_secrets(secret_refs(run))))
-    external = sorted({uri for t in tasks.values() for uri in external_inputs(t).values()})
-    prints = dict(await _value(observer.fingerprints(external)))
-    missing_inputs += [u for u, fp in prints.items() if fp == MISSING and u not in missing_inputs]
-    return Observed(children=children, markers=markers, now=now_iso(), fingerprints=prints,
-                    missing_secrets=missing_secrets, missing_inputs=missing_inputs)
+        await call
 
 
 async def reconcile_once(run: AlignmentRun, observer: Observer, executor: Executor, status: dict | None, *,
                          generation: int, config: OperatorConfig,
                          tasks: dict[str, StageTask]) -> Outcome:
-    """observe -> decide -> act for `run`, whose last written status is `status`; `tasks` is
-    planner.stage_tasks(run, config) (a caller may keep it per generation)."""
-    observed = await observe(run, observer, tasks)
+    """observe -> decide -> act for `run`, whose last written status is `status`, with an
+    observer and an executor whose methods are coroutines (kube/): the children FIRST, then
+    the markers (a child seen Succeeded always has its marker in view), the missing inputs and
+    Secrets, the external inputs' fingerprints. `tasks` is planner.stage_tasks(run, config)."""
+    children = observer.children()
+    markers = await observer.markers({s: t.output for s, t in tasks.items()})
+    missing_inputs = await observer.missing_inputs(list(input_uris(run).values()))
+    missing_secrets = await observer.missing_secrets(secret_refs(run))
+    prints = await observer.fingerprints(_external(tasks))
+    observed = observation(children, markers, missing_inputs, missing_secrets, prints)
     actions = decide(run, observed, status, generation=generation, config=config, tasks=tasks)
     await act(actions, executor)
-    patched = [a.status for a in actions if isinstance(a, PatchStatus)]
-    waits = [a.seconds for a in actions if isinstance(a, RequeueAfter)]
-    return Outcome(observed, actions, patched[-1] if patched else None, min(waits) if waits else None)
+    return _outcome(observed, actions)
+
+
+def observe_sync(run: AlignmentRun, observer: Observer, tasks: dict[str, StageTask]) -> Observed:
+    """What an observer of plain calls sees of `run`, in reconcile_once's order."""
+    children = observer.children()
+    markers = observer.markers({s: t.output for s, t in tasks.items()})
+    return observation(children, markers, observer.missing_inputs(list(input_uris(run).values())),
+                       observer.missing_secrets(secret_refs(run)), observer.fingerprints(_external(tasks)))
+
+
+def reconcile_once_sync(run: AlignmentRun, observer: Observer, executor: Executor, status: dict | None, *,
+                        generation: int, config: OperatorConfig,
+                        tasks: dict[str, StageTask]) -> Outcome:
+    """The same pass with an observer and an executor of plain calls (local/)."""
+    observed = observe_sync(run, observer, tasks)
+    actions = decide(run, observed, status, generation=generation, config=config, tasks=tasks)
+    for _ in apply(actions, executor):
+        pass
+    return _outcome(observed, actions)
 
 
 ACTIVE = ("Pending", "Running")
@@ -114,14 +134,3 @@ def resync_after(outcome: Outcome, interval: float, idle: float) -> float:
     waiting = (any(c.phase in ACTIVE for c in observed.children)
                or any(isinstance(a, CreateChild) for a in outcome.actions))
     return idle if waiting else interval
-
-
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """The result of a coroutine that never suspends (every observer and executor call it made
-    returned a plain value), without an event loop."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise RuntimeError("run_sync: an observer or executor call returned an awaitable that waits")

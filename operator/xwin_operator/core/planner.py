@@ -32,7 +32,10 @@ Actions, applied in order:
     labels, task); the executor renders it (kube.manifests.render, a local process) and
     creates it; 409 Conflict means it exists: fine.
   * DeleteChild(kind, name): delete (404 is fine). Foreground/background propagation.
-  * SuspendChild(kind, name, suspend): PyTorchJob spec.runPolicy.suspend / Job spec.suspend.
+  * SuspendChild(kind, name, suspend): PyTorchJob spec.runPolicy.suspend / Job spec.suspend;
+    only a child the operator suspended itself is resumed (Kueue resumes those it holds).
+  * FailChild(kind, name, reason, message): a child none of whose pods started within
+    spec.scheduling.pendingTimeoutSeconds: stopped and marked failed, kept as its attempt's record.
   * PatchStatus(status): replace `.status` with this full dict (it never holds a Secret value).
   * EmitEvent(reason, message, type): a Kubernetes Event on the AlignmentRun.
   * RequeueAfter(seconds, reason): nothing to do until then (a backoff is running): call
@@ -82,7 +85,7 @@ from .stage_plan import ACTIVE, holds_resources, stage_view
 from .status import build_status, status_actions
 from .steps import steps_of
 from .tasks import stage_task
-from .types import (Action, ChildState, CreateChild, DeleteChild, Observed, RequeueAfter, StageView,
+from .types import (Action, ChildState, CreateChild, DeleteChild, FailChild, Observed, RequeueAfter, StageView,
                     SuspendChild, now_iso)
 
 
@@ -205,7 +208,7 @@ def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, genera
         servers = {(c.stage, c.step, c.attempt) for c in observed.children
                    if c.kind == "Deployment" and c.phase == "Running"}
         for c in observed.children:  # resume what suspend stopped (a sampler once its server is up)
-            if c.suspended and c.phase in ACTIVE:
+            if c.suspended and c.suspended_by_us and c.phase in ACTIVE:  # never one Kueue holds
                 step = next((s for s in steps_of(run.spec, c.stage) if s.name == c.step), None)
                 if step is None or not step.served_by or (c.stage, step.served_by, c.attempt) in servers:
                     actions.append(SuspendChild(c.kind, c.name, False))
@@ -216,6 +219,7 @@ def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, genera
                     f"{p}: Secret '{n}' not found in namespace '{run.metadata.namespace}'"
                     for p, n in missing.items())
             else:
+                actions += [FailChild(c.kind, c.name, c.reason, c.message) for c in v.fails]
                 actions += [CreateChild(p) for p in v.creates]
                 v.children = v.children + [_created(p, observed.now) for p in v.creates]
         for v in views.values():

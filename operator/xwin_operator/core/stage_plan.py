@@ -4,6 +4,7 @@ attempt, its next step's children, a retry after a backoff). planner.py runs it 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from xwin_jobs.fingerprint import MISSING, external_inputs, short
@@ -48,6 +49,57 @@ def _find(cs: list[ChildState], kind: str, step: str, attempt: int) -> ChildStat
     return next((c for c in cs if c.kind == kind and c.step == step and c.attempt == attempt), None)
 
 
+DEFAULT_PENDING_TIMEOUT = {True: 3600.0, False: 900.0}  # seconds, by whether the step asks for GPUs
+FREED_WAIT = 5.0  # seconds between looks while a failed attempt's pods are still going away
+
+
+def step_gpus(step: Step, task: StageTask) -> int:
+    """nvidia.com/gpu one pod of the step asks for."""
+    if step.resources == "serving":
+        return int((task.params.get("serving") or {}).get("gpusPerReplica") or 0)
+    key = {"training": "resources", "scoring": "scoringResources"}.get(step.resources)
+    return int((task.params.get(key) or {}).get("gpusPerNode") or 0) if key else 0
+
+
+def pending_timeout(run: AlignmentRun, step: Step, task: StageTask) -> float | None:
+    """scheduling.pendingTimeoutSeconds for this step (its default by GPUs); None: never."""
+    value = run.spec.scheduling.pendingTimeoutSeconds
+    value = DEFAULT_PENDING_TIMEOUT[step_gpus(step, task) > 0] if value is None else float(value)
+    return value or None
+
+
+def _timed_out(run: AlignmentRun, steps: list[Step], task: StageTask, cs: list[ChildState],
+               attempt: int, now: datetime) -> list[ChildState]:
+    """The current attempt's children none of whose pods started within the pending timeout,
+    as failed (reason PendingTimeout, naming what kept them, e.g. Unschedulable)."""
+    out = []
+    for c in cs:
+        step = next((s for s in steps if s.name == c.step), None)
+        since = parse_time(c.waiting_since)
+        limit = pending_timeout(run, step, task) if step is not None else None
+        if c.attempt != attempt or since is None or limit is None or (now - since).total_seconds() <= limit:
+            continue
+        why = f"{c.cause}: {c.cause_message}" if c.cause else (
+            "no pod of it was created or started (a missing PriorityClass, a ResourceQuota or an admission "
+            f"webhook refusing its pods: `kubectl describe {c.kind.lower()} {c.name}` shows the controller's events)")
+        out.append(replace(c, phase="Failed", reason="PendingTimeout", finished=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           message=f"not started within {limit:.0f}s (spec.scheduling.pendingTimeoutSeconds): {why}"))
+    return out
+
+
+def _waiting_text(cs: list[ChildState], attempt: int) -> tuple[str, str] | None:
+    """(reason, message) when the current attempt waits on something outside it: Kueue's
+    quota (WaitingForQuota), or what keeps its pods from running (Unschedulable, ...)."""
+    mine = [c for c in cs if c.attempt == attempt and c.phase in ACTIVE]
+    held = next((c for c in mine if c.held), None)
+    if held is not None:
+        return "WaitingForQuota", f"{held.kind}/{held.name} {held.held}"
+    blocked = next((c for c in mine if c.cause), None)
+    if blocked is not None:
+        return blocked.cause, f"{blocked.kind}/{blocked.name}: {blocked.cause_message}"
+    return None
+
+
 def _backoff(config: OperatorConfig, attempt: int) -> float:
     return min(config.backoff_seconds * 2 ** (attempt - 1), config.backoff_max_seconds)
 
@@ -77,6 +129,11 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
         view.message = (f"stage {view.name}: its last step finished but {task.output}_SUCCESS.json "
                         "is missing or was written for other inputs")
         return
+    now = parse_time(observed.now) or datetime.now(timezone.utc)
+    timed_out = [] if run.spec.suspend else _timed_out(run, steps, task, cs, attempt, now)
+    view.fails += timed_out
+    stopped = {(c.kind, c.name) for c in timed_out}
+    cs = [next((t for t in timed_out if (t.kind, t.name) == (c.kind, c.name)), c) for c in cs]
     failed = [c for c in cs if c.attempt == attempt and c.phase == "Failed"
               and c.step in {s.name for s in pending}]
     if failed:
@@ -86,18 +143,23 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
             view.phase, view.reason, view.attempts = "Failed", permanent[0].reason or "StageFailed", attempt
             view.message = (f"stage {view.name} failed after {attempt} attempt(s), not retried "
                             f"(another attempt would fail the same way): {text}")
-            view.deletes += [(c.kind, c.name) for c in cs if holds_resources(c)]
+            view.deletes += [(c.kind, c.name) for c in cs if holds_resources(c) and (c.kind, c.name) not in stopped]
             return
         if attempt >= run.spec.retries.maxAttempts:
             view.phase, view.reason, view.attempts = "Failed", "StageFailed", attempt
             view.message = f"stage {view.name} failed after {attempt} attempt(s): {text}"
-            view.deletes += [(c.kind, c.name) for c in cs if holds_resources(c)]
+            view.deletes += [(c.kind, c.name) for c in cs if holds_resources(c) and (c.kind, c.name) not in stopped]
             return
         failed_at = max((parse_time(c.finished or c.created) for c in failed), default=None,
                         key=lambda t: t or datetime.min.replace(tzinfo=timezone.utc))
-        now = parse_time(observed.now) or datetime.now(timezone.utc)
         wait = _backoff(config, attempt) - ((now - failed_at).total_seconds() if failed_at else 1e9)
         view.deletes += [(c.kind, c.name) for c in cs if c.attempt == attempt and c.phase in ACTIVE]
+        alive = [c for c in failed if c.live_pods]
+        if wait <= 0 and alive:  # the next attempt's pods would wait for the GPUs these still hold
+            view.phase, view.reason, view.attempts, view.requeue = "Running", "AttemptCleanup", attempt, FREED_WAIT
+            view.message = (f"attempt {attempt} of stage {view.name} failed ({text}); attempt {attempt + 1} "
+                            f"starts once its pods are gone ({', '.join(f'{c.kind}/{c.name}' for c in alive)})")
+            return
         if wait > 0:
             view.phase, view.reason, view.attempts, view.requeue = "Running", "Backoff", attempt, wait
             view.message = (f"attempt {attempt} of stage {view.name} failed ({text}); attempt "
@@ -108,6 +170,9 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
     view.phase, view.reason, view.attempts = "Running", "StageRunning", attempt
     current = pending[0]
     view.message = f"stage {view.name}: step {current.name} (attempt {attempt})"
+    waiting = _waiting_text(cs, attempt)
+    if waiting is not None:
+        view.reason, view.message = waiting[0], f"{view.message} waits: {waiting[1]}"
 
     def ensure(step: Step) -> None:
         view.needs_judge |= step.needs_judge

@@ -7,6 +7,11 @@ Conditions (lastTransitionTime kept from the previous status while `status` is u
     model the serving backend cannot run: failed on its first attempt, not retried);
   * Suspended: True when spec.suspend holds the run;
   * SecretsReady: False (SecretNotFound) naming the field and the Secret (never its value);
+  * Progressing: False while the stage in progress waits on something outside the run:
+    Kueue's quota (WaitingForQuota, the Workload's state) or what keeps its pods from running
+    (Unschedulable, ImagePullBackOff, CreateContainerConfigError, CrashLoopBackOff, OOMKilled;
+    the pod and Kubernetes' message); absent otherwise (kube/blocked.py sets it while the
+    operator cannot observe or act). Each such cause is one Warning Event;
   * SpecChangeNeedsNewRun: present (True) while a finished stage's settings differ from the
     spec: such a stage is never rerun silently; create a new run, or delete the stage's
     `_SUCCESS.json` to rerun it in this one.
@@ -20,7 +25,7 @@ from xwin_jobs.server_exit import UNSUPPORTED_MODEL
 
 from ..api.spec import AlignmentRun
 from ..api.graph import stage_references, stages_of
-from .types import EmitEvent, Observed, PatchStatus, StageView
+from .types import WAITING_REASONS, EmitEvent, Observed, PatchStatus, StageView
 
 _FAILED_REASONS = ("StageFailed", "InputNotFound", "NoMarker", UNSUPPORTED_MODEL)
 
@@ -45,7 +50,7 @@ def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool) -> dict[s
     metrics = (v.marker or {}).get("metrics") or {}
     if metrics:
         out["metrics"] = dict(metrics)
-    if v.phase == "Failed" and v.reason:
+    if v.phase == "Failed" and v.reason or v.reason in WAITING_REASONS:
         out["reason"] = v.reason
     message = v.message
     if v.changed:
@@ -100,6 +105,8 @@ def build_status(run: AlignmentRun, views: dict[str, StageView], prev_status: di
             for p, n in missing_secrets.items())))
     else:
         conditions.append(_condition(prev_conds, now, "SecretsReady", "True", "SecretsFound", ""))
+    if phase in ("Running", "Pending") and not suspended and current is not None and current.reason in WAITING_REASONS:
+        conditions.append(_condition(prev_conds, now, "Progressing", "False", current.reason, current.message))
     changed = [v.name for v in ordered if v.changed]
     if changed:
         conditions.append(_condition(prev_conds, now, "SpecChangeNeedsNewRun", "True", "FinishedStageChanged",
@@ -148,6 +155,8 @@ def status_actions(run: AlignmentRun, views: dict[str, StageView], prev_status: 
         if backoff and s.get("message") != old.get("message"):
             events.append(EmitEvent("StageAttemptFailed", s["message"], "Warning"))
             continue
+        if s.get("reason") in WAITING_REASONS and s.get("reason") != old.get("reason"):
+            events.append(EmitEvent(s["reason"], s.get("message", ""), "Warning"))  # once per cause
         if s["phase"] == old.get("phase", "Pending") and s["attempts"] <= int(old.get("attempts") or 0):
             continue
         if s["phase"] == "Running" and old.get("phase") == "Running":

@@ -13,6 +13,14 @@ from .children import PlannedChild
 
 # --- what was observed ------------------------------------------------------------------
 
+# Why a child's pods cannot run, in Kubernetes' own words (kube/pod_status.py finds them), and
+# Kueue holding it for quota: a stage waiting on one says so (reason, Progressing=False, one
+# Warning Event per cause).
+POD_CAUSES = ("Unschedulable", "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
+              "CreateContainerConfigError", "CrashLoopBackOff", "OOMKilled")
+WAITING_FOR_QUOTA = "WaitingForQuota"
+WAITING_REASONS = (WAITING_FOR_QUOTA, *POD_CAUSES)
+
 
 @dataclass(frozen=True)
 class ChildState:
@@ -32,6 +40,15 @@ class ChildState:
     suspended: bool = False        # PyTorchJob runPolicy.suspend / Job spec.suspend
     permanent: bool = False        # failed in a way every attempt would repeat (a model the
                                    # serving backend cannot run): no retry
+    suspended_by_us: bool = False  # suspended by the operator (spec.suspend), not by Kueue
+    resumed: str | None = None     # when it was last unsuspended (ISO), if ever
+    uid: str | None = None         # metadata.uid (kube/: its Kueue Workload is owned by it)
+    # what an executor sees of the child's pods and queue (kube/: pods.py; local/ leaves them)
+    held: str = ""                 # held by Kueue (suspended, not by us): the Workload's state
+    cause: str = ""                # what keeps its pods from running: Unschedulable, ImagePullBackOff, ...
+    cause_message: str = ""
+    waiting_since: str | None = None  # free to run, yet a pod of it has not started since (ISO)
+    live_pods: int = 0             # its pods not finished (a failed child still holding nodes)
 
 
 @dataclass
@@ -68,6 +85,18 @@ class SuspendChild:
 
 
 @dataclass(frozen=True)
+class FailChild:
+    """Fail a child that never started (scheduling.pendingTimeoutSeconds): free its pods
+    (suspend it; a Deployment scaled to 0) and mark it failed, so it stays as its attempt's
+    record and the next attempt is planned as after any failure."""
+
+    kind: str
+    name: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class PatchStatus:
     status: dict
 
@@ -85,7 +114,7 @@ class RequeueAfter:
     reason: str = ""
 
 
-Action = Union[CreateChild, DeleteChild, SuspendChild, PatchStatus, EmitEvent, RequeueAfter]
+Action = Union[CreateChild, DeleteChild, SuspendChild, FailChild, PatchStatus, EmitEvent, RequeueAfter]
 
 
 # --- what the planner concluded about one stage -------------------------------------------
@@ -109,6 +138,7 @@ class StageView:
     requeue: float | None = None
     needs_judge: bool = False     # the creates reference judge.apiKeySecret
     finishing: list[ChildState] = field(default_factory=list)  # succeeded, its last child exiting
+    fails: list[ChildState] = field(default_factory=list)      # to stop as failed (never started)
 
 
 def now_iso() -> str:

@@ -28,12 +28,14 @@ class Blocked(Exception):
         self.reason, self.message = reason, message
 
 
-def store_problem(storage_uri: str, endpoint: str | None, error: Exception) -> Blocked:
-    """The store could not be read (markers, inputs): unreachable, refusing the credentials..."""
+def store_problem(storage_uri: str, endpoint: str | None, error: Exception, key_source: str = "") -> Blocked:
+    """The store could not be read (markers, inputs): unreachable, refusing the credentials...
+    (`key_source`: whose key was used, in words; never the key)."""
     where = f"spec.storage.endpoint {endpoint}" if endpoint else "the operator's default S3 endpoint"
     text = str(error)
     reason = "StoreUnreachable" if "cannot reach" in text else "StoreError"
-    return Blocked(reason, f"cannot read the store (spec.storage.uri {storage_uri}, {where}): {text}")
+    using = f", with {key_source}" if key_source else ""
+    return Blocked(reason, f"cannot read the store (spec.storage.uri {storage_uri}, {where}{using}): {text}")
 
 
 def api_refusal(what: str, status: int, text: str) -> Blocked:

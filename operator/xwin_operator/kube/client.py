@@ -1,13 +1,14 @@
 """The operator's thin I/O layer to the API server: exactly the Kubernetes API calls it makes.
 
 * `KubeApi`: the API calls, made with the official client (`kubernetes`, its ApiClient: the
-  login of kubeconfig.load_login, TLS, exec-plugin token refresh) in a pool of worker threads,
-  so kopf's event loop never blocks: list children by label, create (409 Conflict = already
-  there), delete (404 = already gone), suspend/resume a child, merge-patch an AlignmentRun's
-  status through the status subresource, post an Event, tell whether a Secret exists (its
-  reply is never read, so its data is never parsed, kept, logged or returned). Bodies are the
-  manifests' plain dicts, sent as JSON: no conversion to the client's model classes. On a 401
-  the login is loaded again (rotated tokens, a plugin's new token) and the call retried once.
+  login of kubeconfig.load_login, TLS, exec-plugin token refresh) in a small pool of worker
+  threads, so kopf's event loop never blocks: create (409 Conflict = already there), delete
+  (404 = already gone), suspend/resume or stop a child, merge-patch an AlignmentRun's status
+  through the status subresource, post Events, read the one Secret the operator itself uses
+  (a run's store key) and tell whether another exists (its reply is never read). Bodies are
+  the manifests' plain dicts, sent as JSON. On a 401 the login is loaded again (rotated
+  tokens, a plugin's new token) and the call retried once. Reads of children, pods and Kueue
+  Workloads are not here: kopf's indexes hold them (handlers.py).
 
 Errors are `ApiError` (with `.transient` for 429/5xx/connection failures); a login that fails
 is kubeconfig.LoginError. The store reads are store_reader.py's.
@@ -16,16 +17,15 @@ is kubeconfig.LoginError. The store reads are store_reader.py's.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
-import queue
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from ..api.spec import API_GROUP, API_VERSION, PLURAL
-from ..core.children import MANAGED_BY
+from ..core.children import ANNOTATION_FAILED, ANNOTATION_SUSPENDED, MANAGED_BY
 from ..core.types import now_iso
 from .kubeconfig import Login, LoginError
 
@@ -43,22 +43,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
 }
 CHILD_KINDS = ("PyTorchJob", "TrainJob", "Job", "Deployment", "Service")
 MERGE_PATCH = "application/merge-patch+json"
-# calls in flight at once (worker threads of the synchronous official client, and as many pooled
-# connections): under a burst the API server serves its clients' requests in turn, so this is the
-# operator's share of it (the aiohttp client it replaced kept 64 connections); an idle worker
-# costs nothing but its stack
-API_THREADS = 64
-# status patches (bookkeeping: nobody waits on them to start work) run in a pool of their own, so
-# under a burst of new runs a child's create never queues behind them for a thread (it did: 0.3 s
-# p50 in the queue of one shared pool, 1000 runs at once, load 6); so do awaited Events
-# (`post_event`, the benchmark's peer)
-BULK_THREADS = 48
-# Events are posted by threads of their own, each with its queue, fed without the event loop
-# (`post_events`): nobody waits for an Event, so posting one costs kopf's loop nothing. Few: a
-# posting thread holds the GIL while it encodes and sends, taking turns from the event loop. One
-# thread posted 2000 Events about as fast as 16 against the test API server (730 and 790/s, the
-# server in the same process); 4 keep one slow reply from holding up every run's Events
-EVENT_THREADS = 4
+API_THREADS = 8  # calls in flight at once (the official client is synchronous)
 EVENT_LOG = logging.getLogger("xwin_operator.events")  # Events that could not be posted
 
 
@@ -105,6 +90,13 @@ def _send(client: Any, method: str, path: str, *, body: Any = None, params: dict
     return client.call_api(method, url, headers, body, post_params, _request_timeout=timeout)
 
 
+def suspend_patch(kind: str, suspend: bool, annotations: dict[str, str | None]) -> dict:
+    """The merge patch (un)suspending a child of `kind` (PyTorchJob: spec.runPolicy.suspend;
+    Job, TrainJob: spec.suspend) and setting `annotations` (None removes one)."""
+    spec = {"runPolicy": {"suspend": suspend}} if kind == "PyTorchJob" else {"suspend": suspend}
+    return {"metadata": {"annotations": annotations}, "spec": spec}
+
+
 def verify_login(login: Login, timeout: float = 10.0) -> None:
     """Raise LoginError when the API server refuses `login`'s credentials (401 on GET /api),
     so a login that cannot work is reported (and retried) instead of handed to kopf, which
@@ -138,27 +130,16 @@ def _event(involved: dict, reason: str, message: str, type_: str, component: str
 class KubeApi:
     """The API calls of the handlers, through the official client. `login()` gives a
     kubeconfig.Login: called lazily, and again after a 401 (rotated or expired credentials).
-    `threads` calls run at once (the client is synchronous), and beside them `bulk_threads`
-    status patches (`bulk=True`), so creates, deletes and lookups never wait for a thread
-    behind the bookkeeping; Events go to `event_threads` threads of their own (`post_events`)."""
+    `threads` calls run at once."""
 
-    def __init__(self, login: Callable[[], Login], *, timeout: float = 30.0, threads: int = API_THREADS,
-                 bulk_threads: int = BULK_THREADS, event_threads: int = EVENT_THREADS):
-        self._login, self._timeout = login, timeout
-        self._threads = threads + bulk_threads + event_threads
+    def __init__(self, login: Callable[[], Login], *, timeout: float = 30.0, threads: int = API_THREADS):
+        self._login, self._timeout, self._threads = login, timeout, threads
         self._client: Any = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kube-api")
-        self._bulk = ThreadPoolExecutor(bulk_threads, thread_name_prefix="kube-api-bulk")
         self._lock = threading.Lock()  # held while logging in
-        self._event_queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(event_threads)]
-        for i, q in enumerate(self._event_queues):  # idle until an Event comes (blocked on the queue)
-            threading.Thread(target=self._post_forever, args=(q,), daemon=True, name=f"kube-api-events-{i}").start()
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._bulk.shutdown(wait=False, cancel_futures=True)
-        for q in self._event_queues:
-            q.put(None)
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -212,38 +193,16 @@ class KubeApi:
         raise error
 
     async def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
-                      content_type: str = "application/json", *, reply: bool = True, bulk: bool = False) -> Any:
+                      content_type: str = "application/json", *, reply: bool = True) -> Any:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._bulk if bulk else self._pool, self._call, method, path, body,
-                                              params, content_type, reply)
+            return await loop.run_in_executor(self._pool, self._call, method, path, body, params, content_type, reply)
         except LoginError:
             raise
         except RuntimeError as e:  # the pool shut down: the operator is stopping
             raise ApiError(0, f"{method.upper()} {path}: {e}") from None
 
     # --- the calls ------------------------------------------------------------------------------
-    async def list_children(self, namespace: str, run_name: str | None = None) -> list[dict]:
-        """Every child of a run (or, with no run, of every run in the namespace), by its labels
-        (xwin.ai/run and managed-by), all kinds."""
-        selector = {"app.kubernetes.io/managed-by": MANAGED_BY}
-        if run_name is not None:
-            selector = {f"{API_GROUP}/run": run_name, **selector}
-        text = ",".join(f"{k}={v}" for k, v in selector.items())
-        out: list[dict] = []
-        for kind in CHILD_KINDS:
-            try:
-                data = await self.request("get", path_of(kind, namespace), params={"labelSelector": text})
-            except ApiError as e:
-                if e.status == 404:
-                    continue  # its CRD is not installed (a launcher this cluster does not have)
-                raise
-            for item in data.get("items") or []:
-                labels = (item.get("metadata") or {}).get("labels") or {}
-                if all(labels.get(k) == v for k, v in selector.items()):
-                    out.append({**item, "kind": kind})
-        return out
-
     async def create(self, manifest: dict) -> bool:
         """Create; False when it already exists (409 Conflict)."""
         meta = manifest["metadata"]
@@ -267,7 +226,21 @@ class KubeApi:
             raise
 
     async def set_suspended(self, kind: str, namespace: str, name: str, suspend: bool) -> None:
-        patch = {"spec": {"runPolicy": {"suspend": suspend}}} if kind == "PyTorchJob" else {"spec": {"suspend": suspend}}  # Job, TrainJob
+        """Suspend or resume a child, marking it as suspended by the operator (or unmarking it):
+        only a child it suspended itself is ever resumed by it (Kueue holds the others)."""
+        await self._patch_child(kind, namespace, name, suspend_patch(kind, suspend, {
+            ANNOTATION_SUSPENDED: MANAGED_BY if suspend else None}))
+
+    async def fail_child(self, kind: str, namespace: str, name: str, reason: str, message: str) -> None:
+        """Stop a child that never started and mark it failed (annotation `xwin.ai/failed`):
+        a Deployment is scaled to 0, anything else suspended (its pods deleted by its
+        controller, its object kept as its attempt's record)."""
+        mark = {ANNOTATION_FAILED: json.dumps({"reason": reason, "message": message, "at": now_iso()})}
+        patch = ({"metadata": {"annotations": mark}, "spec": {"replicas": 0}} if kind == "Deployment"
+                 else suspend_patch(kind, True, mark))
+        await self._patch_child(kind, namespace, name, patch)
+
+    async def _patch_child(self, kind: str, namespace: str, name: str, patch: dict) -> None:
         try:
             await self.request("patch", path_of(kind, namespace, name), patch, content_type=MERGE_PATCH, reply=False)
         except ApiError as e:
@@ -276,42 +249,38 @@ class KubeApi:
 
     async def patch_status(self, namespace: str, name: str, status_patch: dict) -> None:
         await self.request("patch", path_of("AlignmentRun", namespace, name, "status"),
-                           {"status": status_patch}, content_type=MERGE_PATCH, reply=False, bulk=True)
+                           {"status": status_patch}, content_type=MERGE_PATCH, reply=False)
 
     async def post_event(self, involved: dict, reason: str, message: str, type_: str = "Normal",
                          component: str = MANAGED_BY) -> None:
-        """Post one Event and wait for it (`post_events` posts without waiting)."""
-        ns = involved["namespace"]
-        await self.request("post", path_of("Event", ns), _event(involved, reason, message, type_, component),
-                           reply=False, bulk=True)
+        """Post one Event and wait for it."""
+        await self.request("post", path_of("Event", involved["namespace"]),
+                           _event(involved, reason, message, type_, component), reply=False)
 
-    def post_events(self, involved: dict, events: list[tuple[str, str, str]], component: str = MANAGED_BY) -> None:
-        """Post Events (reason, message, type) on `involved` from the event threads, best effort
-        (as Events are): returns at once, takes no lock, and the event loop is not involved at
-        all (no task, no future, no callback). An object's Events are posted in the order given,
-        across calls: they all go to the same thread (by uid). A failure is logged to EVENT_LOG
-        and dropped."""
-        index = zlib.crc32(str(involved.get("uid") or involved["name"]).encode()) % len(self._event_queues)
-        self._event_queues[index].put((involved, events, component))
+    async def post_events(self, involved: dict, events: list[tuple[str, str, str]],
+                          component: str = MANAGED_BY) -> None:
+        """Post Events (reason, message, type) on `involved` in order, best effort (as Events
+        are): one that cannot be posted is logged to EVENT_LOG and the rest still go."""
+        who = f"[{involved['namespace']}/{involved['name']}]"
+        for reason, message, type_ in events:
+            try:
+                await self.post_event(involved, reason, message, type_, component)
+            except (ApiError, LoginError) as err:
+                EVENT_LOG.warning(f"{who} could not post Event {reason}: {err}")
 
-    def _post_forever(self, q: queue.SimpleQueue) -> None:
-        while (item := q.get()) is not None:
-            involved, events, component = item
-            path, who = path_of("Event", involved["namespace"]), f"[{involved['namespace']}/{involved['name']}]"
-            for reason, message, type_ in events:
-                try:
-                    self._call("post", path, _event(involved, reason, message, type_, component),
-                               None, "application/json", False)
-                except (ApiError, LoginError) as err:
-                    EVENT_LOG.warning(f"{who} could not post Event {reason}: {err}")
-                except Exception:  # noqa: BLE001 - a bug here must not end the thread (later Events)
-                    EVENT_LOG.exception(f"{who} could not post Event {reason}")
-
-    async def list_pods(self, namespace: str, labels: dict[str, str]) -> list[dict]:
-        """The pods carrying every label of `labels` (a server Deployment's pods)."""
-        selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        data = await self.request("get", path_of("Pod", namespace), params={"labelSelector": selector})
-        return list(data.get("items") or [])
+    async def read_secret(self, namespace: str, name: str) -> tuple[str, dict[str, str]] | None:
+        """(resourceVersion, its data decoded) of a Secret, or None when it does not exist. Only
+        for a Secret the operator itself must use (a run's store key): never logged or kept
+        beyond the caller's cache."""
+        try:
+            body = await self.request("get", path_of("Secret", namespace, name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        data = {k: base64.b64decode(v).decode("utf-8", "replace") for k, v in (body.get("data") or {}).items()}
+        data.update(body.get("stringData") or {})
+        return str((body.get("metadata") or {}).get("resourceVersion", "")), data
 
     async def secret_exists(self, namespace: str, name: str) -> bool:
         try:

@@ -41,7 +41,7 @@ from xwin_jobs.task import StageTask
 from xwin_jobs.vllm_server import SERVED_MODEL_NAME as SERVED_MODEL
 
 from ..api.spec import API_GROUP, API_VERSION, KIND, AlignmentRun, resolved_resources, resolved_serving
-from ..core.children import TRAIN_LAUNCHER, PlannedChild, child_labels, child_name
+from ..core.children import ANNOTATION_SUSPENDED, MANAGED_BY, TRAIN_LAUNCHER, PlannedChild, child_labels, child_name
 from ..core.config import OperatorConfig
 from ..core.steps import Step, step_env
 
@@ -154,8 +154,11 @@ def _metadata(run: AlignmentRun, name: str, labels: dict[str, str], uid: str) ->
     labels = dict(labels)
     if run.spec.scheduling.queueName:
         labels[QUEUE_LABEL] = run.spec.scheduling.queueName
-    return {"name": name, "namespace": run.metadata.namespace, "labels": labels,
+    meta = {"name": name, "namespace": run.metadata.namespace, "labels": labels,
             "ownerReferences": [owner_reference(run, uid)]}
+    if run.spec.suspend:  # created suspended by the operator: resumed by it when the run is
+        meta["annotations"] = {ANNOTATION_SUSPENDED: MANAGED_BY}
+    return meta
 
 
 # --- the children -----------------------------------------------------------------------
@@ -204,7 +207,10 @@ def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str
             "metadata": _metadata(run, name, labels, uid),
             "spec": {"nprocPerNode": str(max(1, res["gpusPerNode"])),
                      "runPolicy": {"backoffLimit": config.pod_backoff_limit,
-                                   "suspend": bool(run.spec.suspend), "cleanPodPolicy": "None"},
+                                   "suspend": bool(run.spec.suspend),
+                                   # a finished job's running pods are deleted: a failed
+                                   # attempt frees its GPUs before the next one is created
+                                   "cleanPodPolicy": "Running"},
                      "pytorchReplicaSpecs": replicas}}
 
 

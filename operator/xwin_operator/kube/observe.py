@@ -14,7 +14,11 @@ controller writes:
   * Deployment: availableReplicas >= 1 -> Running (ready to serve); a `Progressing=False`
     condition with reason ProgressDeadlineExceeded -> Failed; else Pending.
   * Service: Running once it exists.
-Objects without the `xwin.ai/stage` label are not children: None.
+Objects without the `xwin.ai/stage` label are not children: None. A child the operator
+stopped because it never started (annotation `xwin.ai/failed`) is Failed with that reason.
+`suspended_by_us`: suspended and annotated `xwin.ai/suspended-by` (the operator's own
+suspension, which it may undo; any other is Kueue's); `resumed`: the last transition of
+its `Suspended` condition to False.
 
 A vLLM server never ends on its own, so a Deployment that is not available is also looked at
 through its pods (`server_failed`): a server container that terminated (now, or before a
@@ -25,6 +29,7 @@ the backend cannot serve, so the planner retries a crash and not an unsupported 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Mapping
 
@@ -32,7 +37,7 @@ from dataclasses import replace
 
 from xwin_jobs.server_exit import backend_name, diagnose, model_arg, parse_line
 
-from ..core.children import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP
+from ..core.children import ANNOTATION_FAILED, ANNOTATION_SUSPENDED, LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP, MANAGED_BY
 from ..core.types import ChildState
 
 _EXIT_CODE = re.compile(r"exit code (\d+)")
@@ -106,10 +111,28 @@ def child_state(body: Mapping[str, Any]) -> ChildState | None:
     else:
         return None
 
+    annotations = meta.get("annotations") or {}
+    stopped = _stopped(annotations.get(ANNOTATION_FAILED))
+    if stopped is not None and phase in ("Pending", "Running"):
+        phase, reason, message, finished = "Failed", stopped.get("reason", ""), stopped.get("message", ""), stopped.get("at")
+    resumed = conds.get("Suspended") or {}
     return ChildState(kind=kind, name=meta.get("name", ""), stage=labels[LABEL_STAGE],
                       step=labels.get(LABEL_STEP, ""), attempt=attempt, phase=phase, reason=reason,
                       message=message, exit_code=_exit_code(message) if phase == "Failed" else None,
-                      created=meta.get("creationTimestamp"), finished=finished, suspended=suspended)
+                      created=meta.get("creationTimestamp"), finished=finished, suspended=suspended,
+                      suspended_by_us=suspended and annotations.get(ANNOTATION_SUSPENDED) == MANAGED_BY,
+                      resumed=resumed.get("lastTransitionTime") if resumed.get("status") == "False" else None,
+                      uid=meta.get("uid"))
+
+
+def _stopped(raw: str | None) -> dict | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = {"message": raw}
+    return value if isinstance(value, dict) else {"message": str(value)}
 
 
 def _terminated(pod: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:

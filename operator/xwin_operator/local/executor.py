@@ -1,6 +1,6 @@
 """`xwin run`: the local executor. The operator's planner, with processes instead of children.
 
-`execute` repeats the SAME pass the kopf handlers run (core.loop.reconcile_once: observe ->
+`execute` repeats the SAME pass the kopf handlers run (core.loop.reconcile_once_sync: observe ->
 `planner.decide` -> act), so both walk one graph with one set of rules (readiness, steps,
 retries with backoff, markers); this side supplies its parts:
 
@@ -36,7 +36,7 @@ from typing import Callable
 from ..api.spec import AlignmentRun
 from ..core.config import OperatorConfig
 from ..core.children import PlannedChild
-from ..core.loop import reconcile_once, run_sync
+from ..core.loop import reconcile_once_sync
 from ..core.planner import stage_tasks
 from ..core.tasks import run_root
 from .children import LocalChild, LocalChildren
@@ -221,6 +221,10 @@ class LocalActions:
     def suspend(self, kind: str, name: str, suspend: bool) -> None:
         pass
 
+    def fail(self, kind: str, name: str, reason: str, message: str) -> None:
+        """Never asked here: a local child has no pods to wait for (no pending clock)."""
+        raise RunError(f"cannot stop {kind}/{name} as {reason}: {message}")
+
     def patch_status(self, status: dict) -> None:
         self.status = status
         write_status(self.ctx.log_dir, status)
@@ -252,8 +256,8 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
     try:
         while True:
             actions_here.wait, actions_here.acted = POLL_SECONDS, False
-            run_sync(reconcile_once(run, observer, actions_here, actions_here.status, generation=1,
-                                    config=config, tasks=tasks))
+            reconcile_once_sync(run, observer, actions_here, actions_here.status, generation=1,
+                                config=config, tasks=tasks)
             status, wait, acted = actions_here.status, actions_here.wait, actions_here.acted
             phase = (status or {}).get("phase")
             if phase == "Succeeded":
