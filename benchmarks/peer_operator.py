@@ -3,13 +3,15 @@ API calls the xwin operator makes for a one-stage run, with none of its logic.
 
     kopf run --standalone -n NS benchmarks/peer_operator.py
 
-Per run, as xwin_operator does: on the run's first event, create one PyTorchJob (labelled and
-owned like ours), patch the run's status to Running and post a StageStarted Event; when that
-PyTorchJob reports Succeeded, patch the status to Succeeded and post StageSucceeded and
-RunSucceeded. Same kopf settings (standalone, watch-event handlers only, no annotations), same
+Per run, as xwin_operator does: on the run's first event, add a finalizer (ours is kopf's, held
+by the run's daemon), create one PyTorchJob (labelled and owned like ours), patch the run's
+status to Running and post a StageStarted Event; when that PyTorchJob reports Succeeded, patch
+the status to Succeeded, post StageSucceeded and RunSucceeded, and remove the finalizer. It
+watches what ours watches (the five child kinds, their pods, Kueue's Workloads) into indexes.
+PEER_CALLS=before drops the finalizer and the extra watches (the calls before issue 21). Same kopf settings (standalone, watch-event handlers only, no annotations), same
 API client and login (xwin_operator.kube.client.KubeApi: the official `kubernetes` client in worker
 threads; kopf logged in through xwin_operator.kube.kubeconfig). Nothing else: no spec parsing, no planner, no stage
-markers, no indexes, no resync, no retries. It is what any kopf operator doing this job must
+markers, no daemons, no resync, no retries. It is what any kopf operator doing this job must
 at least cost, so `xwin / peer` is the price of our logic, and `peer / no-op` the price of the
 API work itself.
 
@@ -76,6 +78,9 @@ def _new_run(type: str | None, body: Any, **_: Any) -> bool:
 
 
 SAME_BODIES = os.environ.get("PEER_BODIES", "same") == "same"
+# PEER_CALLS=before: the calls of the operator before issue 21 (no finalizer; runs and
+# PyTorchJobs watched only), for comparing with the rows measured then
+SAME_CALLS = os.environ.get("PEER_CALLS", "same") == "same"
 TEMPLATES: dict[str, Any] = {}
 
 
@@ -135,9 +140,23 @@ def bodies(body: Any, name: str, namespace: str, uid: str) -> tuple[dict, dict, 
     return job, TEMPLATES["running"], TEMPLATES["done"]
 
 
+# The xwin operator's run daemon holds kopf's finalizer while the run is unfinished (kopf adds it
+# before the daemon starts and removes it once the run is Succeeded): the same two writes here,
+# under another name (kopf would take its own as a leftover to remove at once).
+FINALIZER = "xwin.ai/peer-finalizer"
+
+
+async def set_finalizers(api: KubeApi, namespace: str, name: str, finalizers: list[str]) -> None:
+    await api.request("patch", f"/apis/xwin.ai/v1alpha1/namespaces/{namespace}/alignmentruns/{name}",
+                      {"metadata": {"finalizers": finalizers}}, content_type="application/merge-patch+json",
+                      reply=False)
+
+
 @kopf.on.event("xwin.ai", "v1alpha1", "alignmentruns", when=_new_run)
 async def run_added(body: Any, name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
     job, running, _done = bodies(body, name, namespace, uid)
+    if SAME_CALLS:
+        await set_finalizers(memo.api, namespace, name, [FINALIZER])
     await memo.api.create(job)
     await memo.api.patch_status(namespace, name, running)
     await memo.api.post_event(involved(body), "StageStarted", "stage sft started")
@@ -156,3 +175,19 @@ async def child_succeeded(body: Any, namespace: str, memo: kopf.Memo, **_: Any) 
     await memo.api.patch_status(namespace, owner["name"], done)
     await memo.api.post_event(involved(run), "StageSucceeded", "stage sft succeeded")
     await memo.api.post_event(involved(run), "RunSucceeded", "run succeeded")
+    if SAME_CALLS:
+        await set_finalizers(memo.api, namespace, owner["name"], [])
+
+
+# The xwin operator watches every kind of child it makes, their pods and Kueue's Workloads (the
+# streams it needs to see a run's state): the same watches here, each kept in a plain index.
+async def _kept(namespace: str | None, name: str, labels: Any, **_: Any) -> dict:
+    return {(namespace, labels.get("xwin.ai/run")): name}
+
+
+if SAME_CALLS:
+    for _group, _version, _plural in (("kubeflow.org", "v1", "pytorchjobs"), ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+                                      ("batch", "v1", "jobs"), ("apps", "v1", "deployments"), ("", "v1", "services"),
+                                      ("", "v1", "pods")):
+        kopf.index(_group, _version, _plural, labels=MANAGED, id=f"peer_{_plural}")(_kept)
+    kopf.index("kueue.x-k8s.io", "v1beta1", "workloads", id="peer_workloads")(_kept)

@@ -44,6 +44,7 @@ def run(cmd: list[str], timeout: int = 240) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_a_rank_that_stays_out_of_a_collective_fails_the_others_after_the_timeout():
     """2 gloo ranks under torchrun, collectiveTimeoutMinutes 0.1 (6 s): rank 1 never enters the
     barrier; rank 0's barrier fails after about 6 s (not 30 minutes, not 4 hours)."""
@@ -59,6 +60,7 @@ def test_deepspeed_gets_the_same_timeout():
     assert out["timeout_s"] == pytest.approx(7 * 60) and out["deepspeed"]
 
 
+@pytest.mark.slow
 def test_the_other_ranks_are_done_before_rank_0_uploads_the_model(tmp_path_factory, tmp_path):
     """2 gloo ranks train a tiny SFT: the rank that is not rank 0 finishes ("stage sft done")
     before rank 0 has uploaded model/ (its "model -> ..." line): nobody waits in a collective,

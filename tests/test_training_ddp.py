@@ -32,6 +32,7 @@ def test_sft_two_ranks_match_one_process(world, tmp_path):
     assert (ddp / MARKER).read_text() == marker
 
 
+@pytest.mark.slow
 def test_dpo_two_ranks_match_one_process(world, tmp_path):
     single, ddp = run_stage_both_ways(world, tmp_path, "dpo",
                                       {"model": world["base"], "pairs": world["pairs"]},
@@ -40,6 +41,7 @@ def test_dpo_two_ranks_match_one_process(world, tmp_path):
     assert metrics["steps"] == 4 and "trainRewardAccuracy" in metrics
 
 
+@pytest.mark.slow
 def test_reward_model_two_ranks_match_one_process(world, tmp_path):
     single, ddp = run_stage_both_ways(world, tmp_path, "rewardModel",
                                       {"model": world["base"], "pairs": world["pairs"]},

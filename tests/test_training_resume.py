@@ -102,6 +102,7 @@ def _uninterrupted(world, tmp_path, training: dict, launcher: list[str]) -> Path
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_after_the_step_and_the_restart_redoes_nothing(world, tmp_path):
     training = {**RESUME, "zeroStage": 3}
     whole = _uninterrupted(world, tmp_path, training, TORCHRUN)

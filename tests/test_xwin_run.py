@@ -78,6 +78,7 @@ def outcomes(stdout: str) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_tiny_run_on_s3_then_rerun_is_a_noop(workdir, s3_server, s3_bucket):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -133,6 +134,7 @@ def test_tiny_run_on_s3_then_rerun_is_a_noop(workdir, s3_server, s3_bucket):
     assert {u: store.read_bytes(u) for u in before} == before
 
 
+@pytest.mark.slow
 def test_the_spec_storage_uri_is_used_and_store_overrides_it(workdir):
     def only_sft(spec):
         spec["storage"] = {"uri": "file://./elsewhere/artifacts"}   # relative to the working dir
@@ -149,6 +151,7 @@ def test_the_spec_storage_uri_is_used_and_store_overrides_it(workdir):
     assert (other / "demo/tiny/sft/_SUCCESS.json").is_file()
 
 
+@pytest.mark.slow
 def test_failed_stage_is_named_after_max_attempts_and_rerun_continues_from_it(workdir):
     scored = workdir / "scored.jsonl"
     good = (workdir / "examples/tiny/work/scored.jsonl").read_text().splitlines()
@@ -189,6 +192,7 @@ def test_failed_stage_is_named_after_max_attempts_and_rerun_continues_from_it(wo
     assert (runs / "sft/_SUCCESS.json").read_bytes() == sft_marker
 
 
+@pytest.mark.slow
 def test_a_failed_attempt_is_retried_after_the_backoff_and_succeeds(workdir):
     """Attempt 1 of sft fails (its data is not complete yet: a line cut short); the data is
     fixed during the backoff (XWIN_BACKOFF_SECONDS); attempt 2, a new child, succeeds."""

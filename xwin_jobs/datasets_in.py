@@ -11,7 +11,7 @@ A data input URI is one of:
   Hub lays out a repo (what `hf download --repo-type dataset --local-dir` makes), and no
   network is used; otherwise the Hub (a revision pins it).
 
-Columns are mapped to the record fields of DESIGN.md where they follow TRL's dataset
+Columns are mapped to the record fields of docs/design.md where they follow TRL's dataset
 formats (`from_columns`): conversational `messages`; `prompt` + `completion`; `prompt` /
 `chosen` / `rejected` as message lists or plain strings (a string prompt is one user
 message, a string answer one assistant message), with the prompt implicit in `chosen` /

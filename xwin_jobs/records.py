@@ -1,4 +1,4 @@
-"""JSON Lines records of DESIGN.md: conversation, prompt, pair, scored set.
+"""JSON Lines records of docs/design.md: conversation, prompt, pair, scored set.
 
 Each kind is a pydantic v2 model (extra keys allowed and kept: users add metadata). Readers
 take a single `.jsonl` / `.jsonl.gz` file or a folder of shards (every `*.jsonl[.gz]` under it,

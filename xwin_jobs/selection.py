@@ -339,7 +339,7 @@ def dpo_pair_records(scored_records: Iterable[dict], chosen: str = "best",
                      rejected: str = "worst", min_margin: float = 0.0, seed: int = 0,
                      rejected_floor: float | None = None
                      ) -> tuple[list[dict], dict[str, Any]]:
-    """Pair records (DESIGN.md pair format, without `judge`) for every kept pair, in prompt
+    """Pair records (docs/design.md pair format, without `judge`) for every kept pair, in prompt
     order, plus a summary: pairsKept, pairsDroppedByMargin, promptsTooFewResponses (and
     rejectedFloorScore, the score the floor quantile resolved to, when one is set)."""
     table = score_table_from_records(scored_records)

@@ -22,7 +22,7 @@ from typing import Any
 class StageTask:
     """Everything one stage job needs.
 
-    stage: the stage key of DESIGN.md (`sft`, `rewardModel`, `rejectionSampling`, `dpo`, ...).
+    stage: the stage key of docs/design.md (`sft`, `rewardModel`, `rejectionSampling`, `dpo`, ...).
     output: the stage's artifact folder URI, e.g. `s3://b/runs/ns/name/sft/` (trailing slash).
     inputs: named input URIs. Model inputs point at a Hugging Face folder (`.../sft/model/`
         or a user's `from:` URI); data inputs at a JSON Lines file or a folder of shards.

@@ -13,8 +13,8 @@ A failure leaves no marker, and nothing outside `task.output` is ever written.
 
 The training stages (`DATA_PARALLEL`) may run under torchrun (data parallel, see
 xwin_jobs.training.engine): every rank runs the stage, rank 0 decides "already done" and
-broadcasts it, only rank 0 writes to the store (clears, checkpoints, model/, metrics.json,
-the marker). Once the stage function returns on every rank they all leave the process group
+broadcasts it, only rank 0 writes the stage's files to the store (clears, model/, metrics.json,
+the marker; in a checkpoint each rank uploads its own shards and rank 0 the checkpoint's marker). Once the stage function returns on every rank they all leave the process group
 (no collective is left), the other ranks exit, and rank 0 uploads the model (`ctx.publish`)
 and writes the marker outside any collective's timeout (`training.collectiveTimeoutMinutes`).
 Their settings are checked before anything is written; they resume from their checkpoints

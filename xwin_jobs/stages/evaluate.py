@@ -1,7 +1,7 @@
 """`evaluate`: AlpacaEval-style win rates and MT-bench-style grades for each listed model.
 
 Task: inputs {"model:<name>": model URI for each name in params.models, alpacaPrompts (prompt
-records), alpacaReference ({"id", "prompt", "output"}), mtBenchQuestions ({"id", "turns":
+records), alpacaReference ({"id", "output"}), mtBenchQuestions ({"id", "turns":
 [q1, q2]})}; params {models, sampling, serving, judge, referenceModel, passGrade,
 recipeStages}. Either benchmark may be absent. With `referenceModel` (one of models) the
 reference outputs are that model's own answers instead of an alpacaReference file; every

@@ -19,7 +19,7 @@ marker), so each resumes on its own:
   every pair (i < j) of distinct candidates is asked in both orders (identical candidates are
   not compared, and counted); each judgment is stored under `<output>/judge/cache/` as it
   arrives, so a killed job re-asks nothing it received. Then, from the stored judgments:
-  `data/` pair records (DESIGN.md) for decisive comparisons, chosen = the winner, scores =
+  `data/` pair records (docs/design.md) for decisive comparisons, chosen = the winner, scores =
   the share of the two orders each side won; `ties/` the same records for ties (both orders
   tie, or orders disagreeing with `disagreement: tie`) with `judge.outcome`; they are kept
   apart so preference trainers never read a tie as a preference. `judge` of each record:
@@ -186,7 +186,7 @@ def _verdict_view(entry: dict[str, Any] | None, shown_a: int, shown_b: int) -> d
 
 def pair_record(c: Comparison, outcome: Outcome, fwd: dict | None, bwd: dict | None,
                 model: str, template: str) -> dict[str, Any]:
-    """The DESIGN.md pair record of one comparison (for a tie: first as `chosen`)."""
+    """The docs/design.md pair record of one comparison (for a tie: first as `chosen`)."""
     first_wins = outcome.result != "second"
     win, lose = (c.first, c.second) if first_wins else (c.second, c.first)
     share = outcome.first_share if outcome.first_share is not None else 0.5

@@ -4,7 +4,7 @@ pydantic's JSON Schema is close to what Kubernetes wants, but a CRD needs a *str
 OpenAPI v3 schema: no $ref, no anyOf for optional fields, boolean exclusiveMinimum, no
 `additionalProperties: false` beside `properties`, `x-kubernetes-preserve-unknown-fields` for
 free-form maps. `structural()` does that translation; `cel_rules()` turns the cross-field rule
-tables of spec.py into `x-kubernetes-validations`.
+tables of rules.py into `x-kubernetes-validations`.
 
 Pure: pydantic and the standard library.
 """
@@ -32,7 +32,7 @@ def _ref_ok_cel(expr: str, allowed: tuple[str, ...]) -> str:
 
 
 def cel_rules() -> list[dict[str, str]]:
-    """The cross-field rules of spec.cross_field_errors, as CEL on `spec`."""
+    """The cross-field rules of rules.cross_field_errors, as CEL on `spec`."""
     rules: list[dict[str, str]] = [{
         "rule": "has(self.stages) && (" + " || ".join(f"has(self.stages.{k})" for k in STAGE_ORDER) + ")",
         "message": "at least one stage is required", "fieldPath": ".stages",

@@ -1,7 +1,7 @@
 """The stage graph of an AlignmentRun, as pure functions of the spec (a spec whose stages read
 each other in a cycle is invalid: api/spec_io.py reports it with the file's line).
 
-Order is DESIGN.md's: sft → pairs → rewardModel → bestOfN → rejectionSampling → dpo → evaluate,
+Order is docs/design.md's: sft → pairs → rewardModel → bestOfN → rejectionSampling → dpo → evaluate,
 but what a stage waits for comes from the references in the spec (dpo.init, bestOfN.policy, ...):
 a stage starts as soon as every stage it reads from has succeeded. A stage given with `from:`
 runs nothing and counts as done from the start.

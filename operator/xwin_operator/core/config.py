@@ -26,7 +26,7 @@ class OperatorConfig:
     job_cpu: str = "1"                 # requests of sampler and judge pods
     job_memory: str = "2Gi"
     store: str = ""                    # replaces spec.storage.uri (tests); "" = the spec's
-    secret_ttl_seconds: float = 30.0   # a run's store Secret is read again after this (a rotated key)
+    secret_ttl_seconds: float = 30.0   # a Secret seen is read / looked up again after this (a rotated key)
     reconcile_interval: float = 3.0    # seconds between passes of a run waiting on what no event announces
     idle_factor: int = 10              # a run waiting on its children: a pass every idle_factor intervals
 

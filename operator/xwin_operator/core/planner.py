@@ -31,7 +31,7 @@ Actions, applied in order:
   * CreateChild(child): a typed `children.PlannedChild` (kind, stage, step, attempt, name,
     labels, task); the executor renders it (kube.manifests.render, a local process) and
     creates it; 409 Conflict means it exists: fine.
-  * DeleteChild(kind, name): delete (404 is fine). Foreground/background propagation.
+  * DeleteChild(kind, name): delete (404 is fine), its pods with it (background propagation).
   * SuspendChild(kind, name, suspend): PyTorchJob spec.runPolicy.suspend / Job spec.suspend;
     only a child the operator suspended itself is resumed (Kueue resumes those it holds).
   * FailChild(kind, name, reason, message): a child none of whose pods started within
@@ -39,7 +39,7 @@ Actions, applied in order:
   * PatchStatus(status): replace `.status` with this full dict (it never holds a Secret value).
   * EmitEvent(reason, message, type): a Kubernetes Event on the AlignmentRun.
   * RequeueAfter(seconds, reason): nothing to do until then (a backoff is running): call
-    `decide` again by then (kopf timer / `temporary` error delay).
+    `decide` again by then (kube/: the run's daemon sleeps until then or until a change wakes it).
 
 `config` (config.OperatorConfig, `OperatorConfig.from_env()` reads XWIN_* variables): default
 images, vLLM port, backoff (`backoff_seconds`, doubling per attempt up to
@@ -58,11 +58,11 @@ A stage whose marker is there is Succeeded and its still-active children are del
 server, a leftover of an older attempt), except the current attempt's last-step child: its
 job writes the marker just before it exits, so it is let finish (and stays in `children`).
 
-Status written (DESIGN.md): phase (Pending | Running | Succeeded | Failed | Suspended), stage
+Status written (docs/design.md): phase (Pending | Running | Succeeded | Failed | Suspended), stage
 (the stage in progress, or the failed one), observedGeneration, message, stages[] (name,
 phase, attempts, startTime, completionTime, artifact, children ["Kind/name"], metrics from the
 marker, message), conditions: `Succeeded` (True/False/Unknown with a reason: StageRunning,
-Backoff, AllStagesSucceeded, StageFailed, InputMissing, ...), `Suspended`, `SecretsReady`,
+Backoff, AllStagesSucceeded, StageFailed, InputNotFound, ...), `Suspended`, `SecretsReady`,
 `SpecChangeNeedsNewRun` (a finished stage whose settings changed: never silently rerun; to rerun
 it, create a new run or delete that stage's `_SUCCESS.json`).
 

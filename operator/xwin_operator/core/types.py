@@ -26,7 +26,7 @@ WAITING_REASONS = (WAITING_FOR_QUOTA, *POD_CAUSES)
 class ChildState:
     """One child as observed (found by the label xwin.ai/run; stage/step/attempt from labels)."""
 
-    kind: str            # PyTorchJob | Deployment | Service | Job
+    kind: str            # PyTorchJob | TrainJob | Deployment | Service | Job
     name: str
     stage: str           # label xwin.ai/stage
     step: str            # label xwin.ai/step: "train", "serve", "sample", "score", "judge", ...
@@ -43,7 +43,7 @@ class ChildState:
     suspended_by_us: bool = False  # suspended by the operator (spec.suspend), not by Kueue
     resumed: str | None = None     # when it was last unsuspended (ISO), if ever
     uid: str | None = None         # metadata.uid (kube/: its Kueue Workload is owned by it)
-    # what an executor sees of the child's pods and queue (kube/: pods.py; local/ leaves them)
+    # what an executor sees of the child's pods and queue (kube/: pod_status.py; local/ leaves them)
     held: str = ""                 # held by Kueue (suspended, not by us): the Workload's state
     cause: str = ""                # what keeps its pods from running: Unschedulable, ImagePullBackOff, ...
     cause_message: str = ""

@@ -7,7 +7,7 @@
     first listing before any handler runs, so a restarted operator sees every child it made
     before it plans a run again;
   * one daemon per unfinished run (`@kopf.daemon`, while `unfinished`): a plain loop around
-    reconcile.py's pass (observe -> decide -> act), sleeping until a change wakes it or until
+    reconciler.py's pass (observe -> decide -> act), sleeping until a change wakes it or until
     the pass's own deadline (a backoff's end, a Secret or input that may appear, a slow safety
     resync). kopf stops it when the run finishes or is deleted (it keeps its finalizer
     `xwin.ai/finalizer` on the run meanwhile, and removes it then);
@@ -106,6 +106,8 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 
 
 # --- indexes ------------------------------------------------------------------------------------
+# Every index and event handler here is `async def`: each is a few dict reads, and kopf runs a
+# plain `def` handler in a worker thread (a thread hop per watch event).
 
 
 def _by_run(namespace: str | None, labels: Mapping[str, str], value: Any) -> dict | None:
@@ -113,7 +115,7 @@ def _by_run(namespace: str | None, labels: Mapping[str, str], value: Any) -> dic
     return {(namespace, run): value} if run and value is not None else None
 
 
-def children_index(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict | None:
+async def children_index(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict | None:
     return _by_run(namespace, labels, child_state(body))
 
 
@@ -122,12 +124,12 @@ for _group, _version, _plural in CHILD_RESOURCES:
 
 
 @kopf.index("", "v1", "pods", labels=MANAGED)
-def pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict | None:
+async def pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict | None:
     return _by_run(namespace, labels, pod_summary(body))
 
 
 @kopf.index(*WORKLOADS)
-def workloads(body: kopf.Body, **_: Any) -> dict | None:
+async def workloads(body: kopf.Body, **_: Any) -> dict | None:
     owners = [o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or []]
     status = body.get("status") or {}
     return {owners[0]: {"metadata": {"name": body["metadata"]["name"]},
@@ -210,18 +212,18 @@ def spec_changed(body: kopf.Body, **_: Any) -> bool:
 
 
 @kopf.on.event(*RUNS, when=spec_changed)
-def run_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def run_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     _wake(memo, namespace, name)
 
 
-def child_changed(type: str | None, name: str, namespace: str | None, labels: Mapping[str, str],
+async def child_changed(type: str | None, name: str, namespace: str | None, labels: Mapping[str, str],
                   body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A child of a run changed as the planner sees it (or is gone): its run's next pass sees it."""
     seen = None if type == "DELETED" else child_state(body)
     _wake(memo, namespace, labels.get(LABEL_RUN), f"{body.get('kind')}/{name}", seen)
 
 
-def pod_changed(type: str | None, name: str, namespace: str | None, labels: Mapping[str, str],
+async def pod_changed(type: str | None, name: str, namespace: str | None, labels: Mapping[str, str],
                 body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A pod of a run started, ended, went away, or got stuck (pod_status.pod_seen)."""
     seen = None if type == "DELETED" else pod_seen(body)
@@ -234,7 +236,7 @@ kopf.on.event("", "v1", "pods", labels=MANAGED)(pod_changed)
 
 
 @kopf.on.event(*WORKLOADS)
-def workload_changed(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **kwargs: Any) -> None:
+async def workload_changed(body: kopf.Body, namespace: str | None, memo: kopf.Memo, **kwargs: Any) -> None:
     """Kueue admitted, evicted or re-queued a Workload: wake the run of the child owning it."""
     owners = {o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or []}
     for (ns, run), children in indexes_of(kwargs).children_items():

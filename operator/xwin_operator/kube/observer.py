@@ -24,7 +24,6 @@ from .pod_status import with_pods
 if TYPE_CHECKING:
     from .reconciler import Operator
 
-SECRET_TTL = 30.0  # seconds a Secret found to exist is not looked up again
 
 
 @dataclass(frozen=True)
@@ -127,10 +126,11 @@ def _pod_of(pod: Mapping[str, Any], child: Any) -> bool:
 
 
 async def secret_exists(op: Operator, namespace: str, name: str) -> bool:
-    """Whether the Secret exists; one found is not asked for again for SECRET_TTL seconds (a
-    missing one is asked for on every reconcile, so a Secret created heals the run at once)."""
-    key, now = (namespace, name), time.monotonic()
-    if now - op.secrets_found.get(key, -SECRET_TTL) < SECRET_TTL:
+    """Whether the Secret exists; one found is not asked for again for the config's
+    secret_ttl_seconds (a missing one is asked for on every reconcile, so a Secret created heals
+    the run at once)."""
+    key, now, ttl = (namespace, name), time.monotonic(), op.config.secret_ttl_seconds
+    if now - op.secrets_found.get(key, -ttl) < ttl:
         return True
     if await op.api.secret_exists(namespace, name):
         op.secrets_found[key] = now

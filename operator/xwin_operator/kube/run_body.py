@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
+from ..api.graph import GraphError, dependencies
 from ..api.spec import AlignmentRun
 from ..core.types import EmitEvent, PatchStatus
 
@@ -27,18 +28,22 @@ def spec_errors(exc: Exception) -> list[str]:
 
 def parse_run(body: Mapping[str, Any], previous: dict | None, generation: int,
               now: str) -> tuple[Any, list]:
-    """(AlignmentRun, []) or, for a spec the CRD schema let through but the spec model rejects,
-    (None, [PatchStatus(Failed, naming each field), EmitEvent]) — never an exception, so a bad
-    spec is reported once instead of crash-looping. Fixing the spec re-runs the handlers."""
+    """(AlignmentRun, []) or, for a spec the CRD schema let through but the spec model rejects
+    (or whose stages read each other in a cycle, which no CEL rule can see), (None,
+    [PatchStatus(Failed, naming each field), EmitEvent]) — never an exception, so a bad spec is
+    reported once instead of crash-looping. Fixing the spec re-runs the handlers."""
     meta = body.get("metadata") or {}
     try:
         run = AlignmentRun.model_validate({"apiVersion": body.get("apiVersion", "xwin.ai/v1alpha1"),
                                            "kind": "AlignmentRun",
                                            "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
                                            "spec": _plain(body.get("spec") or {})})
+        dependencies(run.spec)
         return run, []
     except ValidationError as e:
         message = "invalid spec: " + "; ".join(spec_errors(e))
+    except GraphError as e:
+        message = f"invalid spec: {e}"
     previous = previous or {}
     condition = {"type": "Succeeded", "status": "False", "reason": "InvalidSpec", "message": message,
                  "lastTransitionTime": now}
