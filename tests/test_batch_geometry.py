@@ -77,6 +77,7 @@ def test_old_spec_validates_and_says_its_geometry():
                   .replace(" ZERO", ""))
 
 
+@pytest.mark.slow
 def test_old_spec_runs_with_one_rank(tmp_path, caplog):
     root = tmp_path
     corpus = ["what is 1 plus 2?", "1 plus 2 is 3",

@@ -47,7 +47,8 @@ def test_training_pods_that_request_gpus_are_told_how_many():
     assert tiny and all(GPU_ENV not in env for env in tiny.values())
 
 
-@pytest.mark.parametrize("launcher", [[], ["-m", "xwin_jobs.launch", "--standalone", "--nproc-per-node", "2"]],
+@pytest.mark.parametrize("launcher", [[], pytest.param(["-m", "xwin_jobs.launch", "--standalone", "--nproc-per-node", "2"],
+                                                       marks=pytest.mark.slow)],
                          ids=["one-process", "torchrun-2-ranks"])
 def test_a_task_that_requests_gpus_stops_before_training_on_this_cpu_machine(tmp_path, launcher):
     out = tmp_path / "runs" / "sft"

@@ -95,8 +95,8 @@ def test_client_certificate_data(tls_cluster, tmp_path, pki):
 
 @pytest.mark.parametrize("case, expect", [
     ("failing plugin", "the exec credential plugin"),
-    ("garbage plugin", "its output is not an ExecCredential"),
-    ("unreadable kubeconfig", "cannot be read"),
+    pytest.param("garbage plugin", "its output is not an ExecCredential", marks=pytest.mark.slow),
+    pytest.param("unreadable kubeconfig", "cannot be read", marks=pytest.mark.slow),
     ("refused token", "the API server refused the credentials (401 Unauthorized)"),
 ])
 def test_a_bad_login_is_one_clear_line_and_no_crash(tls_cluster, tmp_path, case, expect):

@@ -87,3 +87,26 @@ def test_a_cpu_step_has_the_shorter_default():
     acts = plan(run, kids, markers, now="2024-05-01T10:15:01Z")   # 901 s: past the 900 s default of a CPU step
     assert [a.name for a in of(acts, FailChild)] == ["demo-bestofn-sample-1"]
     assert not [a for a in acts if isinstance(a, CreateChild)]
+
+
+def test_a_failed_server_deployment_whose_pod_restarts_is_stopped_and_kept_as_the_attempts_record():
+    """Its pod would restart, hold its GPUs and bring the attempt back once the server answers."""
+    run = make_run()
+    markers = markers_for(run, "sft", "rewardModel")
+    died = child("bestOfN", "serve", kind="Deployment", phase="Failed", reason="ServerKilled",
+                 message="the vLLM server was killed by SIGKILL", finished="2024-05-01T10:00:00Z", live_pods=1)
+    kids = [died, child("bestOfN", "serve", kind="Service"), child("bestOfN", "sample", kind="Job")]
+    acts = plan(run, kids, markers, now="2024-05-01T10:00:01Z")
+    [stop] = of(acts, FailChild)
+    assert (stop.kind, stop.name, stop.reason) == ("Deployment", "demo-bestofn-serve-1", "ServerKilled")
+    assert creates(acts) == []
+    # stopped (marked failed: the annotation), its pod still terminating: not stopped twice
+    stopping = child("bestOfN", "serve", kind="Deployment", phase="Failed", reason="ServerKilled",
+                     finished="2024-05-01T10:00:00Z", live_pods=1, stopped=True)
+    acts = plan(run, [stopping], markers, now="2024-05-01T10:05:00Z")
+    assert of(acts, FailChild) == [] and creates(acts) == []
+    # its pod gone: attempt 2
+    gone = child("bestOfN", "serve", kind="Deployment", phase="Failed", reason="ServerKilled",
+                 finished="2024-05-01T10:00:00Z", stopped=True)
+    acts = plan(run, [gone], markers, now="2024-05-01T10:05:00Z")
+    assert creates(acts) == ["Deployment/demo-bestofn-serve-2", "Service/demo-bestofn-serve-2"]

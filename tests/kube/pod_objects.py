@@ -107,6 +107,15 @@ async def pod_exited(runner: "ChildRunner", pod_name: str, template: dict, exit_
     return last
 
 
+async def pod_deleted(runner: "ChildRunner", pod_name: str) -> None:
+    """The pod is gone (its controller deleted it: a Deployment scaled to 0)."""
+    try:
+        await runner.kubelet.cluster._request("delete", resource_path(PODS, runner.ns, pod_name))
+    except ApiError as e:
+        if e.status != 404:
+            raise
+
+
 async def pod_finished(runner: "ChildRunner", pod_name: str, template: dict, exit_code: int) -> None:
     """A job's pod ended (restartPolicy Never / ExitCode): Succeeded or Failed, its container terminated."""
     container = template["spec"]["containers"][0]

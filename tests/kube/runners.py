@@ -20,7 +20,7 @@ import aiohttp
 from .apiserver import now_iso
 from .paths import resource_path
 from .cluster import ApiError
-from .pod_objects import pod_exited, pod_finished, pod_started, termination_file
+from .pod_objects import pod_deleted, pod_exited, pod_finished, pod_started, termination_file
 from .podman import podman_process, remove_container, secret_values
 from .pods import LocalProcess, PodConfigError, free_port, pod_process
 
@@ -281,6 +281,15 @@ class DeploymentRunner(ChildRunner):
         term_file = termination_file(self.kubelet.work, pod_name)
         try:
             while True:
+                if self.scaled_to_zero():  # its ReplicaSet deletes the pod, and starts one when scaled up
+                    self.kill()
+                    self.kubelet.ports.pop((self.ns, self.name), None)
+                    await pod_deleted(self, pod_name)
+                    await self.patch_status(replicas=0, readyReplicas=0, availableReplicas=0, unavailableReplicas=None)
+                    while self.scaled_to_zero():
+                        await self.wait_change_or()
+                    restarts, last = 0, None
+                    continue
                 if not await self._init_containers(spec["template"]):
                     await asyncio.sleep(1.0)  # Init:CrashLoopBackOff, briefly
                     continue
@@ -298,7 +307,10 @@ class DeploymentRunner(ChildRunner):
                         if (self.ns, self.name) not in self.kubelet.ports:
                             self.kubelet.ports[(self.ns, self.name)] = port
                             await self._available(replicas)
-                    await self.wait_change_or(proc.wait(), timeout=0.5)
+                    if await self.wait_change_or(proc.wait(), timeout=0.5) and self.scaled_to_zero():
+                        break
+                if self.scaled_to_zero():
+                    continue
                 self.kubelet.ports.pop((self.ns, self.name), None)
                 self.kill()
                 restarts += 1
@@ -309,6 +321,9 @@ class DeploymentRunner(ChildRunner):
                 await asyncio.sleep(1.0)  # CrashLoopBackOff, briefly
         finally:
             self.kubelet.ports.pop((self.ns, self.name), None)
+
+    def scaled_to_zero(self) -> bool:
+        return int((self.body.get("spec") or {}).get("replicas", 1)) == 0
 
     async def _init_containers(self, template: dict) -> bool:
         """Run the pod's initContainers one after the other; True when all exited 0."""

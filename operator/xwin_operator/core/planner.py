@@ -35,7 +35,8 @@ Actions, applied in order:
   * SuspendChild(kind, name, suspend): PyTorchJob spec.runPolicy.suspend / Job spec.suspend;
     only a child the operator suspended itself is resumed (Kueue resumes those it holds).
   * FailChild(kind, name, reason, message): a child none of whose pods started within
-    spec.scheduling.pendingTimeoutSeconds: stopped and marked failed, kept as its attempt's record.
+    spec.scheduling.pendingTimeoutSeconds, or a failed server Deployment whose pod restarts:
+    stopped and marked failed, kept as its attempt's record.
   * PatchStatus(status): replace `.status` with this full dict (it never holds a Secret value).
   * EmitEvent(reason, message, type): a Kubernetes Event on the AlignmentRun.
   * RequeueAfter(seconds, reason): nothing to do until then (a backoff is running): call

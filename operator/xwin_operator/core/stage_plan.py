@@ -16,7 +16,7 @@ from .config import OperatorConfig
 from ..api.graph import stages_of
 from .steps import Step, steps_of
 from .tasks import run_root, stage_uri
-from .types import ChildState, Observed, StageView
+from .types import ChildState, Observed, StageView, attempt_failed
 
 ACTIVE = ("Pending", "Running")
 
@@ -154,15 +154,19 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
                         key=lambda t: t or datetime.min.replace(tzinfo=timezone.utc))
         wait = _backoff(config, attempt) - ((now - failed_at).total_seconds() if failed_at else 1e9)
         view.deletes += [(c.kind, c.name) for c in cs if c.attempt == attempt and c.phase in ACTIVE]
+        # a failed server Deployment's pod restarts (and holds its GPUs, and can make the attempt
+        # look alive again): stopped at 0 replicas and marked failed, kept as the attempt's record
+        view.fails += [c for c in failed if c.kind == "Deployment" and c.live_pods and not c.stopped
+                       and (c.kind, c.name) not in stopped]
         alive = [c for c in failed if c.live_pods]
         if wait <= 0 and alive:  # the next attempt's pods would wait for the GPUs these still hold
             view.phase, view.reason, view.attempts, view.requeue = "Running", "AttemptCleanup", attempt, FREED_WAIT
-            view.message = (f"attempt {attempt} of stage {view.name} failed ({text}); attempt {attempt + 1} "
+            view.message = (f"{attempt_failed(attempt, view.name)} ({text}); attempt {attempt + 1} "
                             f"starts once its pods are gone ({', '.join(f'{c.kind}/{c.name}' for c in alive)})")
             return
         if wait > 0:
             view.phase, view.reason, view.attempts, view.requeue = "Running", "Backoff", attempt, wait
-            view.message = (f"attempt {attempt} of stage {view.name} failed ({text}); attempt "
+            view.message = (f"{attempt_failed(attempt, view.name)} ({text}); attempt "
                             f"{attempt + 1} of {run.spec.retries.maxAttempts} starts after a "
                             f"{_backoff(config, attempt):.0f}s backoff")
             return

@@ -25,7 +25,7 @@ from xwin_jobs.server_exit import UNSUPPORTED_MODEL
 
 from ..api.spec import AlignmentRun
 from ..api.graph import stage_references, stages_of
-from .types import WAITING_REASONS, EmitEvent, Observed, PatchStatus, StageView
+from .types import WAITING_REASONS, EmitEvent, Observed, PatchStatus, StageView, attempt_failed
 
 _FAILED_REASONS = ("StageFailed", "InputNotFound", "NoMarker", UNSUPPORTED_MODEL)
 
@@ -152,7 +152,8 @@ def status_actions(run: AlignmentRun, views: dict[str, StageView], prev_status: 
     for s in new_status["stages"]:
         old = prev_stages.get(s["name"], {})
         backoff = views[s["name"]].reason == "Backoff"
-        if backoff and s.get("message") != old.get("message"):
+        # once per failed attempt (the failed child's details may still change while it waits)
+        if backoff and not (old.get("message") or "").startswith(attempt_failed(s["attempts"], s["name"])):
             events.append(EmitEvent("StageAttemptFailed", s["message"], "Warning"))
             continue
         if s.get("reason") in WAITING_REASONS and s.get("reason") != old.get("reason"):

@@ -41,6 +41,7 @@ class ChildState:
     permanent: bool = False        # failed in a way every attempt would repeat (a model the
                                    # serving backend cannot run): no retry
     suspended_by_us: bool = False  # suspended by the operator (spec.suspend), not by Kueue
+    stopped: bool = False          # stopped and marked failed by the operator (FailChild)
     resumed: str | None = None     # when it was last unsuspended (ISO), if ever
     uid: str | None = None         # metadata.uid (kube/: its Kueue Workload is owned by it)
     # what an executor sees of the child's pods and queue (kube/: pod_status.py; local/ leaves them)
@@ -82,6 +83,12 @@ class SuspendChild:
     kind: str
     name: str
     suspend: bool = True     # False resumes a suspended child
+
+
+def attempt_failed(attempt: int, stage: str) -> str:
+    """How a stage's message begins while a failed attempt waits for the next one (one
+    StageAttemptFailed Event per attempt, however the message's details change)."""
+    return f"attempt {attempt} of stage {stage} failed"
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,7 @@ class StageView:
     requeue: float | None = None
     needs_judge: bool = False     # the creates reference judge.apiKeySecret
     finishing: list[ChildState] = field(default_factory=list)  # succeeded, its last child exiting
-    fails: list[ChildState] = field(default_factory=list)      # to stop as failed (never started)
+    fails: list[ChildState] = field(default_factory=list)      # to stop as failed (FailChild)
 
 
 def now_iso() -> str:

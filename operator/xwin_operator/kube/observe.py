@@ -121,6 +121,7 @@ def child_state(body: Mapping[str, Any]) -> ChildState | None:
                       message=message, exit_code=_exit_code(message) if phase == "Failed" else None,
                       created=meta.get("creationTimestamp"), finished=finished, suspended=suspended,
                       suspended_by_us=suspended and annotations.get(ANNOTATION_SUSPENDED) == MANAGED_BY,
+                      stopped=stopped is not None,
                       resumed=resumed.get("lastTransitionTime") if resumed.get("status") == "False" else None,
                       uid=meta.get("uid"))
 
