@@ -22,6 +22,7 @@ def world(tmp_path_factory):
     return make_world(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_share_one_download_and_a_restart_reuses_it(world, s3_server, s3_bucket, tmp_path):
     store = Store(s3_server.endpoint_url)
     base = f"{s3_bucket}/models/base/"

@@ -143,6 +143,7 @@ def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(world, tmp_path):
     assert _max_diff(whole, out) <= EXACT
 
 
+@pytest.mark.slow
 def test_checkpoint_selection_other_inputs_half_uploaded_and_corrupt(world, tmp_path):
     single = [sys.executable, "-m", "xwin_jobs"]
     training = {**RESUME, "epochs": 2, "checkpointEvery": 2}  # 8 steps, checkpoints 2, 4, 6
