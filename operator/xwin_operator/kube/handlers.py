@@ -35,7 +35,8 @@ from .kubeconfig import Login, LoginError, MemFiles, load_login
 from .observe import child_state
 from .observer import Indexes
 from .pod_status import pod_seen, pod_summary
-from .reconciler import Operator, RunState, finished, reconcile_logged
+from .reconciler import finished, reconcile_logged
+from .state import Operator, RunState
 from .store_reader import StoreReader
 
 RUNS = (API_GROUP, API_VERSION, PLURAL)

@@ -22,7 +22,7 @@ from .observe import server_failed
 from .pod_status import with_pods
 
 if TYPE_CHECKING:
-    from .reconciler import Operator
+    from .state import Operator
 
 
 

@@ -14,27 +14,23 @@ announces, `idle` while waiting on a child, whose changes wake the daemon).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from xwin_jobs.store import StoreError
 
 from ..api.spec import API_GROUP, API_VERSION, KIND
 from ..core.children import PlannedChild
-from ..core.config import OperatorConfig
 from ..core.loop import act, reconcile_once, resync_after
 from ..core.planner import stage_tasks
 from ..core.types import EmitEvent, now_iso
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal
-from .client import ApiError, KubeApi
-from .kubeconfig import Login, LoginError
+from .client import ApiError
+from .kubeconfig import LoginError
 from .manifests import render
 from .observer import Indexes, KubeObserver
 from .run_body import parse_run
-from .store_credentials import StoreCredentials
-from .store_reader import StoreReader
+from .state import Operator, RunState
 
 FINISHED = ("Succeeded", "Failed")
 Logger = logging.Logger | logging.LoggerAdapter
@@ -42,49 +38,6 @@ Logger = logging.Logger | logging.LoggerAdapter
 
 class RunGone(Exception):
     """The run was deleted while it was being reconciled."""
-
-
-@dataclass
-class RunState:
-    """What the operator keeps of one run while its daemon lives: the wake-up a change of its
-    children or spec sets, the status it last wrote (newer than a body the watch has not caught
-    up with), its spec parsed for the generation last reconciled, and the block last reported."""
-
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    generation: int | None = None
-    run: Any = None                  # the spec parsed, for `generation`
-    tasks: dict | None = None        # planner.stage_tasks(run) for that generation
-    status: dict | None = None
-    blocked: str | None = None
-    seen: dict[str, Any] = field(default_factory=dict)   # "Kind/name" -> what its last event showed
-
-
-@dataclass
-class Operator:
-    """The operator's parts, in kopf's memo (handlers.configure): the API client, the store
-    reader, the settings, and the state of each run whose daemon is running."""
-
-    api: KubeApi
-    store: StoreReader
-    config: OperatorConfig
-    login: Callable[[], Login]
-    runs: dict[tuple[str, str], RunState] = field(default_factory=dict)   # (namespace, name) -> state
-    secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)  # -> when last found
-    credentials: StoreCredentials | None = None   # the runs' store keys (store_credentials.py)
-
-    def __post_init__(self) -> None:
-        if self.credentials is None:
-            self.credentials = StoreCredentials(self.api, ttl=self.config.secret_ttl_seconds,
-                                                on_replaced=self.store.forget)
-
-    @property
-    def interval(self) -> float:
-        return self.config.reconcile_interval
-
-    @property
-    def idle(self) -> float:
-        """The safety resync of a run waiting on its child (seconds): its changes wake it."""
-        return self.config.idle_factor * self.config.reconcile_interval
 
 
 def finished(body: Mapping[str, Any], written: dict | None = None) -> bool:
