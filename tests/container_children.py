@@ -47,7 +47,7 @@ def tiny_spec(bucket: str, endpoint: str, judge_url: str, launcher: str = "PyTor
     stages = spec["stages"]
     stages["sft"] = {**stages["sft"], "data": f"{bucket}/tiny/sft.jsonl",
                      "training": {**stages["sft"]["training"], "maxSteps": 2}}
-    stages["pairs"]["prompts"] = f"{bucket}/tiny/pair-prompts.jsonl"
+    stages["pairs"]["prompts"] = f"{bucket}/tiny/pair-prompts.parquet"  # the sampler reads Parquet
     stages["bestOfN"]["prompts"] = f"{bucket}/tiny/rs-prompts.jsonl"
     stages["evaluate"]["alpacaEval"]["prompts"] = f"{bucket}/tiny/alpaca.jsonl"
     stages["evaluate"]["mtBench"]["questions"] = f"{bucket}/tiny/mt-bench.jsonl"
@@ -97,7 +97,11 @@ def containers_of(manifest: dict[str, Any]) -> Iterator[tuple[dict, dict, dict[s
 
 
 def upload_task(store_client, bucket: str, work: Path) -> None:
-    """The small tiny task (examples/tiny/make_task.py) and its base model into `bucket`."""
+    """The small tiny task (examples/tiny/make_task.py) and its base model into `bucket`; the
+    pair prompts also as Parquet (tiny_spec's pairs stage reads that copy)."""
+    import pyarrow.json
+    import pyarrow.parquet
+
     for extra in (ROOT / "examples", ROOT / "examples" / "tiny"):
         if str(extra) not in sys.path:
             sys.path.insert(0, str(extra))
@@ -107,6 +111,9 @@ def upload_task(store_client, bucket: str, work: Path) -> None:
     name = bucket[len("s3://"):]
     for key in DATA_FILES:
         store_client.upload_file(str(paths[key]), name, f"tiny/{key}.jsonl")
+    parquet = work / "pair-prompts.parquet"
+    pyarrow.parquet.write_table(pyarrow.json.read_json(str(paths["pair-prompts"])), str(parquet))
+    store_client.upload_file(str(parquet), name, "tiny/pair-prompts.parquet")
     for f in sorted(Path(paths["base-model"]).iterdir()):
         store_client.upload_file(str(f), name, f"tiny/base-model/{f.name}")
 

@@ -1,7 +1,8 @@
 """The Helm chart, rendered by the real helm: valid manifests for the newest Kubernetes; the CRD
 as a template `helm upgrade` applies (kept on uninstall); RBAC scoped to the install (Secrets
-per watched namespace); values checked by values.schema.json, every key of values.yaml in it
-and commented."""
+per watched namespace); the metrics Service, and the ServiceMonitor (against prometheus-operator's
+CRD in tests/schemas/) and Grafana dashboard ConfigMap only when enabled; values checked by
+values.schema.json, every key of values.yaml in it and commented."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from helm_chart import CHART, REPO, helm_binary, render_chart
+from test_manifests_valid import SCHEMAS, _validate_crd_object
 from xwin_operator.api.crd import crd, crd_yaml
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -56,13 +58,86 @@ def test_helm_lint_and_template_render_valid_manifests(helm, sets, tmp_path):
                           env={**os.environ, "HOME": str(tmp_path)})
     assert lint.returncode == 0, lint.stdout + lint.stderr
     docs = render_chart(helm, tmp_path, *sets)
-    expected = {"Deployment"} | (set() if sets else {"ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                                                      "CustomResourceDefinition"})
+    expected = {"Deployment", "Service"} | (set() if sets else {"ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                                                                 "CustomResourceDefinition"})
     assert {d["kind"] for d in docs} == expected
     for d in docs:
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
     command = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["command"]
     assert ("--all-namespaces" in command) == (not sets)
+
+
+# --- metrics: the Service, the ServiceMonitor, the Grafana dashboard ---------------------------
+
+MONITORING = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.serviceMonitor.labels.release=kps",
+              "--set", "metrics.serviceMonitor.scrapeTimeout=10s", "--set", "metrics.dashboard.enabled=true"]
+
+
+def _servicemonitor_schema() -> dict:
+    """prometheus-operator's ServiceMonitor v1 schema (tests/schemas/README.md); a missing file fails."""
+    path = SCHEMAS / "monitoring.coreos.com_servicemonitors.yaml"
+    assert path.is_file(), f"{path} is missing (tests/schemas/README.md says where it comes from)"
+    crd_doc = next(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return next(v for v in crd_doc["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def _container(docs: list[dict]) -> dict:
+    return next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_metrics_are_served_on_their_own_port_behind_a_service_by_default(helm, tmp_path):
+    docs = render_chart(helm, tmp_path)
+    assert not [d for d in docs if d["kind"] in ("ServiceMonitor", "ConfigMap")]
+    c = _container(docs)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"metrics": 8080, "health": 8081}
+    assert "--liveness=http://0.0.0.0:8081/healthz" in c["command"]
+    assert {e["name"]: e["value"] for e in c["env"]}["XWIN_METRICS_PORT"] == "8080"
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
+    pod_labels = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+    off = render_chart(helm, tmp_path, "--set", "metrics.enabled=false")
+    assert not [d for d in off if d["kind"] == "Service"]
+    assert [p["name"] for p in _container(off)["ports"]] == ["health"]
+    assert {e["name"]: e["value"] for e in _container(off)["env"]}["XWIN_METRICS_PORT"] == "0"
+
+
+def test_the_servicemonitor_and_the_dashboard_render_only_when_enabled_and_validate(helm, tmp_path):
+    lint = subprocess.run([helm, "lint", str(CHART), "--strict", *MONITORING], capture_output=True, text=True,
+                          env={**os.environ, "HOME": str(tmp_path)})
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = render_chart(helm, tmp_path, *MONITORING)
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
+    for d in docs:
+        if d["kind"] == "ServiceMonitor":
+            assert d["apiVersion"] == "monitoring.coreos.com/v1"
+            _validate_crd_object(_servicemonitor_schema(), d)
+        else:
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    # the ServiceMonitor selects the metrics Service (and only it) by its port's name
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [service["metadata"]["namespace"]]}
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s",
+                                             "scrapeTimeout": "10s"}]
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    # the dashboard, byte for byte from files/, for Grafana's sidecar
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"] == {"xwin-operator.json": (CHART / "files" / "dashboard.json").read_text().rstrip("\n")}
+    assert json.loads(dashboard["data"]["xwin-operator.json"])["uid"] == "xwin-operator"
+    elsewhere = render_chart(helm, tmp_path, "--set", "metrics.dashboard.enabled=true",
+                             "--set", "metrics.dashboard.namespace=monitoring")
+    assert next(d for d in elsewhere if d["kind"] == "ConfigMap")["metadata"]["namespace"] == "monitoring"
+
+
+def test_a_servicemonitor_without_the_metrics_service_fails_naming_the_keys(helm, tmp_path):
+    out = subprocess.run([helm, "template", "xwin", str(CHART), "--kube-version", "1.30.0",
+                          "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.service.enabled=false"],
+                         capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    assert out.returncode != 0 and "metrics.service.enabled" in out.stderr, out.stderr
 
 
 class Yaml11Loader(yaml.SafeLoader):
@@ -181,7 +256,9 @@ def test_every_key_of_values_yaml_is_commented():
     (["--set-string", "crds.install=true"], "crds.install"),
     (["--set", "operator.logLevel=--debug"], "operator.logLevel"),
     (["--set", "rbac.creat=true"], "rbac"),
-], ids=["wrong-type", "string-for-bool", "not-in-enum", "unknown-key"])
+    (["--set", "metrics.port=8081"], "metrics.port"),
+    (["--set", "metrics.serviceMonitor.interval=30"], "metrics.serviceMonitor.interval"),
+], ids=["wrong-type", "string-for-bool", "not-in-enum", "unknown-key", "liveness-port", "interval-unit"])
 def test_a_wrong_value_fails_helm_lint_and_template_naming_the_key(helm, args, key, tmp_path):
     env = {**os.environ, "HOME": str(tmp_path)}
     lint = subprocess.run([helm, "lint", str(CHART), *args], capture_output=True, text=True, env=env)

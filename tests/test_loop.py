@@ -31,6 +31,7 @@ class World:
     def missing_inputs(self, uris): return self._ret("missing_inputs", value=[])
     def missing_secrets(self, refs): return self._ret("missing_secrets", value=self._missing_secrets)
     def fingerprints(self, uris): return self._ret("fingerprints", value={})
+    def progress(self, uris): return self._ret("progress", value={})
     def create(self, child): return self._ret("create", f"{child.kind}/{child.name}")
     def delete(self, kind, name): return self._ret("delete", kind, name)
     def suspend(self, kind, name, suspend): return self._ret("suspend", kind, name, suspend)
@@ -51,8 +52,8 @@ def test_a_new_run_is_observed_children_first_then_its_first_child_created_then_
     world = World()
     outcome = (once(world, run))
     names = [c[0] for c in world.calls]
-    assert names[:5] == ["children", "markers", "missing_inputs", "missing_secrets", "fingerprints"]
-    assert world.calls[5:] == [("create", "PyTorchJob/demo-sft-1"), ("patch_status", "Running"),
+    assert names[:6] == ["children", "markers", "missing_inputs", "missing_secrets", "fingerprints", "progress"]
+    assert world.calls[6:] == [("create", "PyTorchJob/demo-sft-1"), ("patch_status", "Running"),
                                ("event", "StageStarted"), ("event", "StageReused")]
     assert outcome.status["phase"] == "Running" and outcome.requeue is None
     assert [type(a).__name__ for a in outcome.actions] == ["CreateChild", "PatchStatus", "EmitEvent",
@@ -74,7 +75,7 @@ def test_the_async_executor_gets_the_same_calls_in_the_same_order():
 def test_a_missing_secret_holds_the_children_back():
     world = World(missing_secrets=["s3-creds"])
     outcome = (once(world, make_run()))
-    assert world.calls[5:] == [("patch_status", "Pending"), ("event", "StageReused"),
+    assert world.calls[6:] == [("patch_status", "Pending"), ("event", "StageReused"),
                                ("event", "SecretNotFound")]
     assert outcome.status["phase"] == "Pending"
 

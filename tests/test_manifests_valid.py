@@ -165,8 +165,8 @@ def test_the_sample_training_runtime_validates():
 def test_the_kubeflow_schemas_live_with_the_tests_and_a_missing_one_fails():
     listed = (SCHEMAS / "README.md").read_text()
     files = sorted(p.name for p in SCHEMAS.glob("*.yaml"))
-    assert files == ["kubeflow.org_pytorchjobs.yaml", "trainer.kubeflow.org_clustertrainingruntimes.yaml",
-                     "trainer.kubeflow.org_trainjobs.yaml"]
+    assert files == ["kubeflow.org_pytorchjobs.yaml", "monitoring.coreos.com_servicemonitors.yaml",
+                     "trainer.kubeflow.org_clustertrainingruntimes.yaml", "trainer.kubeflow.org_trainjobs.yaml"]
     assert all(f"`{name}`" in listed for name in files), "tests/schemas/README.md: a schema without its source"
     with pytest.raises(pytest.fail.Exception, match="tests/schemas/absent.yaml is missing"):
         kubeflow_schema("absent.yaml", "v1")

@@ -191,11 +191,17 @@ def test_tiny_run_trains_every_stage_through_the_operator(cluster, kubelet_facto
 
 @pytest.mark.slow
 def test_a_killed_trainer_replica_is_restarted_and_resumes_from_its_checkpoint(
-        cluster, kubelet_factory, operator_factory, s3_server, s3_bucket, tiny_task):
+        cluster, kubelet_factory, operator_factory, s3_server, s3_bucket, tiny_task, monkeypatch):
     """Preemption on 'Kubernetes': once sft has uploaded a checkpoint, its PyTorchJob replica is
     killed (every process at once: exit code 137); the Training Operator stand-in restarts it
-    (`restartPolicy: ExitCode`) and the stage resumes from the checkpoint instead of step 0."""
+    (`restartPolicy: ExitCode`) and the stage resumes from the checkpoint instead of step 0.
+    While it trains, the run's status shows its step n/32 (the pod's progress record, written
+    every step here, read on every pass: a pass every 0.5 s while a step reports)."""
     import time
+
+    from kube.harness import run_status
+
+    monkeypatch.setenv("XWIN_PROGRESS_INTERVAL", "0")
 
     import psutil
 
@@ -208,7 +214,7 @@ def test_a_killed_trainer_replica_is_restarted_and_resumes_from_its_checkpoint(
                        store, f"{s3_bucket}/inputs", tiny_task)
     s3_secret(cluster, s3_server.env, secret=s3_server.env["AWS_SECRET_ACCESS_KEY"])
     kubelet = kubelet_factory(python_for_image=local_python)
-    op = operator_factory(env=s3_server.env)
+    op = operator_factory(env={**s3_server.env, "XWIN_PROGRESS_SECONDS": "0.5"})
     create_run(cluster, run)
 
     checkpoints = f"{s3_bucket}/runs/{NS}/tiny/sft/checkpoints/"
@@ -224,7 +230,16 @@ def test_a_killed_trainer_replica_is_restarted_and_resumes_from_its_checkpoint(
         except psutil.NoSuchProcess:
             pass
 
-    status = wait_phase(cluster, NS, "tiny", phases=("Succeeded", "Failed"), timeout=600, operator=op)
+    seen = []   # (done, total) of sft's progress in the run's status, while the run goes
+    deadline = time.monotonic() + 600
+    while (status := run_status(cluster, NS, "tiny")).get("phase") not in ("Succeeded", "Failed"):
+        assert time.monotonic() < deadline and op.alive, json.dumps(status)
+        live = next(s for s in status.get("stages", []) if s["name"] == "sft").get("progress")
+        if live:
+            assert (live["unit"], live["step"]) == ("steps", "train") and status["progress"]["summary"]
+            seen.append((live["done"], live["total"]))
+        time.sleep(0.2)
+    assert any(0 < done < 32 and total == 32 for done, total in seen), seen
     log = (kubelet.work / "logs" / "tiny-sft-1-master-0.log").read_text()
     assert status["phase"] == "Succeeded", f"{json.dumps(status, indent=1)}\n{log[-3000:]}"
     assert kubelet.starts[("PyTorchJob", "tiny-sft-1")] == 2  # restarted once, same attempt

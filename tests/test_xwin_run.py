@@ -135,6 +135,27 @@ def test_tiny_run_on_s3_then_rerun_is_a_noop(workdir, s3_server, s3_bucket):
 
 
 @pytest.mark.slow
+def test_a_training_stage_s_progress_shows_while_it_runs(workdir):
+    """`xwin run` (not on a terminal) prints the step's progress while it trains, read from
+    the record its rank 0 writes (XWIN_PROGRESS_INTERVAL=0: every step; a pass every 0.3 s),
+    and the status it ends with drops it."""
+    def only_sft(spec):
+        spec["stages"] = {"sft": {**spec["stages"]["sft"], "training": {"maxSteps": 40, "epochs": 40}}}
+    edit_spec(workdir, only_sft)
+    res = xwin_run(workdir, env={"XWIN_PROGRESS_INTERVAL": "0", "XWIN_PROGRESS_SECONDS": "0.3"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    seen = [tuple(map(int, m)) for m in re.findall(r"progress sft/train: (\d+)/(\d+) steps", res.stdout)]
+    assert seen and all(total == 40 for _, total in seen), res.stdout
+    assert any(0 < done < 40 for done, _ in seen), res.stdout   # mid-stage, not only at the end
+    record = json.loads((workdir / "xwin-runs/demo/tiny/sft/progress/train.json").read_text())
+    assert (record["done"], record["total"], record["unit"]) == (40, 40, "steps")
+    assert record["metrics"]["loss"] > 0 and record["metrics"]["tokensPerSecond"] > 0
+    final = status_of(workdir)
+    assert final["phase"] == "Succeeded" and "progress" not in final["stages"][0]
+    assert final["progress"]["summary"] == "100%" and final["cost"]["summary"] == "$0.00, 0.0 GPU-h"
+
+
+@pytest.mark.slow
 def test_the_spec_storage_uri_is_used_and_store_overrides_it(workdir):
     def only_sft(spec):
         spec["storage"] = {"uri": "file://./elsewhere/artifacts"}   # relative to the working dir

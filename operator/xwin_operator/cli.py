@@ -1,4 +1,4 @@
-"""The `xwin` command: run, validate, crd, plan."""
+"""The `xwin` command: run, status, validate, crd, plan."""
 
 from __future__ import annotations
 
@@ -61,9 +61,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from xwin_jobs.store import Store
 
+    from .status_view import metrics_text
+
     from .local.executor import (Interrupted, LocalContext, RunError, StageResult, default_log_dir,
                                  default_nproc_per_node, describe_root, execute, job_env,
                                  local_config, python_for_jobs)
+    from .run_display import RunDisplay
 
     console = _console()
     try:
@@ -78,12 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = local_config(store_uri, env, args.backoff)
     console.print(f"[bold]AlignmentRun {run.metadata.namespace}/{run.metadata.name}[/] → "
                   f"{describe_root(run, store_uri)}  (logs: {log_dir}, status: {log_dir}/status.json)")
-    status = console.status("starting")
+    # the spinner line, and (unless --no-progress) a bar per running step on a terminal, or a
+    # plain progress line per running step every 30 s elsewhere (run_display.py)
+    display = RunDisplay(console, bars=not args.no_progress)
     started: dict[str, float] = {}
 
     def on_line(stage: str, line: str) -> None:
-        status.update(f"[bold]{stage}[/] {time.monotonic() - started.get(stage, time.monotonic()):.0f}s  "
-                      f"{line[-100:]}")
+        display.spin(stage, f"{time.monotonic() - started.get(stage, time.monotonic()):.0f}s  {line[-100:]}")
         if args.verbose:
             console.print(f"  [dim]{stage}[/] {line}", markup=True, highlight=False)
 
@@ -100,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_stage(event: "StageResult | str") -> None:
         if isinstance(event, str):
             started[event] = time.monotonic()
-            status.update(f"[bold]{event}[/] starting")
+            display.spin(event, "starting")
             return
         style = {"ran": "green", "skipped": "cyan", "reused": "cyan", "failed": "red"}[event.outcome]
         console.print(f"[{style}]{event.outcome:>7}[/] {event.stage}"
@@ -115,9 +119,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return dry_run(run, store, config)
     nproc = args.nproc_per_node or default_nproc_per_node()
     ctx = LocalContext(python=python_for_jobs(), env=env, log_dir=log_dir, on_line=on_line,
-                       on_event=on_event, nproc_per_node=nproc)
+                       on_event=on_event, on_status=display.status, nproc_per_node=nproc)
     code, results = 0, []
-    with status:
+    with display:
         try:
             results = execute(run, store_uri=store_uri, ctx=ctx, store=store, on_stage=on_stage,
                               config=config)
@@ -128,13 +132,63 @@ def cmd_run(args: argparse.Namespace) -> int:
     for col in ("stage", "result", "seconds", "metrics", "artifact"):
         table.add_column(col, overflow="fold")
     for r in results:
-        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in headline_metrics(r.metrics))
-        table.add_row(r.stage, r.outcome, f"{r.seconds:.1f}" if r.seconds else "", metrics, r.artifact or "")
+        table.add_row(r.stage, r.outcome, f"{r.seconds:.1f}" if r.seconds else "", metrics_text(r.metrics),
+                      r.artifact or "")
     console.print(table)
     if code:
         console.print(f"[red]failed:[/] {failure}", highlight=False)
     return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`xwin status`: a run's table, from a local run's status.json or the cluster's AlignmentRun.
+    A file, run or login that cannot be read is one line on stderr and exit code 1."""
+    import json
+
+    from .status_view import header, run_table
+
+    def fail(message: str) -> int:
+        print(f"xwin status: {message}", file=sys.stderr)
+        return 1
+
+    local = args.log_dir or (args.name if args.name and "/" in args.name else None)  # no k8s name has a '/'
+    if local:
+        path = Path(local)
+        if path.is_dir() or (not path.exists() and path.suffix != ".json"):
+            path = path / "status.json"
+        try:
+            status = json.loads(path.read_text())
+        except FileNotFoundError:
+            return fail(f"{path}: no such file (xwin run writes <log dir>/status.json after every pass)")
+        except OSError as e:
+            return fail(f"{path}: cannot be read: {e.strerror or e}")
+        except ValueError as e:
+            return fail(f"{path}: not JSON ({e})")
+        title = str(path.parent) if path.name == "status.json" else str(path)
+        if not isinstance(status, dict):
+            return fail(f"{path}: not a run's status (a JSON object)")
+    elif args.name:
+        from .kube.run_get import RunReadError, get_run
+
+        try:
+            obj, namespace = get_run(args.name, args.namespace, context=args.context)
+        except RunReadError as e:
+            return fail(str(e))
+        status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
+        title = f"AlignmentRun {namespace}/{args.name}"
+    else:
+        print("xwin status: give a run's NAME (an AlignmentRun on the cluster) or --log-dir DIR "
+              "(a local run's log folder or its status.json)", file=sys.stderr)
+        return 2
+    if args.output == "json":
+        sys.stdout.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
+        return 0
+    console = _console()
+    console.print(header(status, title), markup=False, highlight=False)
+    if isinstance(status.get("message"), str) and status["message"]:
+        console.print(f"  {status['message']}", markup=False, highlight=False)
+    console.print(run_table(status))
+    return 0
 
 
 def dry_run(run, store, config) -> int:
@@ -154,17 +208,6 @@ def dry_run(run, store, config) -> int:
     for stage, why in explain(run, observed, config).items():
         print(f"{stage}: {why}")
     return 0
-
-
-# The figures a person looks at first, in this order; the rest stay in metrics.json.
-HEADLINE = ("trainLoss", "heldOutAccuracy", "trainRewardAccuracy", "pairs", "ties",
-            "meanMaxScore", "meanScore", "responsesPerPrompt", "steps")
-
-
-def headline_metrics(metrics: dict, most: int = 3) -> list[tuple[str, object]]:
-    chosen = [(k, metrics[k]) for k in HEADLINE if k in metrics]
-    chosen += [(k, v) for k, v in metrics.items() if k.endswith(".alpacaWinRate")]  # evaluate
-    return chosen[:most]
 
 
 def _count(text: str) -> tuple[str, int]:
@@ -187,7 +230,7 @@ COUNT_OPTION = dict(type=_count, action=_Counts, default={}, metavar="URI=N",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xwin", description="Xwin-LM alignment runs: validate, plan, run.")
+    p = argparse.ArgumentParser(prog="xwin", description="Xwin-LM alignment runs: validate, plan, run, status.")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check AlignmentRun files against the spec")
     v.add_argument("files", nargs="+")
@@ -219,7 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "content changed, a stage they read), and run nothing")
     r.add_argument("-v", "--verbose", action="store_true",
                    help="print every line the stages log, every child created and every Event")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (on a terminal) nor plain progress lines (elsewhere, at "
+                        "most one per running step every 30 s)")
     r.set_defaults(func=cmd_run)
+    st = sub.add_parser("status", help="print a run's stages, progress, ETA and cost: a local run's "
+                                       "status.json or an AlignmentRun on the cluster")
+    st.add_argument("name", nargs="?", default=None,
+                    help="the AlignmentRun's name on the cluster (a path with a '/' reads that file)")
+    st.add_argument("-n", "--namespace", default=None,
+                    help="its namespace (default: the kubeconfig context's, else default)")
+    st.add_argument("--context", default=None, help="the kubeconfig context (default: the current one)")
+    st.add_argument("--log-dir", default=None, metavar="DIR",
+                    help="a local run: its log folder (xwin-logs/<ns>/<name>) or its status.json")
+    st.add_argument("-o", "--output", choices=("table", "json"), default="table",
+                    help="json: the status as it is")
+    st.set_defaults(func=cmd_status)
     return p
 
 

@@ -44,8 +44,9 @@ class OperatorProcess:
     def start(self) -> "OperatorProcess":
         self.work.mkdir(parents=True, exist_ok=True)
         kubeconfig = self.cluster.kubeconfig(self.work / "kubeconfig.json", user=self.user)
+        # no /metrics unless a test asks (XWIN_METRICS_PORT in env): no fixed port shared by parallel runs
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "XWIN_RECONCILE_INTERVAL": str(self.interval),
-               "PYTHONUNBUFFERED": "1", **self.extra_env}
+               "PYTHONUNBUFFERED": "1", "XWIN_METRICS_PORT": "0", **self.extra_env}
         self.starts += 1
         with open(self.log, "a") as log:
             log.write(f"\n=== start #{self.starts}\n")

@@ -168,7 +168,7 @@ def pod_process(pod_name: str, namespace: str, template: dict, *, python: str, c
 
 
 def default_base_env() -> dict[str, str]:
-    keep = ("PATH", "LANG", "LC_ALL", "TMPDIR", "TZ")
+    keep = ("PATH", "LANG", "LC_ALL", "TMPDIR", "TZ", "XWIN_PROGRESS_INTERVAL")  # the last: tests
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")
     return env

@@ -91,6 +91,7 @@ class BatchJudge:
         self.rng = rng or random.Random()
         self.max_rounds = max_rounds or (2 + settings.max_reasks + settings.max_attempts)
         self.state: dict[str, Any] = {}
+        self.progress: Any = None  # the step's live record (xwin_jobs.progress.ProgressWriter)
 
     # -- state
     def _load_state(self) -> None:
@@ -149,6 +150,7 @@ class BatchJudge:
                 if not submitted:
                     break
                 await self._collect_all(by_key, run)
+                self._report(requests)
                 if run.budget_stopped:
                     break
         finally:
@@ -164,6 +166,11 @@ class BatchJudge:
         run.stats["failed"] = len(run.failed)
         run.seconds = time.monotonic() - started
         return run
+
+    def _report(self, requests: list[JudgeRequest]) -> None:
+        if self.progress is not None:
+            done = sum(1 for r in requests if is_final(self.cache.get(r.key), self.settings.max_reasks))
+            self.progress.update(done, usd=self.budget.spent_usd)
 
     def _messages_for(self, request: JudgeRequest) -> list[dict[str, str]]:
         entry = self.cache.get(request.key)

@@ -165,12 +165,14 @@ class OnlineJudge:
         self.rng = rng or random.Random()
         self.limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute)
         self.progress_every_s = progress_every_s
+        self.progress: Any = None  # the step's live record (xwin_jobs.progress.ProgressWriter)
+        self._started = time.monotonic()
         self._stop = False
         self._fatal: JudgeError | None = None
 
     async def run(self, requests: list[JudgeRequest]) -> JudgeRun:
         run = JudgeRun()
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         todo: list[JudgeRequest] = []
         for r in requests:
             entry = self.cache.get(r.key)
@@ -231,6 +233,10 @@ class OnlineJudge:
                 run.stats["failed"] += 1
                 continue
             run.judgments[request.key] = entry
+            if self.progress is not None:
+                elapsed = max(time.monotonic() - self._started, 1e-9)
+                self.progress.update(len(run.judgments), usd=self.budget.spent_usd,
+                                     requestsPerSecond=run.stats["asks"] / elapsed)
 
     async def _judge(self, request: JudgeRequest, run: JudgeRun) -> dict[str, Any]:
         """Ask until a verdict parses or the re-asks run out, storing after every ask."""

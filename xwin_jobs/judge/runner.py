@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
 from ..pipeline import JUDGE_STAGES
+from ..progress import ProgressWriter
 from ..store import Store, as_folder, join_uri
 from .batch import BatchJudge
 from .cache import JudgmentCache
 from .client import OnlineJudge
-from .core import JudgeError, JudgeRequest, JudgeRun, JudgeSettings, redact
+from .core import JudgeError, JudgeRequest, JudgeRun, JudgeSettings, is_final, redact
 from .cost import Budget, BudgetExceeded
 
 log = logging.getLogger("xwin_jobs.judge")
@@ -50,13 +52,26 @@ def judge_all(requests: list[JudgeRequest], settings: JudgeSettings, store: Stor
                                 client=client)
     else:
         judge = OnlineJudge(settings, cache, budget, client=client)
+    judge.progress = progress_writer(store, folder, len(unique))
+    judge.progress.update(sum(1 for r in unique if is_final(cache.get(r.key), settings.max_reasks)),
+                          usd=budget.spent_usd)
     try:
         run = asyncio.run(judge.run(unique))
     finally:
         cache.compact()
+    judge.progress.update(len(run.judgments), usd=budget.spent_usd)
     run.stats["requests_total"] = len(unique)
     store.write_json(join_uri(folder, "progress.json"), progress_record(run, budget, settings))
     return run, budget
+
+
+def progress_writer(store: Store, folder: str, total: int) -> ProgressWriter:
+    """The judge step's live record, under the stage folder that holds `folder` (its
+    `judge/`): comparisons done of `total`, USD spent (xwin_jobs.progress)."""
+    stage_uri = folder[: -len(JUDGE_FOLDER)] if folder.endswith(JUDGE_FOLDER) else folder
+    stage = stage_uri.rstrip("/").rpartition("/")[2]
+    return ProgressWriter(store, stage_uri, stage, os.environ.get("XWIN_STEP") or "judge",
+                          "comparisons", total, warn=log.warning)
 
 
 def other_stages_spend(store: Store, folder: str) -> dict[str, float]:

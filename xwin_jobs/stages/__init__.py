@@ -129,6 +129,20 @@ class StageContext:
         if local is not None and self.is_main:
             self.uploads.append((Path(local), uri))
 
+    def progress(self, unit: str, total: int, step: str | None = None):
+        """The live progress record of this step (xwin_jobs.progress), written by rank 0 (or
+        the only process); None on the other ranks. `step` defaults to XWIN_STEP, which the
+        planners set (a stage run by hand: the stage key)."""
+        import os
+
+        from ..progress import ProgressWriter
+
+        if not self.is_main:
+            return None
+        step = step or os.environ.get("XWIN_STEP") or self.task.stage
+        return ProgressWriter(self.store, self.task.output, self.task.stage, step, unit, total,
+                              warn=log.warning)
+
     def training(self):
         from ..training.config import TrainingConfig, TrainingConfigError
 

@@ -38,6 +38,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..progress import ProgressWriter
 from ..records import ShardWriter, existing_ids, iter_records
 from ..store import Store, as_folder, join_uri
 from ..task import StageTask
@@ -185,6 +186,13 @@ def _score_share(task: StageTask, store: Store, rank: int, world: int, digest: s
     scorer = None
     scored = 0
     prefix = "part" if world == 1 else f"part-r{rank:03d}"
+    # rank 0's live record counts every rank's share as its own (they are the same size)
+    total = int(read_progress(store, samples).get("prompts") or 0)
+    progress = None
+    if rank == 0 and total:
+        progress = ProgressWriter(store, task.output, task.stage, os.environ.get("XWIN_STEP") or "score",
+                                  "prompts", total, warn=log.warning)
+        progress.update(len(done))
     with ShardWriter(store, data, prefix=prefix, max_records=10**9) as writer:
         chunk: list[dict] = []
         for record in _unscored(store, samples, done, n, rank, world):
@@ -195,9 +203,13 @@ def _score_share(task: StageTask, store: Store, rank: int, world: int, digest: s
             scored += _score_chunk(scorer, chunk, writer, stats)
             chunk = []
             log.info("scored %d prompt(s) in this attempt", scored)
+            if progress is not None:
+                progress.update(len(done) + scored * world)
         if chunk:
             scorer = scorer or _scorer(task, store, digest, budget, len(done))
             scored += _score_chunk(scorer, chunk, writer, stats)
+    if progress is not None:
+        progress.update(len(done) + scored * world)
     log.info("scored %d prompt(s) in this attempt (%d before)", scored, len(done))
     return stats, scored
 

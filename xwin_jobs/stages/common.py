@@ -170,7 +170,7 @@ def train_and_publish(ctx: StageContext, load_model: Callable[[], Any], tokenize
     with stop_requests() as stop:
         result = train_loop(engine, num_examples, make_step(engine), config,
                             on_checkpoint=checkpoints.save, start=start, stop_requested=stop,
-                            workload=workload)
+                            workload=workload, progress=ctx.progress("steps", total))
     metrics = result.metrics()
     metrics.update(derive_geometry(config, engine.world_size).metrics())
     if after_training:

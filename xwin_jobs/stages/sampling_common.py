@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..progress import ProgressWriter
 from ..records import ShardWriter, existing_ids
 from ..store import Store, as_folder, join_uri
 from ..task import StageTask, done_marker  # noqa: F401  (re-exported for the steps)
@@ -176,12 +177,16 @@ def sample_into_folder(task: StageTask, store: Store, folder: str, prompts: list
                                                     workdir))
         fmt = chat_format(task.chat_template, tokenizer)
         flush_s = float(env.get("XWIN_SAMPLER_FLUSH_SECONDS") or 5)
+        progress = ProgressWriter(store, task.output, task.stage, env.get("XWIN_STEP") or "sample",
+                                  "prompts", len(prompts), warn=log.warning)
+        progress.update(len(prompts) - len(todo))
         try:
             asyncio.run(write_samples(store, folder, todo, n, sampling, client, fmt, stats,
-                                      flush_s))
+                                      flush_s, progress))
         except SamplerError as e:
             raise StageError(f"{e} ({stats.prompts} prompt(s) sampled in this attempt are kept "
                              f"in {folder}; re-run to continue)") from None
+        progress.finish()
     written = existing_ids(store, folder)
     missing = [p["id"] for p in prompts if p["id"] not in written]
     if missing:
@@ -194,14 +199,16 @@ def sample_into_folder(task: StageTask, store: Store, folder: str, prompts: list
 
 
 async def write_samples(store: Store, folder: str, todo: list[dict], n: int, sampling, client,
-                        fmt, stats, flush_s: float) -> None:
+                        fmt, stats, flush_s: float, progress: ProgressWriter | None = None) -> None:
     """Sample `todo` and write shards as answers arrive: a shard closes every `flush_s`
-    seconds or SAMPLE_SHARD_RECORDS records, and what arrived is kept when sampling fails."""
+    seconds or SAMPLE_SHARD_RECORDS records, and what arrived is kept when sampling fails.
+    `progress` (the step's live record) counts the prompts whose samples arrived."""
     from ..sampler import sample_with_reasons
 
     total = len(todo)
     writer = ShardWriter(store, folder, prefix="part", max_records=10**9)
     unflushed, last_flush, last_log = 0, time.monotonic(), time.monotonic()
+    started, already = last_flush, progress.state.done if progress is not None else 0
     encode, to_content = fmt
     failed = True
     try:
@@ -212,6 +219,9 @@ async def write_samples(store: Store, folder: str, todo: list[dict], n: int, sam
                                         for t, r in zip(texts, reasons)]})
             unflushed += 1
             now = time.monotonic()
+            if progress is not None:
+                progress.update(already + stats.prompts,
+                                responsesPerSecond=stats.responses / max(now - started, 1e-9))
             if unflushed >= SAMPLE_SHARD_RECORDS or now - last_flush >= flush_s:
                 await asyncio.to_thread(writer.flush)
                 unflushed, last_flush = 0, now

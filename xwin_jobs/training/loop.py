@@ -115,11 +115,13 @@ def train_loop(engine, num_examples: int, micro_step: MicroStep, config: Trainin
                on_checkpoint: Callable[[int, list], None] | None = None,
                log_every: int | None = None, start=None,
                stop_requested: Callable[[], bool] | None = None,
-               workload: Workload | None = None) -> LoopResult:
+               workload: Workload | None = None, progress=None) -> LoopResult:
     """`start` (checkpoints.Resumed): continue after its step with its history.
     `workload`: group each step's micro-batches by length and weight them by loss units.
     `on_checkpoint(step, history)`: every checkpointEvery steps, and after the step in which
-    `stop_requested()` became true on any rank (then `Preempted` is raised)."""
+    `stop_requested()` became true on any rank (then `Preempted` is raised). `progress`
+    (xwin_jobs.progress.ProgressWriter, rank 0's): the step, loss, rate and tokens/s after
+    every step (it writes at most every few seconds)."""
     if num_examples < 1:
         raise ValueError("no training examples")
     per_epoch, total = plan_total_steps(num_examples, config)
@@ -135,6 +137,9 @@ def train_loop(engine, num_examples: int, micro_step: MicroStep, config: Trainin
         log.info("data parallel: rank %d of %d takes every %d-th micro-batch of each step",
                  engine.rank, engine.world_size, engine.world_size)
     started = time.monotonic()
+    if progress is not None:
+        progress.update(done, total)
+
     def epoch_plan(epoch: int) -> list[list[list[int]]]:
         plan = batch_plan(num_examples, config.global_batch_size, config.micro_batch_size,
                           config.seed, epoch)
@@ -146,6 +151,7 @@ def train_loop(engine, num_examples: int, micro_step: MicroStep, config: Trainin
     for epoch in range(done // per_epoch if workload is not None else 0):
         for micro_batches in epoch_plan(epoch):  # steps a checkpoint already holds count too
             _count_tokens(result, workload, micro_batches)
+    trained_tokens = 0  # real tokens of the steps trained here (for tokens/s)
     for epoch in range(done // per_epoch, config.epochs):
         plan = epoch_plan(epoch)
         skip = done - epoch * per_epoch if epoch == done // per_epoch else 0
@@ -156,13 +162,19 @@ def train_loop(engine, num_examples: int, micro_step: MicroStep, config: Trainin
                 return result
             sums = _accumulate(engine, micro_step, micro_batches,
                                workload.weight if workload is not None else len)
+            counted = result.tokens
             _count_tokens(result, workload, micro_batches)
+            trained_tokens += result.tokens - counted
             lr = engine.lr  # the rate this step uses (the scheduler moves on in step())
             grad_norm = engine.step()
             result.steps += 1
             result.epochs = result.steps / per_epoch
             entry = {"step": result.steps, **sums, "lr": lr, "gradNorm": grad_norm}
             result.history.append(entry)
+            if progress is not None:
+                elapsed = max(time.monotonic() - started, 1e-9)
+                progress.update(result.steps, loss=sums.get("loss"), learningRate=lr,
+                                tokensPerSecond=trained_tokens / elapsed if workload else None)
             if result.steps == 1 or result.steps % log_every == 0 or result.steps == total:
                 rate = (result.steps - done) / max(time.monotonic() - started, 1e-9)
                 values = " ".join(f"{k} {v:.4f}" for k, v in sums.items())

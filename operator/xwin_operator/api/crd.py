@@ -15,7 +15,8 @@ import copy
 from typing import Any
 
 from .rules import JUDGE_STAGES, LIST_REFERENCE_RULES, REFERENCE_RULES, REQUIRED_UNLESS_REUSED
-from .spec import API_GROUP, API_VERSION, KIND, PLURAL, STAGE_ORDER, AlignmentRunSpec, AlignmentRunStatus, EvaluateStage
+from .spec import API_GROUP, API_VERSION, KIND, PLURAL, STAGE_ORDER, AlignmentRunSpec, EvaluateStage
+from .status_model import AlignmentRunStatus
 
 _DROP = {"title", "discriminator"}
 
@@ -155,6 +156,9 @@ def crd() -> dict[str, Any]:
                 "additionalPrinterColumns": [
                     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                     {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+                    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+                    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+                    {"name": "Cost", "type": "string", "jsonPath": ".status.cost.summary"},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
                 "schema": {"openAPIV3Schema": openapi_schema()},

@@ -24,6 +24,7 @@ from xwin_jobs.training.config import TRAINING_DEFAULTS as TRAINING_CONFIG_DEFAU
 from xwin_jobs.training.config import TrainingConfigError, check_training_settings
 
 from .rules import EVAL_MODEL_KEYS, cross_field_errors
+from .status_model import AlignmentRunStatus, Condition, Phase, StageStatus  # noqa: F401 (the API's names)
 
 API_GROUP = "xwin.ai"
 API_VERSION = "v1alpha1"
@@ -319,41 +320,6 @@ class AlignmentRunSpec(_Model):
             raise PydanticCustomError("cross_field", "{summary}", {
                 "summary": "; ".join(f"{path}: {msg}" for path, msg in errors), "errors": errors})
         return self
-
-
-# --- status -----------------------------------------------------------------------------
-
-Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
-
-
-class StageStatus(_Model):
-    name: str
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Skipped"] = "Pending"
-    attempts: int = 0
-    startTime: Optional[str] = None
-    completionTime: Optional[str] = None
-    artifact: Optional[str] = None
-    children: list[str] = Field(default_factory=list)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    reason: Optional[str] = None   # a Failed stage: StageFailed, UnsupportedModel, InputNotFound, ...
-    message: Optional[str] = None
-
-
-class Condition(_Model):
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: Optional[str] = None
-    message: Optional[str] = None
-    lastTransitionTime: Optional[str] = None
-
-
-class AlignmentRunStatus(_Model):
-    phase: Phase = "Pending"
-    stage: Optional[str] = None
-    observedGeneration: Optional[int] = None
-    message: Optional[str] = None
-    stages: list[StageStatus] = Field(default_factory=list)
-    conditions: list[Condition] = Field(default_factory=list)
 
 
 class ObjectMeta(BaseModel):

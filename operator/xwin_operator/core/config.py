@@ -29,6 +29,9 @@ class OperatorConfig:
     secret_ttl_seconds: float = 30.0   # a Secret seen is read / looked up again after this (a rotated key)
     reconcile_interval: float = 3.0    # seconds between passes of a run waiting on what no event announces
     idle_factor: int = 10              # a run waiting on its children: a pass every idle_factor intervals
+    progress_seconds: float = 20.0     # a pass at least this often while a stage's pods run (their progress)
+    stall_seconds: float = 900.0       # a running step whose progress has not moved this long: stalled
+    metrics_port: int = 8080           # Prometheus /metrics (kube/metrics.py) on 0.0.0.0:PORT; 0 = none
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "OperatorConfig":

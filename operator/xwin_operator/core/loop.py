@@ -13,7 +13,7 @@ are `observation` and `Outcome.of`, shared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Awaitable, Protocol
+from typing import Any, Awaitable, Protocol
 
 from xwin_jobs.fingerprint import MISSING, external_inputs
 from xwin_jobs.task import StageTask
@@ -22,6 +22,7 @@ from ..api.spec import AlignmentRun
 from .config import OperatorConfig
 from .executor import Executor, apply
 from .planner import decide, input_uris, secret_refs
+from .progress import SERVER_KINDS, progress_uris
 from .types import Action, ChildState, CreateChild, Observed, PatchStatus, RequeueAfter, now_iso
 
 class Observer(Protocol):
@@ -38,6 +39,9 @@ class Observer(Protocol):
     def fingerprints(self, uris: list[str]) -> dict[str, str] | Awaitable[dict[str, str]]:
         """{URI: fingerprint} of the external inputs among `uris` the executor can see
         (xwin_jobs.fingerprint; MISSING when nothing is there)."""
+    def progress(self, uris: dict[str, str]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
+        """stage -> the live record at `uris[stage]` (xwin_jobs.progress.Progress; the last
+        good one when it cannot be read now; absent when none ever could)."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,13 @@ class Outcome:
 
 
 def observation(children: list[ChildState], markers: dict[str, dict | None], missing_inputs: list[str],
-                missing_secrets: list[str], prints: dict[str, str]) -> Observed:
+                missing_secrets: list[str], prints: dict[str, str], progress: dict[str, Any]) -> Observed:
     """What one pass observed, the time last (external inputs whose fingerprint is MISSING
     count as missing inputs)."""
     missing_inputs = list(missing_inputs) + [u for u, fp in prints.items() if fp == MISSING and u not in missing_inputs]
     return Observed(children=list(children), markers=markers, now=now_iso(), fingerprints=dict(prints),
-                    missing_secrets=list(missing_secrets), missing_inputs=missing_inputs)
+                    missing_secrets=list(missing_secrets), missing_inputs=missing_inputs,
+                    progress=dict(progress))
 
 
 def _external(tasks: dict[str, StageTask]) -> list[str]:
@@ -82,13 +87,14 @@ async def reconcile_once(run: AlignmentRun, observer: Observer, executor: Execut
     """observe -> decide -> act for `run`, whose last written status is `status`, with an
     observer and an executor whose methods are coroutines (kube/): the children FIRST, then
     the markers (a child seen Succeeded always has its marker in view), the missing inputs and
-    Secrets, the external inputs' fingerprints. `tasks` is planner.stage_tasks(run, config)."""
+    Secrets, the external inputs' fingerprints, the running steps' progress records. `tasks` is planner.stage_tasks(run, config)."""
     children = observer.children()
     markers = await observer.markers({s: t.output for s, t in tasks.items()})
     missing_inputs = await observer.missing_inputs(list(input_uris(run).values()))
     missing_secrets = await observer.missing_secrets(secret_refs(run))
     prints = await observer.fingerprints(_external(tasks))
-    observed = observation(children, markers, missing_inputs, missing_secrets, prints)
+    progress = await observer.progress(progress_uris(run, tasks, children))
+    observed = observation(children, markers, missing_inputs, missing_secrets, prints, progress)
     actions = decide(run, observed, status, generation=generation, config=config, tasks=tasks)
     await act(actions, executor)
     return _outcome(observed, actions)
@@ -99,7 +105,8 @@ def observe_sync(run: AlignmentRun, observer: Observer, tasks: dict[str, StageTa
     children = observer.children()
     markers = observer.markers({s: t.output for s, t in tasks.items()})
     return observation(children, markers, observer.missing_inputs(list(input_uris(run).values())),
-                       observer.missing_secrets(secret_refs(run)), observer.fingerprints(_external(tasks)))
+                       observer.missing_secrets(secret_refs(run)), observer.fingerprints(_external(tasks)),
+                       observer.progress(progress_uris(run, tasks, children)))
 
 
 def reconcile_once_sync(run: AlignmentRun, observer: Observer, executor: Executor, status: dict | None, *,
@@ -116,7 +123,7 @@ def reconcile_once_sync(run: AlignmentRun, observer: Observer, executor: Executo
 ACTIVE = ("Pending", "Running")
 
 
-def resync_after(outcome: Outcome, interval: float, idle: float) -> float:
+def resync_after(outcome: Outcome, interval: float, idle: float, progress: float | None = None) -> float:
     """Seconds after this pass until the run should be reconciled again if nothing else wakes
     it (an executor whose children's changes arrive as events, like kube/'s watch):
 
@@ -124,7 +131,8 @@ def resync_after(outcome: Outcome, interval: float, idle: float) -> float:
       * `interval` while the run waits on something no event announces: a Secret or an
         input that is missing, or no child active (a run that changed nothing else);
       * `idle` (a slow safety resync, for missed events) while it only waits on a child
-        it has (or just created): that child's next phase arrives as an event.
+        it has (or just created): that child's next phase arrives as an event; at most
+        `progress` while a step that reports progress runs (its record is read each pass).
     A pass that failed (an API or store error, a block) is the caller's: `interval`."""
     if outcome.requeue is not None:
         return min(max(outcome.requeue, 0.0), idle)
@@ -133,4 +141,8 @@ def resync_after(outcome: Outcome, interval: float, idle: float) -> float:
         return interval
     waiting = (any(c.phase in ACTIVE for c in observed.children)
                or any(isinstance(a, CreateChild) for a in outcome.actions))
-    return idle if waiting else interval
+    if not waiting:
+        return interval
+    reporting = progress is not None and any(c.phase == "Running" and c.kind not in SERVER_KINDS
+                                             for c in observed.children)
+    return min(idle, progress) if reporting else idle

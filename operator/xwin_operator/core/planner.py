@@ -185,6 +185,7 @@ def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, genera
     config = config or OperatorConfig()
     if not observed.now:  # callers should pass it; never write an empty lastTransitionTime
         observed = replace(observed, now=now_iso())
+    tasks = stage_tasks(run, config) if tasks is None else tasks
     views = walk(run, observed, status, config, tasks, generation)
     failed = [v for v in views.values() if v.phase == "Failed"]
     refs = secret_refs(run)
@@ -233,7 +234,8 @@ def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, genera
         if (kind, name) not in seen:
             seen.add((kind, name))
             actions.append(DeleteChild(kind, name))
-    new_status = build_status(run, views, status, generation, observed, missing)
+    new_status = build_status(run, views, status, generation, observed, missing, tasks,
+                              config.stall_seconds)
     actions += status_actions(run, views, status, new_status)
     waits = [v.requeue for v in views.values() if v.requeue is not None]
     if waits and not failed and not run.spec.suspend:

@@ -19,18 +19,23 @@ Conditions (lastTransitionTime kept from the previous status while `status` is u
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from xwin_jobs.progress import epoch
 from xwin_jobs.server_exit import UNSUPPORTED_MODEL
+from xwin_jobs.task import StageTask
 
 from ..api.spec import AlignmentRun
 from ..api.graph import stage_references, stages_of
+from .progress import run_cost, run_progress, stage_cost, stage_progress
 from .types import WAITING_REASONS, EmitEvent, Observed, PatchStatus, StageView, attempt_failed
 
 _FAILED_REASONS = ("StageFailed", "InputNotFound", "NoMarker", UNSUPPORTED_MODEL)
 
 
-def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool) -> dict[str, Any]:
+def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool, live: dict[str, Any] | None,
+                  cost: dict[str, Any]) -> dict[str, Any]:
     phase = "Suspended" if suspended and v.phase == "Running" else v.phase
     created = [c.created for c in v.children if c.created]
     finished = [c.finished for c in v.children if c.finished]
@@ -58,7 +63,26 @@ def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool) -> dict[s
                    f"AlignmentRun, or delete {v.artifact}_SUCCESS.json to rerun it)")
     if message:
         out["message"] = message
+    if live is not None and v.phase == "Running":
+        out["progress"] = live
+    if cost["gpuHours"] or cost["judgeUSD"] or cost["children"]:
+        out["cost"] = cost
     return out
+
+
+def _live_and_cost(run: AlignmentRun, v: StageView, prev: dict[str, Any], observed: Observed,
+                   tasks: dict[str, StageTask], stall_seconds: float) -> tuple[dict | None, dict]:
+    """A stage's `progress` (from its running step's record) and `cost`."""
+    now = epoch(observed.now) if observed.now else time.time()
+    record = observed.progress.get(v.name)
+    live = stage_progress(record, now, stall_seconds) if record is not None else None
+    usd = float(((v.marker or {}).get("metrics") or {}).get("estimatedCostUSD") or 0.0)
+    if record is not None and record.unit == "comparisons":
+        usd = max(usd, record.metrics.get("usd", 0.0))
+    task = tasks.get(v.name)
+    if task is None:  # a reused stage: nothing of it runs here
+        return None, {"gpuHours": 0.0, "judgeUSD": 0.0, "children": {}}
+    return live, stage_cost(run, v.name, task, v.children, prev.get("cost"), now, usd)
 
 
 def _condition(prev: dict[str, dict], now: str, type_: str, status: str, reason: str,
@@ -70,7 +94,8 @@ def _condition(prev: dict[str, dict], now: str, type_: str, status: str, reason:
 
 
 def build_status(run: AlignmentRun, views: dict[str, StageView], prev_status: dict | None, generation: int,
-                 observed: Observed, missing_secrets: dict[str, str]) -> dict[str, Any]:
+                 observed: Observed, missing_secrets: dict[str, str],
+                 tasks: dict[str, StageTask] | None = None, stall_seconds: float = 900.0) -> dict[str, Any]:
     prev_status = prev_status or {}
     prev_stages = {s.get("name"): s for s in prev_status.get("stages", [])}
     prev_conds = {c.get("type"): c for c in prev_status.get("conditions", [])}
@@ -112,12 +137,18 @@ def build_status(run: AlignmentRun, views: dict[str, StageView], prev_status: di
         conditions.append(_condition(prev_conds, now, "SpecChangeNeedsNewRun", "True", "FinishedStageChanged",
                                      "settings of finished stage(s) " + ", ".join(changed) +
                                      " changed; they are not rerun: create a new AlignmentRun"))
+    tasks = tasks or {}
+    stages = [_stage_status(v, prev_stages.get(v.name, {}), suspended,
+                            *_live_and_cost(run, v, prev_stages.get(v.name, {}), observed, tasks, stall_seconds))
+              for v in ordered]
     status: dict[str, Any] = {
-        "phase": phase, "observedGeneration": generation, "message": message,
-        "stages": [_stage_status(v, prev_stages.get(v.name, {}), suspended) for v in ordered],
+        "phase": phase, "observedGeneration": generation, "message": message, "stages": stages,
         "conditions": conditions}
     if current is not None:
         status["stage"] = current.name
+    clock = epoch(observed.now) if observed.now else time.time()
+    status["progress"] = run_progress(run, tasks, stages, phase, status.get("stage"), clock)
+    status["cost"] = run_cost(stages)
     return status
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Union
+from typing import Any, Union
 
 from .children import PlannedChild
 
@@ -62,6 +62,8 @@ class Observed:
     # external input URI -> its fingerprint now (xwin_jobs.fingerprint); an input the executor
     # cannot see is absent, and the fingerprint its stage's marker recorded stands for it
     fingerprints: dict[str, str] = field(default_factory=dict)
+    # stage -> the live progress record of its running step (xwin_jobs.progress.Progress)
+    progress: dict[str, Any] = field(default_factory=dict)
 
 
 # --- actions ----------------------------------------------------------------------------

@@ -11,7 +11,9 @@
   Workloads are not here: kopf's indexes hold them (handlers.py).
 
 Errors are `ApiError` (with `.transient` for 429/5xx/connection failures); a login that fails
-is kubeconfig.LoginError. The store reads are store_reader.py's.
+is kubeconfig.LoginError. Each failed call (not the statuses a call takes as an answer: 409 on
+create, 404 on delete or a read) is reported to `on_error(verb, status)` (metrics.py). The
+store reads are store_reader.py's.
 """
 
 from __future__ import annotations
@@ -130,10 +132,13 @@ def _event(involved: dict, reason: str, message: str, type_: str, component: str
 class KubeApi:
     """The API calls of the handlers, through the official client. `login()` gives a
     kubeconfig.Login: called lazily, and again after a 401 (rotated or expired credentials).
-    `threads` calls run at once."""
+    `threads` calls run at once. `on_error(verb, status)` hears of each call that failed (status
+    0: no connection; "login": no login could be loaded)."""
 
-    def __init__(self, login: Callable[[], Login], *, timeout: float = 30.0, threads: int = API_THREADS):
+    def __init__(self, login: Callable[[], Login], *, timeout: float = 30.0, threads: int = API_THREADS,
+                 on_error: Callable[[str, int | str], None] | None = None):
         self._login, self._timeout, self._threads = login, timeout, threads
+        self._on_error = on_error
         self._client: Any = None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kube-api")
         self._lock = threading.Lock()  # held while logging in
@@ -193,21 +198,31 @@ class KubeApi:
         raise error
 
     async def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
-                      content_type: str = "application/json", *, reply: bool = True) -> Any:
+                      content_type: str = "application/json", *, reply: bool = True, ok: tuple[int, ...] = ()) -> Any:
+        """One call; an ApiError whose status is in `ok` is still raised, but is no failure (on_error)."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, self._call, method, path, body, params, content_type, reply)
-        except LoginError:
+            try:
+                return await loop.run_in_executor(self._pool, self._call, method, path, body, params, content_type,
+                                                  reply)
+            except RuntimeError as e:  # the pool shut down: the operator is stopping
+                raise ApiError(0, f"{method.upper()} {path}: {e}") from None
+        except ApiError as e:
+            if e.status not in ok and self._on_error is not None:
+                self._on_error(method, e.status)
             raise
-        except RuntimeError as e:  # the pool shut down: the operator is stopping
-            raise ApiError(0, f"{method.upper()} {path}: {e}") from None
+        except LoginError:
+            if self._on_error is not None:
+                self._on_error(method, "login")
+            raise
 
     # --- the calls ------------------------------------------------------------------------------
     async def create(self, manifest: dict) -> bool:
         """Create; False when it already exists (409 Conflict)."""
         meta = manifest["metadata"]
         try:
-            await self.request("post", path_of(manifest["kind"], meta["namespace"]), manifest, reply=False)
+            await self.request("post", path_of(manifest["kind"], meta["namespace"]), manifest, reply=False,
+                               ok=(409,))
             return True
         except ApiError as e:
             if e.status == 409:
@@ -218,7 +233,7 @@ class KubeApi:
         """Delete (children of it go with it: background propagation); False if already gone."""
         try:
             await self.request("delete", path_of(kind, namespace, name), {"propagationPolicy": "Background"},
-                               reply=False)
+                               reply=False, ok=(404,))
             return True
         except ApiError as e:
             if e.status == 404:
@@ -242,7 +257,8 @@ class KubeApi:
 
     async def _patch_child(self, kind: str, namespace: str, name: str, patch: dict) -> None:
         try:
-            await self.request("patch", path_of(kind, namespace, name), patch, content_type=MERGE_PATCH, reply=False)
+            await self.request("patch", path_of(kind, namespace, name), patch, content_type=MERGE_PATCH, reply=False,
+                               ok=(404,))
         except ApiError as e:
             if e.status != 404:
                 raise
@@ -273,7 +289,7 @@ class KubeApi:
         for a Secret the operator itself must use (a run's store key): never logged or kept
         beyond the caller's cache."""
         try:
-            body = await self.request("get", path_of("Secret", namespace, name))
+            body = await self.request("get", path_of("Secret", namespace, name), ok=(404,))
         except ApiError as e:
             if e.status == 404:
                 return None
@@ -284,7 +300,7 @@ class KubeApi:
 
     async def secret_exists(self, namespace: str, name: str) -> bool:
         try:
-            await self.request("get", path_of("Secret", namespace, name), reply=False)  # its data is not even parsed
+            await self.request("get", path_of("Secret", namespace, name), reply=False, ok=(404,))  # data not even parsed
             return True
         except ApiError as e:
             if e.status == 404:

@@ -12,7 +12,10 @@
     resync). kopf stops it when the run finishes or is deleted (it keeps its finalizer
     `xwin.ai/finalizer` on the run meanwhile, and removes it then);
   * event handlers that wake a run's daemon: a child or a pod of it changed, or its spec
-    (a new generation: suspend, stages, ...).
+    (a new generation: suspend, stages, ...);
+  * the operator's Prometheus metrics (metrics.py): served at /metrics on
+    OperatorConfig.metrics_port from start-up to cleanup; every run the watch shows, finished
+    or not, is counted by phase (`run_seen`), a deleted one leaves the gauges.
 
 Settings come in one OperatorConfig through kopf's memo (`python -m xwin_operator` builds it
 from its flags and XWIN_* variables). Logging in (kopf's and the client's) goes through
@@ -32,6 +35,7 @@ from ..core.children import LABEL_RUN, MANAGED_BY
 from ..core.config import OperatorConfig
 from .client import KubeApi, verify_login
 from .kubeconfig import Login, LoginError, MemFiles, load_login
+from .metrics import Metrics, serve
 from .observe import child_state
 from .observer import Indexes
 from .pod_status import pod_seen, pod_summary
@@ -45,6 +49,7 @@ CHILD_RESOURCES = (("kubeflow.org", "v1", "pytorchjobs"), ("trainer.kubeflow.org
 WORKLOADS = ("kueue.x-k8s.io", "v1beta1", "workloads")
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 LOGIN_RETRY = 15.0  # seconds between tries of a login that failed
+LOG = logging.getLogger(__name__)
 
 
 # --- start-up, login, shutdown -----------------------------------------------------------------
@@ -86,7 +91,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     def login() -> Login:
         return load_login(memfiles)
 
-    memo.xwin = Operator(api=KubeApi(login), store=StoreReader(), config=config, login=login)
+    metrics = Metrics()
+    memo.xwin = op = Operator(api=KubeApi(login, on_error=metrics.api_error), store=StoreReader(), config=config,
+                              login=login, metrics=metrics)
+    if config.metrics_port:
+        try:
+            op.metrics_server = await serve(metrics, config.metrics_port)
+        except OSError as e:   # runs matter more than their metrics: say so, and go on
+            LOG.error(f"cannot serve metrics on port {config.metrics_port} (XWIN_METRICS_PORT): {e}")
 
 
 @kopf.on.login()
@@ -103,6 +115,9 @@ def authenticate(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    if memo.xwin.metrics_server is not None:
+        await memo.xwin.metrics_server.cleanup()
+        memo.xwin.metrics_server = None
     await memo.xwin.api.close()
 
 
@@ -215,6 +230,16 @@ def spec_changed(body: kopf.Body, **_: Any) -> bool:
 @kopf.on.event(*RUNS, when=spec_changed)
 async def run_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     _wake(memo, namespace, name)
+
+
+@kopf.on.event(*RUNS)
+async def run_seen(type: str | None, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Every run in the metrics' phase count from its first sight (a finished one has no
+    daemon; after a restart every run is first seen here); gone once deleted."""
+    if type == "DELETED":
+        memo.xwin.metrics.forget((namespace, name))
+    else:
+        memo.xwin.metrics.seen((namespace, name), body.get("status") or {})
 
 
 async def child_changed(type: str | None, name: str, namespace: str | None, labels: Mapping[str, str],

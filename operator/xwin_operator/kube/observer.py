@@ -8,10 +8,12 @@ lookup raises blocked.Blocked naming the field or endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from xwin_jobs.progress import ProgressReader
 from xwin_jobs.store import StoreError
 
 from ..core.children import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP
@@ -55,9 +57,12 @@ class KubeObserver:
     of its stages and its missing external inputs in the store (an input found once is not
     probed again: StoreReader remembers it); its missing Secrets."""
 
-    def __init__(self, op: Operator, run: Any, indexes: Indexes, scope: Any = None):
-        """`scope`: the run's (uid, generation), which fingerprints are cached within."""
+    def __init__(self, op: Operator, run: Any, indexes: Indexes, scope: Any = None,
+                 progress: ProgressReader | None = None):
+        """`scope`: the run's (uid, generation), which fingerprints are cached within;
+        `progress`: the run's reader of its steps' progress records (RunState.progress)."""
         self.op, self.run, self.indexes, self.scope = op, run, indexes, scope
+        self.progress_reader = progress or ProgressReader()
         self.namespace, self.endpoint = run.metadata.namespace, run.spec.storage.endpoint
         self.run_name = run.metadata.name
         self.key_source = "the operator's own credentials"
@@ -107,6 +112,13 @@ class KubeObserver:
             return await self.op.store.fingerprints(self.endpoint, uris, self.scope, await self._key())
         except StoreError as e:
             raise store_problem(self.store_uri, self.endpoint, e, self.key_source) from None
+
+    async def progress(self, uris: dict[str, str]) -> dict[str, Any]:
+        """The running steps' records, in a worker thread (one GET each); never an error."""
+        if not uris:
+            return {}
+        store = self.op.store.store(self.endpoint, await self._key())
+        return await asyncio.to_thread(self.progress_reader.read, store, uris)
 
     async def missing_secrets(self, refs: dict[str, str]) -> list[str]:
         missing: list[str] = []

@@ -9,12 +9,14 @@ observing or acting fails (blocked.py: the store unreachable, the API refusing a
 lookup, a launcher's CRD missing) the run's status says so, with one Warning Event per
 distinct reason. It returns how long the daemon may sleep before the next pass if nothing
 wakes it (core.loop.resync_after: a backoff's end, `interval` while waiting on what no event
-announces, `idle` while waiting on a child, whose changes wake the daemon).
+announces, `idle` while waiting on a child, whose changes wake the daemon). Each pass is
+timed, and each status it writes observed, in the operator's metrics (metrics.py).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Mapping
 
 from xwin_jobs.store import StoreError
@@ -28,6 +30,7 @@ from .blocked import Blocked, api_refusal, blocked_status, child_refusal
 from .client import ApiError
 from .kubeconfig import LoginError
 from .manifests import render
+from .metrics import observe_status
 from .observer import Indexes, KubeObserver
 from .run_body import parse_run
 from .state import Operator, RunState
@@ -51,6 +54,7 @@ async def reconcile(op: Operator, state: RunState, body: Mapping[str, Any], inde
     """One pass for the run of `body`; the seconds until the next one if nothing wakes it."""
     if body["metadata"].get("deletionTimestamp"):
         return op.interval  # being deleted: its children go with it (owner references)
+    started = time.perf_counter()
     try:
         wait = await _reconcile(op, state, body, indexes, logger)
         state.blocked = None
@@ -58,6 +62,8 @@ async def reconcile(op: Operator, state: RunState, body: Mapping[str, Any], inde
     except Blocked as b:
         await report_blocked(op, state, body, b, logger)
         return op.interval
+    finally:
+        op.metrics.reconcile_duration.observe(time.perf_counter() - started)
 
 
 async def reconcile_logged(op: Operator, state: RunState, body: Mapping[str, Any], indexes: Indexes,
@@ -89,6 +95,7 @@ async def report_blocked(op: Operator, state: RunState, body: Mapping[str, Any],
         except ApiError as e:
             raise RunGone() if e.status == 404 else e from None
         state.status = status
+        observe_status(op.metrics, (meta["namespace"], meta["name"]), previous, status)
     if state.blocked != blocked.reason:
         state.blocked = blocked.reason
         await post_events(op, meta, [EmitEvent(blocked.reason, blocked.message, "Warning")])
@@ -110,10 +117,10 @@ async def _reconcile(op: Operator, state: RunState, body: Mapping[str, Any], ind
     if run is None:
         await act(invalid, executor)
     else:
-        observer = KubeObserver(op, run, indexes, (meta.get("uid"), generation))
+        observer = KubeObserver(op, run, indexes, (meta.get("uid"), generation), state.progress)
         outcome = await reconcile_once(run, observer, executor, previous, generation=generation,
                                        config=op.config, tasks=state.tasks)
-        wait = resync_after(outcome, op.interval, op.idle)
+        wait = resync_after(outcome, op.interval, op.idle, op.config.progress_seconds)
     if executor.events:  # after the status they tell about, in order
         await post_events(op, meta, executor.events)
     state.generation, state.run = generation, run
@@ -168,7 +175,9 @@ class KubeActions:
             await self.op.api.patch_status(self.ns, self.name, patch)
         except ApiError as e:
             raise RunGone() if e.status == 404 else e from None
+        previous = self.state.status if self.state.status is not None else self.current
         self.state.status = dict(status)
+        observe_status(self.op.metrics, (self.ns, self.name), previous, self.state.status)
 
     async def event(self, reason: str, message: str, type_: str) -> None:
         self.events.append(EmitEvent(reason, message, type_))

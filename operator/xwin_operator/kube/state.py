@@ -7,9 +7,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from xwin_jobs.progress import ProgressReader
+
 from ..core.config import OperatorConfig
 from .client import KubeApi
 from .kubeconfig import Login
+from .metrics import Metrics
 from .store_credentials import StoreCredentials
 from .store_reader import StoreReader
 
@@ -27,12 +30,14 @@ class RunState:
     status: dict | None = None
     blocked: str | None = None
     seen: dict[str, Any] = field(default_factory=dict)   # "Kind/name" -> what its last event showed
+    progress: ProgressReader = field(default_factory=ProgressReader)  # its steps' last good progress records
 
 
 @dataclass
 class Operator:
     """The operator's parts, in kopf's memo (handlers.configure): the API client, the store
-    reader, the settings, and the state of each run whose daemon is running."""
+    reader, the settings, its metrics (and their /metrics server while it runs), and the state
+    of each run whose daemon is running."""
 
     api: KubeApi
     store: StoreReader
@@ -41,6 +46,8 @@ class Operator:
     runs: dict[tuple[str, str], RunState] = field(default_factory=dict)   # (namespace, name) -> state
     secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)  # -> when last found
     credentials: StoreCredentials | None = None   # the runs' store keys (store_credentials.py)
+    metrics: Metrics = field(default_factory=Metrics)   # its own registry (metrics.py)
+    metrics_server: Any = None                    # metrics.serve's runner, while it serves
 
     def __post_init__(self) -> None:
         if self.credentials is None:

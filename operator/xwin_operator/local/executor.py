@@ -10,7 +10,8 @@ retries with backoff, markers); this side supplies its parts:
              (a job, a vLLM server, nothing for a Service); DeleteChild -> stop it (a
              vLLM server a later stage serves again is kept idle instead: server_pool);
              SuspendChild -> n/a;
-             PatchStatus -> keep the status and write `<log dir>/status.json`; EmitEvent ->
+             PatchStatus -> keep the status, write `<log dir>/status.json` and hand it to
+             `ctx.on_status` (xwin run's progress display); EmitEvent ->
              a progress line; RequeueAfter -> sleep that long, or until a child changes
     until the status phase is Succeeded or Failed.
 
@@ -84,6 +85,7 @@ class LocalContext:
     log_dir: Path
     on_line: Callable[[str, str], None] = lambda stage, line: None      # (stage, output line)
     on_event: Callable[[str, str, str], None] = lambda reason, message, type_: None
+    on_status: Callable[[dict], None] = lambda status: None   # the status of every pass that changed it
     nproc_per_node: int = 1  # ranks of a training step (torchrun when > 1)
 
 
@@ -124,13 +126,16 @@ def read_markers(outputs: dict[str, str], store) -> dict[str, dict | None]:
 class LocalObserver:
     """What the loop observes here (core.loop.Observer): the children it started (queued ones
     whose turn came are started first), then the markers in the store and the fingerprints of
-    the run's external inputs (a missing one is a missing input). There are no Secrets."""
+    the run's external inputs (a missing one is a missing input), the running steps' progress
+    records. There are no Secrets."""
 
     def __init__(self, children: LocalChildren, store):
         from xwin_jobs.fingerprint import Fingerprints
+        from xwin_jobs.progress import ProgressReader
 
         self._children, self.store = children, store
         self._prints = Fingerprints()   # a file's sha256 kept while its size and mtime stay
+        self._progress = ProgressReader()  # the running steps' last good progress records
 
     def children(self) -> list:
         self._children.start_ready()
@@ -144,6 +149,9 @@ class LocalObserver:
 
     def missing_secrets(self, refs: dict[str, str]) -> list[str]:
         return []
+
+    def progress(self, uris: dict[str, str]) -> dict:
+        return self._progress.read(self.store, uris) if uris else {}
 
     def fingerprints(self, uris: list[str]) -> dict[str, str]:
         """Every external input as the jobs see it (this machine is theirs): a changed one
@@ -229,6 +237,7 @@ class LocalActions:
         self.status = status
         write_status(self.ctx.log_dir, status)
         self.progress.update(status)
+        self.ctx.on_status(status)
 
     def event(self, reason: str, message: str, type_: str) -> None:
         self.ctx.on_event(reason, message, type_)
@@ -255,7 +264,9 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
     previous_sigterm = _trap_sigterm()
     try:
         while True:
-            actions_here.wait, actions_here.acted = POLL_SECONDS, False
+            # a pass at least every POLL_SECONDS (progress_seconds if shorter: the running
+            # steps' progress records are read each pass)
+            actions_here.wait, actions_here.acted = min(POLL_SECONDS, config.progress_seconds), False
             reconcile_once_sync(run, observer, actions_here, actions_here.status, generation=1,
                                 config=config, tasks=tasks)
             status, wait, acted = actions_here.status, actions_here.wait, actions_here.acted
