@@ -76,7 +76,7 @@ lint-imports: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test-slow: $(STAMP) $(VLLM_STAMP) $(CPU_ADAM_STAMP)
-	XWIN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VPY) -m pytest -q -m slow
+	XWIN_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VPY) -m pytest -q -m slow $(SLOW_ARGS)
 
 # Only the recipe's claim on the full demo (SFT < RS < DPO, each gain above its interval); part of test-slow.
 test-recipe: $(STAMP) $(VLLM_STAMP)

@@ -71,14 +71,17 @@ def test_kubectl_apply_get_describe_a_run_to_success(cluster, kubelet_factory, o
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         rows = table_rows(kubectl(kubeconfig, "get", "ar", "-n", NS).stdout)
-        assert [r["NAME"] for r in rows] == ["tiny"] and set(rows[0]) == {"NAME", "PHASE", "STAGE", "AGE"}
+        assert [r["NAME"] for r in rows] == ["tiny"] and list(rows[0]) == [
+            "NAME", "PHASE", "STAGE", "PROGRESS", "ETA", "COST", "AGE"]
         state = (rows[0]["PHASE"], rows[0]["STAGE"])
+        last = rows[0]
         if not seen or seen[-1] != state:
             seen.append(state)
         if state[0] == "Succeeded":
             break
         time.sleep(0.2)
     assert seen[-1] == ("Succeeded", ""), seen
+    assert (last["PROGRESS"], last["ETA"], last["COST"]) == ("100%", "", "$0.00, 0.0 GPU-h"), last
     assert any(phase == "Running" and stage for phase, stage in seen), seen  # a stage was seen in progress
     assert ("", "") not in seen[1:], f"an empty phase after the operator saw the run: {seen}"
 
@@ -88,6 +91,7 @@ def test_kubectl_apply_get_describe_a_run_to_success(cluster, kubelet_factory, o
     for reason in ("StageStarted", "StageSucceeded", "RunSucceeded"):
         assert reason in events, described[-2000:]
     assert "Phase:" in described and "Succeeded" in described
+    assert "run succeeded: every stage succeeded (cost: $0.00, 0.0 GPU-h)" in " ".join(events.split())
 
     # a second apply of the same file changes nothing; -o json lists the kind
     assert "unchanged" in kubectl(kubeconfig, "apply", "-f", str(tmp_path / "run.yaml")).stdout

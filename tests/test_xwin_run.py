@@ -153,6 +153,7 @@ def test_a_training_stage_s_progress_shows_while_it_runs(workdir):
     final = status_of(workdir)
     assert final["phase"] == "Succeeded" and "progress" not in final["stages"][0]
     assert final["progress"]["summary"] == "100%" and final["cost"]["summary"] == "$0.00, 0.0 GPU-h"
+    assert "cost: $0.00, 0.0 GPU-h" in res.stdout   # under the summary table
 
 
 @pytest.mark.slow

@@ -118,8 +118,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(run, store, config)
     nproc = args.nproc_per_node or default_nproc_per_node()
+    last: dict = {}   # the status of the last pass (its cost goes under the summary)
+
+    def on_status(status: dict) -> None:
+        last.update(status)
+        display.status(status)
+
     ctx = LocalContext(python=python_for_jobs(), env=env, log_dir=log_dir, on_line=on_line,
-                       on_event=on_event, on_status=display.status, nproc_per_node=nproc)
+                       on_event=on_event, on_status=on_status, nproc_per_node=nproc)
     code, results = 0, []
     with display:
         try:
@@ -135,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         table.add_row(r.stage, r.outcome, f"{r.seconds:.1f}" if r.seconds else "", metrics_text(r.metrics),
                       r.artifact or "")
     console.print(table)
+    if (last.get("cost") or {}).get("summary"):
+        console.print(f"cost: {last['cost']['summary']}", highlight=False, markup=False)
     if code:
         console.print(f"[red]failed:[/] {failure}", highlight=False)
     return code

@@ -212,7 +212,9 @@ def status_actions(run: AlignmentRun, views: dict[str, StageView], prev_status: 
     if new_status["phase"] != prev_status.get("phase") and new_status["phase"] in _RUN_EVENT and not (
             new_status["phase"] == "Running" and starting):  # a new run's first StageStarted says it
         reason, type_ = _RUN_EVENT[new_status["phase"]]
-        events.append(EmitEvent(reason, f"run {new_status['phase'].lower()}: {new_status['message']}", type_))
+        spent = f" (cost: {new_status['cost']['summary']})" if new_status["phase"] in ("Succeeded", "Failed") \
+            and new_status.get("cost") else ""
+        events.append(EmitEvent(reason, f"run {new_status['phase'].lower()}: {new_status['message']}{spent}", type_))
     ours = {k: prev_status.get(k) for k in new_status if k in prev_status}
     patch = [] if ours == new_status else [PatchStatus(new_status)]
     return patch + events
