@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # reference.py: the padded DPO baseline
 HERE = Path(__file__).resolve().parent
 SECTION = "## Training on GPU"
 
@@ -65,8 +66,8 @@ def build_model(vocab: int, small: bool, device: str):
 def run_arm(engine, pairs, arm: str, steps: int, micro: int = 4) -> dict:
     import torch
 
-    from xwin_jobs.losses import dpo_sigmoid_loss, sequence_logprobs
-    from xwin_jobs.training.data import collate_pairs
+    from reference import collate_pairs, sequence_logprobs
+    from xwin_jobs.losses import dpo_sigmoid_loss
     from xwin_jobs.training.objectives import dpo_step
 
     reference = torch.zeros(len(pairs), 2)
@@ -110,7 +111,7 @@ def main(vocab: int, n: int, steps: int, device: str, small: bool) -> dict | Non
     import torch
 
     from xwin_jobs.training.config import TrainingConfig
-    from xwin_jobs.training.engine import Engine
+    from xwin_jobs.training.engine import DdpEngine
 
     if device == "cuda" and not torch.cuda.is_available():
         print("bench_train_gpu: skipped, no CUDA device here (run it where a GPU is lent)")
@@ -119,7 +120,7 @@ def main(vocab: int, n: int, steps: int, device: str, small: bool) -> dict | Non
     results = []
     for arm in ("full", "chunked", "chunked+packed"):
         model = build_model(vocab, small, device)
-        engine = Engine(model, TrainingConfig(), total_steps=1, device=device)
+        engine = DdpEngine(model, TrainingConfig(), total_steps=1, device=device)
         try:
             results.append(run_arm(engine, pairs, arm, steps))
         except torch.OutOfMemoryError:

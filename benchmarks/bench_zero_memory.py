@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))  # reference.py: the plain SFT loss
 SECTION = "## ZeRO memory"
 BIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
            num_key_value_heads=16, vocab_size=32000, max_position_embeddings=256)
@@ -79,7 +80,7 @@ def worker(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from xwin_jobs.losses import sft_loss
+    from reference import sft_loss
     from xwin_jobs.training.build import build_engine
     from xwin_jobs.training.config import TrainingConfig
     from xwin_jobs.training.distributed import Distributed

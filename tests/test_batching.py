@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from reference import padding_efficiency
 from xwin_jobs.training.batching import (BudgetError, Workload, check_budget, fed_positions,
                                          layout_rows, pack_rows, sorted_batches, step_plan)
 from xwin_jobs.training.data import batch_plan
@@ -38,9 +39,9 @@ def test_token_budget_bounds_every_micro_batch_and_sorting_cuts_padding():
         for step in plan:
             for mb in step:
                 assert fed_positions([lengths[i][0] for i in mb], packed) <= 2048
-    fixed = Workload(lengths).padding_efficiency([mb for s in steps for mb in s])
-    grouped = Workload(lengths).padding_efficiency([mb for s in step_plan(steps, lengths, 4) for mb in s])
-    packed = Workload(lengths, packed=True).padding_efficiency(
+    fixed = padding_efficiency(Workload(lengths), [mb for s in steps for mb in s])
+    grouped = padding_efficiency(Workload(lengths), [mb for s in step_plan(steps, lengths, 4) for mb in s])
+    packed = padding_efficiency(Workload(lengths, packed=True), 
         [mb for s in step_plan(steps, lengths, 4, 2048, True) for mb in s])
     assert fixed < grouped < packed
     assert packed >= 0.9

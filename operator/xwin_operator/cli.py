@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .status_view import metrics_text
 
-    from .local.executor import (Interrupted, LocalContext, RunError, StageResult, default_log_dir,
+    from .local.executor import (Interrupted, LocalContext, RunError, StageOutcome, default_log_dir,
                                  default_nproc_per_node, describe_root, execute, job_env,
                                  local_config, python_for_jobs)
     from .run_display import RunDisplay
@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif args.verbose:
             console.print(f"  [dim]· {reason}: {message}[/]", highlight=False)
 
-    def on_stage(event: "StageResult | str") -> None:
+    def on_stage(event: "StageOutcome | str") -> None:
         if isinstance(event, str):
             started[event] = time.monotonic()
             display.spin(event, "starting")

@@ -225,10 +225,3 @@ def make_client(settings: JudgeSettings, env: Mapping[str, str] | None = None):
         logging.getLogger(name).setLevel(logging.WARNING)
     return AsyncOpenAI(api_key=api_key(env), base_url=settings.base_url, max_retries=0,
                        timeout=settings.request_timeout_s)
-
-
-def template_of(version: str) -> Template:
-    try:
-        return TEMPLATES[version]
-    except KeyError:
-        raise JudgeError(f"unknown judge template version {version!r}") from None

@@ -58,7 +58,3 @@ def summary(groups: Sequence[Sequence[float]], seed: int = 0) -> dict[str, float
     ci = bootstrap_interval(groups, seed=seed)
     return {"mean": mean_of_groups(groups), "ci": list(ci) if ci else None,
             "n": sum(1 for g in groups if len(g))}
-
-
-def half_width(ci: Sequence[float] | None) -> float | None:
-    return None if not ci else (ci[1] - ci[0]) / 2

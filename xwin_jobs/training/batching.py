@@ -104,14 +104,11 @@ def longest_first(lengths: Lengths, indices: Sequence[int]) -> list[int]:
 
 def _with(free: list[int], seqs: Sequence[int], width: int, packed: bool) -> list[int]:
     """The rows' free room after adding `seqs` (first fit when packed, else a row each)."""
-    free = list(free)
+    if not packed:
+        return [*free, *(width - n for n in seqs)]
+    free, rows = list(free), [[] for _ in free]
     for n in seqs:
-        for r, room in enumerate(free if packed else ()):
-            if n <= room:
-                free[r] -= n
-                break
-        else:
-            free.append(width - n)
+        _place(rows, free, -1, n, width)
     return free
 
 
@@ -205,8 +202,3 @@ class Workload:
         """(real tokens, fed positions) of one micro-batch."""
         seqs = _flat(self.lengths, batch)
         return sum(seqs), fed_positions(seqs, self.packed)
-
-    def padding_efficiency(self, batches: Sequence[Sequence[int]]) -> float:
-        """Real tokens / fed positions over `batches`."""
-        real, fed = (sum(x) for x in zip((0, 0), *(self.real_and_fed(b) for b in batches)))
-        return real / fed if fed else 1.0

@@ -1,6 +1,6 @@
 """The engine a stage's `zeroStage` names, with the model loaded the way that engine needs.
 
-`build_engine(loader, config, total_steps, dist)`: zeroStage 0 -> `engine.Engine` (single
+`build_engine(loader, config, total_steps, dist)`: zeroStage 0 -> `engine.DdpEngine` (single
 process, or DDP under torchrun) on the model `loader()` returns; 1-3 -> `zero.ZeroEngine`,
 which runs `loader()` inside its loading context (partitioned creation under ZeRO-3).
 DeepSpeed is imported only on the ZeRO path.
@@ -48,9 +48,9 @@ def build_engine(loader: Callable[[], Any], config: TrainingConfig, total_steps:
         from .zero import ZeroEngine
 
         return ZeroEngine.load(loader, config, total_steps, dist)
-    from .engine import Engine
+    from .engine import DdpEngine
 
-    return Engine(loader(), config, total_steps=total_steps, dist=dist)
+    return DdpEngine(loader(), config, total_steps=total_steps, dist=dist)
 
 
 def model_parameters(config_json: dict) -> int:

@@ -1,9 +1,8 @@
 """Records -> token examples, and the order optimizer steps visit them in.
 
-Encoding is pure (tokenizer passed in); collation imports torch lazily. The training stages
-batch through batching.py / packing.py; `collate_sft` / `collate_pairs` (right-padded,
-HF-style labels for full logits) are the plain layout the tests and the GPU benchmark
-compare those against.
+Encoding is pure (tokenizer passed in). The training stages batch through batching.py /
+packing.py (the plain right-padded layout the tests compare those against is
+tests/reference.py: collate_sft, collate_pairs).
 
 The stages tokenize with `datasets` (xwin_jobs.tokenized): `encode_rows` is the body of
 its `map`, and `TokenRows` reads the memory-mapped result back as the same SftExample /
@@ -191,27 +190,6 @@ class TokenRows(Sequence):
                         None, packed)
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int):
-    import torch
-
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def collate_sft(examples: Sequence[SftExample], pad_id: int) -> dict[str, Any]:
-    """Right-padded {input_ids, attention_mask, labels}; padding is never labelled."""
-    ids = _pad([e.input_ids for e in examples], pad_id)
-    mask = _pad([[1] * len(e.input_ids) for e in examples], 0)
-    labels = _pad([e.labels for e in examples], IGNORE_INDEX)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def collate_pairs(examples: Sequence[PairExample], pad_id: int) -> dict[str, Any]:
-    """One batch of 2B rows: the B chosen sequences first, then the B rejected ones."""
-    return collate_sft([e.chosen for e in examples] + [e.rejected for e in examples], pad_id)
 
 
 def batch_plan(num_examples: int, global_batch_size: int, micro_batch_size: int,

@@ -6,7 +6,7 @@ only calls `engine.to_device(batch)`, `with engine.autocast():`, `with engine.no
 training step: evaluation, reference log-probabilities), `engine.save_state/load_state`
 (checkpoints) and `engine.save_pretrained` (the final model).
 
-`Engine` is zeroStage 0: a single process is plain torch; under torchrun (WORLD_SIZE > 1) the
+`DdpEngine` is zeroStage 0: a single process is plain torch; under torchrun (WORLD_SIZE > 1) the
 model is wrapped in DistributedDataParallel: every rank holds the whole model and the
 optimizer state, gradients are averaged by DDP. zeroStage 1-3 is `zero.ZeroEngine`
 (DeepSpeed), with the same methods. The ranks are `distributed.Distributed`.
@@ -129,7 +129,7 @@ class EngineBase:
         return _ctx()
 
 
-class Engine(EngineBase):
+class DdpEngine(EngineBase):
     """zeroStage 0: device, autocast, AdamW, LR schedule, and under torchrun
     DistributedDataParallel (see the module docstring)."""
 

@@ -22,7 +22,8 @@ from typing import Any, Sequence
 from ..losses import bradley_terry_loss, dpo_sigmoid_loss, length_normalised_nll, segment_sums, token_nll_mean
 from .batching import Workload, sorted_batches
 from .data import PairExample, SftExample
-from .packing import IGNORE_INDEX, collate_rows, label_logprobs, last_token_rewards
+from ..chat import IGNORE_INDEX
+from .packing import collate_rows, label_logprobs, last_token_rewards
 
 HEAD_CHUNK = 1024  # labelled positions per LM-head chunk
 

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..chat import IGNORE_INDEX
 from .batching import layout_rows
-
-IGNORE_INDEX = -100
 
 
 def packing_supported(model: Any) -> bool:

@@ -1,4 +1,4 @@
-"""zeroStage 1-3: the engine on DeepSpeed ZeRO, with the methods of `engine.Engine`.
+"""zeroStage 1-3: the engine on DeepSpeed ZeRO, with the methods of `engine.DdpEngine`.
 
 * Config: `zero_config.deepspeed_config` (the one pure function), on this world size; once the
   model is loaded its communication buckets are sized from the model's hidden size.

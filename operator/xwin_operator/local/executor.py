@@ -67,7 +67,7 @@ class StageFailed(RunError):
 
 
 @dataclass
-class StageResult:
+class StageOutcome:
     stage: str
     outcome: str  # ran | skipped (already done) | reused (from:) | failed
     seconds: float = 0.0
@@ -165,9 +165,9 @@ class LocalObserver:
 class _Progress:
     """Stage results from the status the planner writes (ran / skipped / reused / failed)."""
 
-    def __init__(self, on_stage: Callable[[StageResult | str], None]):
+    def __init__(self, on_stage: Callable[[StageOutcome | str], None]):
         self.on_stage = on_stage
-        self.results: list[StageResult] = []
+        self.results: list[StageOutcome] = []
         self.reported: set[str] = set()
         self.announced: dict[str, float] = {}    # stage -> monotonic time of its first process
 
@@ -184,13 +184,13 @@ class _Progress:
             ran = name in self.announced
             seconds = time.monotonic() - self.announced[name] if ran else 0.0
             if phase == "Skipped":
-                result = StageResult(name, "reused", artifact=s.get("artifact", ""))
+                result = StageOutcome(name, "reused", artifact=s.get("artifact", ""))
             elif phase == "Succeeded":
-                result = StageResult(name, "ran" if ran else "skipped", seconds,
+                result = StageOutcome(name, "ran" if ran else "skipped", seconds,
                                      s.get("artifact", ""), dict(s.get("metrics") or {}),
                                      "" if ran else "already done")
             else:
-                result = StageResult(name, "failed", seconds,
+                result = StageOutcome(name, "failed", seconds,
                                      message=str(StageFailed(name, s.get("message", ""))))
             self.reported.add(name)
             self.results.append(result)
@@ -200,7 +200,7 @@ class _Progress:
         stage = getattr(error, "stage", "")
         if stage and stage not in self.reported:
             self.reported.add(stage)
-            self.results.append(StageResult(stage, "failed", message=str(error)))
+            self.results.append(StageOutcome(stage, "failed", message=str(error)))
             self.on_stage(self.results[-1])
         error.results = self.results
         return error
@@ -247,8 +247,8 @@ class LocalActions:
 
 
 def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, store,
-            on_stage: Callable[[StageResult | str], None] = lambda r: None,
-            config: OperatorConfig | None = None) -> list[StageResult]:
+            on_stage: Callable[[StageOutcome | str], None] = lambda r: None,
+            config: OperatorConfig | None = None) -> list[StageOutcome]:
     """Drive `run` to Succeeded with `planner.decide` and local processes. Returns the stage
     results; raises StageFailed (results attached as `.results`) when the run fails."""
     config = config or local_config(store_uri, ctx.env)
