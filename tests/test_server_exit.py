@@ -122,6 +122,19 @@ def test_a_stop_asked_for_is_no_failure(fake_vllm, tmp_path):
     assert "xwin-serve:" not in out and (tmp_path / "termination-log").read_text() == ""
 
 
+def test_vllm_dies_with_the_entry_point_killed_on_its_own(fake_vllm, tmp_path):
+    """SIGKILL to the entry point alone (a test kubelet, a supervisor outside a container):
+    vLLM, in its own session, must not live on holding its port and memory."""
+    import psutil
+
+    proc = _serve(fake_vllm, tmp_path, "wait")
+    assert proc.stdout.readline().startswith("INFO")
+    server = psutil.Process(proc.pid).children()[0]
+    proc.kill()
+    proc.wait(timeout=10)
+    assert psutil.wait_procs([server], timeout=10)[1] == [], "vLLM outlived its entry point"
+
+
 # --- the planner -----------------------------------------------------------------------------------
 
 

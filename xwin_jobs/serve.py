@@ -40,6 +40,19 @@ def _device(env: dict[str, str]) -> str:
     return "cpu" if env.get("VLLM_TARGET_DEVICE") == "cpu" or env.get("VLLM_CPU_KVCACHE_SPACE") else "gpu"
 
 
+def _die_with_parent() -> None:
+    """In the child, before vLLM starts (Linux): SIGKILL when this process dies, however it
+    dies. A pod's teardown stops the whole container anyway; a process killed on its own (a
+    test kubelet, a supervisor outside a container) would otherwise leave vLLM running in its
+    session, holding its port, memory and CPU."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "--":
@@ -48,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # pipe when it is killed) is stopped with it
     proc = subprocess.Popen([sys.executable, "-m", VLLM_MODULE, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
     stopping: list[int] = []
 
     def forward(signum, frame):
