@@ -35,6 +35,20 @@ def test_a_failed_attempt_waits_its_backoff_then_retries_as_a_new_child():
     assert any(e.reason == "StageRetrying" and e.type == "Warning" for e in of(acts, EmitEvent))
 
 
+def test_a_failure_seen_only_after_its_backoff_is_still_reported_once():
+    """The operator was down while attempt 1 failed and its backoff ran out: the pass that
+    finds it starts attempt 2 at once, and still says why attempt 1 failed."""
+    run = make_run()
+    running = plan(run, [child("sft")], now="2024-05-01T09:59:00Z")
+    failed = child("sft", phase="Failed", reason="BackoffLimitExceeded", exit_code=1,
+                   finished="2024-05-01T10:00:00Z")
+    acts = plan(run, [failed], status=status_of(running), now="2024-05-01T10:05:00Z")
+    assert creates(acts) == ["PyTorchJob/demo-sft-2"]
+    events = [(e.reason, e.message) for e in of(acts, EmitEvent)]
+    assert [r for r, _ in events] == ["StageAttemptFailed", "StageRetrying"]
+    assert events[0][1].startswith("attempt 1 of stage sft failed (") and "exit code 1" in events[0][1]
+
+
 def test_the_backoff_doubles_per_attempt():
     run = make_run()
     kids = [child("sft", attempt=a, phase="Failed", finished=T0) for a in (1, 2)]

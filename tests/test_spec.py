@@ -135,7 +135,7 @@ def test_crd_is_structural_with_printer_columns():
     doc = crd()
     version = doc["spec"]["versions"][0]
     assert doc["spec"]["names"]["shortNames"] == ["ar"]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Progress", "ETA", "Cost", "Age"]
     assert version["subresources"] == {"status": {}}
     schema = version["schema"]["openAPIV3Schema"]
     for path, node in schema_nodes(schema):

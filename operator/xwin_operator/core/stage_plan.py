@@ -170,6 +170,9 @@ def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
                             f"{attempt + 1} of {run.spec.retries.maxAttempts} starts after a "
                             f"{_backoff(config, attempt):.0f}s backoff")
             return
+        # the backoff was over before this pass saw the failure (an operator that was down,
+        # a short backoff): the failure is still reported once, with the next attempt
+        view.failed_attempt = f"{attempt_failed(attempt, view.name)} ({text})"
         attempt += 1
     view.phase, view.reason, view.attempts = "Running", "StageRunning", attempt
     current = pending[0]

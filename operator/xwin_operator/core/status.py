@@ -182,11 +182,14 @@ def status_actions(run: AlignmentRun, views: dict[str, StageView], prev_status: 
     events: list = []
     for s in new_status["stages"]:
         old = prev_stages.get(s["name"], {})
-        backoff = views[s["name"]].reason == "Backoff"
+        view, told = views[s["name"]], (old.get("message") or "")
         # once per failed attempt (the failed child's details may still change while it waits)
-        if backoff and not (old.get("message") or "").startswith(attempt_failed(s["attempts"], s["name"])):
+        if view.reason in ("Backoff", "AttemptCleanup") and not told.startswith(attempt_failed(s["attempts"], s["name"])):
             events.append(EmitEvent("StageAttemptFailed", s["message"], "Warning"))
             continue
+        before = int(old.get("attempts") or 0)
+        if view.failed_attempt and s["attempts"] > before >= 1 and not told.startswith(attempt_failed(before, s["name"])):
+            events.append(EmitEvent("StageAttemptFailed", view.failed_attempt, "Warning"))  # its backoff unseen
         if s.get("reason") in WAITING_REASONS and s.get("reason") != old.get("reason"):
             events.append(EmitEvent(s["reason"], s.get("message", ""), "Warning"))  # once per cause
         if s["phase"] == old.get("phase", "Pending") and s["attempts"] <= int(old.get("attempts") or 0):

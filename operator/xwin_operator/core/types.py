@@ -148,6 +148,7 @@ class StageView:
     needs_judge: bool = False     # the creates reference judge.apiKeySecret
     finishing: list[ChildState] = field(default_factory=list)  # succeeded, its last child exiting
     fails: list[ChildState] = field(default_factory=list)      # to stop as failed (FailChild)
+    failed_attempt: str = ""      # a failed attempt this pass went past (its backoff already over)
 
 
 def now_iso() -> str:
