@@ -23,7 +23,7 @@ from .config import OperatorConfig
 from .executor import Executor, apply
 from .planner import decide, input_uris, secret_refs
 from .progress import SERVER_KINDS, progress_uris
-from .types import Action, ChildState, CreateChild, Observed, PatchStatus, RequeueAfter, now_iso
+from .types import ACTIVE, Action, ChildState, CreateChild, Observed, PatchStatus, RequeueAfter, now_iso
 
 class Observer(Protocol):
     """What an executor observes of one run: plain calls (local/: reconcile_once_sync), or
@@ -120,7 +120,6 @@ def reconcile_once_sync(run: AlignmentRun, observer: Observer, executor: Executo
     return _outcome(observed, actions)
 
 
-ACTIVE = ("Pending", "Running")
 
 
 def resync_after(outcome: Outcome, interval: float, idle: float, progress: float | None = None) -> float:

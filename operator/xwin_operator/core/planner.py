@@ -82,11 +82,11 @@ from ..api.spec import AlignmentRun
 from .children import PlannedChild
 from .config import OperatorConfig
 from ..api.graph import dependencies, stage_references, stages_of
-from .stage_plan import ACTIVE, holds_resources, stage_view
+from .stage_plan import holds_resources, stage_view
 from .status import build_status, status_actions
 from .steps import steps_of
 from .tasks import stage_task
-from .types import (Action, ChildState, CreateChild, DeleteChild, FailChild, Observed, RequeueAfter, StageView,
+from .types import (ACTIVE, Action, ChildState, CreateChild, DeleteChild, FailChild, Observed, RequeueAfter, StageView,
                     SuspendChild, now_iso)
 
 

@@ -31,13 +31,12 @@ from xwin_jobs.task import StageTask
 from ..api.spec import AlignmentRun
 from .stage_plan import step_gpus
 from .steps import Step, steps_of
-from .types import ChildState
+from .types import DONE, ChildState
 
 # relative hours per GPU of each stage at the recipe's usual sizes (the run's percent only)
 STAGE_WEIGHT = {"sft": 4.0, "pairs": 2.0, "rewardModel": 1.0, "bestOfN": 3.0,
                 "rejectionSampling": 2.0, "dpo": 2.0, "evaluate": 1.0}
 SERVER_KINDS = ("Deployment", "Service")
-DONE = ("Succeeded", "Skipped")
 
 
 def _process_steps(run: AlignmentRun, stage: str) -> list[Step]:

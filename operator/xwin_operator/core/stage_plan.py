@@ -16,9 +16,8 @@ from .config import OperatorConfig
 from ..api.graph import stages_of
 from .steps import Step, steps_of
 from .tasks import run_root, stage_uri
-from .types import ChildState, Observed, StageView, attempt_failed
+from .types import ACTIVE, ChildState, Observed, StageView, attempt_failed
 
-ACTIVE = ("Pending", "Running")
 
 
 def holds_resources(c: ChildState) -> bool:

@@ -18,6 +18,11 @@ from .children import PlannedChild
 # Warning Event per cause).
 POD_CAUSES = ("Unschedulable", "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
               "CreateContainerConfigError", "CrashLoopBackOff", "OOMKilled")
+# phases, as sets: a child or stage still going; a run or stage that is over; a stage whose
+# output exists (Skipped: reused with `from:`)
+ACTIVE = ("Pending", "Running")
+FINISHED = ("Succeeded", "Failed")
+DONE = ("Succeeded", "Skipped")
 WAITING_FOR_QUOTA = "WaitingForQuota"
 WAITING_REASONS = (WAITING_FOR_QUOTA, *POD_CAUSES)
 

@@ -26,10 +26,9 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import choose_encoder
 
-from ..core.types import WAITING_REASONS
+from ..core.types import FINISHED, WAITING_REASONS
 
 PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
-FINISHED = ("Succeeded", "Failed")
 COSTS = ("gpuHours", "judgeUSD")   # status.cost: the run's totals
 # a stage takes minutes to days (10 s: the tiny runs of tests and demos)
 STAGE_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 57600, 86400, 172800, 345600, 604800)

@@ -25,7 +25,7 @@ from ..api.spec import API_GROUP, API_VERSION, KIND
 from ..core.children import PlannedChild
 from ..core.loop import act, reconcile_once, resync_after
 from ..core.planner import stage_tasks
-from ..core.types import EmitEvent, now_iso
+from ..core.types import FINISHED, EmitEvent, now_iso
 from .blocked import Blocked, api_refusal, blocked_status, child_refusal
 from .client import ApiError
 from .kubeconfig import LoginError
@@ -35,7 +35,6 @@ from .observer import Indexes, KubeObserver
 from .run_body import parse_run
 from .state import Operator, RunState
 
-FINISHED = ("Succeeded", "Failed")
 Logger = logging.Logger | logging.LoggerAdapter
 
 

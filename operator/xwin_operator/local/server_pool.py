@@ -28,8 +28,8 @@ from xwin_jobs.task import StageTask
 
 from ..api.spec import AlignmentRunSpec
 from ..core.steps import steps_of
+from ..core.types import DONE, FINISHED
 
-DONE_PHASES = ("Succeeded", "Skipped", "Failed")
 
 
 def server_key(model_uri: str, serving: Mapping[str, Any] | None) -> str:
@@ -56,7 +56,7 @@ def wanted_later(spec: AlignmentRunSpec, tasks: Mapping[str, StageTask], status:
     keys = serve_keys(spec, tasks)
     mine = next((k for s, m, k in keys if (s, m) == (stage, model_input)), None)
     return mine is not None and any(
-        k == mine and (s, m) != (stage, model_input) and phases.get(s) not in DONE_PHASES
+        k == mine and (s, m) != (stage, model_input) and phases.get(s) not in (*DONE, *FINISHED)
         for s, m, k in keys)
 
 
