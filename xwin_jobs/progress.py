@@ -122,6 +122,12 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def step_name(default: str, env: Any = None) -> str:
+    """The step this process runs: XWIN_STEP, which the planners set; `default` when a stage
+    is run by hand."""
+    return (os.environ if env is None else env).get("XWIN_STEP") or default
+
+
 def write_interval() -> float:
     raw = os.environ.get("XWIN_PROGRESS_INTERVAL", "")
     try:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Any
 
 from ..pipeline import JUDGE_STAGES
-from ..progress import ProgressWriter
+from ..progress import ProgressWriter, step_name
 from ..store import Store, as_folder, join_uri
 from .batch import BatchJudge
 from .cache import JudgmentCache
@@ -70,7 +69,7 @@ def progress_writer(store: Store, folder: str, total: int) -> ProgressWriter:
     `judge/`): comparisons done of `total`, USD spent (xwin_jobs.progress)."""
     stage_uri = folder[: -len(JUDGE_FOLDER)] if folder.endswith(JUDGE_FOLDER) else folder
     stage = stage_uri.rstrip("/").rpartition("/")[2]
-    return ProgressWriter(store, stage_uri, stage, os.environ.get("XWIN_STEP") or "judge",
+    return ProgressWriter(store, stage_uri, stage, step_name("judge"),
                           "comparisons", total, warn=log.warning)
 
 

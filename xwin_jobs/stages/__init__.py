@@ -133,13 +133,11 @@ class StageContext:
         """The live progress record of this step (xwin_jobs.progress), written by rank 0 (or
         the only process); None on the other ranks. `step` defaults to XWIN_STEP, which the
         planners set (a stage run by hand: the stage key)."""
-        import os
-
-        from ..progress import ProgressWriter
+        from ..progress import ProgressWriter, step_name
 
         if not self.is_main:
             return None
-        step = step or os.environ.get("XWIN_STEP") or self.task.stage
+        step = step or step_name(self.task.stage)
         return ProgressWriter(self.store, self.task.output, self.task.stage, step, unit, total,
                               warn=log.warning)
 

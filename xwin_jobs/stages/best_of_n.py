@@ -38,7 +38,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..progress import ProgressWriter
+from ..progress import ProgressWriter, step_name
 from ..records import ShardWriter, existing_ids, iter_records
 from ..store import Store, as_folder, join_uri
 from ..task import StageTask
@@ -190,7 +190,7 @@ def _score_share(task: StageTask, store: Store, rank: int, world: int, digest: s
     total = int(read_progress(store, samples).get("prompts") or 0)
     progress = None
     if rank == 0 and total:
-        progress = ProgressWriter(store, task.output, task.stage, os.environ.get("XWIN_STEP") or "score",
+        progress = ProgressWriter(store, task.output, task.stage, step_name("score"),
                                   "prompts", total, warn=log.warning)
         progress.update(len(done))
     with ShardWriter(store, data, prefix=prefix, max_records=10**9) as writer:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..progress import ProgressWriter
+from ..progress import ProgressWriter, step_name
 from ..records import ShardWriter, existing_ids
 from ..store import Store, as_folder, join_uri
 from ..task import StageTask, done_marker  # noqa: F401  (re-exported for the steps)
@@ -177,7 +177,7 @@ def sample_into_folder(task: StageTask, store: Store, folder: str, prompts: list
                                                     workdir))
         fmt = chat_format(task.chat_template, tokenizer)
         flush_s = float(env.get("XWIN_SAMPLER_FLUSH_SECONDS") or 5)
-        progress = ProgressWriter(store, task.output, task.stage, env.get("XWIN_STEP") or "sample",
+        progress = ProgressWriter(store, task.output, task.stage, step_name("sample", env),
                                   "prompts", len(prompts), warn=log.warning)
         progress.update(len(prompts) - len(todo))
         try:

@@ -29,7 +29,7 @@ from xwin_jobs.progress import Progress, epoch, iso, progress_uri
 from xwin_jobs.task import StageTask
 
 from ..api.spec import AlignmentRun
-from .stage_plan import step_gpus
+from .stage_plan import step_gpu_total
 from .steps import Step, steps_of
 from .types import DONE, ChildState
 
@@ -68,17 +68,10 @@ def stage_progress(p: Progress, now: float, stall_seconds: float) -> dict[str, A
     return out
 
 
-def _pods(step: Step, task: StageTask) -> int:
-    if step.resources == "serving":
-        return int((task.params.get("serving") or {}).get("replicas") or 1)
-    key = {"training": "resources", "scoring": "scoringResources"}.get(step.resources)
-    return int((task.params.get(key) or {}).get("nodes") or 1) if key else 1
-
-
 def child_gpu_hours(child: ChildState, step: Step | None, task: StageTask, now: float) -> float:
     if step is None or child.kind == "Service" or not child.created:
         return 0.0
-    gpus = step_gpus(step, task) * _pods(step, task)
+    gpus = step_gpu_total(step, task)
     if not gpus:
         return 0.0
     end = epoch(child.finished) if child.finished else now
@@ -109,7 +102,7 @@ def run_cost(stages: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def stage_weight(run: AlignmentRun, stage: str, task: StageTask | None) -> float:
-    gpus = max((step_gpus(s, task) * _pods(s, task) for s in steps_of(run.spec, stage)), default=0) \
+    gpus = max((step_gpu_total(s, task) for s in steps_of(run.spec, stage)), default=0) \
         if task is not None else 0
     return STAGE_WEIGHT.get(stage, 1.0) * max(gpus, 1)
 

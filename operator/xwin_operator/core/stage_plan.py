@@ -52,12 +52,24 @@ DEFAULT_PENDING_TIMEOUT = {True: 3600.0, False: 900.0}  # seconds, by whether th
 FREED_WAIT = 5.0  # seconds between looks while a failed attempt's pods are still going away
 
 
+def _sizing(step: Step, task: StageTask) -> tuple[dict, str, str]:
+    """(the settings that size the step's pods, their GPUs-per-pod field, their pods field)."""
+    if step.resources == "serving":
+        return task.params.get("serving") or {}, "gpusPerReplica", "replicas"
+    key = {"training": "resources", "scoring": "scoringResources"}.get(step.resources)
+    return (task.params.get(key) or {}) if key else {}, "gpusPerNode", "nodes"
+
+
 def step_gpus(step: Step, task: StageTask) -> int:
     """nvidia.com/gpu one pod of the step asks for."""
-    if step.resources == "serving":
-        return int((task.params.get("serving") or {}).get("gpusPerReplica") or 0)
-    key = {"training": "resources", "scoring": "scoringResources"}.get(step.resources)
-    return int((task.params.get(key) or {}).get("gpusPerNode") or 0) if key else 0
+    settings, gpus, _ = _sizing(step, task)
+    return int(settings.get(gpus) or 0)
+
+
+def step_gpu_total(step: Step, task: StageTask) -> int:
+    """nvidia.com/gpu all the step's pods ask for (x nodes, x replicas)."""
+    settings, _, pods = _sizing(step, task)
+    return step_gpus(step, task) * int(settings.get(pods) or 1)
 
 
 def pending_timeout(run: AlignmentRun, step: Step, task: StageTask) -> float | None:
