@@ -70,6 +70,12 @@ def test_demo_runs_every_stage(demo):
     assert "sk-demo-not-a-real-key" not in done.stdout + done.stderr
     # the demo ends with the paper's table
     assert "| model | MT-bench grade | win rate vs sft | accuracy |" in done.stdout
+    # the cost of every stage of the run, each step timed, with the total (issue 25)
+    cost = report["cost"]
+    assert set(cost["stages"]) == set(STAGES), cost
+    assert all(sum(t["seconds"] for t in s["steps"].values()) > 0 for s in cost["stages"].values()), cost
+    assert cost["total"]["judgeUSD"] == pytest.approx(sum(s["judgeUSD"] for s in cost["stages"].values()))
+    assert "## Cost" in (root / "evaluate/data/report.md").read_text()
     assert all(f"{key}CI" in row for row in report["table"] for key in ("grade", "winRate", "accuracy"))
 
 

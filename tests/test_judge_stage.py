@@ -218,3 +218,7 @@ def test_evaluate_judge_step_writes_report_table_and_plots(judge_server, tmp_pat
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert metrics["good.alpacaWinRate"] == good["alpacaEval"]["winRate"]
     assert len(list(data.glob("details-*.jsonl"))) == 1
+    # its own cost (no upstream marker here): the judge's USD, in report.json and report.md
+    assert report["cost"]["stages"]["evaluate"]["judgeUSD"] == report["judge"]["estimatedCostUSD"]
+    assert report["cost"]["total"]["judgeUSD"] == report["judge"]["estimatedCostUSD"]
+    assert "## Cost" in table and "| **total** |" in table

@@ -184,3 +184,59 @@ def test_the_planner_puts_a_running_step_s_record_in_status_and_drops_it_when_th
     # the same pass again, nothing new: the same status (no patch)
     again = decide(run, observed, status, generation=1)
     assert not [a for a in again if isinstance(a, PatchStatus)]
+
+
+def test_a_stage_s_cost_is_each_step_s_time_times_the_gpus_its_pods_ask_for(tmp_path):
+    """The marker's `cost` (xwin_jobs.cost): the sample step held its servers' 4 GPUs for an
+    hour, the judge none; the stage's judge USD is its estimatedCostUSD metric. The GPUs are
+    the same the operator requests (one definition: requested_gpus)."""
+    from xwin_jobs.cost import requested_gpus, stage_cost, step_costs
+
+    serving = {"serving": {"gpusPerReplica": 2, "replicas": 2}, "resources": {"gpusPerNode": 8, "nodes": 2}}
+    assert requested_gpus(serving, "serving") == (2, 4) and requested_gpus(serving, "training") == (8, 16)
+    assert requested_gpus(serving, "scoring") == (0, 0) and requested_gpus(serving, "none") == (0, 0)
+    clock, uri = Clock(), f"file://{tmp_path}/runs/ns/demo/pairs/"
+    sample = ProgressWriter(Store(), uri, "pairs", "sample", "prompts", 10, clock=clock,
+                            gpus=requested_gpus(serving, "serving")[1])
+    judge = ProgressWriter(Store(), uri, "pairs", "judge", "comparisons", 5, clock=clock)
+    clock.t += 3600
+    sample.finish()
+    judge.finish()
+    (tmp_path / "runs/ns/demo/pairs/progress/notes.txt").write_text("not a record")
+    (tmp_path / "runs/ns/demo/pairs/progress/torn.json").write_text('{"version": 1, "unit"')
+    steps = step_costs(Store(), uri, now=clock.t)
+    assert steps == {"sample": {"seconds": 3600.0, "gpus": 4, "gpuHours": 4.0},
+                     "judge": {"seconds": 3600.0, "gpus": 0, "gpuHours": 0.0}}
+    cost = stage_cost(steps, {"estimatedCostUSD": 1.25, "judgeModel": "gpt-4"})
+    assert cost["gpuHours"] == 4.0 and cost["judgeUSD"] == 1.25 and cost["steps"] == steps
+    assert step_costs(Store(), f"file://{tmp_path}/runs/ns/demo/none/") == {}
+    # a record written before records carried `gpus` reads as 0 GPUs
+    old = json.loads((tmp_path / "runs/ns/demo/pairs/progress/sample.json").read_text())
+    del old["gpus"]
+    assert parse_progress(old, clock.t).gpus == 0
+
+
+def test_the_cost_upstream_of_a_stage_walks_the_markers_it_read(tmp_path):
+    """Evaluate's report sums every stage up the marker graph once (dpo read pairs and sft,
+    pairs read sft too), follows no external input, and shows a stage whose marker predates
+    `cost` with its judge USD and unknown GPU-hours."""
+    from xwin_jobs.cost import totals, upstream_costs
+    from xwin_jobs.store import write_marker
+
+    store, root = Store(), f"file://{tmp_path}/runs/ns/demo"
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("{}\n")
+
+    def marker(stage: str, reads: list[str], cost: dict | None, usd: float = 0.0) -> None:
+        body = {"stage": stage, "digest": stage, "metrics": {"estimatedCostUSD": usd},
+                "inputDigests": {**{f"{root}/{r}/": r for r in reads}, f"file://{data}": "fp"}}
+        write_marker(store, f"{root}/{stage}/", {**body, **({"cost": cost} if cost else {})})
+
+    marker("sft", [], {"gpuHours": 2.0, "judgeUSD": 0.0, "steps": {}})
+    marker("pairs", ["sft"], None, usd=3.5)
+    marker("dpo", ["sft", "pairs"], {"gpuHours": 1.5, "judgeUSD": 0.0, "steps": {}})
+    costs = upstream_costs(store, [f"{root}/dpo/", f"{root}/sft"])
+    assert set(costs) == {"dpo", "pairs", "sft"}
+    assert costs["pairs"]["gpuHours"] is None and costs["pairs"]["judgeUSD"] == 3.5
+    assert totals(costs) == {"gpuHours": 3.5, "judgeUSD": 3.5}
+    assert upstream_costs(store, [f"{root}/evaluate/"]) == {}   # no marker yet

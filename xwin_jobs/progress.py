@@ -5,14 +5,15 @@ operator on each pass of a run, `xwin run` while it waits). No endpoint to secur
     <stage>/progress/<step>.json     (progress_uri; `step` is XWIN_STEP: train, sample, judge, ...)
     {"version": 1, "stage": "dpo", "step": "train", "unit": "steps", "done": 41, "total": 100,
      "startedAt": "2026-12-07T10:00:00Z", "updatedAt": "2026-12-07T10:41:10Z",
-     "movedAt": "2026-12-07T10:41:10Z", "rate": 0.017,
+     "movedAt": "2026-12-07T10:41:10Z", "rate": 0.017, "gpus": 8,
      "metrics": {"loss": 0.61, "learningRate": 2e-06, "tokensPerSecond": 5100.0}}
 
 `unit` is what `done` and `total` count: steps (training), prompts (sampling, scoring: under
-torchrun rank 0 counts its share times the ranks), comparisons (judging). `rate` is units per second since `startedAt`; `movedAt` is
-when `done` last changed. `metrics` holds numbers only: training's loss, learningRate and
-tokensPerSecond; sampling's responsesPerSecond; judging's usd (spent so far) and
-requestsPerSecond.
+torchrun rank 0 counts its share times the ranks), comparisons (judging). `rate` is units per
+second since `startedAt`; `movedAt` is when `done` last changed; `gpus` is what the step's pods
+ask for (xwin_jobs.cost; 0 when absent). `metrics` holds numbers only: training's loss,
+learningRate and tokensPerSecond; sampling's responsesPerSecond; judging's usd (spent so far)
+and requestsPerSecond.
 
 A reader never trusts a record: `parse_progress` returns None for one that is not JSON, is
 partial, names another stage or step, counts backwards or is dated in the future, and the
@@ -65,6 +66,7 @@ class Progress:
     updated_at: float
     moved_at: float
     metrics: dict[str, float] = field(default_factory=dict)
+    gpus: int = 0                # GPUs the step's pods ask for (its GPU-hours: xwin_jobs.cost)
 
     @property
     def fraction(self) -> float:
@@ -87,7 +89,7 @@ class Progress:
         return {"version": VERSION, "stage": self.stage, "step": self.step, "unit": self.unit,
                 "done": self.done, "total": self.total, "startedAt": iso(self.started_at),
                 "updatedAt": iso(self.updated_at), "movedAt": iso(self.moved_at),
-                "rate": round(self.rate, 6), "metrics": dict(self.metrics)}
+                "rate": round(self.rate, 6), "gpus": self.gpus, "metrics": dict(self.metrics)}
 
 
 def parse_progress(data: bytes | str | dict, now: float, *, stage: str | None = None,
@@ -112,8 +114,9 @@ def parse_progress(data: bytes | str | dict, now: float, *, stage: str | None = 
             return None
         numbers = {str(k): float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        gpus = body.get("gpus", 0)
         return Progress(str(body["stage"]), str(body["step"]), unit, done, total, started,
-                        updated, moved, numbers)
+                        updated, moved, numbers, gpus if _count(gpus) else 0)
     except (KeyError, TypeError, ValueError, UnicodeDecodeError):
         return None
 
@@ -142,7 +145,8 @@ class ProgressWriter:
     store error is reported to `warn` and never stops the step: progress is for people."""
 
     def __init__(self, store: Any, stage_uri: str, stage: str, step: str, unit: str, total: int, *,
-                 interval: float | None = None, clock: Callable[[], float] = time.time,
+                 gpus: int = 0, interval: float | None = None,
+                 clock: Callable[[], float] = time.time,
                  warn: Callable[[str], None] | None = None) -> None:
         if unit not in UNITS:
             raise ValueError(f"progress unit {unit!r}: must be one of {', '.join(UNITS)}")
@@ -150,7 +154,8 @@ class ProgressWriter:
         self._store, self._clock, self._warn = store, clock, warn
         self._interval = write_interval() if interval is None else interval
         now = clock()
-        self._state = Progress(stage, step, unit, 0, max(int(total), 0), now, now, now)
+        self._state = Progress(stage, step, unit, 0, max(int(total), 0), now, now, now,
+                               gpus=max(int(gpus), 0))
         self._written_at: float | None = None
         self._failed = False
 
@@ -164,7 +169,7 @@ class ProgressWriter:
         done = min(max(int(done), 0), total)
         kept = {**s.metrics, **{k: float(v) for k, v in metrics.items() if v is not None}}
         self._state = Progress(s.stage, s.step, s.unit, done, total, s.started_at, now,
-                               now if done != s.done else s.moved_at, kept)
+                               now if done != s.done else s.moved_at, kept, s.gpus)
         due = self._written_at is None or now - self._written_at >= self._interval
         if due or (done == total and s.done != total):
             self._write(now)

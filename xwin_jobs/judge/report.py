@@ -76,7 +76,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         wtl = f"{a['wins']} / {a['ties']} / {a['losses']}" if a else "n/a"
         lines.append(f"| {name} | {wtl} | {a.get('judged', 'n/a')} | {_num(t.get('turn1'))} | "
                      f"{_num(t.get('turn2'))} | {t.get('graded', 'n/a')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + render_cost(report.get("cost"))) + "\n"
+
+
+def render_cost(cost: dict[str, Any] | None) -> list[str]:
+    """The report's cost section: GPU-hours and judge USD by stage, and the run's total."""
+    if not cost:
+        return []
+    lines = ["", "## Cost", "",
+             "GPU-hours: each step's finishing attempt, from its start to its end, times the GPUs "
+             "its pods ask for (the run's status also counts failed attempts and pods waiting "
+             "for nodes). Judge USD: estimated from the judge's token counts.", "",
+             "| stage | GPU-hours | judge USD |", "| --- | ---: | ---: |"]
+    rows = [*cost.get("stages", {}).items(), ("**total**", cost.get("total") or {})]
+    for name, c in rows:
+        hours = c.get("gpuHours")
+        lines.append(f"| {name} | {'n/a' if hours is None else f'{hours:.2f}'} | "
+                     f"{float(c.get('judgeUSD') or 0):.4f} |")
+    return lines
 
 
 def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..cost import requested_gpus, stage_cost, step_costs
 from ..pipeline import TRAINING_STAGES
 from ..store import MARKER, Store, as_folder, join_uri, read_marker, write_marker
 from ..task import StageTask, upstream_digests  # noqa: F401  (re-exported for the stages)
@@ -139,6 +140,7 @@ class StageContext:
             return None
         step = step or step_name(self.task.stage)
         return ProgressWriter(self.store, self.task.output, self.task.stage, step, unit, total,
+                              gpus=requested_gpus(self.task.params, "training")[1],
                               warn=log.warning)
 
     def training(self):
@@ -266,7 +268,8 @@ def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | No
     store.write_json(join_uri(as_folder(task.output), "metrics.json"), result.metrics)
     marker = {"stage": task.stage, "digest": digest, "inputs": task.inputs,
               "inputDigests": upstream, "counts": result.counts, "metrics": result.metrics,
-              "outputs": result.outputs, "run": task.run}
+              "outputs": result.outputs, "run": task.run,
+              "cost": stage_cost(step_costs(store, task.output), result.metrics)}
     marker = write_marker(store, task.output, marker)
     if config is not None:
         from ..training.checkpoints import prune

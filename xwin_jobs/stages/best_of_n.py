@@ -38,6 +38,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..cost import requested_gpus
 from ..progress import ProgressWriter, step_name
 from ..records import ShardWriter, existing_ids, iter_records
 from ..store import Store, as_folder, join_uri
@@ -191,7 +192,8 @@ def _score_share(task: StageTask, store: Store, rank: int, world: int, digest: s
     progress = None
     if rank == 0 and total:
         progress = ProgressWriter(store, task.output, task.stage, step_name("score"),
-                                  "prompts", total, warn=log.warning)
+                                  "prompts", total, warn=log.warning,
+                                  gpus=requested_gpus(task.params, "scoring")[1])
         progress.update(len(done))
     with ShardWriter(store, data, prefix=prefix, max_records=10**9) as writer:
         chunk: list[dict] = []

@@ -19,7 +19,8 @@ Steps (each its own process; the last writes the marker):
   are cached like the pairs stage's (`judge/cache/`). Every figure has a 95% bootstrap
   interval (xwin_jobs.judge.table). Writes `data/report.json` and `data/report.md` (the
   paper's table: one row per model; the reward model's held-out accuracy and the best-of-N
-  statistics read from the markers of `recipeStages`), `data/details-*.jsonl` (every item's
+  statistics read from the markers of `recipeStages`; the cost of every stage upstream, by
+  stage and in total: `run_cost`), `data/details-*.jsonl` (every item's
   verdicts), `data/pipeline.png` (the figures along the pipeline with error bars) and
   `data/mtbench.png` (grade histograms; matplotlib, Agg backend).
 """
@@ -276,6 +277,17 @@ def plan_model(task: StageTask, store: Store, name: str, judge_model: str,
     return plan
 
 
+def run_cost(task: StageTask, store: Store, judge_usd: float) -> dict[str, Any]:
+    """The report's cost: every stage up the marker graph from the evaluated models and the
+    recipe's stages (their markers' `cost`), this stage's own steps so far and judge USD, and
+    the total (xwin_jobs.cost)."""
+    from ..cost import stage_cost, step_costs, totals, upstream_costs
+
+    costs = upstream_costs(store, [*task.markers, *(task.params.get("recipeStages") or {}).values()])
+    costs[task.stage] = stage_cost(step_costs(store, task.output), {"estimatedCostUSD": judge_usd})
+    return {"stages": costs, "total": totals(costs)}
+
+
 def run(ctx: StageContext) -> StageResult:
     from ..judge.runner import check_complete, judge_all
     from ..records import write_records
@@ -326,6 +338,7 @@ def run(ctx: StageContext) -> StageResult:
     report["table"] = paper_table(report)
     report["recipe"] = recipe_figures({k: read_marker(store, uri) for k, uri in
                                        (task.params.get("recipeStages") or {}).items()})
+    report["cost"] = run_cost(task, store, budget.spent_usd)
     metrics.update(judgeRequests=len(requests), judgeAsks=judged.stats.get("asks", 0),
                    judgeCached=judged.stats.get("cached", 0),
                    estimatedCostUSD=round(budget.spent_usd, 6), judgeModel=settings.model)

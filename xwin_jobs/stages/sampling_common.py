@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..cost import requested_gpus
 from ..progress import ProgressWriter, step_name
 from ..records import ShardWriter, existing_ids
 from ..store import Store, as_folder, join_uri
@@ -178,7 +179,8 @@ def sample_into_folder(task: StageTask, store: Store, folder: str, prompts: list
         fmt = chat_format(task.chat_template, tokenizer)
         flush_s = float(env.get("XWIN_SAMPLER_FLUSH_SECONDS") or 5)
         progress = ProgressWriter(store, task.output, task.stage, step_name("sample", env),
-                                  "prompts", len(prompts), warn=log.warning)
+                                  "prompts", len(prompts), warn=log.warning,
+                                  gpus=requested_gpus(task.params, "serving")[1])
         progress.update(len(prompts) - len(todo))
         try:
             asyncio.run(write_samples(store, folder, todo, n, sampling, client, fmt, stats,

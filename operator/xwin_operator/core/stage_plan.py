@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timezone
 
+from xwin_jobs.cost import requested_gpus
 from xwin_jobs.fingerprint import MISSING, external_inputs, short
 from xwin_jobs.task import StageTask
 
@@ -52,24 +53,14 @@ DEFAULT_PENDING_TIMEOUT = {True: 3600.0, False: 900.0}  # seconds, by whether th
 FREED_WAIT = 5.0  # seconds between looks while a failed attempt's pods are still going away
 
 
-def _sizing(step: Step, task: StageTask) -> tuple[dict, str, str]:
-    """(the settings that size the step's pods, their GPUs-per-pod field, their pods field)."""
-    if step.resources == "serving":
-        return task.params.get("serving") or {}, "gpusPerReplica", "replicas"
-    key = {"training": "resources", "scoring": "scoringResources"}.get(step.resources)
-    return (task.params.get(key) or {}) if key else {}, "gpusPerNode", "nodes"
-
-
 def step_gpus(step: Step, task: StageTask) -> int:
-    """nvidia.com/gpu one pod of the step asks for."""
-    settings, gpus, _ = _sizing(step, task)
-    return int(settings.get(gpus) or 0)
+    """nvidia.com/gpu one pod of the step asks for (xwin_jobs.cost.SIZING)."""
+    return requested_gpus(task.params, step.resources)[0]
 
 
 def step_gpu_total(step: Step, task: StageTask) -> int:
     """nvidia.com/gpu all the step's pods ask for (x nodes, x replicas)."""
-    settings, _, pods = _sizing(step, task)
-    return step_gpus(step, task) * int(settings.get(pods) or 1)
+    return requested_gpus(task.params, step.resources)[1]
 
 
 def pending_timeout(run: AlignmentRun, step: Step, task: StageTask) -> float | None:
