@@ -14,8 +14,9 @@ from __future__ import annotations
 from xwin_operator.core.config import OperatorConfig
 from xwin_operator.core.planner import decide
 from xwin_operator.core.types import ChildState, CreateChild, DeleteChild, Observed, PatchStatus
-from xwin_operator.core.steps import steps_of
-from xwin_operator.core.tasks import run_root, stage_task, stage_uri
+from xwin_operator.core.descriptors import steps_of
+from xwin_operator.core.inputs import run_root, stage_uri
+from xwin_operator.core.tasks import stage_task
 
 T0 = "2024-05-01T10:00:00Z"
 

@@ -15,7 +15,7 @@ import yaml
 
 from cel_cost import CRD_LIMIT, PER_RULE_LIMIT, UnsupportedCel, estimate, rule_costs, schema_nodes
 from kube.kubectl_api import validation_failure
-from xwin_operator.api import spec as S
+from xwin_operator.api import settings as S
 from xwin_operator.api.crd import crd
 from xwin_operator.api.spec_io import SpecError, parse_run
 

@@ -3,10 +3,11 @@ its sampler needs; evaluate's next server may come up beside a sampler (two at m
 
 from __future__ import annotations
 
-from xwin_operator.core.steps import stage_steps
+from xwin_operator.api.spec import EvaluateStage
+from xwin_operator.core.descriptors import stage_steps
 from xwin_operator.local.children import LocalChild, may_start
 
-EVAL = {s.name: s for s in stage_steps("evaluate", ["sft", "rejectionSampling", "dpo"])}
+EVAL = {s.name: s for s in stage_steps("evaluate", EvaluateStage(models=["sft", "rejectionSampling", "dpo"]))}
 BEST = {s.name: s for s in stage_steps("bestOfN")}
 
 

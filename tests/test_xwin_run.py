@@ -287,7 +287,7 @@ def test_children_created_together_run_one_at_a_time(tmp_path):
     from xwin_operator.local.executor import LocalContext
     from xwin_operator.local.children import LocalChildren
     from xwin_operator.api.spec_io import load_run
-    from xwin_operator.core.steps import steps_of
+    from xwin_operator.core.descriptors import steps_of
     from xwin_operator.core.tasks import stage_task
 
     run = load_run(ROOT / "examples/tiny/run-training.yaml")

@@ -21,8 +21,9 @@ Their settings are checked before anything is written; they resume from their ch
 (xwin_jobs.training.checkpoints), which are pruned to `keepCheckpoints` once the marker is
 written. Other stages handle torchrun ranks themselves (bestOfN's score step).
 
-A stage is a function `run(ctx: StageContext) -> StageResult`, registered in `STAGES` by
-"module:function" so that listing stages imports nothing heavy. Adding a stage is one line.
+A stage is a function `run(ctx: StageContext) -> StageResult` in the module its entry of
+xwin_jobs.pipeline.JOBS names (listing stages imports nothing heavy). The numbers of its task's
+params are checked against that entry's limits before the stage or step runs (`check_params`).
 """
 
 from __future__ import annotations
@@ -36,34 +37,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..cost import requested_gpus, stage_cost, step_costs
-from ..pipeline import TRAINING_STAGES
+from ..pipeline import JOBS, TRAINING_STAGES, job
 from ..store import MARKER, Store, as_folder, join_uri, read_marker, write_marker
 from ..task import StageTask, upstream_digests  # noqa: F401  (re-exported for the stages)
 
 log = logging.getLogger("xwin_jobs.stage")
 
-STAGES: dict[str, str] = {
-    "sft": "xwin_jobs.stages.sft:run",
-    "rewardModel": "xwin_jobs.stages.reward_model:run",
-    "rejectionSampling": "xwin_jobs.stages.rejection_sampling:run",
-    "dpo": "xwin_jobs.stages.dpo:run",
-    "bestOfN": "xwin_jobs.stages.best_of_n:run",
-    "pairs": "xwin_jobs.stages.pairs:run",
-    "evaluate": "xwin_jobs.stages.evaluate:run",
-}
-
-# Steps of stages that run as several processes, each given the stage's own task:
-# "<stage>-<step>" -> "module:function(task, store) -> dict". Only a stage's last step
-# writes its marker. The operator's short job names (`sample`, `score`) resolve through
-# `step_for`.
-STEPS: dict[str, str] = {
-    "bestOfN-sample": "xwin_jobs.stages.best_of_n:sample_step",
-    "bestOfN-score": "xwin_jobs.stages.best_of_n:score_step",
-    "pairs-sample": "xwin_jobs.stages.pairs:sample_step",
-    "pairs-judge": "xwin_jobs.stages.pairs:judge_step",
-    "evaluate-sample": "xwin_jobs.stages.evaluate:sample_step",
-    "evaluate-judge": "xwin_jobs.stages.evaluate:judge_step",
-}
+# "stage" -> "module:function(ctx) -> StageResult", and for the steps of stages that run as
+# several processes, each given the stage's own task, "<stage>-<step>" ->
+# "module:function(task, store) -> dict"; both from the one table, xwin_jobs.pipeline.JOBS.
+# Only a stage's last step writes its marker. The operator's short job names (`sample`,
+# `score`) resolve through `step_for`.
+STAGES: dict[str, str] = {j.key: j.entry for j in JOBS}
+STEPS: dict[str, str] = {f"{j.key}-{step}": j.step_entry(step) for j in JOBS for step in j.steps}
 
 # Stages run data parallel when launched by torchrun (WORLD_SIZE > 1).
 DATA_PARALLEL = frozenset(TRAINING_STAGES)
@@ -171,7 +157,36 @@ def step_for(job: str, stage: str) -> str | None:
     return None
 
 
+def param(task: StageTask, name: str) -> Any:
+    """A number of `task.params`, or its default when absent: the limits of its stage's entry
+    in xwin_jobs.pipeline (the spec model's too) are the one check; StageError names the field."""
+    declared = job(task.stage).params[name]
+    value = task.params.get(name)
+    if value is None:
+        return declared.default
+    problem = declared.problem(value)
+    if problem:
+        raise StageError(f"params.{name}: {problem}")
+    return value
+
+
+def check_params(task: StageTask) -> None:
+    """`param` for every number the task's stage declares: a bad one is refused before the
+    stage or step reads anything."""
+    for name in job(task.stage).params:
+        param(task, name)
+
+
+def samples_done(task: StageTask, store: Store, model_input: str) -> bool:
+    """Whether a sampling stage's samples from the task input `model_input` are complete (its
+    module's `samples_done`), so the server a serve step would start is not needed."""
+    module = importlib.import_module(job(task.stage).module_name)
+    check = getattr(module, "samples_done", None)
+    return bool(check and check(task, store, model_input))
+
+
 def run_step(name: str, task: StageTask, store: Store) -> dict[str, Any]:
+    check_params(task)
     module, _, func = STEPS[name].partition(":")
     return getattr(importlib.import_module(module), func)(task, store)
 
@@ -179,6 +194,7 @@ def run_step(name: str, task: StageTask, store: Store) -> dict[str, Any]:
 def run_stage(task: StageTask, store: Store, workdir: str | Path | None = None) -> dict[str, Any]:
     """Run (or skip) one stage; returns its marker. See the module docstring."""
     stage_fn = load_stage(task.stage)
+    check_params(task)
     dist = None
     if task.stage in DATA_PARALLEL and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         from ..training.config import collective_timeout

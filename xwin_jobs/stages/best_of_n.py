@@ -44,7 +44,7 @@ from ..records import ShardWriter, existing_ids, iter_records
 from ..store import Store, as_folder, join_uri
 from ..task import StageTask
 from ..scoring import RankGroup, scored_set_summary, torchrun_rank
-from . import StageContext, StageError, StageResult, run_stage, upstream_digests
+from . import StageContext, StageError, StageResult, param, run_stage, upstream_digests
 from .sampling_common import (PROGRESS, done_marker, folder_complete, input_states, json_digest,
                               load_prompts, model_stage_digest, prepare_folder, read_progress,
                               required_input, sample_into_folder, scratch_dir)
@@ -73,11 +73,9 @@ def samples_complete(store: Store, task: StageTask, upstream: dict[str, str]) ->
     return folder_complete(store, samples, sampling_digest(task, upstream))
 
 
-def _n(task: StageTask) -> int:
-    n = task.params.get("n", 64)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise StageError(f"params.n: must be an integer >= 1, got {n!r}")
-    return n
+def samples_done(task: StageTask, store: Store, model_input: str) -> bool:
+    """Whether the samples are all in (a serve step need not start a server)."""
+    return samples_complete(store, task, upstream_digests(store, task))
 
 
 def sample_into_store(task: StageTask, store: Store, upstream: dict[str, str], workdir: Path,
@@ -86,7 +84,7 @@ def sample_into_store(task: StageTask, store: Store, upstream: dict[str, str], w
     (the model input named by XWIN_MODEL_INPUT, default policy); mark the samples complete."""
     from ..sampler import ClientConfig
 
-    n = _n(task)
+    n = param(task, "n")
     samples = join_uri(as_folder(task.output), SAMPLES)
     digest = sampling_digest(task, upstream)
     prompts = load_prompts(store, required_input(task, "prompts"))
@@ -145,7 +143,7 @@ def run(ctx: StageContext) -> StageResult:
     if rank != 0:
         raise StageError("under torchrun, run the bestOfN-score step (it splits the scoring "
                          "across ranks; only rank 0 may write the marker)")
-    n = _n(task)
+    n = param(task, "n")
     upstream = upstream_digests(store, task)
     samples = ctx.output(SAMPLES)
     if not samples_complete(store, task, upstream):
@@ -177,7 +175,7 @@ def _score_share(task: StageTask, store: Store, rank: int, world: int, digest: s
     reward model (`digest`: the stage's input digest). Returns (stats, prompts scored)."""
     from ..scoring import DEFAULT_TOKEN_BUDGET, ScoringStats
 
-    n = _n(task)
+    n = param(task, "n")
     samples = join_uri(as_folder(task.output), SAMPLES)
     data = join_uri(as_folder(task.output), DATA)
     done = existing_ids(store, data)

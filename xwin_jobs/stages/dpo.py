@@ -29,7 +29,7 @@ import json
 import logging
 
 from ..datasets_in import iter_input_records
-from . import StageContext, StageError, StageResult, upstream_digests
+from . import StageContext, StageError, StageResult, param, upstream_digests
 from .sampling_common import model_stage_digest
 from .common import (check_model_input, model_source, pad_id_of, planned, require_examples,
                      tokenized_examples, tokenizer_of, train_and_publish)
@@ -37,6 +37,19 @@ from .common import (check_model_input, model_source, pad_id_of, planned, requir
 log = logging.getLogger("xwin_jobs.stage")
 
 PAIRS_FROM = ("bestOfN", "pairs")
+
+
+def pairs_source(ctx: StageContext) -> str:
+    """`bestOfN` (pairs built from the `scored` input) or `pairs` (judged pairs: the `pairs`
+    input), from params.pairsFrom: a stage key, or the URI the `pairs` input holds."""
+    inputs = ctx.task.inputs
+    default_from = "pairs" if "pairs" in inputs and "scored" not in inputs else "bestOfN"
+    pairs_from = str(ctx.param("pairsFrom", default_from))
+    if pairs_from.startswith(("s3://", "file://", "hf://", "/")):
+        return "pairs"
+    if pairs_from not in PAIRS_FROM:
+        raise StageError(f"params.pairsFrom: must be one of {', '.join(PAIRS_FROM)} or a URI, got {pairs_from!r}")
+    return pairs_from
 
 
 def selection(ctx: StageContext, pairs_from: str) -> dict:
@@ -131,17 +144,8 @@ def run(ctx: StageContext) -> StageResult:
     from ..training.engine import seed_everything
     from ..training.objectives import dpo_step, reference_logprobs
 
-    beta = ctx.param("beta", 0.1)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= 0:
-        raise StageError(f"params.beta: must be a number > 0, got {beta!r}")
-    rpo_alpha = ctx.param("rpoAlpha", 0.0)
-    if isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, (int, float)) or rpo_alpha < 0:
-        raise StageError(f"params.rpoAlpha: must be a number >= 0, got {rpo_alpha!r}")
-    inputs = ctx.task.inputs
-    default_from = "pairs" if "pairs" in inputs and "scored" not in inputs else "bestOfN"
-    pairs_from = ctx.param("pairsFrom", default_from)
-    if pairs_from not in PAIRS_FROM:
-        raise StageError(f"params.pairsFrom: must be one of {', '.join(PAIRS_FROM)}, got {pairs_from!r}")
+    beta, rpo_alpha = param(ctx.task, "beta"), param(ctx.task, "rpoAlpha")
+    pairs_from = pairs_source(ctx)
     config = ctx.training()
     check_model_input(ctx)
     folder, tokenizer = tokenizer_of(ctx)

@@ -209,6 +209,12 @@ def answers_complete(task: StageTask, store: Store, name: str) -> bool:
                for p in _needed_parts(task))
 
 
+def samples_done(task: StageTask, store: Store, model_input: str) -> bool:
+    """Whether the answers of the model input `model:<name>` are all in (a serve step need not
+    start a server)."""
+    return model_input.startswith("model:") and answers_complete(task, store, model_input.split(":", 1)[1])
+
+
 def sample_step(task: StageTask, store: Store) -> dict[str, Any]:
     """`python -m xwin_jobs evaluate-sample` for the model named by XWIN_MODEL_INPUT."""
     upstream = upstream_digests(store, task)

@@ -44,7 +44,7 @@ from ..judge.verdict import verdict_from_dict
 from ..records import ShardWriter, iter_records
 from ..store import Store, as_folder, join_uri
 from ..task import StageTask
-from . import StageContext, StageError, StageResult, run_stage, upstream_digests
+from . import StageContext, StageError, StageResult, param, run_stage, upstream_digests
 from .sampling_common import PROGRESS  # noqa: F401  (the candidates' progress file)
 from .sampling_common import (done_marker, folder_complete, input_states, json_digest, load_prompts,
                               model_stage_digest, required_input, sample_into_folder, scratch_dir)
@@ -65,6 +65,12 @@ def candidates_digest(task: StageTask, upstream: Mapping[str, str]) -> str:
                         "chat_template": task.chat_template,
                         "upstream": model_stage_digest(policy, upstream),
                         "contents": input_states(upstream, task.inputs.get("prompts"))})
+
+
+def samples_done(task: StageTask, store: Store, model_input: str) -> bool:
+    """Whether the candidates are all sampled (a serve step need not start a server)."""
+    return folder_complete(store, join_uri(as_folder(task.output), CANDIDATES),
+                           candidates_digest(task, upstream_digests(store, task)))
 
 
 def sampling_server_url(env: Mapping[str, str], allow_openai_base_url: bool) -> str | None:
@@ -91,19 +97,12 @@ def sample_from_server(task: StageTask, store: Store, folder: str, prompts: list
                               connect, env)
 
 
-def _k(task: StageTask) -> int:
-    k = task.params.get("candidatesPerPrompt", 4)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise StageError(f"params.candidatesPerPrompt: must be an integer >= 2, got {k!r}")
-    return k
-
-
 def sample_candidates(task: StageTask, store: Store, upstream: Mapping[str, str],
                       server_url: str | None, workdir: Path,
                       env: Mapping[str, str] | None = None) -> dict[str, Any]:
     prompts = load_prompts(store, required_input(task, "prompts"))
     folder = join_uri(as_folder(task.output), CANDIDATES)
-    return sample_from_server(task, store, folder, prompts, _k(task),
+    return sample_from_server(task, store, folder, prompts, param(task, "candidatesPerPrompt"),
                               candidates_digest(task, upstream), "policy", workdir, server_url, env)
 
 
@@ -241,7 +240,7 @@ def run(ctx: StageContext) -> StageResult:
     disagreement = str(task.params.get("disagreement", "drop"))
     if disagreement not in DISAGREEMENT_MODES:
         raise StageError(f"params.disagreement: must be tie or drop, got {disagreement!r}")
-    k = _k(task)
+    k = param(task, "candidatesPerPrompt")
     settings = judge_settings(task)
     upstream = upstream_digests(store, task)
     folder = ctx.output(CANDIDATES)

@@ -9,7 +9,7 @@ a restarted attempt reads neither the scored set nor the tokenizer's output agai
 from __future__ import annotations
 
 from ..datasets_in import iter_input_records
-from . import StageContext, StageError, StageResult
+from . import StageContext, StageError, StageResult, param
 from .common import check_model_input
 from .sft import finetune
 
@@ -17,9 +17,7 @@ from .sft import finetune
 def run(ctx: StageContext) -> StageResult:
     from ..selection import rejection_sampling_records
 
-    top_k = ctx.param("topK", 1)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise StageError(f"params.topK: must be an integer >= 1, got {top_k!r}")
+    top_k = param(ctx.task, "topK")
     check_model_input(ctx)
     uri = ctx.input("scored")
 

@@ -12,7 +12,7 @@ is never trained on; metrics.json reports heldOutAccuracy (chosen reward > rejec
 from __future__ import annotations
 
 from ..datasets_in import iter_input_records
-from . import StageContext, StageError, StageResult
+from . import StageContext, StageResult, param
 from .common import (check_model_input, model_source, pad_id_of, planned, require_examples,
                      tokenized_examples, tokenizer_of, train_and_publish)
 
@@ -23,9 +23,7 @@ def run(ctx: StageContext) -> StageResult:
     from ..training.engine import seed_everything
     from ..training.objectives import evaluate_rewards, reward_step
 
-    fraction = ctx.param("heldOutFraction", 0.1)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        raise StageError(f"params.heldOutFraction: must be a number in [0, 1), got {fraction!r}")
+    fraction = param(ctx.task, "heldOutFraction")
     config = ctx.training()
     check_model_input(ctx)
     uri = ctx.input("pairs")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .rules import JUDGE_STAGES, LIST_REFERENCE_RULES, REFERENCE_RULES, REQUIRED_UNLESS_REUSED
-from .spec import API_GROUP, API_VERSION, KIND, PLURAL, STAGE_ORDER, AlignmentRunSpec, EvaluateStage
+from .rules import JUDGE_STAGES, stage_rules
+from .spec import API_GROUP, API_VERSION, KIND, PLURAL, STAGE_ORDER, AlignmentRunSpec, EvaluateStage, Stages
 from .status_model import AlignmentRunStatus
 
 _DROP = {"title", "discriminator"}
@@ -34,6 +34,7 @@ def _ref_ok_cel(expr: str, allowed: tuple[str, ...]) -> str:
 
 def cel_rules() -> list[dict[str, str]]:
     """The cross-field rules of rules.cross_field_errors, as CEL on `spec`."""
+    tables = stage_rules(Stages)
     rules: list[dict[str, str]] = [{
         "rule": "has(self.stages) && (" + " || ".join(f"has(self.stages.{k})" for k in STAGE_ORDER) + ")",
         "message": "at least one stage is required", "fieldPath": ".stages",
@@ -42,16 +43,16 @@ def cel_rules() -> list[dict[str, str]]:
     def active(stage: str) -> str:
         return f"!has(self.stages.{stage}) || has(self.stages.{stage}.from)"
 
-    for stage, fld in REQUIRED_UNLESS_REUSED:
+    for stage, fld in tables.required:
         rules.append({"rule": f"{active(stage)} || has(self.stages.{stage}.{fld})",
                       "message": f"required unless {stage}.from is given",
                       "fieldPath": f".stages.{stage}.{fld}"})
-    for stage, fld, allowed in REFERENCE_RULES:
+    for stage, fld, allowed in tables.references:
         e = f"self.stages.{stage}.{fld}"
         rules.append({"rule": f"{active(stage)} || !has({e}) || {_ref_ok_cel(e, allowed)}",
                       "message": f"must name a stage present in the run ({' | '.join(allowed)}) or be a URI",
                       "fieldPath": f".stages.{stage}.{fld}"})
-    for stage, fld, allowed in LIST_REFERENCE_RULES:
+    for stage, fld, allowed in tables.list_references:
         e = f"self.stages.{stage}.{fld}"
         rules.append({"rule": f"{active(stage)} || !has({e}) || {e}.all(m, {_ref_ok_cel('m', allowed)})",
                       "message": f"each must name a stage present in the run ({' | '.join(allowed)}) or be a URI",

@@ -9,7 +9,7 @@ runs nothing and counts as done from the start.
 
 from __future__ import annotations
 
-from .rules import LIST_REFERENCE_RULES, REFERENCE_RULES
+from .rules import stage_rules
 from .spec import STAGE_ORDER, AlignmentRunSpec
 
 
@@ -27,8 +27,9 @@ def stage_references(spec: AlignmentRunSpec, stage: str) -> dict[str, str]:
     st = getattr(spec.stages, stage)
     if st is None or st.reused:
         return {}
-    refs = {fld: getattr(st, fld) for key, fld, _ in REFERENCE_RULES if key == stage}
-    for key, fld, _ in LIST_REFERENCE_RULES:
+    rules = stage_rules(type(spec.stages))
+    refs = {fld: getattr(st, fld) for key, fld, _ in rules.references if key == stage}
+    for key, fld, _ in rules.list_references:
         if key == stage:
             refs.update({f"{fld}[{i}]": v for i, v in enumerate(getattr(st, fld))})
     return refs

@@ -1,17 +1,20 @@
-"""Rules between fields of an AlignmentRun, as data: what each stage may read (the stage keys
-a reference may name besides a URI), what it requires, which stages need the judge.
-`cross_field_errors` checks them (the spec model's validator) and crd.py turns the same tables into
-CEL `x-kubernetes-validations`, so `xwin validate` and the API server agree. Pure.
+"""Rules between fields of an AlignmentRun: what each stage may read (the stage keys a
+reference may name besides a URI), what it requires, which stages need the judge.
+
+Each stage's own rules are class variables of its spec model (`references`, `required`:
+api/spec.py); `stage_rules` gathers them into tables, in pipeline order. `cross_field_errors`
+checks them (the spec model's validator) and crd.py turns the same tables into CEL
+`x-kubernetes-validations`, so `xwin validate` and the API server agree. Pure.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from functools import cache
+from typing import Any, NamedTuple, get_origin
 
 from xwin_jobs.pipeline import JUDGE_STAGES  # noqa: F401  (re-exported for crd.py)
 
 URI_PREFIXES = ("s3://", "file://", "hf://", "/")
-EVAL_MODEL_KEYS = ("sft", "rejectionSampling", "dpo", "base")
 
 
 def is_uri(value: str) -> bool:
@@ -22,23 +25,26 @@ def _stage_ref_ok(ref: str, present: list[str], allowed: tuple[str, ...]) -> boo
     return is_uri(ref) or ref == "base" and "base" in allowed or (ref in allowed and ref in present)
 
 
-# Cross-field rules as data: `cross_field_errors` checks them here and crd.py turns the same
-# tables into CEL `x-kubernetes-validations`, so `xwin validate` and the API server agree.
-# (stage, field, stage keys it may name besides a URI); a reused stage (`from:`) skips its rules.
-REFERENCE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("pairs", "policy", ("sft", "rejectionSampling", "dpo", "base")),
-    ("rewardModel", "init", ("sft", "base")),
-    ("rewardModel", "pairs", ("pairs",)),
-    ("bestOfN", "policy", ("sft", "rejectionSampling", "dpo", "base")),
-    ("bestOfN", "rewardModel", ("rewardModel",)),
-    ("rejectionSampling", "init", ("sft", "base")),
-    ("rejectionSampling", "scored", ("bestOfN",)),
-    ("dpo", "init", ("sft", "rejectionSampling", "base")),
-    ("dpo", "pairsFrom", ("bestOfN", "pairs")),
-)
-LIST_REFERENCE_RULES = (("evaluate", "models", EVAL_MODEL_KEYS),)
-# (stage, field): required unless the stage is reused with `from:`.
-REQUIRED_UNLESS_REUSED = (("sft", "data"), ("pairs", "prompts"), ("bestOfN", "prompts"))
+class StageRules(NamedTuple):
+    """The stages' rules as tables; a reused stage (`from:`) skips its rules."""
+
+    references: tuple[tuple[str, str, tuple[str, ...]], ...]       # (stage, field, keys it may name)
+    list_references: tuple[tuple[str, str, tuple[str, ...]], ...]  # the same, for each item of a list
+    required: tuple[tuple[str, str], ...]                          # (stage, field): unless reused
+
+
+@cache
+def stage_rules(stages: type) -> StageRules:
+    """The rules of the stage models that are the fields of `stages` (api/spec.py: Stages), in
+    its field order: pipeline order, then each model's own order."""
+    refs, lists, required = [], [], []
+    for key, info in stages.model_fields.items():
+        model = next(a for a in info.annotation.__args__ if a is not type(None))  # Optional[Model]
+        for fld, allowed in model.references.items():
+            is_list = get_origin(model.model_fields[fld].annotation) is list
+            (lists if is_list else refs).append((key, fld, tuple(allowed)))
+        required += [(key, fld) for fld in model.required]
+    return StageRules(tuple(refs), tuple(lists), tuple(required))
 
 
 def cross_field_errors(spec: Any) -> list[tuple[str, str]]:
@@ -46,6 +52,7 @@ def cross_field_errors(spec: Any) -> list[tuple[str, str]]:
     CEL rule in the CRD. spec.py's validator calls it with the model (not imported here: the two
     modules do not import each other)."""
     s, present, errs = spec.stages, spec.stages.present(), []
+    rules = stage_rules(type(s))
     if not present:
         errs.append(("spec.stages", "at least one stage is required"))
 
@@ -54,15 +61,15 @@ def cross_field_errors(spec: Any) -> list[tuple[str, str]]:
             errs.append((path, f"'{value}' must name a stage present in the run "
                                f"({' | '.join(allowed)}) or be a URI"))
 
-    for key, fld in REQUIRED_UNLESS_REUSED:
+    for key, fld in rules.required:
         st = getattr(s, key)
         if st and not st.reused and not getattr(st, fld):
             errs.append((f"spec.stages.{key}.{fld}", f"required unless {key}.from is given"))
-    for key, fld, allowed in REFERENCE_RULES:
+    for key, fld, allowed in rules.references:
         st = getattr(s, key)
         if st and not st.reused:
             bad_ref(f"spec.stages.{key}.{fld}", getattr(st, fld), allowed)
-    for key, fld, allowed in LIST_REFERENCE_RULES:
+    for key, fld, allowed in rules.list_references:
         st = getattr(s, key)
         if st and not st.reused:
             for i, v in enumerate(getattr(st, fld)):

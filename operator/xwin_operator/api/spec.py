@@ -9,47 +9,33 @@ unset fields as None; `spec.defaults` fills them, then the built-in defaults bel
 server must not fill them (that would hide `spec.defaults`), so the CRD carries no `default`
 for those nested fields. `resolved_*` helpers do the merge.
 
+A stage's model carries its reference rules as class variables (`_Stage`); the limits of the
+numbers its task's params carry are its job's (xwin_jobs.pipeline: `param_field`). The run-level
+blocks (storage, judge, images, scheduling, retries) and the bounds are in settings.py.
+
 Pure: pydantic, and the training defaults of xwin_jobs.training.config (standard library only).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from xwin_jobs.pipeline import SAMPLING_STAGES, STAGE_ORDER, TRAINING_STAGES
+from xwin_jobs.pipeline import SAMPLING_STAGES, STAGE_ORDER, TRAINING_STAGES, param_field
 from xwin_jobs.training.config import TRAINING_DEFAULTS as TRAINING_CONFIG_DEFAULTS
 from xwin_jobs.training.config import TrainingConfigError, check_training_settings
 
-from .rules import EVAL_MODEL_KEYS, cross_field_errors
+from .rules import cross_field_errors
+from .settings import (MODELS_MAX, NAME_MAX, QUANTITY_MAX, URI_MAX, Images, Judge, Retries, Scheduling, Storage,
+                       _Model, _QUANTITY_PATTERN, _URI_PATTERN)
 from .status_model import AlignmentRunStatus, Condition, Phase, StageStatus  # noqa: F401 (the API's names)
 
 API_GROUP = "xwin.ai"
 API_VERSION = "v1alpha1"
 KIND = "AlignmentRun"
 PLURAL = "alignmentruns"
-
-_URI_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+)$"
-_QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?|k)?$"
-
-# Upper bounds of every string, list and map of the spec. The API server sizes a CEL rule's
-# worst-case cost by them (an unbounded string counts as 3 MiB, an unbounded list as about a
-# million items: the CRD would be refused), and `xwin validate` refuses the same values.
-URI_MAX = 2048          # a URI, or a stage key where a URI may stand
-NAME_MAX = 253          # an object name (DNS subdomain): Secret, StorageClass, PriorityClass, ...
-LABEL_VALUE_MAX = 63    # a label value (the Kueue queue-name label, nodeSelector values)
-LABEL_KEY_MAX = 317     # a label or taint key: prefix (253) '/' name (63)
-QUANTITY_MAX = 64       # a Kubernetes quantity ('200Gi')
-IMAGE_MAX = 1024        # an image reference (registry/path:tag@sha256:...)
-MODELS_MAX = 16         # evaluate.models
-TOLERATIONS_MAX = 64
-NODE_SELECTOR_MAX = 64
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
 # --- building blocks --------------------------------------------------------------------
@@ -141,9 +127,19 @@ class Defaults(_Model):
 _FROM = Field(None, alias="from", max_length=URI_MAX, pattern=_URI_PATTERN,
               description="Reuse an artifact made elsewhere instead of running the stage: a model folder for model stages, a JSON Lines file or folder of shards for data stages.")
 _POLICY_DESC = "The model that samples: a stage key (sft, rejectionSampling, dpo), 'base', or a model URI."
+# the models a sampling stage may name besides a URI: the policy stages and 'base' (spec.baseModel)
+POLICY_KEYS = ("sft", "rejectionSampling", "dpo", "base")
 
 
 class _Stage(_Model):
+    """A stage's settings. Its rules between fields are class variables (api/rules.py checks
+    them, api/crd.py makes them CEL rules; a reused stage skips them): `references`, each field
+    naming another stage, with the stage keys it may name besides a URI (a list field: each
+    item); `required`, the fields required unless the stage is reused (`from:`)."""
+
+    references: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    required: ClassVar[tuple[str, ...]] = ()
+
     from_: Optional[str] = _FROM
 
     @property
@@ -164,58 +160,72 @@ class _SamplingStage(_Stage):
 class SFTStage(_TrainingStage):
     """Xwin-LM-SFT: finetune the base model on conversations (loss on assistant turns only)."""
 
+    required = ("data",)
+
     data: Optional[str] = Field(None, max_length=URI_MAX, pattern=_URI_PATTERN, description="Conversation records (JSON Lines file or folder of shards).")
 
 
 class PairsStage(_SamplingStage):
     """Xwin-Pair: the policy samples candidates per prompt and the judge compares them in both orders."""
 
+    references = {"policy": POLICY_KEYS}
+    required = ("prompts",)
+
     prompts: Optional[str] = Field(None, max_length=URI_MAX, pattern=_URI_PATTERN, description="Prompt records.")
     policy: str = Field("sft", max_length=URI_MAX, description=_POLICY_DESC)
-    candidatesPerPrompt: int = Field(4, ge=2, le=64, description="Candidates sampled per prompt; every pair of them is judged.")
+    candidatesPerPrompt: int = Field(**param_field("pairs", "candidatesPerPrompt"), description="Candidates sampled per prompt; every pair of them is judged.")
     disagreement: Literal["tie", "drop"] = Field("drop", description="What a comparison whose two orders disagree becomes.")
 
 
 class RewardModelStage(_TrainingStage):
     """Xwin-RM: a Bradley-Terry reward model trained on preference pairs."""
 
+    references = {"init": ("sft", "base"), "pairs": ("pairs",)}
+
     init: str = Field("sft", max_length=URI_MAX, description="Initial weights: a stage key (sft), 'base', or a model URI.")
     pairs: str = Field("pairs", max_length=URI_MAX, description="Preference pairs: the 'pairs' stage or a data URI.")
-    heldOutFraction: float = Field(0.1, ge=0, lt=1, description="Pairs held out to report pair accuracy.")
+    heldOutFraction: float = Field(**param_field("rewardModel", "heldOutFraction"), description="Pairs held out to report pair accuracy.")
 
 
 class BestOfNStage(_SamplingStage):
     """Xwin-Set: the policy samples n responses per prompt; the reward model scores each."""
 
+    references = {"policy": POLICY_KEYS, "rewardModel": ("rewardModel",)}
+    required = ("prompts",)
+
     prompts: Optional[str] = Field(None, max_length=URI_MAX, pattern=_URI_PATTERN, description="Prompt records.")
     policy: str = Field("sft", max_length=URI_MAX, description=_POLICY_DESC)
     rewardModel: str = Field("rewardModel", max_length=URI_MAX, description="The scorer: the 'rewardModel' stage or a model URI.")
-    n: int = Field(64, ge=1, le=1024, description="Responses sampled per prompt.")
+    n: int = Field(**param_field("bestOfN", "n"), description="Responses sampled per prompt.")
     scoringResources: Resources = Field(default_factory=Resources, description="Compute of the scoring job.")
 
 
 class RejectionSamplingStage(_TrainingStage):
     """Xwin-LM-RS: finetune on the top-k scored responses of every prompt."""
 
+    references = {"init": ("sft", "base"), "scored": ("bestOfN",)}
+
     init: str = Field("sft", max_length=URI_MAX, description="Initial weights: a stage key (sft), 'base', or a model URI.")
     scored: str = Field("bestOfN", max_length=URI_MAX, description="The scored set: the 'bestOfN' stage or a data URI.")
-    topK: int = Field(1, ge=1, le=1024, description="Responses kept per prompt.")
+    topK: int = Field(**param_field("rejectionSampling", "topK"), description="Responses kept per prompt.")
 
 
 class DPOStage(_TrainingStage):
     """Xwin-LM-DPO: direct preference optimisation on pairs built from the scored set (or on judged pairs)."""
 
+    references = {"init": ("sft", "rejectionSampling", "base"), "pairsFrom": ("bestOfN", "pairs")}
+
     init: str = Field("rejectionSampling", max_length=URI_MAX, description="Initial weights and reference model: a stage key, 'base', or a model URI.")
-    beta: float = Field(0.1, gt=0, le=100, description="DPO temperature: strength of the KL constraint to the reference.")
+    beta: float = Field(**param_field("dpo", "beta"), description="DPO temperature: strength of the KL constraint to the reference.")
     chosen: str = Field("best", max_length=32, pattern=r"^(best|rank:[1-9][0-9]*)$", description="best | rank:N (1 = best).")
     rejected: str = Field("worst", max_length=32, pattern=r"^(worst|random|rank:[1-9][0-9]*)$", description="worst | rank:N (counted from the best) | random (seeded).")
     rejectedFloor: Optional[float] = Field(None, ge=0, lt=1, description="A quantile q in [0, 1): the rejected answer is picked (by `rejected`) only among responses scoring at or above the q-quantile of all scores in the scored set, so it is the lowest-ranked plausible answer rather than a degenerate one (a refusal, an empty or cut-off answer) that rejection sampling already taught the policy to avoid: DPO learns from near misses, best vs a lower-ranked response as Xwin-LM-DPO pairs them. Prompts with nothing at or above the floor below their chosen answer get no pair. Unset: every response may be rejected.")
     minMargin: float = Field(0.0, ge=0, description="Drop pairs whose reward gap is smaller than this.")
-    rpoAlpha: float = Field(0.0, ge=0, le=100, description="RPO (Pang et al. 2024; TRL's rpo_alpha): adds rpoAlpha times the chosen answer's negative log-likelihood per token (its mean over the answer's tokens, then over pairs) to the DPO loss, so the policy keeps (raises) the chosen answers' probability instead of only widening the gap to the rejected ones, which can lower both. 0: plain DPO.")
+    rpoAlpha: float = Field(**param_field("dpo", "rpoAlpha"), description="RPO (Pang et al. 2024; TRL's rpo_alpha): adds rpoAlpha times the chosen answer's negative log-likelihood per token (its mean over the answer's tokens, then over pairs) to the DPO loss, so the policy keeps (raises) the chosen answers' probability instead of only widening the gap to the rejected ones, which can lower both. 0: plain DPO.")
     pairsFrom: str = Field("bestOfN", max_length=URI_MAX, description="bestOfN (Xwin-LM-DPO) | pairs (plain DPO on judged pairs) | a pairs data URI.")
 
 
-_REFERENCE_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+|" + "|".join(EVAL_MODEL_KEYS) + r")$"
+_REFERENCE_PATTERN = r"^(s3://[^/]+.*|file://.+|hf://.+|/.+|" + "|".join(POLICY_KEYS) + r")$"
 
 
 class AlpacaEval(_Model):
@@ -229,6 +239,8 @@ class MTBench(_Model):
 
 class EvaluateStage(_SamplingStage):
     """AlpacaEval-style win rates and MT-bench-style grades for each listed model."""
+
+    references = {"models": POLICY_KEYS}
 
     models: list[Annotated[str, StringConstraints(max_length=URI_MAX)]] = Field(default_factory=lambda: ["sft", "rejectionSampling", "dpo"], min_length=1, max_length=MODELS_MAX, description=f"Stage keys or model URIs (at most {MODELS_MAX}).")
     alpacaEval: Optional[AlpacaEval] = None
@@ -247,58 +259,6 @@ class Stages(_Model):
 
     def present(self) -> list[str]:
         return [k for k in STAGE_ORDER if getattr(self, k) is not None]
-
-
-# --- run-level settings -----------------------------------------------------------------
-
-
-class Storage(_Model):
-    uri: str = Field(..., max_length=URI_MAX, pattern=r"^(s3://[^/]+.*|file://.+|/.+)$", description="Artifacts land under <uri>/<namespace>/<name>/<stage>/.")
-    endpoint: Optional[str] = Field(None, max_length=URI_MAX, pattern=r"^https?://.+", description="S3-compatible endpoint (MinIO, Ceph...).")
-    secretRef: Optional[str] = Field(None, min_length=1, max_length=NAME_MAX, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
-
-
-class Judge(_Model):
-    model: str = Field("gpt-4-0613", min_length=1, max_length=NAME_MAX, description="Judge model name.")
-    baseURL: Optional[str] = Field(None, max_length=URI_MAX, pattern=r"^https?://.+", description="OpenAI-compatible endpoint (default: OpenAI).")
-    apiKeySecret: Optional[str] = Field(None, min_length=1, max_length=NAME_MAX, description="Secret holding OPENAI_API_KEY; never copied into spec, status or logs.")
-    mode: Literal["online", "batch"] = Field("online", description="online | batch (OpenAI Batch API, half the price).")
-    maxConcurrency: int = Field(32, ge=1, le=4096, description="Judge requests in flight at most.")
-    requestsPerMinute: Optional[int] = Field(None, ge=1, description="Client-side request rate limit.")
-    tokensPerMinute: Optional[int] = Field(None, ge=1, description="Client-side token rate limit.")
-    budgetUSD: Optional[float] = Field(None, gt=0, description="Stop before the run's estimated judge spend (all judge stages, attempts and retries together) passes this; `xwin plan` estimates it.")
-    stageBudgetUSD: Optional[float] = Field(None, gt=0, description="Optional cap of each judge stage's own estimated spend (all its attempts), within budgetUSD.")
-
-
-class Images(_Model):
-    trainer: Optional[str] = Field(None, max_length=IMAGE_MAX, description="Image of training and scoring pods.")
-    sampler: Optional[str] = Field(None, max_length=IMAGE_MAX, description="Image of vLLM servers and sampler jobs.")
-    annotator: Optional[str] = Field(None, max_length=IMAGE_MAX, description="Image of judge jobs.")
-
-
-class Toleration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    key: Optional[str] = Field(None, max_length=LABEL_KEY_MAX)
-    operator: Optional[Literal["Exists", "Equal"]] = None
-    value: Optional[str] = Field(None, max_length=LABEL_VALUE_MAX)
-    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
-    tolerationSeconds: Optional[int] = None
-
-
-class Scheduling(_Model):
-    queueName: Optional[str] = Field(None, max_length=LABEL_VALUE_MAX, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
-    priorityClassName: Optional[str] = Field(None, max_length=NAME_MAX, description="PriorityClass of every child pod.")
-    nodeSelector: dict[str, Annotated[str, StringConstraints(max_length=LABEL_VALUE_MAX)]] = Field(
-        default_factory=dict, max_length=NODE_SELECTOR_MAX, description="Node labels every child pod requires.")
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=TOLERATIONS_MAX, description="Tolerations of every child pod.")
-    launcher: Literal["PyTorchJob", "TrainJob"] = Field("PyTorchJob", description="What runs training and scoring steps: PyTorchJob (kubeflow.org/v1, Kubeflow Training Operator) or TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2).")
-    trainingRuntime: str = Field("torch-distributed", min_length=1, max_length=NAME_MAX, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="The ClusterTrainingRuntime every TrainJob refers to (launcher: TrainJob).")
-    pendingTimeoutSeconds: Optional[int] = Field(None, ge=0, le=604800, description="Seconds a step's pods may stay unstarted (unschedulable, image not pulled, a missing Secret key, ...) before its attempt fails and `retries` applies. Default: 3600 for a step asking for GPUs, 900 otherwise; 0 = wait forever. Time a child is held by Kueue for quota does not count.")
-    terminationGracePeriodSeconds: int = Field(600, ge=30, le=86400, description="Seconds a training pod has between SIGTERM (preemption, eviction) and SIGKILL: it finishes the optimizer step, uploads a checkpoint and exits 143, and its restart resumes from that checkpoint.")
-
-
-class Retries(_Model):
-    maxAttempts: int = Field(3, ge=1, le=100, description="Attempts per stage before the run fails.")
 
 
 class AlignmentRunSpec(_Model):

@@ -84,7 +84,7 @@ from .config import OperatorConfig
 from ..api.graph import dependencies, stage_references, stages_of
 from .stage_plan import holds_resources, stage_view
 from .status import build_status, status_actions
-from .steps import steps_of
+from .descriptors import steps_of
 from .tasks import stage_task
 from .types import (ACTIVE, Action, ChildState, CreateChild, DeleteChild, FailChild, Observed, RequeueAfter, StageView,
                     SuspendChild, now_iso)

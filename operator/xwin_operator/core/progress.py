@@ -15,10 +15,10 @@ Where the numbers come from:
     so a deleted child's hours stay counted;
   * a judge stage's USD is what its judge step reported spent (its record's `usd`, then the
     stage's `_SUCCESS.json` metrics);
-  * the run's percent weighs each stage by an estimate of its cost: STAGE_WEIGHT (hours per
-    GPU, relative) times the GPUs its pods ask for; its ETA extrapolates the time since the
-    run's first stage started at that percent, and only while the stage in progress reports
-    a rate (a run in a backoff or a queue has none, and its status does not churn).
+  * the run's percent weighs each stage by an estimate of its cost: its descriptor's `weight`
+    (hours per GPU, relative) times the GPUs its pods ask for; its ETA extrapolates the time
+    since the run's first stage started at that percent, and only while the stage in progress
+    reports a rate (a run in a backoff or a queue has none, and its status does not churn).
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ from xwin_jobs.task import StageTask
 
 from ..api.spec import AlignmentRun
 from .stage_plan import step_gpu_total
-from .steps import Step, steps_of
+from .descriptors import descriptor, steps_of
+from .steps import Step
 from .types import DONE, ChildState
 
-# relative hours per GPU of each stage at the recipe's usual sizes (the run's percent only)
-STAGE_WEIGHT = {"sft": 4.0, "pairs": 2.0, "rewardModel": 1.0, "bestOfN": 3.0,
-                "rejectionSampling": 2.0, "dpo": 2.0, "evaluate": 1.0}
 SERVER_KINDS = ("Deployment", "Service")
 
 
@@ -104,7 +102,7 @@ def run_cost(stages: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def stage_weight(run: AlignmentRun, stage: str, task: StageTask | None) -> float:
     gpus = max((step_gpu_total(s, task) for s in steps_of(run.spec, stage)), default=0) \
         if task is not None else 0
-    return STAGE_WEIGHT.get(stage, 1.0) * max(gpus, 1)
+    return descriptor(stage).weight * max(gpus, 1)
 
 
 def stage_fraction(run: AlignmentRun, status: dict[str, Any]) -> float:

@@ -15,8 +15,9 @@ from ..api.spec import AlignmentRun
 from .children import planned_children, step_kind
 from .config import OperatorConfig
 from ..api.graph import stages_of
-from .steps import Step, steps_of
-from .tasks import run_root, stage_uri
+from .descriptors import steps_of
+from .steps import Step
+from .inputs import run_root, stage_uri
 from .types import ACTIVE, ChildState, Observed, StageView, attempt_failed
 
 

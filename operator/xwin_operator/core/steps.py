@@ -1,19 +1,13 @@
-"""The steps of each stage: one table, read by the operator's planner and by `xwin run`.
+"""Steps: what a stage runs, in order, read by the operator's planner and by `xwin run`.
 
-A stage is a short, linear list of steps. Each step is one child on Kubernetes (a vLLM server
-is a Deployment plus its Service) and one process locally:
-
-| stage                                     | steps                                        |
-| ----------------------------------------- | -------------------------------------------- |
-| sft, rewardModel, rejectionSampling, dpo  | train                                        |
-| pairs                                     | serve, sample, judge                         |
-| bestOfN                                   | serve, sample, score                         |
-| evaluate                                  | serve-<m>, sample-<m> for each model m; judge |
+A stage is a short, linear list of steps: its descriptor's `steps` (core/descriptors.py),
+built from the helpers below. Each step is one child on Kubernetes (a vLLM server is a
+Deployment plus its Service) and one process locally.
 
 Kinds of step:
   * `train`: `python -m xwin_jobs <job> --task ...` under torchrun (a PyTorchJob on Kubernetes);
     `<job>` is the stage key for training stages and `<stage>-<step>` (`bestOfN-score`) for
-    the steps of other stages (xwin_jobs.stages.STEPS);
+    the steps of other stages (xwin_jobs.pipeline: a job's `steps`);
   * `serve`: a vLLM OpenAI server for one model input of the task (a Deployment + Service). It
     lives only while the sample step it serves runs: it starts right before it and is deleted
     as soon as that step finishes, so GPUs are not held. Where a sample step is followed by
@@ -38,11 +32,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
-
-from xwin_jobs.pipeline import TRAINING_STAGES
-
-from ..api.spec import AlignmentRunSpec
 
 
 @dataclass(frozen=True)
@@ -64,7 +53,13 @@ def model_slug(ref: str, index: int) -> str:
     return slug if re.fullmatch(r"[a-z][a-z0-9]{0,19}", slug) else f"m{index}"
 
 
-def _served_sampling(stage: str, model_input: str, suffix: str = "") -> list[Step]:
+def train(stage: str, settings: object = None) -> list[Step]:
+    """A training stage's steps (whatever its settings): its own job under torchrun."""
+    return [Step("train", "train", job=stage)]
+
+
+def served_sampling(stage: str, model_input: str, suffix: str = "") -> list[Step]:
+    """A vLLM server for the task input `model_input`, and the sampler it exists for."""
     serve, sample = f"serve{suffix}", f"sample{suffix}"
     return [Step(serve, "serve", image="sampler", model_input=model_input, serves=sample,
                  resources="serving"),
@@ -72,32 +67,15 @@ def _served_sampling(stage: str, model_input: str, suffix: str = "") -> list[Ste
                  served_by=serve, resources="none")]
 
 
-def _judge(stage: str) -> Step:
+def judge(stage: str) -> Step:
+    """The judge Job of a stage (it gets the judge's API key)."""
     return Step("judge", "job", job=f"{stage}-judge", image="annotator", resources="none",
                 needs_judge=True)
 
 
-def stage_steps(stage: str, models: Sequence[str] = ()) -> list[Step]:
-    """The steps of a stage; `models` are evaluate's `models` (stage keys or URIs)."""
-    if stage in TRAINING_STAGES:
-        return [Step("train", "train", job=stage)]
-    if stage == "pairs":
-        return _served_sampling(stage, "policy") + [_judge(stage)]
-    if stage == "bestOfN":
-        return _served_sampling(stage, "policy") + [
-            Step("score", "train", job=f"{stage}-score", resources="scoring")]
-    if stage == "evaluate":
-        steps: list[Step] = []
-        for i, ref in enumerate(models):
-            steps += _served_sampling(stage, f"model:{ref}", f"-{model_slug(ref, i)}")
-        return steps + [_judge(stage)]
-    raise KeyError(f"unknown stage {stage!r}")
-
-
-def steps_of(spec: AlignmentRunSpec, stage: str) -> list[Step]:
-    """The steps of one (non-reused) stage of a run, in order."""
-    models = spec.stages.evaluate.models if stage == "evaluate" else ()
-    return stage_steps(stage, models)
+def score(stage: str) -> Step:
+    """A scoring step under torchrun, sized by the stage's `scoringResources`."""
+    return Step("score", "train", job=f"{stage}-score", resources="scoring")
 
 
 def step_env(step: Step, server_url: str | None = None, served_model: str | None = None) -> dict[str, str]:

@@ -19,7 +19,7 @@ import yaml
 from ..api.spec import AlignmentRun
 from ..core.config import OperatorConfig
 from ..api.graph import stages_of
-from ..core.steps import steps_of
+from ..core.descriptors import steps_of
 from ..core.tasks import stage_task
 from .manifests import build_step
 

@@ -39,7 +39,7 @@ from ..core.config import OperatorConfig
 from ..core.children import PlannedChild
 from ..core.loop import reconcile_once_sync
 from ..core.planner import stage_tasks
-from ..core.tasks import run_root
+from ..core.inputs import run_root
 from .children import LocalChild, LocalChildren
 from .server_pool import wanted_later
 

@@ -54,26 +54,11 @@ def job_env_for(step: Step, env: dict[str, str], server_url: str | None) -> dict
 
 
 def samples_done(task: StageTask, model_input: str, store: Store) -> bool:
-    """Whether the sample step for `task.inputs[model_input]` has nothing left to sample."""
-    from xwin_jobs.stages import upstream_digests
-    from xwin_jobs.stages.sampling_common import folder_complete
-    from xwin_jobs.store import as_folder, join_uri
+    """Whether the sample step for `task.inputs[model_input]` has nothing left to sample (the
+    stage job's own `samples_done`)."""
+    from xwin_jobs.stages import samples_done as job_samples_done
 
-    upstream = upstream_digests(store, task)
-    if task.stage == "pairs":
-        from xwin_jobs.stages.pairs import CANDIDATES, candidates_digest
-
-        return folder_complete(store, join_uri(as_folder(task.output), CANDIDATES),
-                               candidates_digest(task, upstream))
-    if task.stage == "bestOfN":
-        from xwin_jobs.stages.best_of_n import samples_complete
-
-        return samples_complete(store, task, upstream)
-    if task.stage == "evaluate" and model_input.startswith("model:"):
-        from xwin_jobs.stages.evaluate import answers_complete
-
-        return answers_complete(task, store, model_input.split(":", 1)[1])
-    return False
+    return job_samples_done(task, store, model_input)
 
 
 def start_server(child: Any, ctx: Any, pool: ServerPool | None = None) -> str | None:

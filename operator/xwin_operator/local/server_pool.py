@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from xwin_jobs.task import StageTask
 
 from ..api.spec import AlignmentRunSpec
-from ..core.steps import steps_of
+from ..core.descriptors import steps_of
 from ..core.types import DONE, FINISHED
 
 
