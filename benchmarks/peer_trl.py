@@ -7,8 +7,11 @@ WORKLOAD.json (written by bench_train_trl.py): {"stage": "sft" | "dpo" | "reward
 labelled positions are exactly the ones our stage trains on (encoded by our code and handed
 over pre-tokenized), so the two sides see the same data; TRL's own trainers, collators and
 defaults do the rest (padding to the longest sequence of each batch, full logits). Prints one
-JSON line: final loss, training-phase seconds, real tokens and fed positions of the
-training batches (what its collator built). Imports nothing from this project.
+JSON line: first, mean and final loss; the trainer's own `train_runtime` (its training loop)
+and the seconds around trainer.train(); DPO's reference pass (`ref_seconds`: TRL precomputes
+the reference log-probabilities while the trainer is built, before the loop); real tokens and
+fed positions of the training batches (what its collator built). Imports nothing from this
+project.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main(workload_path: str, out_dir: str) -> None:
                   save_strategy="no", report_to="none", use_cpu=True, bf16=False,
                   dataloader_num_workers=0, max_length=hp["maxLength"], disable_tqdm=True)
     torch.manual_seed(hp["seed"])
+    timings: dict[str, float] = {}
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -49,6 +53,13 @@ def main(workload_path: str, out_dir: str) -> None:
         class PreTokenized(DPOTrainer):
             def _prepare_dataset(self, dataset, *args, **kwargs):
                 return dataset  # prompt_ids / chosen_ids / rejected_ids as given
+
+            def _precompute_ref_logps(self, *args, **kwargs):
+                started = time.monotonic()
+                try:
+                    return super()._precompute_ref_logps(*args, **kwargs)
+                finally:
+                    timings["ref_seconds"] = timings.get("ref_seconds", 0.0) + time.monotonic() - started
 
         model = AutoModelForCausalLM.from_pretrained(work["model"], dtype=torch.float32)
         data = Dataset.from_list(rows)
@@ -77,13 +88,14 @@ def main(workload_path: str, out_dir: str) -> None:
 
     trainer.data_collator = counting
     started = time.monotonic()
-    trainer.train()
+    output = trainer.train()
     seconds = time.monotonic() - started
     trainer.save_model(str(Path(out_dir) / "model"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(json.dumps({"mean_loss": sum(losses) / len(losses) if losses else None,
                       "final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
-                      "train_seconds": seconds, "real_tokens": counts["real"],
+                      "train_seconds": seconds, "train_runtime": output.metrics.get("train_runtime", seconds),
+                      "ref_seconds": timings.get("ref_seconds"), "real_tokens": counts["real"],
                       "fed_positions": counts["fed"], "steps": trainer.state.global_step}))
 
 
