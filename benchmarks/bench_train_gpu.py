@@ -68,11 +68,13 @@ def run_arm(engine, pairs, arm: str, steps: int, micro: int = 4) -> dict:
 
     from reference import collate_pairs, sequence_logprobs
     from xwin_jobs.losses import dpo_sigmoid_loss
-    from xwin_jobs.training.objectives import dpo_step
+    from xwin_jobs.training.config import TrainingConfig
+    from xwin_jobs.training.objectives import DpoObjective
 
     reference = torch.zeros(len(pairs), 2)
     packed = arm == "chunked+packed"
-    step = dpo_step(engine, pairs, reference, 0, 0.1, packed)
+    objective = DpoObjective(pairs, 0, TrainingConfig(), beta=0.1)
+    objective.reference = reference
 
     def full(indices):
         batch = engine.to_device(collate_pairs([pairs[i] for i in indices], 0))
@@ -97,7 +99,7 @@ def run_arm(engine, pairs, arm: str, steps: int, micro: int = 4) -> dict:
             started = time.perf_counter()
         for b in batches:
             with engine.autocast():
-                loss = full(b) if arm == "full" else step(b)[0]
+                loss = full(b) if arm == "full" else objective.micro_step(engine, b, packed)[0]
             loss.backward()
         engine.module.zero_grad(set_to_none=True)
     if cuda:

@@ -84,7 +84,9 @@ def worker(args) -> None:
     from xwin_jobs.training.build import build_engine
     from xwin_jobs.training.config import TrainingConfig
     from xwin_jobs.training.distributed import Distributed
-    from xwin_jobs.training.loop import train_loop
+    from xwin_jobs.training.batching import Workload
+    from xwin_jobs.training.loop import Trainer
+    from xwin_jobs.training.objectives import Objective
 
     if args.before:  # the engine before issue 9's step-time work: two AdamW groups always
         from xwin_jobs.training import engine as engine_module, zero as zero_module
@@ -102,7 +104,8 @@ def worker(args) -> None:
     config = TrainingConfig.from_params({
         "zeroStage": args.zero, "globalBatchSize": 2 * args.micro, "microBatchSize": args.micro,
         "epochs": 1, "learningRate": 1e-4, "warmupRatio": 0.0, "lrScheduler": "constant",
-        "gradientCheckpointing": False, "checkpointEvery": 0, "maxLength": args.seq})
+        "gradientCheckpointing": False, "checkpointEvery": 0, "maxLength": args.seq,
+        "packing": False})
     engine = build_engine(lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
                           config, steps, dist)
     loaded = _peak_mib()
@@ -112,15 +115,19 @@ def worker(args) -> None:
     data = torch.randint(0, vocab, (2 * args.micro * steps, args.seq), generator=gen)
     times: list[float] = []
 
-    def micro_step(indices):
-        times.append(time.perf_counter())
-        batch = engine.to_device({"input_ids": data[indices], "labels": data[indices],
-                                  "attention_mask": torch.ones_like(data[indices])})
-        logits = engine.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).logits
-        return sft_loss(logits, batch["labels"]), {}
+    class RandomTokens(Objective):  # `data`'s rows, whole, padded (training.packing false)
+        def workload(self, packed):
+            return Workload([(args.seq,)] * len(data))
 
-    train_loop(engine, len(data), micro_step, config, log_every=10**9)
+        def micro_step(self, engine, indices, packed):
+            times.append(time.perf_counter())
+            batch = engine.to_device({"input_ids": data[indices], "labels": data[indices],
+                                      "attention_mask": torch.ones_like(data[indices])})
+            logits = engine.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).logits
+            return sft_loss(logits, batch["labels"]), {}
+
+    Trainer(engine, RandomTokens(data, 0), config).fit(log_every=10**9)
     per_step = len(times) // steps
     starts = times[::per_step]
     timed = [b - a for a, b in zip(starts[args.warmup:], starts[args.warmup + 1:])]

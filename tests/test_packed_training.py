@@ -18,8 +18,8 @@ from xwin_jobs.training.batching import step_plan
 from xwin_jobs.training.config import TrainingConfig
 from xwin_jobs.training.data import PairExample, SftExample
 from xwin_jobs.training.engine import DdpEngine
-from xwin_jobs.training.objectives import (dpo_step, evaluate_rewards, pair_workload,
-                                           reference_logprobs, reward_step, sft_step, sft_workload)
+from xwin_jobs.training.loop import Trainer
+from xwin_jobs.training.objectives import DpoObjective, RewardObjective, SftObjective
 from xwin_jobs.training.packing import collate_rows, hidden_states, packing_supported
 from xwin_jobs.training.varlen import VARLEN, use_varlen
 
@@ -76,14 +76,15 @@ def assert_same_grads(ours, reference):
         assert torch.allclose(ours[name], reference[name], rtol=0, atol=GRAD_REL * scale), name
 
 
-def run_step(engine, micro_step, workload, step, tokens, packed):
+def run_step(engine, objective, step, tokens, packed):
     """One optimizer step's accumulation as the loop does it: micro-batches by length,
     each weighted by its share of the step's loss units."""
+    workload = objective.workload(packed)
     plan = step_plan([[step]], workload.lengths, 3, tokens, packed)[0]
     total = workload.weight(step)
     loss = 0.0
     for mb in plan:
-        value, _ = micro_step(mb)
+        value, _ = objective.micro_step(engine, mb, packed)
         weighted = value * (workload.weight(mb) / total)
         weighted.backward()
         loss += float(weighted.detach())
@@ -125,8 +126,7 @@ def test_sft_step_matches_one_padded_full_logits_batch(packed, tokens, varlen):
     reference_loss.backward()
     reference = grads(model)
     assert use_varlen(model, "cpu") if varlen else True
-    loss, micro_batches = run_step(engine, sft_step(engine, examples, PAD, packed),
-                                   sft_workload(examples, packed), step, tokens, packed)
+    loss, micro_batches = run_step(engine, SftObjective(examples, PAD), step, tokens, packed)
     assert micro_batches > 1
     assert loss == pytest.approx(float(reference_loss.detach()), rel=LOSS_REL)
     assert_same_grads(grads(model), reference)
@@ -149,7 +149,9 @@ def test_dpo_reference_and_step_match_the_full_logits_path(packed, tokens, varle
     model.train()
     full = model.config._attn_implementation
     assert use_varlen(model, "cpu") if varlen else True
-    ref = reference_logprobs(engine, data, PAD, batch_size=3, batch_tokens=tokens, packed=packed)
+    objective = DpoObjective(data, PAD, TrainingConfig(micro_batch_size=3, micro_batch_tokens=tokens), beta=0.1)
+    assert objective.prepare(engine, packed) == {}  # no store: computed with the policy as it is
+    ref = objective.reference
     assert torch.allclose(ref, torch.stack([c, r], -1), atol=VALUE_ABS)
     ref = ref + torch.randn_like(ref) * 0.5  # a reference that differs from the policy
     model.config._attn_implementation = full
@@ -158,8 +160,8 @@ def test_dpo_reference_and_step_match_the_full_logits_path(packed, tokens, varle
     reference_loss.backward()
     reference = grads(model)
     assert use_varlen(model, "cpu") if varlen else True
-    loss, _ = run_step(engine, dpo_step(engine, data, ref, PAD, 0.1, packed),
-                       pair_workload(data, packed), list(range(len(data))), tokens, packed)
+    objective.reference = ref
+    loss, _ = run_step(engine, objective, list(range(len(data))), tokens, packed)
     assert loss == pytest.approx(float(reference_loss.detach()), rel=LOSS_REL)
     assert_same_grads(grads(model), reference)
 
@@ -175,12 +177,39 @@ def test_reward_step_reads_the_last_token_like_the_sequence_classifier(packed, t
     reference_loss.backward()
     reference = grads(model)
     assert use_varlen(model, "cpu") if varlen else True
-    loss, _ = run_step(engine, reward_step(engine, data, PAD, packed), pair_workload(data, packed),
-                       list(range(len(data))), tokens, packed)
+    objective = RewardObjective(data, PAD, data, TrainingConfig(micro_batch_size=4, micro_batch_tokens=tokens))
+    loss, _ = run_step(engine, objective, list(range(len(data))), tokens, packed)
     assert loss == pytest.approx(float(reference_loss.detach()), rel=LOSS_REL)
     assert_same_grads(grads(model), reference)
-    held = evaluate_rewards(engine, data, PAD, batch_size=4, batch_tokens=tokens, packed=packed)
+    held = objective.held_out_metrics(engine, packed)
     assert held["heldOutLoss"] == pytest.approx(float(reference_loss.detach()), abs=VALUE_ABS)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_trainer_settles_packing_before_the_workload_and_prepares_before_training(packing):
+    calls = []
+
+    class Recorded(SftObjective):
+        def workload(self, packed):
+            calls.append(("workload", packed))
+            return super().workload(packed)
+
+        def prepare(self, engine, packed):
+            calls.append(("prepare", packed))
+            return {"prepared": 1.0}
+
+        def micro_step(self, engine, indices, packed):
+            calls.append(("step", packed))
+            return super().micro_step(engine, indices, packed)
+
+    config = TrainingConfig(learning_rate=1e-3, global_batch_size=6, micro_batch_size=3,
+                            packing=packing, gradient_checkpointing=False, checkpoint_every=0)
+    engine = DdpEngine(llama(), config, total_steps=2, device="cpu")
+    trainer = Trainer(engine, Recorded(conversations(), PAD), config)
+    assert (trainer.packed, trainer.workload.packed, calls) == (packing, packing, [("workload", packing)])
+    metrics = trainer.fit()
+    assert calls[1] == ("prepare", packing) and set(calls[2:]) == {("step", packing)}
+    assert metrics["steps"] == 2 and metrics["prepared"] == 1.0 and metrics["microBatchSize"] == 3
 
 
 def test_varlen_attention_only_on_cpu_with_full_attention():

@@ -6,6 +6,7 @@ import copy
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from cel_cost import schema_nodes
 from xwin_operator.api.crd import crd, crd_yaml
 from xwin_operator.api.spec import AlignmentRun, resolved_training
 from xwin_operator.api.spec_io import SpecError, load_run, parse_run
+from xwin_jobs.training.config import TRAINING_BOUNDS, TrainingConfig, TrainingConfigError, bound_error
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [ROOT / "examples/tiny/run-training.yaml", ROOT / "examples/xwin-7b.yaml"]
@@ -50,6 +52,32 @@ def test_defaults_filled_and_merged():
     assert t["learningRate"] == 0.5    # then spec.defaults
     assert t["zeroStage"] == 3         # then the built-in default
     assert run.spec.retries.maxAttempts == 3 and run.spec.chatTemplate == "vicuna"
+
+
+@pytest.mark.parametrize("key", sorted(TRAINING_BOUNDS))
+def test_training_bounds_are_one_table_for_the_spec_and_the_trainer(key):
+    """Either side of every bound of TRAINING_BOUNDS, the spec (and so the CRD) and the
+    trainer's own check accept and refuse the same values, the trainer naming the bound."""
+    from pydantic import ValidationError
+
+    from xwin_operator.api.spec import Training
+
+    step = 1 if Training.model_fields[key].annotation == Optional[int] else 0.5
+    for name, limit in TRAINING_BOUNDS[key].items():
+        for value in (limit - step, limit, limit + step):
+            try:
+                Training(**{key: value})
+                spec_ok = True
+            except ValidationError:
+                spec_ok = False
+            try:
+                TrainingConfig.from_params({key: value})
+                job_ok = True
+            except TrainingConfigError as e:
+                job_ok = False
+                assert str(e).startswith(f"params.training.{key}: must be "), e
+            assert spec_ok == job_ok == (bound_error(key, value) is None), (key, value)
+    assert bound_error("warmupRatio", 1) == "must be < 1" and bound_error("maxLength", 15) == "must be >= 16"
 
 
 def test_dpo_defaults_match_design():

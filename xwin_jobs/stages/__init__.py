@@ -80,6 +80,7 @@ class StageContext:
     digest: str = ""  # the task's input digest (checkpoints are resumed only for the same)
     # (local folder, URI) uploaded by rank 0 once the process group is closed (`publish`)
     uploads: list = field(default_factory=list)
+    config: Any = None  # a training stage's checked settings (`training()`)
 
     @property
     def is_main(self) -> bool:
@@ -130,13 +131,12 @@ class StageContext:
                               warn=log.warning)
 
     def training(self):
-        from ..training.config import TrainingConfig, TrainingConfigError
-
-        world = self.dist.world_size if self.dist is not None else 1
-        try:  # the micro-batch for this many ranks (derived when microBatchSize is unset)
-            return TrainingConfig.from_params(self.param("training", {})).for_world(world)
-        except TrainingConfigError as e:
-            raise StageError(str(e)) from None
+        """The stage's `training` settings (training.config.TrainingConfig) with the
+        micro-batch for its ranks: those `_check_training` parsed and checked before the
+        stage started, parsed once per stage."""
+        if self.config is None:
+            self.config = _check_training(self.task, self.dist, self.store)
+        return self.config
 
 
 def load_stage(name: str) -> Callable[[StageContext], StageResult]:
@@ -269,7 +269,8 @@ def _run_stage(stage_fn, task: StageTask, store: Store, workdir: str | Path | No
     if scratch_root:
         Path(scratch_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"xwin-{task.stage}-", dir=scratch_root) as tmp:
-        ctx = StageContext(task=task, store=store, workdir=Path(tmp), dist=dist, digest=digest)
+        ctx = StageContext(task=task, store=store, workdir=Path(tmp), dist=dist, digest=digest,
+                           config=config)
         result = stage_fn(ctx)
         # Only on success (a failed rank must not wait in a barrier the others never reach; it
         # exits and torchrun stops the rest of the group): every rank leaves the process group

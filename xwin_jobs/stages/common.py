@@ -1,11 +1,13 @@
 """What the four training stages share: model inputs, the engine, checkpoints, publishing.
 
-`train_and_publish` is the whole life of a training stage once its examples exist:
-build the engine (xwin_jobs.training.build: DDP or DeepSpeed ZeRO), resume from the newest
-usable checkpoint (xwin_jobs.training.checkpoints), run the loop (checkpoints to
+`train_and_publish(ctx, objective, load_model, tokenizer)` is the whole life of a training
+stage once its objective (xwin_jobs.training.objectives) holds its examples: check that
+microBatchTokens holds every example, fetch the model, build the engine
+(xwin_jobs.training.build: DDP or DeepSpeed ZeRO), run `Trainer(engine, objective, config)`
+(xwin_jobs.training.loop) from the newest usable checkpoint (checkpoints to
 `checkpoints/step-N/`, a checkpoint and exit 128+15 on SIGTERM), upload the final model to
-`model/`, and return the loop's metrics. Under torchrun every rank trains and only rank 0
-writes the model.
+`model/`, and return the metrics. Under torchrun every rank trains and only rank 0 writes
+the model.
 """
 
 from __future__ import annotations
@@ -105,76 +107,45 @@ def require_examples(examples: list, stats, what: str) -> None:
     raise StageError(f"no {what} to train on: {stats.records} record(s) read{hint}")
 
 
-def planned(config, workload):
-    """`workload` (training.batching.Workload) after checking that microBatchTokens holds
-    every example: a StageError naming the field, before any model is loaded."""
-    from ..training.batching import BudgetError, check_budget
-
-    try:
-        check_budget(workload.lengths, config.micro_batch_tokens, workload.packed)
-    except BudgetError as e:
-        raise StageError(str(e)) from None
-    return workload
-
-
-def use_packing(config, engine) -> bool:
-    """Pack sequences padding-free when `training.packing` allows it and the model's
-    attention keeps packed sequences apart (training.packing.packing_supported); on CPU,
-    packed rows then get attention per sequence (training.varlen) instead of a row-wide mask."""
-    from ..training.packing import packing_supported
-    from ..training.varlen import use_varlen
-
-    model = engine.unwrap()
-    packed = bool(config.packing) and packing_supported(model)
-    varlen = packed and use_varlen(model, getattr(engine.device, "type", "cpu"))
-    log.info("micro-batches: %s, grouped by length%s%s", "packed" if packed else "padded",
-             f", {config.micro_batch_tokens} positions each" if config.micro_batch_tokens else "",
-             ", attention per sequence" if varlen else "")
-    return packed
-
-
 def pad_id_of(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is None:
         raise StageError("the tokenizer has no pad, unk or eos token to pad batches with")
     return int(tokenizer.pad_token_id)
 
 
-def train_and_publish(ctx: StageContext, load_model: Callable[[], Any], tokenizer: Any, config,
-                      num_examples: int, make_step: Callable[[Any], Callable],
-                      before_training: Callable[[Any], None] | None = None,
-                      after_training: Callable[[Any], dict] | None = None,
-                      workload=None) -> tuple[dict, str]:
-    """Train the model `load_model()` returns with the micro-step `make_step(engine)`, resuming
-    from the newest usable checkpoint, and upload the result.
+def check_budget(config, objective) -> None:
+    """A StageError naming microBatchTokens when it cannot hold an example (laid out padded,
+    which needs at least the positions packing does), before any model is loaded."""
+    from ..training.batching import BudgetError, check_budget as check
 
-    The engine loads the model (partitioned under ZeRO-3). `before_training(engine)` runs once
-    the model is on its device with its initial weights, before any checkpoint is loaded (DPO's
-    reference log-probabilities); `after_training(engine)` returns extra metrics (the reward
-    model's held-out accuracy). `workload` (training.batching.Workload, from `planned`) groups
-    micro-batches by length; its `packed` is settled here, once the model exists (read it
-    when the step is made, not before). Returns (metrics, model URI)."""
+    try:
+        check(objective.workload(packed=False).lengths, config.micro_batch_tokens)
+    except BudgetError as e:
+        raise StageError(str(e)) from None
+
+
+def train_and_publish(ctx: StageContext, objective, load_model: Callable[[str], Any],
+                      tokenizer: Any) -> tuple[dict, str]:
+    """Train `objective` on the model `load_model(folder or Hub id)` returns (loaded by the
+    engine: partitioned under ZeRO-3), seeded with training.seed (a new head's
+    initialisation), resuming from the newest usable checkpoint, and upload the result with
+    `tokenizer`. Returns (metrics, model URI)."""
     from ..training.build import build_engine
     from ..training.checkpoints import Checkpoints
-    from ..training.config import derive_geometry
-    from ..training.loop import plan_total_steps, train_loop
+    from ..training.engine import seed_everything
+    from ..training.loop import Trainer, plan_total_steps
     from ..training.preempt import stop_requests
 
-    _, total = plan_total_steps(num_examples, config)
-    engine = build_engine(load_model, config, total, ctx.dist)
-    if workload is not None:
-        workload.packed = use_packing(config, engine)
-    if before_training:
-        before_training(engine)
+    config = ctx.training()
+    check_budget(config, objective)
+    source = model_source(ctx)
+    seed_everything(config.seed)
+    _, total = plan_total_steps(len(objective), config)
+    engine = build_engine(lambda: load_model(source), config, total, ctx.dist)
+    trainer = Trainer(engine, objective, config)
     checkpoints = Checkpoints(ctx.store, ctx.output("checkpoints/"), ctx.workdir, engine, ctx.digest)
-    start = checkpoints.resume()
     with stop_requests() as stop:
-        result = train_loop(engine, num_examples, make_step(engine), config,
-                            on_checkpoint=checkpoints.save, start=start, stop_requested=stop,
-                            workload=workload, progress=ctx.progress("steps", total))
-    metrics = result.metrics()
-    metrics.update(derive_geometry(config, engine.world_size).metrics())
-    if after_training:
-        metrics.update(after_training(engine))
+        metrics = trainer.fit(checkpoints, stop, ctx.progress("steps", total))
     ctx.clear(*TRAINING_OUTPUTS)  # an earlier attempt's leftovers; checkpoints stay
     uri = ctx.output("model/")
     # rank 0's folder goes up once every rank has left the process group (ctx.publish)

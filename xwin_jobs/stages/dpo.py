@@ -31,8 +31,8 @@ import logging
 from ..datasets_in import iter_input_records
 from . import StageContext, StageError, StageResult, param, upstream_digests
 from .sampling_common import model_stage_digest
-from .common import (check_model_input, model_source, pad_id_of, planned, require_examples,
-                     tokenized_examples, tokenizer_of, train_and_publish)
+from .common import (check_model_input, pad_id_of, require_examples, tokenized_examples,
+                     tokenizer_of, train_and_publish)
 
 log = logging.getLogger("xwin_jobs.stage")
 
@@ -52,24 +52,26 @@ def pairs_source(ctx: StageContext) -> str:
     return pairs_from
 
 
-def selection(ctx: StageContext, pairs_from: str) -> dict:
-    """The settings that turn the input into pair records (none for judged pairs)."""
+def selection(ctx: StageContext, pairs_from: str, seed: int) -> dict:
+    """The settings that turn the input into pair records (none for judged pairs); `seed`:
+    training.seed (the `random` rejected answer)."""
     if pairs_from == "pairs":
         return {}
     return {"chosen": str(ctx.param("chosen", "best")), "rejected": str(ctx.param("rejected", "worst")),
-            "minMargin": float(ctx.param("minMargin", 0.0)), "seed": ctx.training().seed,
+            "minMargin": float(ctx.param("minMargin", 0.0)), "seed": seed,
             "rejectedFloor": ctx.param("rejectedFloor", None)}
 
 
-def load_pair_records(ctx: StageContext, pairs_from: str) -> tuple[list[dict], dict]:
-    """Pair records and counts, from the `pairs` input or built from the `scored` input."""
+def load_pair_records(ctx: StageContext, pairs_from: str, settings: dict) -> tuple[list[dict], dict]:
+    """Pair records and counts, from the `pairs` input or built from the `scored` input with
+    the `selection` settings."""
     from ..selection import dpo_pair_records
 
     if pairs_from == "pairs":
         records = list(iter_input_records(ctx.store, ctx.input("pairs"), "pair", ctx.workdir))
         return records, {"pairs": len(records)}
     scored = list(iter_input_records(ctx.store, ctx.input("scored"), "scored", ctx.workdir))
-    settings = selection(ctx, pairs_from)
+    settings = dict(settings)
     floor = settings.pop("rejectedFloor")
     try:
         records, summary = dpo_pair_records(
@@ -110,70 +112,61 @@ def store_root(task) -> str:
     return output[:-len(suffix)] if task.run and output.endswith("/" + suffix) else output
 
 
-def stored_reference(ctx: StageContext, engine, key: str, compute, reused: dict):
-    """The reference log-probabilities stored under `key`, else `compute()` (every rank runs
-    it: forward passes are collective under ZeRO-3) stored by rank 0, marker last."""
-    import io
+class ReferenceCache:
+    """DPO's reference log-probabilities kept under the store's root (module docstring) for
+    the init model's state and the encoded pairs' `tokens` digest (objectives.ReferenceStore)."""
 
-    import torch
+    def __init__(self, ctx: StageContext, model_state: dict, tokens: str):
+        self.ctx, self.model_state, self.tokens = ctx, model_state, tokens
 
-    from ..store import join_uri
+    def fetch(self, engine, packed: bool, compute):
+        """(the table stored under this key, else `compute()`'s (every rank runs it: forward
+        passes are collective under ZeRO-3), stored by rank 0, marker last; whether reused)."""
+        import io
 
-    folder = join_uri(store_root(ctx.task), REFERENCE_CACHE, key + "/")
-    marker = join_uri(folder, REFERENCE_MARKER)
-    stored = None
-    if ctx.is_main and ctx.store.exists(marker) and ctx.store.read_json(marker).get("key") == key:
-        stored = torch.load(io.BytesIO(ctx.store.read_bytes(join_uri(folder, REFERENCE))))
-    stored = engine.dist.broadcast_object(stored)
-    reused["referenceReused"] = stored is not None
-    if stored is not None:
-        log.info("reference log-probabilities: reused from %s", folder)
-        return stored
-    logps = compute()
-    if ctx.is_main:
-        buf = io.BytesIO()
-        torch.save(logps, buf)
-        ctx.store.write_bytes(join_uri(folder, REFERENCE), buf.getvalue())
-        ctx.store.write_json(marker, {"key": key, "pairs": len(logps), "run": ctx.task.run})
-        log.info("reference log-probabilities: stored in %s", folder)
-    return logps
+        import torch
+
+        from ..store import join_uri
+
+        ctx, key = self.ctx, reference_key(self.model_state, self.tokens, packed)
+        folder = join_uri(store_root(ctx.task), REFERENCE_CACHE, key + "/")
+        marker = join_uri(folder, REFERENCE_MARKER)
+        stored = None
+        if ctx.is_main and ctx.store.exists(marker) and ctx.store.read_json(marker).get("key") == key:
+            stored = torch.load(io.BytesIO(ctx.store.read_bytes(join_uri(folder, REFERENCE))))
+        stored = engine.dist.broadcast_object(stored)
+        if stored is not None:
+            log.info("reference log-probabilities: reused from %s", folder)
+            return stored, True
+        logps = compute()
+        if ctx.is_main:
+            buf = io.BytesIO()
+            torch.save(logps, buf)
+            ctx.store.write_bytes(join_uri(folder, REFERENCE), buf.getvalue())
+            ctx.store.write_json(marker, {"key": key, "pairs": len(logps), "run": ctx.task.run})
+            log.info("reference log-probabilities: stored in %s", folder)
+        return logps, False
 
 
 def run(ctx: StageContext) -> StageResult:
     from ..modeling import load_causal_lm
-    from ..training.engine import seed_everything
-    from ..training.objectives import dpo_step, reference_logprobs
+    from ..training.objectives import DpoObjective
 
     beta, rpo_alpha = param(ctx.task, "beta"), param(ctx.task, "rpoAlpha")
     pairs_from = pairs_source(ctx)
     config = ctx.training()
     check_model_input(ctx)
     folder, tokenizer = tokenizer_of(ctx)
+    settings = selection(ctx, pairs_from, config.seed)
     tokenized = tokenized_examples(ctx, "pairs", folder, tokenizer, config, (pairs_from_input(pairs_from),),
-                                   lambda: load_pair_records(ctx, pairs_from), selection(ctx, pairs_from))
+                                   lambda: load_pair_records(ctx, pairs_from, settings), settings)
     pairs, stats = tokenized.rows, tokenized.stats()
     require_examples(pairs, stats, "pairs")
-    workload = planned(config, pairs.workload(packed=False))
-    source = model_source(ctx)
-    pad_id = pad_id_of(tokenizer)
-    seed_everything(config.seed)
-    reference, reused = {}, {}
-    model_uri = ctx.task.inputs["model"]
-    key = reference_key(model_stage_digest(model_uri, upstream_digests(ctx.store, ctx.task)),
-                        tokenized.manifest["tokens"], workload.packed)
-
-    def compute_reference(engine) -> None:
-        reference["logps"] = stored_reference(ctx, engine, key, lambda: reference_logprobs(
-            engine, pairs, pad_id, config.micro_batch_size, config.micro_batch_tokens,
-            workload.packed), reused)
-
-    metrics, uri = train_and_publish(
-        ctx, lambda: load_causal_lm(source), tokenizer, config, len(pairs),
-        lambda engine: dpo_step(engine, pairs, reference["logps"], pad_id, float(beta),
-                                workload.packed, float(rpo_alpha)),
-        before_training=compute_reference, workload=workload)
+    model_state = model_stage_digest(ctx.task.inputs["model"], upstream_digests(ctx.store, ctx.task))
+    objective = DpoObjective(pairs, pad_id_of(tokenizer), config, float(beta), float(rpo_alpha),
+                             ReferenceCache(ctx, model_state, tokenized.manifest["tokens"]))
+    metrics, uri = train_and_publish(ctx, objective, load_causal_lm, tokenizer)
     metrics["truncated"] = stats.truncated
-    metrics.update(reused)
     metrics.update(tokenized.metrics())
     return StageResult(counts={**tokenized.counts, **stats.as_counts()}, metrics=metrics,
                        outputs={"model": uri})

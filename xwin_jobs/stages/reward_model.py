@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from ..datasets_in import iter_input_records
 from . import StageContext, StageResult, param
-from .common import (check_model_input, model_source, pad_id_of, planned, require_examples,
-                     tokenized_examples, tokenizer_of, train_and_publish)
+from .common import (check_model_input, pad_id_of, require_examples, tokenized_examples,
+                     tokenizer_of, train_and_publish)
 
 
 def run(ctx: StageContext) -> StageResult:
     from ..modeling import load_reward_model
     from ..training.data import split_held_out
-    from ..training.engine import seed_everything
-    from ..training.objectives import evaluate_rewards, reward_step
+    from ..training.objectives import RewardObjective
 
     fraction = param(ctx.task, "heldOutFraction")
     config = ctx.training()
@@ -35,17 +34,9 @@ def run(ctx: StageContext) -> StageResult:
     train_idx, held_idx = split_held_out(len(pairs), float(fraction), config.seed)
     train_pairs, held_pairs = pairs.select(train_idx), pairs.select(held_idx)
     pad_id = pad_id_of(tokenizer)
-    workload = planned(config, train_pairs.workload(packed=False))
-    source = model_source(ctx)
-
-    seed_everything(config.seed)  # the new score head's initialisation
-    metrics, uri = train_and_publish(
-        ctx, lambda: load_reward_model(source, pad_id), tokenizer, config, len(train_pairs),
-        lambda engine: reward_step(engine, train_pairs, pad_id, workload.packed),
-        after_training=lambda engine: evaluate_rewards(
-            engine, held_pairs, pad_id, config.micro_batch_size, config.micro_batch_tokens,
-            workload.packed),
-        workload=workload)
+    objective = RewardObjective(train_pairs, pad_id, held_pairs, config)
+    metrics, uri = train_and_publish(ctx, objective, lambda source: load_reward_model(source, pad_id),
+                                     tokenizer)
     metrics["truncated"] = stats.truncated
     metrics.update(tokenized.metrics())
     return StageResult(counts={**stats.as_counts(), "trainPairs": len(train_pairs),

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from ..datasets_in import iter_input_records
 from . import StageContext, StageResult
-from .common import (check_model_input, model_source, pad_id_of, planned, require_examples,
-                     tokenized_examples, tokenizer_of, train_and_publish)
+from .common import (check_model_input, pad_id_of, require_examples, tokenized_examples,
+                     tokenizer_of, train_and_publish)
 
 
 def finetune(ctx: StageContext, inputs: tuple[str, ...], make_records: Callable[[], tuple[list, dict]],
@@ -22,21 +22,15 @@ def finetune(ctx: StageContext, inputs: tuple[str, ...], make_records: Callable[
     `make_records()` returns (with counts), made from `inputs` with the `derive` settings
     (shared with rejectionSampling); tokenized once (common.tokenized_examples)."""
     from ..modeling import load_causal_lm
-    from ..training.engine import seed_everything
-    from ..training.objectives import sft_step
+    from ..training.objectives import SftObjective
 
     config = ctx.training()
     folder, tokenizer = tokenizer_of(ctx)
     tokenized = tokenized_examples(ctx, "sft", folder, tokenizer, config, inputs, make_records, derive)
     examples, stats = tokenized.rows, tokenized.stats()
     require_examples(examples, stats, "conversations")
-    workload = planned(config, examples.workload(packed=False))
-    source = model_source(ctx)
-    seed_everything(config.seed)
-    pad_id = pad_id_of(tokenizer)
-    metrics, uri = train_and_publish(ctx, lambda: load_causal_lm(source), tokenizer, config, len(examples),
-                                     lambda engine: sft_step(engine, examples, pad_id, workload.packed),
-                                     workload=workload)
+    objective = SftObjective(examples, pad_id_of(tokenizer))
+    metrics, uri = train_and_publish(ctx, objective, load_causal_lm, tokenizer)
     metrics["labelledTokens"] = stats.labelled_tokens
     metrics["truncated"] = stats.truncated
     metrics.update(tokenized.metrics())

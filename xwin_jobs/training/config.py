@@ -2,7 +2,9 @@
 
 The planner always passes it fully resolved (camelCase keys as in the AlignmentRun spec).
 `TRAINING_DEFAULTS` is the one set of defaults: the spec (operator/xwin_operator/api/spec.py)
-resolves unset fields with it and hand-written tasks get the same values here. Pure.
+resolves unset fields with it and hand-written tasks get the same values here.
+`TRAINING_BOUNDS` is the one table of ranges: the spec declares its fields with it (the CRD's
+minimum/maximum come from there) and `TrainingConfig` checks the same bounds. Pure.
 
 Batch geometry is DeepSpeed's: globalBatchSize = micro-batch x ranks x accumulation steps.
 `microBatchSize` has no resolved default: when a stage leaves it unset, `derive_geometry`
@@ -53,6 +55,32 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "checkpointEvery": 500, "warmupRatio": 0.03, "weightDecay": 0.0, "lrScheduler": "cosine",
     "maxSteps": 0, "maxGradNorm": 1.0, "offloadOptimizer": False, "keepCheckpoints": 1,
 }
+# spec key -> bounds, as pydantic's Field takes them (ge, gt, le, lt): the one table of ranges,
+# for the spec's fields and `TrainingConfig._validate`. maxLength >= 16: a shorter window
+# holds no chat turn (the vicuna system prompt alone is longer), so every example would be
+# skipped. warmupRatio < 1: the warm-up must leave steps for lrScheduler's decay.
+TRAINING_BOUNDS: dict[str, dict[str, float]] = {
+    "epochs": {"ge": 1, "le": 1000}, "learningRate": {"gt": 0, "le": 1},
+    "globalBatchSize": {"ge": 1}, "microBatchSize": {"ge": 1}, "microBatchTokens": {"ge": 0},
+    "maxLength": {"ge": 16, "le": 1048576}, "zeroStage": {"ge": 0, "le": 3}, "seed": {"ge": 0},
+    "checkpointEvery": {"ge": 0}, "warmupRatio": {"ge": 0, "lt": 1},
+    "weightDecay": {"ge": 0, "le": 1}, "maxSteps": {"ge": 0}, "maxGradNorm": {"ge": 0},
+    "keepCheckpoints": {"ge": 0, "le": 1000}, "collectiveTimeoutMinutes": {"gt": 0, "le": 1440},
+}
+_BOUND_CHECKS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+                 "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def bound_error(key: str, value: Any) -> str | None:
+    """The first bound of TRAINING_BOUNDS[key] that `value` breaks, as "must be >= 1"
+    (pydantic's wording); None when it keeps them all."""
+    for name, limit in TRAINING_BOUNDS.get(key, {}).items():
+        sign, holds = _BOUND_CHECKS[name]
+        if not holds(value, limit):
+            return f"must be {sign} {limit}"
+    return None
+
+
 # How long a rank waits in a collective before failing (`collectiveTimeoutMinutes`); not in
 # TRAINING_DEFAULTS, so resolved tasks (and their digests) are unchanged when it is not set.
 DEFAULT_COLLECTIVE_TIMEOUT_MINUTES = 30.0
@@ -127,28 +155,15 @@ class TrainingConfig:
         return replace(self, micro_batch_size=geometry.micro)
 
     def _validate(self, where: str) -> None:
-        checks = [
-            ("epochs", self.epochs >= 1, "must be >= 1"),
-            ("learningRate", self.learning_rate > 0, "must be > 0"),
-            ("globalBatchSize", self.global_batch_size >= 1, "must be >= 1"),
-            ("microBatchSize", self.micro_batch_size >= 1, "must be >= 1"),
-            ("microBatchTokens", self.micro_batch_tokens >= 0, "must be >= 0 (0 = use microBatchSize)"),
-            ("maxLength", self.max_length >= 2, "must be >= 2"),
-            ("zeroStage", self.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
-            ("checkpointEvery", self.checkpoint_every >= 0, "must be >= 0"),
-            ("warmupRatio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
-            ("weightDecay", self.weight_decay >= 0, "must be >= 0"),
-            ("lrScheduler", self.lr_scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
-            ("maxSteps", self.max_steps >= 0, "must be >= 0"),
-            ("maxGradNorm", self.max_grad_norm >= 0, "must be >= 0 (0 = no clipping)"),
-            ("keepCheckpoints", self.keep_checkpoints >= 0, "must be >= 0"),
-            ("collectiveTimeoutMinutes", self.collective_timeout_minutes > 0, "must be > 0"),
-            ("offloadOptimizer", not self.offload_optimizer or self.zero_stage > 0,
-             "needs zeroStage 1, 2 or 3 (ZeRO-Offload is a DeepSpeed feature)"),
-        ]
-        for key, ok, msg in checks:
-            if not ok:
+        for key, attr in _KEYS.items():
+            msg = bound_error(key, getattr(self, attr))
+            if msg:
                 raise TrainingConfigError(f"{where}.{key}: {msg}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise TrainingConfigError(f"{where}.lrScheduler: must be one of {', '.join(SCHEDULERS)}")
+        if self.offload_optimizer and not self.zero_stage:
+            raise TrainingConfigError(f"{where}.offloadOptimizer: needs zeroStage 1, 2 or 3 "
+                                      "(ZeRO-Offload is a DeepSpeed feature)")
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

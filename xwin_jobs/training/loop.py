@@ -1,17 +1,18 @@
-"""The optimizer-step loop, nanoGPT style: epochs of seeded shuffles, gradient accumulation
-from microBatchSize up to globalBatchSize, a log line every few steps, a checkpoint callback
-every `checkpointEvery` steps, stop at `maxSteps`; resume after the step of a checkpoint
-(`start`), and on a stop request (SIGTERM) checkpoint after the current step and raise
-`Preempted`.
+"""The optimizer-step loop, nanoGPT style, as `Trainer(engine, objective, config)`: epochs of
+seeded shuffles, gradient accumulation from microBatchSize up to globalBatchSize, a log line
+every few steps, a checkpoint every `checkpointEvery` steps, stop at `maxSteps`; resume after
+the step of a checkpoint, and on a stop request (SIGTERM) checkpoint after the current step
+and raise `Preempted`.
 
-The stage supplies `micro_step(indices) -> (loss, stats)`: the loss of one micro-batch (the
-mean over its loss units: examples, or labelled tokens for sft) and float statistics to
-average (e.g. accuracy), and optionally a `Workload` (batching.py): the examples' lengths and
-loss units. With one, each step's examples (the same as without) are regrouped into
-micro-batches by length (`microBatchSize` examples or `microBatchTokens` fed positions,
-packed when the workload says so) and a micro-batch's weight is its share of the step's
-units (batching.LOSS_NORMALISATION); the metrics then report real tokens, fed positions and
-padding efficiency. Everything about devices stays in the engine.
+The trainer settles the layout first (`packed`: training.packing where the model's attention
+keeps packed sequences apart), then builds the objective's workload with it
+(objectives.Objective): the examples' lengths and loss units. Each step's examples (the
+seeded plan of `data.batch_plan`) are regrouped into micro-batches by length
+(`microBatchSize` examples or `microBatchTokens` fed positions, packed or padded) and a
+micro-batch's weight is its share of the step's units (batching.LOSS_NORMALISATION); the
+metrics report real tokens, fed positions and padding efficiency. `fit` runs the objective's
+`prepare` (before any checkpoint is loaded), resumes, trains, and adds the objective's
+`held_out_metrics`. Everything about devices stays in the engine.
 
 Data parallel (engine.world_size > 1): every rank walks the same seeded plan; each takes
 its share of every step's micro-batches (`rank_share`). A micro-batch's loss is weighted by
@@ -34,9 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .batching import Workload, step_plan
-from .config import TrainingConfig
+from .config import TrainingConfig, derive_geometry
 from .data import batch_plan, rank_share
+from .packing import packing_supported
 from .preempt import Preempted
+from .varlen import use_varlen
 
 log = logging.getLogger("xwin_jobs.train")
 
@@ -104,89 +107,122 @@ def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
     return sums
 
 
-def _count_tokens(result: LoopResult, workload: Workload | None, micro_batches) -> None:
+def _count_tokens(result: LoopResult, workload: Workload, micro_batches) -> None:
     """Real tokens and fed positions of a whole step (all ranks), into `result`."""
-    for mb in micro_batches if workload is not None else ():
+    for mb in micro_batches:
         real, fed = workload.real_and_fed(mb)
         result.tokens, result.fed_positions = result.tokens + real, result.fed_positions + fed
 
 
-def train_loop(engine, num_examples: int, micro_step: MicroStep, config: TrainingConfig,
-               on_checkpoint: Callable[[int, list], None] | None = None,
-               log_every: int | None = None, start=None,
-               stop_requested: Callable[[], bool] | None = None,
-               workload: Workload | None = None, progress=None) -> LoopResult:
-    """`start` (checkpoints.Resumed): continue after its step with its history.
-    `workload`: group each step's micro-batches by length and weight them by loss units.
-    `on_checkpoint(step, history)`: every checkpointEvery steps, and after the step in which
-    `stop_requested()` became true on any rank (then `Preempted` is raised). `progress`
-    (xwin_jobs.progress.ProgressWriter, rank 0's): the step, loss, rate and tokens/s after
-    every step (it writes at most every few seconds)."""
-    if num_examples < 1:
-        raise ValueError("no training examples")
-    per_epoch, total = plan_total_steps(num_examples, config)
-    log_every = log_every or max(1, total // 10)
-    done = start.step if start else 0
-    result = LoopResult(steps=done, epochs=done / per_epoch, steps_per_epoch=per_epoch,
-                        history=list(start.history) if start else [])
-    log.info("training: %d examples, %d steps (%d per epoch), %d micro-batches of %d per step%s",
-             num_examples, total, per_epoch, config.accumulation_steps,
-             min(config.micro_batch_size, config.global_batch_size),
-             f", resuming after step {done}" if done else "")
-    if engine.world_size > 1:
-        log.info("data parallel: rank %d of %d takes every %d-th micro-batch of each step",
-                 engine.rank, engine.world_size, engine.world_size)
-    started = time.monotonic()
-    if progress is not None:
-        progress.update(done, total)
+def use_packing(config: TrainingConfig, engine) -> bool:
+    """Pack sequences padding-free when `training.packing` allows it and the model's
+    attention keeps packed sequences apart (packing.packing_supported); on CPU, packed rows
+    then get attention per sequence (varlen) instead of a row-wide mask."""
+    model = engine.unwrap()
+    packed = bool(config.packing) and packing_supported(model)
+    varlen = packed and use_varlen(model, getattr(engine.device, "type", "cpu"))
+    log.info("micro-batches: %s, grouped by length%s%s", "packed" if packed else "padded",
+             f", {config.micro_batch_tokens} positions each" if config.micro_batch_tokens else "",
+             ", attention per sequence" if varlen else "")
+    return packed
 
-    def epoch_plan(epoch: int) -> list[list[list[int]]]:
-        plan = batch_plan(num_examples, config.global_batch_size, config.micro_batch_size,
+
+class Trainer:
+    """Trains `objective` on `engine` (built for `config` and the steps `plan_total_steps`
+    gives for len(objective)). `packed` and `workload` are settled here, once."""
+
+    def __init__(self, engine, objective, config: TrainingConfig):
+        self.engine, self.objective, self.config = engine, objective, config
+        self.packed = use_packing(config, engine)
+        self.workload = objective.workload(self.packed)
+        if len(self.workload) < 1:
+            raise ValueError("no training examples")
+        self.per_epoch, self.total = plan_total_steps(len(self.workload), config)
+
+    def fit(self, checkpoints=None, stop_requested=None, progress=None,
+            log_every: int | None = None) -> dict[str, Any]:
+        """The objective's `prepare`, resume from `checkpoints` (checkpoints.Checkpoints: its
+        newest usable one; saved every checkpointEvery steps and on a stop request), train,
+        and the metrics: the loop's, the batch geometry's, `held_out_metrics`'s and `prepare`'s.
+        `stop_requested()` (preempt.StopRequest): checkpoint after the step in which it became
+        true on any rank, then raise `Preempted`. `progress` (xwin_jobs.progress.ProgressWriter,
+        rank 0's): the step, loss, rate and tokens/s after every step."""
+        prepared = self.objective.prepare(self.engine, self.packed)
+        start = checkpoints.resume() if checkpoints is not None else None
+        result = self.train(start, checkpoints.save if checkpoints is not None else None,
+                            stop_requested, progress, log_every)
+        return {**result.metrics(), **derive_geometry(self.config, self.engine.world_size).metrics(),
+                **self.objective.held_out_metrics(self.engine, self.packed), **prepared}
+
+    def epoch_plan(self, epoch: int) -> list[list[list[int]]]:
+        """The micro-batches of each optimizer step of `epoch`."""
+        config, workload = self.config, self.workload
+        plan = batch_plan(len(workload), config.global_batch_size, config.micro_batch_size,
                           config.seed, epoch)
-        if workload is None:
-            return plan
         return step_plan(plan, workload.lengths, config.micro_batch_size,
                          config.micro_batch_tokens, workload.packed)
 
-    for epoch in range(done // per_epoch if workload is not None else 0):
-        for micro_batches in epoch_plan(epoch):  # steps a checkpoint already holds count too
-            _count_tokens(result, workload, micro_batches)
-    trained_tokens = 0  # real tokens of the steps trained here (for tokens/s)
-    for epoch in range(done // per_epoch, config.epochs):
-        plan = epoch_plan(epoch)
-        skip = done - epoch * per_epoch if epoch == done // per_epoch else 0
-        for micro_batches in plan[:skip]:
-            _count_tokens(result, workload, micro_batches)
-        for micro_batches in plan[skip:]:
-            if result.steps >= total:
-                return result
-            sums = _accumulate(engine, micro_step, micro_batches,
-                               workload.weight if workload is not None else len)
-            counted = result.tokens
-            _count_tokens(result, workload, micro_batches)
-            trained_tokens += result.tokens - counted
-            lr = engine.lr  # the rate this step uses (the scheduler moves on in step())
-            grad_norm = engine.step()
-            result.steps += 1
-            result.epochs = result.steps / per_epoch
-            entry = {"step": result.steps, **sums, "lr": lr, "gradNorm": grad_norm}
-            result.history.append(entry)
-            if progress is not None:
-                elapsed = max(time.monotonic() - started, 1e-9)
-                progress.update(result.steps, loss=sums.get("loss"), learningRate=lr,
-                                tokensPerSecond=trained_tokens / elapsed if workload else None)
-            if result.steps == 1 or result.steps % log_every == 0 or result.steps == total:
-                rate = (result.steps - done) / max(time.monotonic() - started, 1e-9)
-                values = " ".join(f"{k} {v:.4f}" for k, v in sums.items())
-                log.info("step %d/%d epoch %.2f %s lr %.2e grad %.3f (%.2f steps/s)",
-                         result.steps, total, result.epochs, values, lr, grad_norm, rate)
-            stop = stop_requested is not None and engine.dist.any_true(stop_requested())
-            if result.steps >= total and not stop:
-                return result
-            # The final step needs no checkpoint: the stage saves the final model.
-            due = bool(config.checkpoint_every) and result.steps % config.checkpoint_every == 0
-            if on_checkpoint and (stop or due):
-                on_checkpoint(result.steps, result.history)
-            if stop:
-                raise Preempted(getattr(stop_requested, "signum", None) or 15, result.steps)
-    return result
+    def micro_step(self, indices: list[int]):
+        return self.objective.micro_step(self.engine, indices, self.packed)
+
+    def train(self, start=None, on_checkpoint: Callable[[int, list], None] | None = None,
+              stop_requested: Callable[[], bool] | None = None, progress=None,
+              log_every: int | None = None) -> LoopResult:
+        """The loop. `start` (checkpoints.Resumed): continue after its step with its history;
+        `on_checkpoint(step, history)`: every checkpointEvery steps and on a stop request."""
+        engine, config, workload = self.engine, self.config, self.workload
+        per_epoch, total = self.per_epoch, self.total
+        log_every = log_every or max(1, total // 10)
+        done = start.step if start else 0
+        result = LoopResult(steps=done, epochs=done / per_epoch, steps_per_epoch=per_epoch,
+                            history=list(start.history) if start else [])
+        log.info("training: %d examples, %d steps (%d per epoch), %d micro-batches of %d per step%s",
+                 len(workload), total, per_epoch, config.accumulation_steps,
+                 min(config.micro_batch_size, config.global_batch_size),
+                 f", resuming after step {done}" if done else "")
+        if engine.world_size > 1:
+            log.info("data parallel: rank %d of %d takes every %d-th micro-batch of each step",
+                     engine.rank, engine.world_size, engine.world_size)
+        started = time.monotonic()
+        if progress is not None:
+            progress.update(done, total)
+        for epoch in range(done // per_epoch):
+            for micro_batches in self.epoch_plan(epoch):  # steps a checkpoint holds count too
+                _count_tokens(result, workload, micro_batches)
+        trained_tokens = 0  # real tokens of the steps trained here (for tokens/s)
+        for epoch in range(done // per_epoch, config.epochs):
+            plan = self.epoch_plan(epoch)
+            skip = done - epoch * per_epoch if epoch == done // per_epoch else 0
+            for micro_batches in plan[:skip]:
+                _count_tokens(result, workload, micro_batches)
+            for micro_batches in plan[skip:]:
+                if result.steps >= total:
+                    return result
+                sums = _accumulate(engine, self.micro_step, micro_batches, workload.weight)
+                counted = result.tokens
+                _count_tokens(result, workload, micro_batches)
+                trained_tokens += result.tokens - counted
+                lr = engine.lr  # the rate this step uses (the scheduler moves on in step())
+                grad_norm = engine.step()
+                result.steps += 1
+                result.epochs = result.steps / per_epoch
+                result.history.append({"step": result.steps, **sums, "lr": lr, "gradNorm": grad_norm})
+                if progress is not None:
+                    elapsed = max(time.monotonic() - started, 1e-9)
+                    progress.update(result.steps, loss=sums.get("loss"), learningRate=lr,
+                                    tokensPerSecond=trained_tokens / elapsed)
+                if result.steps == 1 or result.steps % log_every == 0 or result.steps == total:
+                    rate = (result.steps - done) / max(time.monotonic() - started, 1e-9)
+                    values = " ".join(f"{k} {v:.4f}" for k, v in sums.items())
+                    log.info("step %d/%d epoch %.2f %s lr %.2e grad %.3f (%.2f steps/s)",
+                             result.steps, total, result.epochs, values, lr, grad_norm, rate)
+                stop = stop_requested is not None and engine.dist.any_true(stop_requested())
+                if result.steps >= total and not stop:
+                    return result
+                # The final step needs no checkpoint: the stage saves the final model.
+                due = bool(config.checkpoint_every) and result.steps % config.checkpoint_every == 0
+                if on_checkpoint and (stop or due):
+                    on_checkpoint(result.steps, result.history)
+                if stop:
+                    raise Preempted(getattr(stop_requested, "signum", None) or 15, result.steps)
+        return result

@@ -1,11 +1,20 @@
-"""The per-micro-batch objective of each training stage, as closures for `train_loop`.
+"""The loss of each kind of training stage, as an `Objective` that `loop.Trainer` drives.
 
-Each `*_step(engine, examples, ...)` returns `micro_step(indices) -> (loss, stats)`; the
-`*_workload(examples, ...)` functions tell the loop the examples' lengths and loss weights
-(so it can group micro-batches by length and weight them, see
-batching.LOSS_NORMALISATION). The math lives in xwin_jobs.losses; the tensors of a
-micro-batch (padded or packed, targets already shifted within each sequence) and the reads
-of hidden states at the used positions only come from `packing`.
+An objective holds a stage's examples and settings (`len(objective)`: the training examples)
+and answers, for the layout the trainer chose (`packed`, settled before anything else):
+
+- `workload(packed)`: the examples' lengths and loss units (batching.Workload), with which
+  the trainer groups micro-batches by length and weights them (batching.LOSS_NORMALISATION);
+- `prepare(engine, packed) -> metrics`: once, with the model on its device and its initial
+  weights, before any checkpoint is loaded (DPO computes or reuses its reference here);
+- `micro_step(engine, indices, packed) -> (loss, stats)`: the loss of one micro-batch (the
+  mean over its loss units) and float statistics to average;
+- `held_out_metrics(engine, packed) -> metrics`: once training is over (the reward model's
+  held-out pairs).
+
+The math lives in xwin_jobs.losses; the tensors of a micro-batch (padded or packed, targets
+already shifted within each sequence) and the reads of hidden states at the used positions
+only come from `packing`.
 
 Outside the training step (held-out evaluation, reference log-probabilities) the forward
 passes use `engine.unwrap()` (no DDP synchronisation) over every example sorted by length;
@@ -17,11 +26,12 @@ a batch and drops the result): under ZeRO-3 each forward gathers the parameters 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from ..losses import bradley_terry_loss, dpo_sigmoid_loss, length_normalised_nll, segment_sums, token_nll_mean
 from .batching import Workload, sorted_batches
-from .data import PairExample, SftExample
+from .config import TrainingConfig
+from .data import PairExample, SftExample, TokenRows
 from ..chat import IGNORE_INDEX
 from .packing import collate_rows, label_logprobs, last_token_rewards
 
@@ -57,34 +67,10 @@ def _sequence_logprobs(engine, model, sequences: list[SftExample], pad_id: int, 
     return label_logprobs(model, batch, HEAD_CHUNK, _recompute(engine))
 
 
-def sft_step(engine, examples: Sequence[SftExample], pad_id: int, packed: bool = False):
-    """Next-token loss on the labelled (assistant) tokens: their mean in this micro-batch
-    (the loop weights micro-batches by their labelled tokens)."""
-
-    def micro_step(indices: list[int]):
-        logps, _ = _sequence_logprobs(engine, engine.model, [examples[i] for i in indices],
-                                      pad_id, packed)
-        return token_nll_mean(logps), {}
-
-    return micro_step
-
-
 def _pair_rewards(engine, model, pairs: Sequence[PairExample], pad_id: int, packed: bool):
     batch = engine.to_device(collate_rows(_pair_sequences(pairs), pad_id, packed))
     rewards = last_token_rewards(model, batch)
     return rewards[0::2], rewards[1::2]
-
-
-def reward_step(engine, pairs: Sequence[PairExample], pad_id: int, packed: bool = False):
-    """Bradley-Terry loss on (chosen, rejected) rewards; accuracy as a statistic."""
-
-    def micro_step(indices: list[int]):
-        chosen, rejected = _pair_rewards(engine, engine.model, [pairs[i] for i in indices],
-                                         pad_id, packed)
-        loss, accuracy = bradley_terry_loss(chosen, rejected)
-        return loss, {"accuracy": float(accuracy)}
-
-    return micro_step
 
 
 def _gathered_batches(engine, batches: list[list[int]], compute) -> list:
@@ -158,23 +144,107 @@ def reference_logprobs(engine, pairs: Sequence[PairExample], pad_id: int, batch_
     return _by_index(engine, pair_workload(pairs, packed), batch_size, batch_tokens, compute)
 
 
-def dpo_step(engine, pairs: Sequence[PairExample], reference, pad_id: int, beta: float,
-             packed: bool = False, rpo_alpha: float = 0.0):
-    """DPO sigmoid loss against precomputed reference log-probabilities ([N, 2]), plus
-    rpo_alpha times the chosen answers' per-token NLL (RPO) when rpo_alpha > 0."""
-    import torch
+class ReferenceStore(Protocol):
+    """Where DPO's reference log-probabilities are kept between attempts and runs."""
 
-    def micro_step(indices: list[int]):
-        pol_c, pol_r = _pair_logprobs(engine, engine.model, [pairs[i] for i in indices],
-                                      pad_id, packed)
-        ref = reference[indices].to(pol_c.device)
-        tokens = torch.tensor([_targets(pairs[i].chosen) for i in indices], device=pol_c.device)
-        loss, chosen_r, rejected_r = dpo_sigmoid_loss(pol_c, pol_r, ref[:, 0], ref[:, 1], beta,
-                                                      rpo_alpha, tokens)
+    def fetch(self, engine, packed: bool, compute) -> tuple[Any, bool]:
+        """(the stored table for this layout, else `compute()`'s, stored; whether reused)."""
+
+
+class Objective:
+    """What the trainer needs of a stage (module docstring); `examples` are the training
+    examples (a list, or training.data.TokenRows read as columns for the workload)."""
+
+    list_workload = staticmethod(pair_workload)  # the workload of a list of examples
+
+    def __init__(self, examples: Sequence[Any], pad_id: int):
+        self.examples, self.pad_id = examples, pad_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def workload(self, packed: bool) -> Workload:
+        if isinstance(self.examples, TokenRows):
+            return self.examples.workload(packed)
+        return self.list_workload(self.examples, packed)
+
+    def prepare(self, engine, packed: bool) -> dict[str, Any]:
+        return {}
+
+    def micro_step(self, engine, indices: list[int], packed: bool):
+        raise NotImplementedError
+
+    def held_out_metrics(self, engine, packed: bool) -> dict[str, Any]:
+        return {}
+
+
+class SftObjective(Objective):
+    """sft, rejectionSampling: next-token loss on the labelled (assistant) tokens, their mean
+    in the micro-batch (the trainer weights micro-batches by their labelled tokens)."""
+
+    list_workload = staticmethod(sft_workload)
+
+    def micro_step(self, engine, indices: list[int], packed: bool):
+        logps, _ = _sequence_logprobs(engine, engine.model, [self.examples[i] for i in indices],
+                                      self.pad_id, packed)
+        return token_nll_mean(logps), {}
+
+
+class RewardObjective(Objective):
+    """rewardModel: Bradley-Terry loss on (chosen, rejected) rewards, accuracy as a statistic;
+    once trained, the accuracy, loss and margin on the `held_out` pairs, batched as `config`'s
+    micro-batches."""
+
+    def __init__(self, pairs: Sequence[PairExample], pad_id: int, held_out: Sequence[PairExample],
+                 config: TrainingConfig):
+        super().__init__(pairs, pad_id)
+        self.held_out, self.config = held_out, config
+
+    def micro_step(self, engine, indices: list[int], packed: bool):
+        chosen, rejected = _pair_rewards(engine, engine.model, [self.examples[i] for i in indices],
+                                         self.pad_id, packed)
+        loss, accuracy = bradley_terry_loss(chosen, rejected)
+        return loss, {"accuracy": float(accuracy)}
+
+    def held_out_metrics(self, engine, packed: bool) -> dict[str, Any]:
+        return evaluate_rewards(engine, self.held_out, self.pad_id, self.config.micro_batch_size,
+                                self.config.micro_batch_tokens, packed)
+
+
+class DpoObjective(Objective):
+    """dpo: the sigmoid loss against reference log-probabilities, plus rpo_alpha times the
+    chosen answers' per-token NLL (RPO) when rpo_alpha > 0. `prepare` takes the reference
+    from `store` (or computes it, with the policy as it is before the first step: then the
+    policy IS the reference, so one model in memory suffices) and reports `referenceReused`."""
+
+    def __init__(self, pairs: Sequence[PairExample], pad_id: int, config: TrainingConfig,
+                 beta: float, rpo_alpha: float = 0.0, store: ReferenceStore | None = None):
+        super().__init__(pairs, pad_id)
+        self.config, self.beta, self.rpo_alpha, self.store = config, beta, rpo_alpha, store
+        self.reference = None  # [N, 2]: log p_ref(chosen), log p_ref(rejected), from `prepare`
+
+    def prepare(self, engine, packed: bool) -> dict[str, Any]:
+        def compute():
+            return reference_logprobs(engine, self.examples, self.pad_id, self.config.micro_batch_size,
+                                      self.config.micro_batch_tokens, packed)
+
+        if self.store is None:
+            self.reference = compute()
+            return {}
+        self.reference, reused = self.store.fetch(engine, packed, compute)
+        return {"referenceReused": reused}
+
+    def micro_step(self, engine, indices: list[int], packed: bool):
+        import torch
+
+        pairs = [self.examples[i] for i in indices]
+        pol_c, pol_r = _pair_logprobs(engine, engine.model, pairs, self.pad_id, packed)
+        ref = self.reference[indices].to(pol_c.device)
+        tokens = torch.tensor([_targets(p.chosen) for p in pairs], device=pol_c.device)
+        loss, chosen_r, rejected_r = dpo_sigmoid_loss(pol_c, pol_r, ref[:, 0], ref[:, 1], self.beta,
+                                                      self.rpo_alpha, tokens)
         return loss, {"rewardAccuracy": float((chosen_r > rejected_r).float().mean()),
                       "rewardMargin": float((chosen_r - rejected_r).mean()),
                       "chosenReward": float(chosen_r.mean()),
                       "rejectedReward": float(rejected_r.mean()),
                       "chosenNll": float(length_normalised_nll(pol_c.detach(), tokens).mean())}
-
-    return micro_step

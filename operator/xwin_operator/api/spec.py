@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from pydantic_core import PydanticCustomError
 
 from xwin_jobs.pipeline import SAMPLING_STAGES, STAGE_ORDER, TRAINING_STAGES, param_field
-from xwin_jobs.training.config import TRAINING_DEFAULTS as TRAINING_CONFIG_DEFAULTS
-from xwin_jobs.training.config import TrainingConfigError, check_training_settings
+from xwin_jobs.training.config import TRAINING_BOUNDS as _BOUNDS
+from xwin_jobs.training.config import (SCHEDULERS, TRAINING_DEFAULTS, TrainingConfigError,
+                                       check_training_settings)
 
 from .rules import cross_field_errors
 from .settings import (MODELS_MAX, NAME_MAX, QUANTITY_MAX, URI_MAX, Images, Judge, Retries, Scheduling, Storage,
@@ -41,32 +42,29 @@ PLURAL = "alignmentruns"
 # --- building blocks --------------------------------------------------------------------
 
 
+# The ranges are xwin_jobs.training.config's TRAINING_BOUNDS, which the trainer checks too.
 class Training(_Model):
     """Optimisation settings of a training stage. Unset fields inherit from spec.defaults.training."""
 
-    epochs: Optional[int] = Field(None, ge=1, le=1000, description="Passes over the stage's data.")
-    learningRate: Optional[float] = Field(None, gt=0, le=1, description="Peak AdamW learning rate.")
-    globalBatchSize: Optional[int] = Field(None, ge=1, description="Sequences per optimizer step, across all GPUs (reached by gradient accumulation).")
-    microBatchSize: Optional[int] = Field(None, ge=1, description="Sequences per forward pass on one device. Unset: derived as DeepSpeed does, the largest micro-batch up to 4 that makes globalBatchSize = micro-batch x ranks x accumulation steps exact on the stage's ranks (the stage log and metrics.json say which); set, it must make that product exact under ZeRO.")
-    microBatchTokens: Optional[int] = Field(None, ge=0, description="Token budget of one forward pass on one device (positions fed, padding included); when set (> 0) it replaces microBatchSize: each optimizer step's examples are grouped by length into micro-batches under this budget. Must hold the longest example (a pair counts twice its longer side). 0 = use microBatchSize.")
+    epochs: Optional[int] = Field(None, **_BOUNDS["epochs"], description="Passes over the stage's data.")
+    learningRate: Optional[float] = Field(None, **_BOUNDS["learningRate"], description="Peak AdamW learning rate.")
+    globalBatchSize: Optional[int] = Field(None, **_BOUNDS["globalBatchSize"], description="Sequences per optimizer step, across all GPUs (reached by gradient accumulation).")
+    microBatchSize: Optional[int] = Field(None, **_BOUNDS["microBatchSize"], description="Sequences per forward pass on one device. Unset: derived as DeepSpeed does, the largest micro-batch up to 4 that makes globalBatchSize = micro-batch x ranks x accumulation steps exact on the stage's ranks (the stage log and metrics.json say which); set, it must make that product exact under ZeRO.")
+    microBatchTokens: Optional[int] = Field(None, **_BOUNDS["microBatchTokens"], description="Token budget of one forward pass on one device (positions fed, padding included); when set (> 0) it replaces microBatchSize: each optimizer step's examples are grouped by length into micro-batches under this budget. Must hold the longest example (a pair counts twice its longer side). 0 = use microBatchSize.")
     packing: Optional[bool] = Field(None, description="Pack several sequences into one row without padding, each with its own position ids (attention never crosses sequences), where the model's attention supports it; otherwise micro-batches are padded to their longest sequence.")
-    maxLength: Optional[int] = Field(None, ge=16, le=1048576, description="Tokens per sequence; longer ones are truncated.")
-    zeroStage: Optional[int] = Field(None, ge=0, le=3, description="0 = plain data parallel (DDP: every GPU holds the whole model and optimizer state); 1, 2, 3 = DeepSpeed ZeRO of that stage (optimizer state; + gradients; + parameters partitioned over the GPUs). ZeRO needs globalBatchSize = micro-batch x GPUs x accumulation steps exactly.")
+    maxLength: Optional[int] = Field(None, **_BOUNDS["maxLength"], description="Tokens per sequence; longer ones are truncated.")
+    zeroStage: Optional[int] = Field(None, **_BOUNDS["zeroStage"], description="0 = plain data parallel (DDP: every GPU holds the whole model and optimizer state); 1, 2, 3 = DeepSpeed ZeRO of that stage (optimizer state; + gradients; + parameters partitioned over the GPUs). ZeRO needs globalBatchSize = micro-batch x GPUs x accumulation steps exactly.")
     offloadOptimizer: Optional[bool] = Field(None, description="ZeRO-Offload: keep the optimizer state (16 bytes per parameter, split over the GPUs) in host memory and update it on the CPU. Needs zeroStage 1-3.")
     gradientCheckpointing: Optional[bool] = Field(None, description="Recompute activations in the backward pass to save memory.")
-    seed: Optional[int] = Field(None, ge=0, description="Seed for data order and initialisation of new heads.")
-    checkpointEvery: Optional[int] = Field(None, ge=0, description="Upload a resumable checkpoint every N optimizer steps (0 = only on SIGTERM, e.g. preemption).")
-    warmupRatio: Optional[float] = Field(None, ge=0, le=1, description="Fraction of steps spent warming the learning rate up.")
-    weightDecay: Optional[float] = Field(None, ge=0, le=1, description="AdamW weight decay.")
-    lrScheduler: Optional[Literal["cosine", "linear", "constant"]] = Field(None, description="Learning-rate schedule after warm-up.")
-    maxSteps: Optional[int] = Field(None, ge=0, description="Stop after this many optimizer steps (0 = no limit).")
-    maxGradNorm: Optional[float] = Field(None, ge=0, description="Clip the global gradient norm to this (0 = no clipping).")
-    keepCheckpoints: Optional[int] = Field(None, ge=0, le=1000, description="Checkpoints (checkpoints/step-N/) kept once the stage succeeds, newest first; a restarted stage resumes from the newest complete one.")
-    collectiveTimeoutMinutes: Optional[float] = Field(None, gt=0, le=1440, description="How long a rank waits in a collective (NCCL/gloo, torch.distributed and DeepSpeed's process group) before it fails, so a dead or hung rank stops the job instead of holding every GPU (default 30). The final model upload is outside every collective.")
-
-
-# The one set of built-in training defaults, shared with the stage jobs.
-TRAINING_DEFAULTS = TRAINING_CONFIG_DEFAULTS
+    seed: Optional[int] = Field(None, **_BOUNDS["seed"], description="Seed for data order and initialisation of new heads.")
+    checkpointEvery: Optional[int] = Field(None, **_BOUNDS["checkpointEvery"], description="Upload a resumable checkpoint every N optimizer steps (0 = only on SIGTERM, e.g. preemption).")
+    warmupRatio: Optional[float] = Field(None, **_BOUNDS["warmupRatio"], description="Fraction of steps spent warming the learning rate up.")
+    weightDecay: Optional[float] = Field(None, **_BOUNDS["weightDecay"], description="AdamW weight decay.")
+    lrScheduler: Optional[Literal[SCHEDULERS]] = Field(None, description="Learning-rate schedule after warm-up.")
+    maxSteps: Optional[int] = Field(None, **_BOUNDS["maxSteps"], description="Stop after this many optimizer steps (0 = no limit).")
+    maxGradNorm: Optional[float] = Field(None, **_BOUNDS["maxGradNorm"], description="Clip the global gradient norm to this (0 = no clipping).")
+    keepCheckpoints: Optional[int] = Field(None, **_BOUNDS["keepCheckpoints"], description="Checkpoints (checkpoints/step-N/) kept once the stage succeeds, newest first; a restarted stage resumes from the newest complete one.")
+    collectiveTimeoutMinutes: Optional[float] = Field(None, **_BOUNDS["collectiveTimeoutMinutes"], description="How long a rank waits in a collective (NCCL/gloo, torch.distributed and DeepSpeed's process group) before it fails, so a dead or hung rank stops the job instead of holding every GPU (default 30). The final model upload is outside every collective.")
 
 
 class Resources(_Model):
