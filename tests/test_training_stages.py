@@ -315,3 +315,28 @@ def test_a_second_dpo_with_another_beta_reuses_the_reference_logprobs(world, tmp
     assert second["initialTrainLoss"] == computed["initialTrainLoss"]
     assert [p.name for p in (shared / "_cache/reference-logprobs").iterdir()] == [
         json.loads(next((shared / "_cache/reference-logprobs").rglob("_REFERENCE.json")).read_text())["key"]]
+
+
+def test_a_stage_that_sets_no_budget_packs_under_the_derived_one_and_logs_its_micro_batches(world, caplog):
+    """Fast by default (issue 27): without microBatchTokens, micro-batches take as many
+    length-grouped examples as fit microBatchSize x maxLength positions (what a padded
+    micro-batch could feed at most), so a step makes fewer forward passes than with
+    micro-batches of microBatchSize examples (microBatchTokens: 0), at the same loss up to
+    float rounding; the log says what the micro-batches really are."""
+    import logging
+
+    runs = {}
+    for name, budget in (("sft-derived", None), ("sft-padded", 0)):
+        task = make_task(world, "sft", name, {"model": world["base"], "data": world["conversations"]})
+        task.chat_template = "tokenizer"
+        task.params["training"].update({"maxLength": 256, "epochs": 1, "globalBatchSize": 4,
+                                        "microBatchSize": 2, "microBatchTokens": budget})
+        with caplog.at_level(logging.INFO, logger="xwin_jobs"):
+            caplog.clear()
+            runs[name] = run_stage(task, Store())["metrics"], caplog.text
+    (derived, log), (padded, padded_log) = runs["sft-derived"], runs["sft-padded"]
+    # 24 conversations of equal length: 4 a step fit 2 x 256 positions in one pass
+    assert "micro-batches of up to 512 positions: 1.0 a step (1-1), 4.0 examples each, padding efficiency" in log, log
+    assert "micro-batches of 2 examples: 2.0 a step (2-2), 2.0 examples each" in padded_log, padded_log
+    assert derived["trainTokens"] == padded["trainTokens"]
+    assert derived["trainLoss"] == pytest.approx(padded["trainLoss"], rel=1e-4)

@@ -119,7 +119,8 @@ def check_budget(config, objective) -> None:
     from ..training.batching import BudgetError, check_budget as check
 
     try:
-        check(objective.workload(packed=False).lengths, config.micro_batch_tokens)
+        workload = objective.workload(packed=False)
+        check(workload.lengths, config.token_budget(workload.sequences))
     except BudgetError as e:
         raise StageError(str(e)) from None
 

@@ -194,6 +194,11 @@ class Workload:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    @property
+    def sequences(self) -> int:
+        """Sequences per example: 1 (conversations) or 2 (pairs)."""
+        return max((len(ex) for ex in self.lengths), default=1)
+
     def weight(self, indices: Sequence[int]) -> float:
         """The loss weight of these examples (summed units)."""
         return float(len(indices) if self.units is None else sum(self.units[i] for i in indices))

@@ -103,7 +103,8 @@ class TrainingConfig:
     # the micro-batch `for_world` derives for the ranks (DeepSpeed's own rule).
     micro_batch_derived: bool = False
     # Not in TRAINING_DEFAULTS (left out of resolved tasks, so their digests stay as they were):
-    micro_batch_tokens: int = 0  # 0: micro-batches of micro_batch_size examples
+    # None (unset): the budget `token_budget` derives; 0: micro-batches of micro_batch_size examples
+    micro_batch_tokens: int | None = None
     packing: bool = True  # padding-free packing where the attention kernel keeps sequences apart
     max_length: int = TRAINING_DEFAULTS["maxLength"]
     zero_stage: int = TRAINING_DEFAULTS["zeroStage"]
@@ -147,6 +148,15 @@ class TrainingConfig:
         cfg._validate(where)
         return cfg
 
+    def token_budget(self, sequences: int = 1) -> int:
+        """Positions one forward pass may feed (0: no budget, micro-batches of micro_batch_size
+        examples): microBatchTokens when set; unset, microBatchSize x `sequences` per example
+        (2 for pairs) x maxLength, the most a padded micro-batch could feed, so short examples
+        share a pass and peak memory stays what the padded worst case reaches."""
+        if self.micro_batch_tokens is not None:
+            return self.micro_batch_tokens
+        return self.micro_batch_size * max(int(sequences), 1) * self.max_length
+
     def for_world(self, world_size: int, where: str = "params.training") -> "TrainingConfig":
         """This config with the micro-batch the run uses on `world_size` ranks (the derived
         one when microBatchSize was not set); raises TrainingConfigError where ZeRO cannot
@@ -156,7 +166,7 @@ class TrainingConfig:
 
     def _validate(self, where: str) -> None:
         for key, attr in _KEYS.items():
-            msg = bound_error(key, getattr(self, attr))
+            msg = None if getattr(self, attr) is None else bound_error(key, getattr(self, attr))
             if msg:
                 raise TrainingConfigError(f"{where}.{key}: {msg}")
         if self.lr_scheduler not in SCHEDULERS:
@@ -167,7 +177,7 @@ class TrainingConfig:
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
-    typ = typ if isinstance(typ, str) else typ.__name__
+    typ = (typ if isinstance(typ, str) else typ.__name__).removesuffix(" | None")
     if typ == "bool":
         if isinstance(value, bool):
             return value

@@ -121,8 +121,7 @@ def use_packing(config: TrainingConfig, engine) -> bool:
     model = engine.unwrap()
     packed = bool(config.packing) and packing_supported(model)
     varlen = packed and use_varlen(model, getattr(engine.device, "type", "cpu"))
-    log.info("micro-batches: %s, grouped by length%s%s", "packed" if packed else "padded",
-             f", {config.micro_batch_tokens} positions each" if config.micro_batch_tokens else "",
+    log.info("micro-batches: %s, grouped by length%s", "packed" if packed else "padded",
              ", attention per sequence" if varlen else "")
     return packed
 
@@ -137,6 +136,7 @@ class Trainer:
         self.workload = objective.workload(self.packed)
         if len(self.workload) < 1:
             raise ValueError("no training examples")
+        self.budget = config.token_budget(self.workload.sequences)
         self.per_epoch, self.total = plan_total_steps(len(self.workload), config)
 
     def fit(self, checkpoints=None, stop_requested=None, progress=None,
@@ -159,8 +159,23 @@ class Trainer:
         config, workload = self.config, self.workload
         plan = batch_plan(len(workload), config.global_batch_size, config.micro_batch_size,
                           config.seed, epoch)
-        return step_plan(plan, workload.lengths, config.micro_batch_size,
-                         config.micro_batch_tokens, workload.packed)
+        return step_plan(plan, workload.lengths, config.micro_batch_size, self.budget,
+                         workload.packed)
+
+    def describe(self, done: int) -> str:
+        """The training log's first line: the steps, and the micro-batches the first epoch's
+        steps really get (how many a step, examples each, padding efficiency)."""
+        config, steps = self.config, self.epoch_plan(0)
+        batches = [mb for step in steps for mb in step]
+        counts = [len(step) for step in steps]
+        real, fed = (sum(x) for x in zip(*map(self.workload.real_and_fed, batches)))
+        size = (f"up to {self.budget} positions" if self.budget
+                else f"{min(config.micro_batch_size, config.global_batch_size)} examples")
+        return (f"training: {len(self.workload)} examples, {self.total} steps ({self.per_epoch} "
+                f"per epoch); micro-batches of {size}: {len(batches) / len(steps):.1f} a step "
+                f"({min(counts)}-{max(counts)}), {sum(map(len, batches)) / len(batches):.1f} "
+                f"examples each, padding efficiency {real / max(fed, 1):.2f}"
+                + (f"; resuming after step {done}" if done else ""))
 
     def micro_step(self, indices: list[int]):
         return self.objective.micro_step(self.engine, indices, self.packed)
@@ -176,10 +191,7 @@ class Trainer:
         done = start.step if start else 0
         result = LoopResult(steps=done, epochs=done / per_epoch, steps_per_epoch=per_epoch,
                             history=list(start.history) if start else [])
-        log.info("training: %d examples, %d steps (%d per epoch), %d micro-batches of %d per step%s",
-                 len(workload), total, per_epoch, config.accumulation_steps,
-                 min(config.micro_batch_size, config.global_batch_size),
-                 f", resuming after step {done}" if done else "")
+        log.info("%s", self.describe(done))
         if engine.world_size > 1:
             log.info("data parallel: rank %d of %d takes every %d-th micro-batch of each step",
                      engine.rank, engine.world_size, engine.world_size)

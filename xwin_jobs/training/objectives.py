@@ -208,7 +208,7 @@ class RewardObjective(Objective):
 
     def held_out_metrics(self, engine, packed: bool) -> dict[str, Any]:
         return evaluate_rewards(engine, self.held_out, self.pad_id, self.config.micro_batch_size,
-                                self.config.micro_batch_tokens, packed)
+                                self.config.token_budget(2), packed)
 
 
 class DpoObjective(Objective):
@@ -226,7 +226,7 @@ class DpoObjective(Objective):
     def prepare(self, engine, packed: bool) -> dict[str, Any]:
         def compute():
             return reference_logprobs(engine, self.examples, self.pad_id, self.config.micro_batch_size,
-                                      self.config.micro_batch_tokens, packed)
+                                      self.config.token_budget(2), packed)
 
         if self.store is None:
             self.reference = compute()
