@@ -100,11 +100,24 @@ def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
             with engine.autocast():
                 loss, stats = micro_step(mb)
             engine.backward(loss * (weight * world))
-        for key, value in {"loss": float(loss.detach()), **stats}.items():
-            sums[key] = sums.get(key, 0.0) + float(value) * weight
+        for key, value in {"loss": loss.detach(), **stats}.items():
+            sums[key] = sums.get(key, 0.0) + value * weight
+    sums = _to_floats(sums)   # one device-to-host copy a step, not one per micro-batch
     if world > 1:
         sums = engine.dist.all_reduce_sum(sums)
     return sums
+
+
+def _to_floats(values: dict[str, Any]) -> dict[str, float]:
+    """{key: float} of tensors (on one device) and numbers, with one host sync."""
+    import torch
+
+    tensors = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in values.items() if k not in tensors}
+    if tensors:
+        stacked = torch.stack([values[k].float().reshape(()) for k in tensors]).tolist()
+        out.update(zip(tensors, stacked))
+    return {k: out[k] for k in values}
 
 
 def _count_tokens(result: LoopResult, workload: Workload, micro_batches) -> None:

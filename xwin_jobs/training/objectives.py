@@ -8,7 +8,8 @@ and answers, for the layout the trainer chose (`packed`, settled before anything
 - `prepare(engine, packed) -> metrics`: once, with the model on its device and its initial
   weights, before any checkpoint is loaded (DPO computes or reuses its reference here);
 - `micro_step(engine, indices, packed) -> (loss, stats)`: the loss of one micro-batch (the
-  mean over its loss units) and float statistics to average;
+  mean over its loss units) and statistics to average (0-d tensors: the trainer copies them
+  to the host once a step);
 - `held_out_metrics(engine, packed) -> metrics`: once training is over (the reward model's
   held-out pairs).
 
@@ -204,7 +205,7 @@ class RewardObjective(Objective):
         chosen, rejected = _pair_rewards(engine, engine.model, [self.examples[i] for i in indices],
                                          self.pad_id, packed)
         loss, accuracy = bradley_terry_loss(chosen, rejected)
-        return loss, {"accuracy": float(accuracy)}
+        return loss, {"accuracy": accuracy.detach()}
 
     def held_out_metrics(self, engine, packed: bool) -> dict[str, Any]:
         return evaluate_rewards(engine, self.held_out, self.pad_id, self.config.micro_batch_size,
@@ -243,8 +244,8 @@ class DpoObjective(Objective):
         tokens = torch.tensor([_targets(p.chosen) for p in pairs], device=pol_c.device)
         loss, chosen_r, rejected_r = dpo_sigmoid_loss(pol_c, pol_r, ref[:, 0], ref[:, 1], self.beta,
                                                       self.rpo_alpha, tokens)
-        return loss, {"rewardAccuracy": float((chosen_r > rejected_r).float().mean()),
-                      "rewardMargin": float((chosen_r - rejected_r).mean()),
-                      "chosenReward": float(chosen_r.mean()),
-                      "rejectedReward": float(rejected_r.mean()),
-                      "chosenNll": float(length_normalised_nll(pol_c.detach(), tokens).mean())}
+        chosen_r, rejected_r = chosen_r.detach(), rejected_r.detach()
+        return loss, {"rewardAccuracy": (chosen_r > rejected_r).float().mean(),
+                      "rewardMargin": (chosen_r - rejected_r).mean(),
+                      "chosenReward": chosen_r.mean(), "rejectedReward": rejected_r.mean(),
+                      "chosenNll": length_normalised_nll(pol_c.detach(), tokens).mean()}
