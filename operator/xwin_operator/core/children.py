@@ -62,8 +62,9 @@ def step_kinds(run: AlignmentRun, step: Step) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class PlannedChild:
     """One object the planner wants to exist: what kind of work, for which stage, step and
-    attempt, under which name and labels, doing which task. kube/ renders it into a manifest
-    (kube.manifests.render), local/ into a process (local.children)."""
+    attempt, under which name and labels, doing which task (its pods sized by the settings
+    the task carries). kube/ renders it into a manifest (kube.manifests.render), local/ into a
+    process (local.children); neither recomputes its identity."""
 
     kind: str                 # PyTorchJob | TrainJob | Job | Deployment | Service
     stage: str
@@ -72,6 +73,7 @@ class PlannedChild:
     name: str
     labels: dict[str, str]
     task: StageTask
+    server: str | None = None   # a sample step's: the Service of its serve step (same attempt)
 
 
 def planned_children(run: AlignmentRun, stage: str, step: Step, attempt: int,
@@ -79,4 +81,5 @@ def planned_children(run: AlignmentRun, stage: str, step: Step, attempt: int,
     """Every object of one step's attempt, in creation order."""
     name = child_name(run.metadata.name, stage, step.name, attempt)
     labels = child_labels(run, stage, step.name, attempt)
-    return [PlannedChild(kind, stage, step, attempt, name, labels, task) for kind in step_kinds(run, step)]
+    server = child_name(run.metadata.name, stage, step.served_by, attempt) if step.served_by else None
+    return [PlannedChild(kind, stage, step, attempt, name, labels, task, server) for kind in step_kinds(run, step)]

@@ -15,24 +15,24 @@ from ..api.spec import AlignmentRun
 from .config import OperatorConfig
 from .planner import stage_tasks, walk
 from .stage_plan import changed_text, inputs_now
-from .types import Observed
+from .types import Observed, Phase
 
 
 def explain(run: AlignmentRun, observed: Observed, config: OperatorConfig) -> dict[str, str]:
     tasks = stage_tasks(run, config)
-    views = walk(run, observed, None, config, tasks)
+    plans = walk(run, observed, None, config, tasks)
     deps = dependencies(run.spec)
     out: dict[str, str] = {}
     for stage in stages_of(run.spec):
-        view = views[stage]
-        if view.phase == "Skipped":
-            out[stage] = f"reuse: {view.message}"
+        plan = plans[stage]
+        if plan.phase == Phase.SKIPPED:
+            out[stage] = f"reuse: {plan.message}"
             continue
-        if view.phase == "Succeeded":
+        if plan.phase == Phase.SUCCEEDED:
             out[stage] = "skip: done for the same inputs"
             continue
-        if view.phase == "Failed":
-            out[stage] = f"fail: {view.message}"
+        if plan.phase == Phase.FAILED:
+            out[stage] = f"fail: {plan.message}"
             continue
         marker = observed.markers.get(stage)
         rerun = [d for d in deps[stage] if not out.get(d, "").startswith(("skip", "reuse"))]

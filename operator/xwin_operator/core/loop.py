@@ -23,7 +23,7 @@ from .config import OperatorConfig
 from .executor import Executor, apply
 from .planner import decide, input_uris, secret_refs
 from .progress import SERVER_KINDS, progress_uris
-from .types import ACTIVE, Action, ChildState, CreateChild, Observed, PatchStatus, RequeueAfter, now_iso
+from .types import ACTIVE, Action, ChildState, CreateChild, Observed, PatchStatus, Phase, RequeueAfter, now_iso
 
 class Observer(Protocol):
     """What an executor observes of one run: plain calls (local/: reconcile_once_sync), or
@@ -142,6 +142,6 @@ def resync_after(outcome: Outcome, interval: float, idle: float, progress: float
                or any(isinstance(a, CreateChild) for a in outcome.actions))
     if not waiting:
         return interval
-    reporting = progress is not None and any(c.phase == "Running" and c.kind not in SERVER_KINDS
+    reporting = progress is not None and any(c.phase == Phase.RUNNING and c.kind not in SERVER_KINDS
                                              for c in observed.children)
     return min(idle, progress) if reporting else idle

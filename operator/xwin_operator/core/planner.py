@@ -29,8 +29,8 @@ Inputs (filled by the kopf handlers, or by the local executor):
 
 Actions, applied in order:
   * CreateChild(child): a typed `children.PlannedChild` (kind, stage, step, attempt, name,
-    labels, task); the executor renders it (kube.manifests.render, a local process) and
-    creates it; 409 Conflict means it exists: fine.
+    labels, task; a sampler's also its server's Service); the executor renders it
+    (kube.manifests.render, a local process) and creates it; 409 Conflict means it exists: fine.
   * DeleteChild(kind, name): delete (404 is fine), its pods with it (background propagation).
   * SuspendChild(kind, name, suspend): PyTorchJob spec.runPolicy.suspend / Job spec.suspend;
     only a child the operator suspended itself is resumed (Kueue resumes those it holds).
@@ -67,13 +67,18 @@ Backoff, AllStagesSucceeded, StageFailed, InputNotFound, ...), `Suspended`, `Sec
 `SpecChangeNeedsNewRun` (a finished stage whose settings changed: never silently rerun; to rerun
 it, create a new run or delete that stage's `_SUCCESS.json`).
 
-The per-stage rules are in stage_plan.py, the status and Events in status.py. Pure: no kopf,
-kubernetes or boto3 imports.
+Shape: `plan_context` gathers one pass's inputs into a frozen PlanContext; `plan_all` plans
+every stage from it in pipeline order (stage_plan.plan_stage: one frozen StagePlan each);
+`carried_out` applies the run-wide rules (fail fast, suspend, a missing Secret) as new plans;
+the child actions, the status (status.build_status) and its Events are functions of those
+plans. The per-stage rules are in stage_plan.py, the status and Events in status.py. Pure: no
+kopf, kubernetes or boto3 imports.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime, timezone
 
 from xwin_jobs.task import StageTask
 
@@ -82,12 +87,12 @@ from ..api.spec import AlignmentRun
 from .children import PlannedChild
 from .config import OperatorConfig
 from ..api.graph import dependencies, stage_references, stages_of
-from .stage_plan import holds_resources, stage_view
+from .stage_plan import PlanContext, holds_resources, parse_time, plan_stage
 from .status import build_status, status_actions
 from .descriptors import steps_of
 from .tasks import stage_task
-from .types import (ACTIVE, Action, ChildState, CreateChild, DeleteChild, FailChild, Observed, RequeueAfter, StageView,
-                    SuspendChild, now_iso)
+from .types import (ACTIVE, FINISHED, Action, ChildState, CreateChild, DeleteChild, FailChild, Observed, Phase,
+                    RequeueAfter, StagePlan, SuspendChild, now_iso)
 
 
 def external_inputs(run: AlignmentRun) -> dict[str, str]:
@@ -130,7 +135,7 @@ def _created(child: PlannedChild, now: str) -> ChildState:
     """A child being created by this decision, as the status lists it (so the status written
     with the create already names it, instead of a second patch once the watch shows it)."""
     return ChildState(kind=child.kind, name=child.name, stage=child.stage, step=child.step.name,
-                      attempt=child.attempt, phase="Pending", created=now)
+                      attempt=child.attempt, phase=Phase.PENDING, created=now)
 
 
 def stage_tasks(run: AlignmentRun, config: OperatorConfig | None = None) -> dict[str, StageTask]:
@@ -141,40 +146,126 @@ def stage_tasks(run: AlignmentRun, config: OperatorConfig | None = None) -> dict
             if not getattr(run.spec.stages, s).reused}
 
 
+def plan_context(run: AlignmentRun, observed: Observed, status: dict | None, config: OperatorConfig,
+                 tasks: dict[str, StageTask] | None = None, generation: int | None = None) -> PlanContext:
+    """One pass's inputs, gathered once (`tasks`: stage_tasks(run, config) when None)."""
+    tasks = stage_tasks(run, config) if tasks is None else tasks
+    return PlanContext(
+        run=run, observed=observed, now=parse_time(observed.now) or datetime.now(timezone.utc),
+        config=config, tasks=tasks,
+        prev={s.get("name"): s for s in (status or {}).get("stages", [])},
+        deps=dependencies(run.spec),
+        problems=_input_problems(run, tasks, list(observed.missing_inputs)),
+        same_spec=generation is not None and (status or {}).get("observedGeneration") == generation)
+
+
+def plan_all(ctx: PlanContext) -> dict[str, StagePlan]:
+    """Every stage in pipeline order, as the planner sees it now (a stage after those it reads)."""
+    plans: dict[str, StagePlan] = {}
+    for stage in stages_of(ctx.run.spec):
+        st = getattr(ctx.run.spec.stages, stage)
+        if st.reused:
+            plans[stage] = StagePlan(stage, phase=Phase.SKIPPED, artifact=st.from_, message=f"reused from {st.from_}")
+            continue
+        plan = plan_stage(ctx, stage, plans)
+        plans[stage] = still_failed(plan, ctx.prev.get(stage, {})) if ctx.same_spec else plan
+    return plans
+
+
 def walk(run: AlignmentRun, observed: Observed, status: dict | None,
          config: OperatorConfig, tasks: dict[str, StageTask] | None = None,
-         generation: int | None = None) -> dict[str, StageView]:
-    """Every stage in pipeline order, as the planner sees it now."""
-    spec = run.spec
-    prev = {s.get("name"): s for s in (status or {}).get("stages", [])}
-    same_spec = generation is not None and (status or {}).get("observedGeneration") == generation
-    deps = dependencies(spec)
-    tasks = stage_tasks(run, config) if tasks is None else tasks
-    problems = _input_problems(run, tasks, list(observed.missing_inputs))
-    views: dict[str, StageView] = {}
-    for stage in stages_of(spec):
-        st = getattr(spec.stages, stage)
-        if st.reused:
-            views[stage] = StageView(stage, phase="Skipped", artifact=st.from_,
-                                     message=f"reused from {st.from_}")
-            continue
-        cs = [c for c in observed.children if c.stage == stage]
-        views[stage] = stage_view(run, stage, tasks[stage], cs, observed, prev.get(stage, {}),
-                                  views, deps[stage], config, problems.get(stage))
-        if same_spec:
-            views[stage] = still_failed(views[stage], prev.get(stage, {}))
-    return views
+         generation: int | None = None) -> dict[str, StagePlan]:
+    """Every stage in pipeline order, as the planner sees it now (plan_all of plan_context)."""
+    return plan_all(plan_context(run, observed, status, config, tasks, generation))
 
 
-def still_failed(view: StageView, prev: dict) -> StageView:
+def still_failed(plan: StagePlan, prev: dict) -> StagePlan:
     """A stage that failed after its attempts stays Failed for the same spec, even once the
     children that failed are gone (a failed server Deployment is deleted, so its pods stop
     holding GPUs): nothing is created for it again. A new generation plans it afresh."""
-    if prev.get("phase") != "Failed" or not prev.get("attempts") or view.phase in ("Succeeded", "Failed"):
-        return view
-    return replace(view, phase="Failed", reason=prev.get("reason") or "StageFailed",
-                   message=prev.get("message") or view.message,
-                   attempts=max(view.attempts, int(prev["attempts"])), creates=[], requeue=None)
+    if prev.get("phase") != Phase.FAILED or not prev.get("attempts") or plan.phase in FINISHED:
+        return plan
+    return replace(plan, phase=Phase.FAILED, reason=prev.get("reason") or "StageFailed",
+                   message=prev.get("message") or plan.message,
+                   attempts=max(plan.attempts, int(prev["attempts"])), creates=(), requeue=None)
+
+
+def missing_secret_refs(run: AlignmentRun, observed: Observed) -> dict[str, str]:
+    """{field path: Secret name} of the Secrets the run references that were found missing."""
+    gone = set(observed.missing_secrets)
+    return {path: name for path, name in secret_refs(run).items() if name in gone}
+
+
+def _holds_back(plan: StagePlan, missing: dict[str, str]) -> bool:
+    """Whether a missing Secret holds back what the stage would create now."""
+    return bool(plan.creates) and ("spec.storage.secretRef" in missing or
+                                   plan.needs_judge and "spec.judge.apiKeySecret" in missing)
+
+
+def carried_out(ctx: PlanContext, plans: dict[str, StagePlan], missing: dict[str, str]) -> dict[str, StagePlan]:
+    """The plans as this pass carries them out. A failed run or a suspended one creates and
+    stops nothing per stage (run_actions frees and suspends instead); a stage whose children
+    would reference a missing Secret is held back (SecretNotFound, nothing created); what a
+    stage creates is listed among its children (the status written with the create names it)."""
+    if any(p.phase == Phase.FAILED for p in plans.values()) or ctx.run.spec.suspend:
+        return {k: replace(p, creates=(), fails=(), deletes=()) if p.creates or p.fails or p.deletes else p
+                for k, p in plans.items()}
+    text = "; ".join(f"{p}: Secret '{n}' not found in namespace '{ctx.run.metadata.namespace}'"
+                     for p, n in missing.items())
+    out = {}
+    for k, p in plans.items():
+        if _holds_back(p, missing):
+            out[k] = replace(p, phase=p.phase if p.children else Phase.PENDING, reason="SecretNotFound",
+                             message=text, creates=(), fails=())
+        elif p.creates:
+            out[k] = replace(p, children=p.children + tuple(_created(c, ctx.observed.now) for c in p.creates))
+        else:
+            out[k] = p
+    return out
+
+
+def run_actions(ctx: PlanContext, plans: dict[str, StagePlan]) -> tuple[list[Action], list[tuple[str, str]]]:
+    """The run-wide (actions, deletes): a failed run frees every child that holds resources
+    (fail fast); a suspended one suspends its Jobs and training jobs and deletes its servers;
+    otherwise what suspend stopped is resumed (a sampler once its server is up), never a
+    child Kueue holds. The last-step child of a succeeded stage is left to finish."""
+    run, children = ctx.run, ctx.observed.children
+    finishing = {(c.kind, c.name) for p in plans.values() for c in p.finishing}
+    if any(p.phase == Phase.FAILED for p in plans.values()):
+        return [], [(c.kind, c.name) for c in children if holds_resources(c) and (c.kind, c.name) not in finishing]
+    actions: list[Action] = []
+    deletes: list[tuple[str, str]] = []
+    if run.spec.suspend:
+        for c in children:
+            if c.phase not in ACTIVE or (c.kind, c.name) in finishing:
+                continue
+            if c.kind in ("Deployment", "Service"):
+                deletes.append((c.kind, c.name))
+            elif not c.suspended:
+                actions.append(SuspendChild(c.kind, c.name, True))
+        return actions, deletes
+    servers = {(c.stage, c.step, c.attempt) for c in children if c.kind == "Deployment" and c.phase == Phase.RUNNING}
+    for c in children:
+        if c.suspended and c.suspended_by_us and c.phase in ACTIVE:
+            step = next((s for s in steps_of(run.spec, c.stage) if s.name == c.step), None)
+            if step is None or not step.served_by or (c.stage, step.served_by, c.attempt) in servers:
+                actions.append(SuspendChild(c.kind, c.name, False))
+    return actions, deletes
+
+
+def child_actions(ctx: PlanContext, plans: dict[str, StagePlan]) -> list[Action]:
+    """Every action on children, in order: the run-wide ones, each stage's FailChild and
+    CreateChild, then each DeleteChild once (the stages', and those of a stage removed or
+    now `from:`). `plans` are as carried_out returns them."""
+    actions, deletes = run_actions(ctx, plans)
+    for p in plans.values():
+        actions += [FailChild(c.kind, c.name, c.reason, c.message) for c in p.fails]
+        actions += [CreateChild(c) for c in p.creates]
+    deletes += [d for p in plans.values() for d in p.deletes]
+    planned = {s for s in stages_of(ctx.run.spec) if not getattr(ctx.run.spec.stages, s).reused}
+    deletes += [(c.kind, c.name) for c in ctx.observed.children if c.stage not in planned and c.phase in ACTIVE]
+    actions += [DeleteChild(kind, name) for kind, name in dict.fromkeys(deletes)]
+    return actions
 
 
 def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, generation: int,
@@ -185,60 +276,15 @@ def decide(run: AlignmentRun, observed: Observed, status: dict | None, *, genera
     config = config or OperatorConfig()
     if not observed.now:  # callers should pass it; never write an empty lastTransitionTime
         observed = replace(observed, now=now_iso())
-    tasks = stage_tasks(run, config) if tasks is None else tasks
-    views = walk(run, observed, status, config, tasks, generation)
-    failed = [v for v in views.values() if v.phase == "Failed"]
-    refs = secret_refs(run)
-    missing = {path: name for path, name in refs.items() if name in set(observed.missing_secrets)}
-    actions: list[Action] = []
-    deletes: list[tuple[str, str]] = []
-    finishing = {(c.kind, c.name) for v in views.values() for c in v.finishing}
-    if failed:  # fail fast: nothing new starts, nothing keeps holding GPUs
-        deletes += [(c.kind, c.name) for c in observed.children
-                    if holds_resources(c) and (c.kind, c.name) not in finishing]
-    elif run.spec.suspend:
-        for c in observed.children:
-            if c.phase not in ACTIVE or (c.kind, c.name) in finishing:
-                continue
-            if c.kind in ("Deployment", "Service"):
-                deletes.append((c.kind, c.name))
-            elif not c.suspended:
-                actions.append(SuspendChild(c.kind, c.name, True))
-    else:
-        blocked = {v.name for v in views.values() if v.creates and (
-            "spec.storage.secretRef" in missing or v.needs_judge and "spec.judge.apiKeySecret" in missing)}
-        servers = {(c.stage, c.step, c.attempt) for c in observed.children
-                   if c.kind == "Deployment" and c.phase == "Running"}
-        for c in observed.children:  # resume what suspend stopped (a sampler once its server is up)
-            if c.suspended and c.suspended_by_us and c.phase in ACTIVE:  # never one Kueue holds
-                step = next((s for s in steps_of(run.spec, c.stage) if s.name == c.step), None)
-                if step is None or not step.served_by or (c.stage, step.served_by, c.attempt) in servers:
-                    actions.append(SuspendChild(c.kind, c.name, False))
-        for v in views.values():
-            if v.name in blocked:
-                v.phase = v.phase if v.children else "Pending"
-                v.reason, v.message = "SecretNotFound", "; ".join(
-                    f"{p}: Secret '{n}' not found in namespace '{run.metadata.namespace}'"
-                    for p, n in missing.items())
-            else:
-                actions += [FailChild(c.kind, c.name, c.reason, c.message) for c in v.fails]
-                actions += [CreateChild(p) for p in v.creates]
-                v.children = v.children + [_created(p, observed.now) for p in v.creates]
-        for v in views.values():
-            deletes += v.deletes
-    planned = {s for s in stages_of(run.spec) if not getattr(run.spec.stages, s).reused}
-    deletes += [(c.kind, c.name) for c in observed.children  # a stage removed or now `from:`
-                if c.stage not in planned and c.phase in ACTIVE]
-    seen: set[tuple[str, str]] = set()
-    for kind, name in deletes:
-        if (kind, name) not in seen:
-            seen.add((kind, name))
-            actions.append(DeleteChild(kind, name))
-    new_status = build_status(run, views, status, generation, observed, missing, tasks,
+    ctx = plan_context(run, observed, status, config, tasks, generation)
+    missing = missing_secret_refs(run, observed)
+    plans = carried_out(ctx, plan_all(ctx), missing)
+    actions = child_actions(ctx, plans)
+    new_status = build_status(run, plans, status, generation, observed, missing, ctx.tasks,
                               config.stall_seconds)
-    actions += status_actions(run, views, status, new_status)
-    waits = [v.requeue for v in views.values() if v.requeue is not None]
-    if waits and not failed and not run.spec.suspend:
+    actions += status_actions(run, plans, status, new_status)
+    waits = [p.requeue for p in plans.values() if p.requeue is not None]
+    if waits and not any(p.phase == Phase.FAILED for p in plans.values()) and not run.spec.suspend:
         actions.append(RequeueAfter(min(waits), "retry backoff"))
     return actions
 

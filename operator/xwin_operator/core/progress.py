@@ -32,7 +32,7 @@ from ..api.spec import AlignmentRun
 from .stage_plan import step_gpu_total
 from .descriptors import descriptor, steps_of
 from .steps import Step
-from .types import DONE, ChildState
+from .types import ACTIVE, DONE, ChildState, Phase
 
 SERVER_KINDS = ("Deployment", "Service")
 
@@ -46,7 +46,7 @@ def progress_uris(run: AlignmentRun, tasks: dict[str, StageTask],
     """stage -> the record of the step its newest active child (not a server) runs."""
     out: dict[str, str] = {}
     for c in sorted(children, key=lambda c: (c.attempt, c.created or "")):
-        if c.kind not in SERVER_KINDS and c.phase in ("Pending", "Running") and c.stage in tasks:
+        if c.kind not in SERVER_KINDS and c.phase in ACTIVE and c.stage in tasks:
             out[c.stage] = progress_uri(tasks[c.stage].output, c.step)
     return out
 
@@ -132,12 +132,12 @@ def run_progress(run: AlignmentRun, tasks: dict[str, StageTask], stages: Sequenc
                  phase: str, current: str | None, now: float) -> dict[str, Any]:
     weights = {s["name"]: stage_weight(run, s["name"], tasks.get(s["name"])) for s in stages}
     total = sum(weights.values()) or 1.0
-    fraction = 1.0 if phase == "Succeeded" else \
+    fraction = 1.0 if phase == Phase.SUCCEEDED else \
         sum(weights[s["name"]] * stage_fraction(run, s) for s in stages) / total
     out: dict[str, Any] = {"percent": round(100 * fraction, 1)}
     by_name = {s["name"]: s for s in stages}
     now_stage = by_name.get(current or "", {})
-    if phase == "Succeeded":
+    if phase == Phase.SUCCEEDED:
         out["summary"] = "100%"
     elif now_stage.get("progress"):
         out["summary"] = f"{current} {now_stage['progress']['percent']:.0f}%"
@@ -147,7 +147,7 @@ def run_progress(run: AlignmentRun, tasks: dict[str, StageTask], stages: Sequenc
     # has no ETA, and its status stays the same from one pass to the next
     starts = [epoch(s["startTime"]) for s in stages if s.get("startTime")]
     reporting = "etaSeconds" in (now_stage.get("progress") or {})
-    if phase == "Running" and reporting and starts and fraction >= 0.01:
+    if phase == Phase.RUNNING and reporting and starts and fraction >= 0.01:
         eta = (now - min(starts)) * (1 - fraction) / fraction
         out["etaSeconds"], out["eta"] = int(eta), duration_text(eta)
     return out

@@ -1,11 +1,16 @@
 """One stage of the plan: what a stage needs now (its marker, its dependencies, its current
-attempt, its next step's children, a retry after a backoff). planner.py runs it per stage. Pure.
+attempt, its next step's children, a retry after a backoff), as a frozen StagePlan.
+
+    plan = plan_stage(ctx, stage, upstream)   # ctx: PlanContext; upstream: the plans so far
+
+planner.py builds the context once per pass and plans the stages in pipeline order. Pure.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from typing import Mapping
 
 from xwin_jobs.cost import requested_gpus
 from xwin_jobs.fingerprint import MISSING, external_inputs, short
@@ -18,14 +23,13 @@ from ..api.graph import stages_of
 from .descriptors import steps_of
 from .steps import Step
 from .inputs import run_root, stage_uri
-from .types import ACTIVE, ChildState, Observed, StageView, attempt_failed
-
+from .types import ACTIVE, DONE, ChildState, Observed, Phase, StagePlan, attempt_failed
 
 
 def holds_resources(c: ChildState) -> bool:
     """Whether deleting the child frees something: an active child, or a failed server
     Deployment (its pod keeps restarting, and holding its GPUs, until it is deleted)."""
-    return c.phase in ACTIVE or (c.kind == "Deployment" and c.phase == "Failed")
+    return c.phase in ACTIVE or (c.kind == "Deployment" and c.phase == Phase.FAILED)
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -43,7 +47,7 @@ def _is_done(run: AlignmentRun, step: Step, steps: list[Step], cs: list[ChildSta
         sample = next(s for s in steps if s.name == step.serves)
         return _is_done(run, sample, steps, cs)
     kind = step_kind(run, step.kind)
-    return any(c.step == step.name and c.kind == kind and c.phase == "Succeeded" for c in cs)
+    return any(c.step == step.name and c.kind == kind and c.phase == Phase.SUCCEEDED for c in cs)
 
 
 def _find(cs: list[ChildState], kind: str, step: str, attempt: int) -> ChildState | None:
@@ -85,7 +89,7 @@ def _timed_out(run: AlignmentRun, steps: list[Step], task: StageTask, cs: list[C
         why = f"{c.cause}: {c.cause_message}" if c.cause else (
             "no pod of it was created or started (a missing PriorityClass, a ResourceQuota or an admission "
             f"webhook refusing its pods: `kubectl describe {c.kind.lower()} {c.name}` shows the controller's events)")
-        out.append(replace(c, phase="Failed", reason="PendingTimeout", finished=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        out.append(replace(c, phase=Phase.FAILED, reason="PendingTimeout", finished=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
                            message=f"not started within {limit:.0f}s (spec.scheduling.pendingTimeoutSeconds): {why}"))
     return out
 
@@ -120,138 +124,154 @@ def _next_server(steps: list[Step], sample: Step) -> Step | None:
     return steps[i + 1] if i + 1 < len(steps) and steps[i + 1].kind == "serve" else None
 
 
-def _plan_steps(view: StageView, run: AlignmentRun, task: StageTask,
-                observed: Observed, config: OperatorConfig) -> None:
+@dataclass(frozen=True)
+class PlanContext:
+    """What one pass plans every stage from (planner.plan_context builds it): the run, what
+    was observed and when, the operator's settings, the stages' tasks, the previous status's
+    stages by name, the stage graph, and {stage: message} for stages whose external input is
+    missing."""
+
+    run: AlignmentRun
+    observed: Observed
+    now: datetime                  # observed.now, parsed
+    config: OperatorConfig
+    tasks: Mapping[str, StageTask]
+    prev: Mapping[str, dict]
+    deps: Mapping[str, list[str]]
+    problems: Mapping[str, str]
+    same_spec: bool = False        # the previous status is of this generation
+
+
+def _failed_attempt(ctx: PlanContext, plan: StagePlan, cs: list[ChildState], failed: list[ChildState],
+                    stopped: set[tuple[str, str]], attempt: int) -> StagePlan:
+    """The plan of a stage whose current attempt failed: Failed (a permanent failure, or the
+    last attempt), Running while it backs off or its pods go away, or, its backoff already
+    over, with `failed_attempt` set: the caller plans attempt+1."""
+    run, name = ctx.run, plan.name
+    text = "; ".join(_failure_text(c) for c in failed)
+    permanent = [c for c in failed if c.permanent]
+    freed = tuple((c.kind, c.name) for c in cs if holds_resources(c) and (c.kind, c.name) not in stopped)
+    if permanent:  # every attempt would fail the same way: stop now, naming why
+        return replace(plan, phase=Phase.FAILED, reason=permanent[0].reason or "StageFailed", attempts=attempt,
+                       message=(f"stage {name} failed after {attempt} attempt(s), not retried "
+                                f"(another attempt would fail the same way): {text}"),
+                       deletes=plan.deletes + freed)
+    if attempt >= run.spec.retries.maxAttempts:
+        return replace(plan, phase=Phase.FAILED, reason="StageFailed", attempts=attempt,
+                       message=f"stage {name} failed after {attempt} attempt(s): {text}",
+                       deletes=plan.deletes + freed)
+    now = ctx.now
+    failed_at = max((parse_time(c.finished or c.created) for c in failed), default=None,
+                    key=lambda t: t or datetime.min.replace(tzinfo=timezone.utc))
+    wait = _backoff(ctx.config, attempt) - ((now - failed_at).total_seconds() if failed_at else 1e9)
+    # a failed server Deployment's pod restarts (and holds its GPUs, and can make the attempt
+    # look alive again): stopped at 0 replicas and marked failed, kept as the attempt's record
+    plan = replace(plan, deletes=plan.deletes + tuple((c.kind, c.name) for c in cs
+                                                      if c.attempt == attempt and c.phase in ACTIVE),
+                   fails=plan.fails + tuple(c for c in failed if c.kind == "Deployment" and c.live_pods
+                                            and not c.stopped and (c.kind, c.name) not in stopped))
+    alive = [c for c in failed if c.live_pods]
+    if wait <= 0 and alive:  # the next attempt's pods would wait for the GPUs these still hold
+        return replace(plan, phase=Phase.RUNNING, reason="AttemptCleanup", attempts=attempt, requeue=FREED_WAIT,
+                       message=(f"{attempt_failed(attempt, name)} ({text}); attempt {attempt + 1} starts "
+                                f"once its pods are gone ({', '.join(f'{c.kind}/{c.name}' for c in alive)})"))
+    if wait > 0:
+        return replace(plan, phase=Phase.RUNNING, reason="Backoff", attempts=attempt, requeue=wait,
+                       message=(f"{attempt_failed(attempt, name)} ({text}); attempt "
+                                f"{attempt + 1} of {run.spec.retries.maxAttempts} starts after a "
+                                f"{_backoff(ctx.config, attempt):.0f}s backoff"))
+    # the backoff was over before this pass saw the failure (an operator that was down,
+    # a short backoff): the failure is still reported once, with the next attempt
+    return replace(plan, failed_attempt=f"{attempt_failed(attempt, name)} ({text})")
+
+
+def _plan_steps(ctx: PlanContext, plan: StagePlan, task: StageTask, steps: list[Step]) -> StagePlan:
     """A ready, unfinished stage: its current attempt, its next step's children, retries."""
-    steps = steps_of(run.spec, view.name)
-    cs = view.children
+    run, name = ctx.run, plan.name
+    cs = list(plan.children)
     attempt = max((c.attempt for c in cs), default=0) or 1
     pending = [s for s in steps if not _is_done(run, s, steps, cs)]
     if not pending:  # every step finished, yet no marker for these inputs
-        view.phase, view.reason, view.attempts = "Failed", "NoMarker", attempt
-        view.message = (f"stage {view.name}: its last step finished but {task.output}_SUCCESS.json "
-                        "is missing or was written for other inputs")
-        return
-    now = parse_time(observed.now) or datetime.now(timezone.utc)
-    timed_out = [] if run.spec.suspend else _timed_out(run, steps, task, cs, attempt, now)
-    view.fails += timed_out
+        return replace(plan, phase=Phase.FAILED, reason="NoMarker", attempts=attempt,
+                       message=(f"stage {name}: its last step finished but {task.output}_SUCCESS.json "
+                                "is missing or was written for other inputs"))
+    timed_out = [] if run.spec.suspend else _timed_out(run, steps, task, cs, attempt, ctx.now)
+    if timed_out:
+        plan = replace(plan, fails=plan.fails + tuple(timed_out))
     stopped = {(c.kind, c.name) for c in timed_out}
     cs = [next((t for t in timed_out if (t.kind, t.name) == (c.kind, c.name)), c) for c in cs]
-    failed = [c for c in cs if c.attempt == attempt and c.phase == "Failed"
+    failed = [c for c in cs if c.attempt == attempt and c.phase == Phase.FAILED
               and c.step in {s.name for s in pending}]
     if failed:
-        text = "; ".join(_failure_text(c) for c in failed)
-        permanent = [c for c in failed if c.permanent]
-        if permanent:  # every attempt would fail the same way: stop now, naming why
-            view.phase, view.reason, view.attempts = "Failed", permanent[0].reason or "StageFailed", attempt
-            view.message = (f"stage {view.name} failed after {attempt} attempt(s), not retried "
-                            f"(another attempt would fail the same way): {text}")
-            view.deletes += [(c.kind, c.name) for c in cs if holds_resources(c) and (c.kind, c.name) not in stopped]
-            return
-        if attempt >= run.spec.retries.maxAttempts:
-            view.phase, view.reason, view.attempts = "Failed", "StageFailed", attempt
-            view.message = f"stage {view.name} failed after {attempt} attempt(s): {text}"
-            view.deletes += [(c.kind, c.name) for c in cs if holds_resources(c) and (c.kind, c.name) not in stopped]
-            return
-        failed_at = max((parse_time(c.finished or c.created) for c in failed), default=None,
-                        key=lambda t: t or datetime.min.replace(tzinfo=timezone.utc))
-        wait = _backoff(config, attempt) - ((now - failed_at).total_seconds() if failed_at else 1e9)
-        view.deletes += [(c.kind, c.name) for c in cs if c.attempt == attempt and c.phase in ACTIVE]
-        # a failed server Deployment's pod restarts (and holds its GPUs, and can make the attempt
-        # look alive again): stopped at 0 replicas and marked failed, kept as the attempt's record
-        view.fails += [c for c in failed if c.kind == "Deployment" and c.live_pods and not c.stopped
-                       and (c.kind, c.name) not in stopped]
-        alive = [c for c in failed if c.live_pods]
-        if wait <= 0 and alive:  # the next attempt's pods would wait for the GPUs these still hold
-            view.phase, view.reason, view.attempts, view.requeue = "Running", "AttemptCleanup", attempt, FREED_WAIT
-            view.message = (f"{attempt_failed(attempt, view.name)} ({text}); attempt {attempt + 1} "
-                            f"starts once its pods are gone ({', '.join(f'{c.kind}/{c.name}' for c in alive)})")
-            return
-        if wait > 0:
-            view.phase, view.reason, view.attempts, view.requeue = "Running", "Backoff", attempt, wait
-            view.message = (f"{attempt_failed(attempt, view.name)} ({text}); attempt "
-                            f"{attempt + 1} of {run.spec.retries.maxAttempts} starts after a "
-                            f"{_backoff(config, attempt):.0f}s backoff")
-            return
-        # the backoff was over before this pass saw the failure (an operator that was down,
-        # a short backoff): the failure is still reported once, with the next attempt
-        view.failed_attempt = f"{attempt_failed(attempt, view.name)} ({text})"
+        plan = _failed_attempt(ctx, plan, cs, failed, stopped, attempt)
+        if not plan.failed_attempt:
+            return plan
         attempt += 1
-    view.phase, view.reason, view.attempts = "Running", "StageRunning", attempt
     current = pending[0]
-    view.message = f"stage {view.name}: step {current.name} (attempt {attempt})"
-    waiting = _waiting_text(cs, attempt)
+    message = f"stage {name}: step {current.name} (attempt {attempt})"
+    reason, waiting = "StageRunning", _waiting_text(cs, attempt)
     if waiting is not None:
-        view.reason, view.message = waiting[0], f"{view.message} waits: {waiting[1]}"
-
-    def ensure(step: Step) -> None:
-        view.needs_judge |= step.needs_judge
-        have = {(c.kind, c.name) for c in cs}
-        view.creates += [p for p in planned_children(run, view.name, step, attempt, task)
-                         if (p.kind, p.name) not in have]
-
+        reason, message = waiting[0], f"{message} waits: {waiting[1]}"
+    wanted = [current]
     if current.kind == "serve":
-        ensure(current)
         sample = next(s for s in steps if s.name == current.serves)
         server = _find(cs, "Deployment", current.name, attempt)
-        if server is not None and server.phase == "Running":
-            ensure(sample)
-            following = _next_server(steps, sample)
-            if following is not None:   # its cold start overlaps this sampling: two servers at most
-                ensure(following)
+        if server is not None and server.phase == Phase.RUNNING:
+            following = _next_server(steps, sample)   # its cold start overlaps this sampling
+            wanted += [sample] + ([following] if following is not None else [])
         else:
-            view.message = f"stage {view.name}: waiting for the vLLM server (attempt {attempt})"
-    else:
-        ensure(current)
+            message = f"stage {name}: waiting for the vLLM server (attempt {attempt})"
+    have = {(c.kind, c.name) for c in cs}
+    creates = tuple(p for step in wanted for p in planned_children(run, name, step, attempt, task)
+                    if (p.kind, p.name) not in have)
+    return replace(plan, phase=Phase.RUNNING, reason=reason, message=message, attempts=attempt,
+                   creates=plan.creates + creates,
+                   needs_judge=plan.needs_judge or any(s.needs_judge for s in wanted))
 
 
-def stage_view(run: AlignmentRun, stage: str, task: StageTask, cs: list[ChildState],
-               observed: Observed, prev: dict, views: dict[str, StageView],
-               deps: list[str], config: OperatorConfig, input_problem: str | None) -> StageView:
-    """One stage, ready or not: Succeeded (its marker), Failed, Waiting, or its next step."""
-    view = StageView(stage, children=sorted(cs, key=lambda c: (c.attempt, c.created or "", c.name)))
-    view.attempts = max((c.attempt for c in cs), default=0)
-    marker = observed.markers.get(stage)
-    steps = steps_of(run.spec, stage)
-    last = steps[-1]
+def plan_stage(ctx: PlanContext, stage: str, upstream: Mapping[str, StagePlan]) -> StagePlan:
+    """One (non-reused) stage, ready or not: Succeeded (its marker), Failed, Waiting (on the
+    stages it reads, planned before it: `upstream`), or its next step."""
+    task, prev = ctx.tasks[stage], ctx.prev.get(stage, {})
+    seen = [c for c in ctx.observed.children if c.stage == stage]
+    attempts = max((c.attempt for c in seen), default=0)
+    children = tuple(sorted(seen, key=lambda c: (c.attempt, c.created or "", c.name)))
+    marker = ctx.observed.markers.get(stage)
+    steps = steps_of(ctx.run.spec, stage)
+    last, deps = steps[-1], ctx.deps[stage]
     changed: dict[str, tuple[str, str]] = {}
     if marker is not None:
-        upstream, changed = inputs_now(run, task, observed, marker, config)
-        matches = marker.get("digest") == task.digest(upstream)
+        digests, changed = inputs_now(ctx.run, task, ctx.observed, marker, ctx.config)
+        matches = marker.get("digest") == task.digest(digests)
         # a stage finished in this run is not rerun for a spec change (SpecChangeNeedsNewRun),
         # but is for an input whose content changed
-        finished_here = not changed and (prev.get("phase") == "Succeeded" or any(
-            c.step == last.name and c.phase == "Succeeded" for c in cs))
+        finished_here = not changed and (prev.get("phase") == Phase.SUCCEEDED or any(
+            c.step == last.name and c.phase == Phase.SUCCEEDED for c in seen))
         # a marker that matches stale upstream markers is not done: a stage it reads is about
         # to run again (its own marker no longer matches), so this one waits and runs after it
-        upstream_done = all(views[d].phase in ("Succeeded", "Skipped") for d in deps)
+        upstream_done = all(upstream[d].phase in DONE for d in deps)
         if matches and upstream_done or finished_here:
-            view.phase, view.marker, view.artifact = "Succeeded", marker, task.output
-            view.changed = not matches
             # the job writes its marker just before it exits: its child may still show Running.
             # Let it finish (deleting it could kill it mid-exit); anything else still up goes.
-            view.finishing = [c for c in cs if c.phase in ACTIVE and c.step == last.name
-                              and c.attempt == view.attempts]
-            view.deletes += [(c.kind, c.name) for c in cs if c.phase in ACTIVE and c not in view.finishing]
-            return view
-    if input_problem:
-        view.phase, view.reason, view.message = "Failed", "InputNotFound", input_problem
-        return view
-    blocked = [d for d in deps if views[d].phase == "Failed"]
-    waiting = [d for d in deps if views[d].phase not in ("Succeeded", "Skipped")]
-    if blocked or waiting:
-        view.reason = "Waiting"
-        view.message = f"waits for stage(s) {', '.join(waiting)}"
-        return view
-    _plan_steps(view, run, task, observed, config)
-    if changed and view.phase == "Running":
-        view.message += f" ({changed_text(changed)})"
+            finishing = tuple(c for c in seen if c.phase in ACTIVE and c.step == last.name
+                              and c.attempt == attempts)
+            return StagePlan(stage, Phase.SUCCEEDED, attempts, task.output, children, marker, changed=not matches,
+                             finishing=finishing, deletes=tuple((c.kind, c.name) for c in seen
+                                                                if c.phase in ACTIVE and c not in finishing))
+    if ctx.problems.get(stage):
+        return StagePlan(stage, Phase.FAILED, attempts, children=children, reason="InputNotFound",
+                         message=ctx.problems[stage])
+    waiting = [d for d in deps if upstream[d].phase not in DONE]
+    if waiting:
+        return StagePlan(stage, attempts=attempts, children=children, reason="Waiting",
+                         message=f"waits for stage(s) {', '.join(waiting)}")
+    plan = _plan_steps(ctx, StagePlan(stage, attempts=attempts, children=children), task, steps)
+    if changed and plan.phase == Phase.RUNNING:
+        plan = replace(plan, message=f"{plan.message} ({changed_text(changed)})")
     # a server no sampler needs any more (done, or from an older attempt) is deleted at once
-    for c in cs:
-        if c.kind in ("Deployment", "Service") and (c.attempt < view.attempts or _is_done(
-                run, next(s for s in steps if s.name == c.step), steps, cs)):
-            view.deletes.append((c.kind, c.name))
-    return view
+    stale = tuple((c.kind, c.name) for c in seen if c.kind in ("Deployment", "Service") and (
+        c.attempt < plan.attempts or _is_done(ctx.run, next(s for s in steps if s.name == c.step), steps, seen)))
+    return replace(plan, deletes=plan.deletes + stale) if stale else plan
 
 
 def _marker_stages(run: AlignmentRun, task: StageTask, config: OperatorConfig) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""`.status` of an AlignmentRun, recomputed from the planner's stage views, and the Events of
-its transitions. Pure.
+"""`.status` of an AlignmentRun, a pure function of the planner's stage plans, and the Events
+of its transitions. Its phases are plain strings (Phase.value): it is written as it is. Pure.
 
 Conditions (lastTransitionTime kept from the previous status while `status` is unchanged):
   * Succeeded: True (AllStagesSucceeded) | False, reason StageRunning, Pending, Backoff,
@@ -29,14 +29,14 @@ from xwin_jobs.task import StageTask
 from ..api.spec import AlignmentRun
 from ..api.graph import stage_references, stages_of
 from .progress import run_cost, run_progress, stage_cost, stage_progress
-from .types import WAITING_REASONS, EmitEvent, Observed, PatchStatus, StageView, attempt_failed
+from .types import DONE, FINISHED, WAITING_REASONS, EmitEvent, Observed, PatchStatus, Phase, StagePlan, attempt_failed
 
 _FAILED_REASONS = ("StageFailed", "InputNotFound", "NoMarker", UNSUPPORTED_MODEL)
 
 
-def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool, live: dict[str, Any] | None,
+def _stage_status(v: StagePlan, prev: dict[str, Any], suspended: bool, live: dict[str, Any] | None,
                   cost: dict[str, Any]) -> dict[str, Any]:
-    phase = "Suspended" if suspended and v.phase == "Running" else v.phase
+    phase = str(Phase.SUSPENDED if suspended and v.phase == Phase.RUNNING else v.phase)
     created = [c.created for c in v.children if c.created]
     finished = [c.finished for c in v.children if c.finished]
     out: dict[str, Any] = {"name": v.name, "phase": phase,
@@ -44,7 +44,7 @@ def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool, live: dic
     start = prev.get("startTime") or (min(created) if created else None)
     if start:
         out["startTime"] = start
-    if v.phase in ("Succeeded", "Failed"):
+    if v.phase in FINISHED:
         end = (v.marker or {}).get("finishedAt") or prev.get("completionTime") or (
             max(finished) if finished else None)
         if end:
@@ -55,7 +55,7 @@ def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool, live: dic
     metrics = (v.marker or {}).get("metrics") or {}
     if metrics:
         out["metrics"] = dict(metrics)
-    if v.phase == "Failed" and v.reason or v.reason in WAITING_REASONS:
+    if v.phase == Phase.FAILED and v.reason or v.reason in WAITING_REASONS:
         out["reason"] = v.reason
     message = v.message
     if v.changed:
@@ -63,14 +63,14 @@ def _stage_status(v: StageView, prev: dict[str, Any], suspended: bool, live: dic
                    f"AlignmentRun, or delete {v.artifact}_SUCCESS.json to rerun it)")
     if message:
         out["message"] = message
-    if live is not None and v.phase == "Running":
+    if live is not None and v.phase == Phase.RUNNING:
         out["progress"] = live
     if cost["gpuHours"] or cost["judgeUSD"] or cost["children"]:
         out["cost"] = cost
     return out
 
 
-def _live_and_cost(run: AlignmentRun, v: StageView, prev: dict[str, Any], observed: Observed,
+def _live_and_cost(run: AlignmentRun, v: StagePlan, prev: dict[str, Any], observed: Observed,
                    tasks: dict[str, StageTask], stall_seconds: float) -> tuple[dict | None, dict]:
     """A stage's `progress` (from its running step's record) and `cost`."""
     now = epoch(observed.now) if observed.now else time.time()
@@ -93,35 +93,37 @@ def _condition(prev: dict[str, dict], now: str, type_: str, status: str, reason:
             "lastTransitionTime": when or now}
 
 
-def build_status(run: AlignmentRun, views: dict[str, StageView], prev_status: dict | None, generation: int,
+def build_status(run: AlignmentRun, views: dict[str, StagePlan], prev_status: dict | None, generation: int,
                  observed: Observed, missing_secrets: dict[str, str],
                  tasks: dict[str, StageTask] | None = None, stall_seconds: float = 900.0) -> dict[str, Any]:
+    """The run's whole `.status` from its stages' plans (`views`, in pipeline order), the
+    previous status (times kept, attempts never fewer) and what was observed."""
     prev_status = prev_status or {}
     prev_stages = {s.get("name"): s for s in prev_status.get("stages", [])}
     prev_conds = {c.get("type"): c for c in prev_status.get("conditions", [])}
     suspended = bool(run.spec.suspend)
     ordered = list(views.values())
-    failed = [v for v in ordered if v.phase == "Failed"]
-    done = all(v.phase in ("Succeeded", "Skipped") for v in ordered)
-    active = [v for v in ordered if v.phase == "Running"]
-    started = any(v.children or v.phase in ("Running", "Succeeded") for v in ordered)
+    failed = [v for v in ordered if v.phase == Phase.FAILED]
+    done = all(v.phase in DONE for v in ordered)
+    active = [v for v in ordered if v.phase == Phase.RUNNING]
+    started = any(v.children or v.phase in (Phase.RUNNING, Phase.SUCCEEDED) for v in ordered)
 
     if failed:
-        phase, current = "Failed", failed[0]
+        phase, current = Phase.FAILED, failed[0]
         message = "; ".join(v.message for v in failed) + _needed_by(run, failed)
         reason = current.reason if current.reason in _FAILED_REASONS else "StageFailed"
     elif done:
-        phase, current, reason, message = "Succeeded", None, "AllStagesSucceeded", "every stage succeeded"
+        phase, current, reason, message = Phase.SUCCEEDED, None, "AllStagesSucceeded", "every stage succeeded"
     else:
-        current = (active or [v for v in ordered if v.phase not in ("Succeeded", "Skipped")])[0]
-        phase = "Suspended" if suspended else ("Running" if started else "Pending")
+        current = (active or [v for v in ordered if v.phase not in DONE])[0]
+        phase = Phase.SUSPENDED if suspended else (Phase.RUNNING if started else Phase.PENDING)
         reason = "Suspended" if suspended else (current.reason or "Pending")
         message = ("suspended (spec.suspend): no new children; running ones are suspended"
                    if suspended else current.message)
     now = observed.now or prev_conds.get("Succeeded", {}).get("lastTransitionTime") or ""
-    conditions = [_condition(prev_conds, now, "Succeeded", "True" if phase == "Succeeded" else "False",
+    conditions = [_condition(prev_conds, now, "Succeeded", "True" if phase == Phase.SUCCEEDED else "False",
                              reason, message)]
-    conditions.append(_condition(prev_conds, now, "Suspended", "True" if suspended and phase == "Suspended"
+    conditions.append(_condition(prev_conds, now, "Suspended", "True" if suspended and phase == Phase.SUSPENDED
                                  else "False", "SpecSuspend" if suspended else "NotSuspended",
                                  "spec.suspend is true" if suspended else ""))
     if missing_secrets:
@@ -130,7 +132,7 @@ def build_status(run: AlignmentRun, views: dict[str, StageView], prev_status: di
             for p, n in missing_secrets.items())))
     else:
         conditions.append(_condition(prev_conds, now, "SecretsReady", "True", "SecretsFound", ""))
-    if phase in ("Running", "Pending") and not suspended and current is not None and current.reason in WAITING_REASONS:
+    if phase in (Phase.RUNNING, Phase.PENDING) and not suspended and current is not None and current.reason in WAITING_REASONS:
         conditions.append(_condition(prev_conds, now, "Progressing", "False", current.reason, current.message))
     changed = [v.name for v in ordered if v.changed]
     if changed:
@@ -142,17 +144,17 @@ def build_status(run: AlignmentRun, views: dict[str, StageView], prev_status: di
                             *_live_and_cost(run, v, prev_stages.get(v.name, {}), observed, tasks, stall_seconds))
               for v in ordered]
     status: dict[str, Any] = {
-        "phase": phase, "observedGeneration": generation, "message": message, "stages": stages,
+        "phase": str(phase), "observedGeneration": generation, "message": message, "stages": stages,
         "conditions": conditions}
     if current is not None:
         status["stage"] = current.name
     clock = epoch(observed.now) if observed.now else time.time()
-    status["progress"] = run_progress(run, tasks, stages, phase, status.get("stage"), clock)
+    status["progress"] = run_progress(run, tasks, stages, status["phase"], status.get("stage"), clock)
     status["cost"] = run_cost(stages)
     return status
 
 
-def _needed_by(run: AlignmentRun, failed: list[StageView]) -> str:
+def _needed_by(run: AlignmentRun, failed: list[StagePlan]) -> str:
     """'; needed by spec.stages.dpo.init' for the fields that name a failed stage."""
     names = {v.name for v in failed}
     fields = [f"spec.stages.{s}.{f}" for s in stages_of(run.spec)
@@ -160,11 +162,11 @@ def _needed_by(run: AlignmentRun, failed: list[StageView]) -> str:
     return f" (needed by {', '.join(fields)})" if fields else ""
 
 
-_EVENT = {"Running": ("StageStarted", "Normal"), "Succeeded": ("StageSucceeded", "Normal"),
-          "Failed": ("StageFailed", "Warning"), "Suspended": ("StageSuspended", "Normal"),
-          "Skipped": ("StageReused", "Normal")}
-_RUN_EVENT = {"Succeeded": ("RunSucceeded", "Normal"), "Failed": ("RunFailed", "Warning"),
-              "Suspended": ("RunSuspended", "Normal"), "Running": ("RunRunning", "Normal")}
+_EVENT = {Phase.RUNNING: ("StageStarted", "Normal"), Phase.SUCCEEDED: ("StageSucceeded", "Normal"),
+          Phase.FAILED: ("StageFailed", "Warning"), Phase.SUSPENDED: ("StageSuspended", "Normal"),
+          Phase.SKIPPED: ("StageReused", "Normal")}
+_RUN_EVENT = {Phase.SUCCEEDED: ("RunSucceeded", "Normal"), Phase.FAILED: ("RunFailed", "Warning"),
+              Phase.SUSPENDED: ("RunSuspended", "Normal"), Phase.RUNNING: ("RunRunning", "Normal")}
 
 
 def _metrics_text(metrics: dict[str, Any]) -> str:
@@ -173,7 +175,7 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
     return f" ({', '.join(items)})" if items else ""
 
 
-def status_actions(run: AlignmentRun, views: dict[str, StageView], prev_status: dict | None,
+def status_actions(run: AlignmentRun, views: dict[str, StagePlan], prev_status: dict | None,
                    new_status: dict[str, Any]) -> list:
     """PatchStatus when anything changed, and an Event for every stage and run transition
     (a new run going Running gets only its first stage's StageStarted: one Event, not two)."""
@@ -192,9 +194,9 @@ def status_actions(run: AlignmentRun, views: dict[str, StageView], prev_status: 
             events.append(EmitEvent("StageAttemptFailed", view.failed_attempt, "Warning"))  # its backoff unseen
         if s.get("reason") in WAITING_REASONS and s.get("reason") != old.get("reason"):
             events.append(EmitEvent(s["reason"], s.get("message", ""), "Warning"))  # once per cause
-        if s["phase"] == old.get("phase", "Pending") and s["attempts"] <= int(old.get("attempts") or 0):
+        if s["phase"] == old.get("phase", Phase.PENDING) and s["attempts"] <= int(old.get("attempts") or 0):
             continue
-        if s["phase"] == "Running" and old.get("phase") == "Running":
+        if s["phase"] == Phase.RUNNING and old.get("phase") == Phase.RUNNING:
             events.append(EmitEvent("StageRetrying", f"stage {s['name']}: attempt {s['attempts']} of "
                                     f"{run.spec.retries.maxAttempts}", "Warning"))
             continue
@@ -202,20 +204,20 @@ def status_actions(run: AlignmentRun, views: dict[str, StageView], prev_status: 
             continue
         reason, type_ = _EVENT[s["phase"]]
         text = f"stage {s['name']} {s['phase'].lower()}"
-        if s["phase"] == "Running":
+        if s["phase"] == Phase.RUNNING:
             text = f"stage {s['name']} started (attempt {s['attempts']})"
-        elif s["phase"] == "Succeeded":
+        elif s["phase"] == Phase.SUCCEEDED:
             text += _metrics_text(s.get("metrics", {})) + (f": {s['artifact']}" if s.get("artifact") else "")
         elif s.get("message"):  # the planner's message may already say "stage X failed ..."
             prefix = f"stage {s['name']} {s['phase'].lower()} "
             text = s["message"] if s["message"].startswith(prefix) else f"{text}: {s['message']}"
         events.append(EmitEvent(reason, text, type_))
     events += _secret_events(prev_status, new_status)
-    starting = prev_status.get("phase", "Pending") == "Pending" and any(e.reason == "StageStarted" for e in events)
+    starting = prev_status.get("phase", Phase.PENDING) == Phase.PENDING and any(e.reason == "StageStarted" for e in events)
     if new_status["phase"] != prev_status.get("phase") and new_status["phase"] in _RUN_EVENT and not (
-            new_status["phase"] == "Running" and starting):  # a new run's first StageStarted says it
+            new_status["phase"] == Phase.RUNNING and starting):  # a new run's first StageStarted says it
         reason, type_ = _RUN_EVENT[new_status["phase"]]
-        spent = f" (cost: {new_status['cost']['summary']})" if new_status["phase"] in ("Succeeded", "Failed") \
+        spent = f" (cost: {new_status['cost']['summary']})" if new_status["phase"] in FINISHED \
             and new_status.get("cost") else ""
         events.append(EmitEvent(reason, f"run {new_status['phase'].lower()}: {new_status['message']}{spent}", type_))
     ours = {k: prev_status.get(k) for k in new_status if k in prev_status}

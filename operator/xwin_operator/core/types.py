@@ -1,14 +1,40 @@
-"""The planner's vocabulary: what was observed (ChildState, Observed), what to do (the
-actions), and what it concluded per stage (StageView). Pure data; see planner.py for the rules.
+"""The planner's vocabulary: phases (Phase), what was observed (ChildState, Observed), what
+to do (the actions), and what it concluded per stage (StagePlan, frozen). Pure data; see
+planner.py for the rules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Union
+from enum import Enum
+from typing import Any, Mapping, Union
 
 from .children import PlannedChild
+
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10: the same behaviour
+    class StrEnum(str, Enum):  # type: ignore[no-redef]
+        __str__ = str.__str__
+        __format__ = str.__format__
+
+
+class Phase(StrEnum):
+    """A phase of a child (Pending, Running, Succeeded, Failed), a stage (also Suspended and
+    Skipped: reused with `from:`) or a run (also Suspended). One enum: the words mean the same
+    at each level (a stage runs while its child runs, a run's phase is its stages'). A member
+    equals its string, so it compares with the phases of status dicts and Kubernetes objects;
+    what is written (status, patches, files) carries `.value`, a plain str (yaml.safe_dump
+    refuses enum members)."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    SKIPPED = "Skipped"
+
 
 
 # --- what was observed ------------------------------------------------------------------
@@ -19,10 +45,11 @@ from .children import PlannedChild
 POD_CAUSES = ("Unschedulable", "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
               "CreateContainerConfigError", "CrashLoopBackOff", "OOMKilled")
 # phases, as sets: a child or stage still going; a run or stage that is over; a stage whose
-# output exists (Skipped: reused with `from:`)
-ACTIVE = ("Pending", "Running")
-FINISHED = ("Succeeded", "Failed")
-DONE = ("Succeeded", "Skipped")
+# output exists (Skipped: reused with `from:`); the phases of a run
+ACTIVE = (Phase.PENDING, Phase.RUNNING)
+FINISHED = (Phase.SUCCEEDED, Phase.FAILED)
+DONE = (Phase.SUCCEEDED, Phase.SKIPPED)
+RUN_PHASES = (Phase.PENDING, Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED)
 WAITING_FOR_QUOTA = "WaitingForQuota"
 WAITING_REASONS = (WAITING_FOR_QUOTA, *POD_CAUSES)
 
@@ -36,7 +63,7 @@ class ChildState:
     stage: str           # label xwin.ai/stage
     step: str            # label xwin.ai/step: "train", "serve", "sample", "score", "judge", ...
     attempt: int         # label xwin.ai/attempt
-    phase: str           # Pending | Running | Succeeded | Failed
+    phase: Phase         # Pending | Running | Succeeded | Failed
     reason: str = ""
     message: str = ""
     exit_code: int | None = None
@@ -134,25 +161,27 @@ Action = Union[CreateChild, DeleteChild, SuspendChild, FailChild, PatchStatus, E
 # --- what the planner concluded about one stage -------------------------------------------
 
 
-@dataclass
-class StageView:
-    """What the planner concluded about one stage (status.py turns it into status)."""
+@dataclass(frozen=True)
+class StagePlan:
+    """What the planner concluded about one stage this pass (status.py turns it into status,
+    planner.decide into actions). Frozen: a rule that changes it returns a new one
+    (dataclasses.replace)."""
 
     name: str
-    phase: str = "Pending"        # Pending | Running | Succeeded | Failed | Suspended | Skipped
+    phase: Phase = Phase.PENDING  # Pending | Running | Succeeded | Failed | Skipped (Suspended: status.py)
     attempts: int = 0
     artifact: str | None = None
-    children: list[ChildState] = field(default_factory=list)
-    marker: dict | None = None
+    children: tuple[ChildState, ...] = ()
+    marker: Mapping[str, Any] | None = None
     reason: str = ""              # machine-readable: Waiting, StageRunning, Backoff, ...
     message: str = ""
     changed: bool = False         # finished, but the spec now asks for something else
-    creates: list[PlannedChild] = field(default_factory=list)
-    deletes: list[tuple[str, str]] = field(default_factory=list)
+    creates: tuple[PlannedChild, ...] = ()
+    deletes: tuple[tuple[str, str], ...] = ()
     requeue: float | None = None
     needs_judge: bool = False     # the creates reference judge.apiKeySecret
-    finishing: list[ChildState] = field(default_factory=list)  # succeeded, its last child exiting
-    fails: list[ChildState] = field(default_factory=list)      # to stop as failed (FailChild)
+    finishing: tuple[ChildState, ...] = ()  # succeeded, its last child exiting
+    fails: tuple[ChildState, ...] = ()      # to stop as failed (FailChild)
     failed_attempt: str = ""      # a failed attempt this pass went past (its backoff already over)
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.types import Phase
+
 CONDITION = "Progressing"
 _LAUNCHER_CRDS = {"PyTorchJob": ("pytorchjobs.kubeflow.org", "the Kubeflow Training Operator (v1)"),
                   "TrainJob": ("trainjobs.trainer.kubeflow.org", "Kubeflow Trainer (v2)")}
@@ -60,7 +62,7 @@ def blocked_status(previous: dict[str, Any] | None, blocked: Blocked, now: str) 
     """The run's status while `blocked` lasts (see the module docstring)."""
     status = dict(previous or {})
     if not status.get("phase"):
-        status["phase"] = "Pending"
+        status["phase"] = Phase.PENDING.value
     conditions = [c for c in status.get("conditions") or [] if c.get("type") != CONDITION]
     old = next((c for c in status.get("conditions") or [] if c.get("type") == CONDITION), {})
     same = old.get("reason") == blocked.reason and old.get("status") == "False"

@@ -1,5 +1,7 @@
 """Child manifests: the planner's planned children rendered as Kubernetes objects, as pure
-functions of (run, stage, step, attempt, owner uid, config); `render` is the entry point.
+functions of (run, planned child, owner uid, config); `render` is the entry point. A manifest
+carries the child's own name, labels and task (the planner set them; nothing here recomputes
+them), and its pods are sized by the settings the task carries (xwin_jobs.cost.SIZING).
 
 * `train` steps -> a `kubeflow.org/v1` PyTorchJob: a Master plus `nodes-1` Workers, each pod
   asking `nvidia.com/gpu: gpusPerNode`; the container (named `pytorch`, as the Training
@@ -16,7 +18,8 @@ functions of (run, stage, step, attempt, owner uid, config); `render` is the ent
   (`trainjob`): the same command, env, resources, node count and labels, on the
   ClusterTrainingRuntime `scheduling.trainingRuntime`.
 * `serve` steps -> a vLLM Deployment (server arguments from `vllm_server_args`, the pure
-  function the local executor uses too; readiness on `/health`) and a ClusterIP Service.
+  function the local executor uses too; readiness on `/health`) and a ClusterIP Service, two
+  planned children of one name.
 * `job` steps (sampler, judge) -> a batch/v1 Job; exit codes 1 and 2 (the stage failed / bad
   usage) fail it at once, a disrupted pod does not count, other exits retry `backoffLimit`.
 
@@ -26,7 +29,7 @@ credentials through `secretKeyRef` on `storage.secretRef`, `AWS_ENDPOINT_URL` fr
 only), scheduling (Kueue queue label, priority class, node selector, tolerations), the
 operator's `image_pull_secrets` as imagePullSecrets, non-root,
 no privilege escalation, an emptyDir scratch at /scratch and /dev/shm. Every child carries
-the labels of `child_labels` and a controller owner reference to the AlignmentRun.
+its planned child's labels and a controller owner reference to the AlignmentRun.
 
 Pure: no kubernetes client imports.
 """
@@ -36,12 +39,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from xwin_jobs.cost import SIZING
 from xwin_jobs.gpu_check import GPU_ENV
 from xwin_jobs.task import StageTask
 from xwin_jobs.vllm_server import SERVED_MODEL_NAME as SERVED_MODEL
 
-from ..api.spec import API_GROUP, API_VERSION, KIND, AlignmentRun, resolved_resources, resolved_serving
-from ..core.children import ANNOTATION_SUSPENDED, MANAGED_BY, TRAIN_LAUNCHER, PlannedChild, child_labels, child_name
+from ..api.spec import API_GROUP, API_VERSION, KIND, AlignmentRun
+from ..core.children import ANNOTATION_SUSPENDED, MANAGED_BY, TRAIN_LAUNCHER, PlannedChild
 from ..core.config import OperatorConfig
 from ..core.steps import Step, step_env
 
@@ -55,8 +59,9 @@ def owner_reference(run: AlignmentRun, uid: str) -> dict[str, Any]:
             "uid": uid, "controller": True, "blockOwnerDeletion": True}
 
 
-def server_url(run: AlignmentRun, stage: str, serve_step: str, attempt: int, config: OperatorConfig) -> str:
-    return f"http://{child_name(run.metadata.name, stage, serve_step, attempt)}:{config.server_port}/v1"
+def server_url(service: str, config: OperatorConfig) -> str:
+    """The OpenAI base URL of a vLLM server's Service."""
+    return f"http://{service}:{config.server_port}/v1"
 
 
 # --- pod pieces -------------------------------------------------------------------------
@@ -164,12 +169,13 @@ def _metadata(run: AlignmentRun, name: str, labels: dict[str, str], uid: str) ->
 # --- the children -----------------------------------------------------------------------
 
 
-def _step_resources(run: AlignmentRun, stage: str, step: Step, task: StageTask) -> dict[str, Any]:
-    if step.resources == "scoring":
-        return task.params.get("scoringResources") or resolved_resources(
-            run.spec, getattr(run.spec.stages, stage).scoringResources)
-    return task.params.get("resources") or resolved_resources(
-        run.spec, getattr(run.spec.stages, stage).resources)
+def sizing(child: PlannedChild) -> dict[str, Any]:
+    """The settings that size the child's pods, as the planner resolved them into its task:
+    `resources`, `scoringResources` or `serving` (xwin_jobs.cost.SIZING, by the step's kind)."""
+    key = SIZING[child.step.resources][0]
+    if key not in child.task.params:
+        raise KeyError(f"the task of stage {child.stage} has no {key!r} for step {child.step.name}")
+    return child.task.params[key]
 
 
 def _train_env(run: AlignmentRun, task: StageTask, step: Step, gpus: int) -> tuple[int, list[dict[str, Any]]]:
@@ -184,12 +190,9 @@ def _train_env(run: AlignmentRun, task: StageTask, step: Step, gpus: int) -> tup
     return grace, container_env(run, task, step, {**step_env(step), **extra})
 
 
-def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
-               task: StageTask, config: OperatorConfig) -> dict[str, Any]:
-    res = _step_resources(run, stage, step, task)
-    name = child_name(run.metadata.name, stage, step.name, attempt)
-    labels = child_labels(run, stage, step.name, attempt)
-    grace, env = _train_env(run, task, step, res["gpusPerNode"])
+def pytorchjob(run: AlignmentRun, child: PlannedChild, uid: str, config: OperatorConfig) -> dict[str, Any]:
+    step, res, labels = child.step, sizing(child), dict(child.labels)
+    grace, env = _train_env(run, child.task, step, res["gpusPerNode"])
     scratch = res.get("scratch"), res.get("scratchStorageClass")
     container = {"name": "pytorch", "image": config.image(run, step.image),
                  "command": [*TRAIN_LAUNCHER, step.job, "--task", "$(XWIN_TASK)"],
@@ -204,7 +207,7 @@ def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str
         replicas["Worker"] = {"replicas": res["nodes"] - 1, "restartPolicy": "ExitCode",
                               "template": template}
     return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-            "metadata": _metadata(run, name, labels, uid),
+            "metadata": _metadata(run, child.name, labels, uid),
             "spec": {"nprocPerNode": str(max(1, res["gpusPerNode"])),
                      "runPolicy": {"backoffLimit": config.pod_backoff_limit,
                                    "suspend": bool(run.spec.suspend),
@@ -214,21 +217,18 @@ def pytorchjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str
                      "pytorchReplicaSpecs": replicas}}
 
 
-def trainjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
-             task: StageTask, config: OperatorConfig) -> dict[str, Any]:
+def trainjob(run: AlignmentRun, child: PlannedChild, uid: str, config: OperatorConfig) -> dict[str, Any]:
     """The `train` step as a Kubeflow Trainer v2 TrainJob on `scheduling.trainingRuntime`: the
     same command, environment (Secrets by reference), resources per node, node count and Kueue
     label as the PyTorchJob; the pod settings (security context, scratch volumes, scheduling)
     as a runtime patch of the runtime's `node` job."""
-    res = _step_resources(run, stage, step, task)
-    name = child_name(run.metadata.name, stage, step.name, attempt)
-    labels = child_labels(run, stage, step.name, attempt)
+    step, res, labels = child.step, sizing(child), dict(child.labels)
     scratch = res.get("scratch"), res.get("scratchStorageClass")
     pod = pod_spec(run, {"name": "node", "image": config.image(run, step.image)}, config, None, *scratch)
     mounts = pod["containers"][0]["volumeMounts"]
     security = pod["containers"][0]["securityContext"]
     pod["containers"] = [{"name": "node", "volumeMounts": mounts, "securityContext": security}]
-    grace, env = _train_env(run, task, step, res["gpusPerNode"])
+    grace, env = _train_env(run, child.task, step, res["gpusPerNode"])
     pod = {k: v for k, v in pod.items() if k in TRAINJOB_POD_FIELDS}  # no priorityClassName: Kueue's
     pod["terminationGracePeriodSeconds"] = grace
     trainer = {"image": config.image(run, step.image),
@@ -238,7 +238,7 @@ def trainjob(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
                "resourcesPerNode": with_scratch_request(
                    _resources(res["gpusPerNode"], res.get("cpu"), res.get("memory")), *scratch)}
     return {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
-            "metadata": _metadata(run, name, labels, uid),
+            "metadata": _metadata(run, child.name, labels, uid),
             "spec": {"runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
                                     "name": run.spec.scheduling.trainingRuntime},
                      "suspend": bool(run.spec.suspend), "trainer": trainer,
@@ -253,16 +253,16 @@ TRAINJOB_POD_FIELDS = ("affinity", "containers", "imagePullSecrets", "initContai
                        "terminationGracePeriodSeconds", "tolerations", "volumes")
 
 
-def batch_job(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
-              task: StageTask, config: OperatorConfig, extra_env: dict[str, str]) -> dict[str, Any]:
-    name = child_name(run.metadata.name, stage, step.name, attempt)
-    labels = child_labels(run, stage, step.name, attempt)
+def batch_job(run: AlignmentRun, child: PlannedChild, uid: str, config: OperatorConfig) -> dict[str, Any]:
+    """A sampler or judge Job; a sampler reads the Service of its serve step (`child.server`)."""
+    step, labels = child.step, dict(child.labels)
+    extra = step_env(step, server_url(child.server, config), SERVED_MODEL) if child.server else step_env(step)
     container = {"name": "main", "image": config.image(run, step.image),
                  "command": ["python", "-m", "xwin_jobs", step.job, "--task", "$(XWIN_TASK)"],
-                 "env": container_env(run, task, step, extra_env),
+                 "env": container_env(run, child.task, step, extra),
                  "resources": _resources(0, config.job_cpu, config.job_memory)}
     return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": _metadata(run, name, labels, uid),
+            "metadata": _metadata(run, child.name, labels, uid),
             "spec": {"backoffLimit": config.pod_backoff_limit, "suspend": bool(run.spec.suspend),
                      "podFailurePolicy": {"rules": [
                          {"action": "FailJob",
@@ -309,12 +309,9 @@ def server_command(model: str, serving: dict[str, Any], port: int) -> tuple[list
     return ["python", "-m", SERVE_MODULE, *args], vllm_server_env(device)
 
 
-def vllm_server(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
-                task: StageTask, config: OperatorConfig) -> list[dict[str, Any]]:
-    """The Deployment and Service of a serve step."""
-    serving = task.params.get("serving") or resolved_serving(run.spec, getattr(run.spec.stages, stage))
-    name = child_name(run.metadata.name, stage, step.name, attempt)
-    labels = child_labels(run, stage, step.name, attempt)
+def deployment(run: AlignmentRun, child: PlannedChild, uid: str, config: OperatorConfig) -> dict[str, Any]:
+    """The vLLM Deployment of a serve step."""
+    step, task, serving, labels = child.step, child.task, sizing(child), dict(child.labels)
     model = model_location(task.inputs[step.model_input])
     fetched_from = model if model.startswith("s3://") else None
     port = config.server_port
@@ -335,41 +332,33 @@ def vllm_server(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: st
         "resources": with_scratch_request(_resources(serving.get("gpusPerReplica") or 0, None, None),
                                           serving.get("scratch"), None),
     }
-    deployment = {
+    manifest = {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": _metadata(run, name, labels, uid),
+        "metadata": _metadata(run, child.name, labels, uid),
         "spec": {"replicas": serving["replicas"], "selector": {"matchLabels": labels},
                  "progressDeadlineSeconds": 3600,
                  "template": {"metadata": {"labels": labels},
                               "spec": pod_spec(run, container, config,
                                                scratch=serving.get("scratch"))}}}
     if fetched_from:
-        deployment["spec"]["template"]["spec"]["initContainers"] = [fetch_model_container(run, fetched_from, env, config)]
-    service = {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": _metadata(run, name, labels, uid),
-        "spec": {"type": "ClusterIP", "selector": labels,
-                 "ports": [{"name": "http", "port": port, "targetPort": "http"}]}}
-    return [deployment, service]
+        manifest["spec"]["template"]["spec"]["initContainers"] = [fetch_model_container(run, fetched_from, env, config)]
+    return manifest
 
 
-def build_step(run: AlignmentRun, stage: str, step: Step, attempt: int, uid: str,
-               task: StageTask, config: OperatorConfig) -> list[dict[str, Any]]:
-    """Every manifest of one step's attempt (a sample step points at the Service of its serve
-    step's same attempt)."""
-    if step.kind == "train":
-        launcher = trainjob if run.spec.scheduling.launcher == "TrainJob" else pytorchjob
-        return [launcher(run, stage, step, attempt, uid, task, config)]
-    if step.kind == "serve":
-        return vllm_server(run, stage, step, attempt, uid, task, config)
-    extra = step_env(step)
-    if step.served_by:
-        url = server_url(run, stage, step.served_by, attempt, config)
-        extra = step_env(step, url, SERVED_MODEL)
-    return [batch_job(run, stage, step, attempt, uid, task, config, extra)]
+def service(run: AlignmentRun, child: PlannedChild, uid: str, config: OperatorConfig) -> dict[str, Any]:
+    """The ClusterIP Service of a serve step's Deployment (same name and labels)."""
+    labels = dict(child.labels)
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(run, child.name, labels, uid),
+            "spec": {"type": "ClusterIP", "selector": labels,
+                     "ports": [{"name": "http", "port": config.server_port, "targetPort": "http"}]}}
+
+
+_BUILDERS = {"PyTorchJob": pytorchjob, "TrainJob": trainjob, "Job": batch_job,
+             "Deployment": deployment, "Service": service}
 
 
 def render(run: AlignmentRun, child: PlannedChild, uid: str, config: OperatorConfig) -> dict[str, Any]:
-    """The manifest of one planned child (a serve step's Deployment or its Service)."""
-    made = build_step(run, child.stage, child.step, child.attempt, uid, child.task, config)
-    return next(m for m in made if m["kind"] == child.kind)
+    """The manifest of one planned child: an object of its kind, under its name and labels,
+    doing its task, owned by the run (`uid`)."""
+    return _BUILDERS[child.kind](run, child, uid, config)

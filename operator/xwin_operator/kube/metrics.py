@@ -26,9 +26,9 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import choose_encoder
 
-from ..core.types import FINISHED, WAITING_REASONS
+from ..core.types import FINISHED, RUN_PHASES, WAITING_REASONS, Phase
 
-PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+PHASES = tuple(p.value for p in RUN_PHASES)  # label values: plain strings
 COSTS = ("gpuHours", "judgeUSD")   # status.cost: the run's totals
 # a stage takes minutes to days (10 s: the tiny runs of tests and demos)
 STAGE_BUCKETS = (10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 57600, 86400, 172800, 345600, 604800)
@@ -72,7 +72,7 @@ def _stages(status: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
 
 def status_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> StatusChanges:
     """What changed from `old` (None: nothing known) to `new`, two statuses of one run. Pure."""
-    phase = new.get("phase") if new.get("phase") in PHASES else "Pending"
+    phase = new.get("phase") if new.get("phase") in PHASES else Phase.PENDING.value
     before = _stages(old)
     attempts: dict[str, int] = {}
     failures: list[tuple[str, str]] = []
@@ -83,7 +83,7 @@ def status_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Sta
         started = int(_number(s.get("attempts")) or 0) - int(_number(was.get("attempts")) or 0)
         if started > 0:
             attempts[name] = started
-        if s.get("phase") == "Failed" and was.get("phase") != "Failed":
+        if s.get("phase") == Phase.FAILED and was.get("phase") != Phase.FAILED:
             failures.append((name, str(s.get("reason") or "StageFailed")))
         if s.get("phase") in FINISHED and was.get("phase") not in FINISHED:
             seconds = _seconds(s.get("startTime"), s.get("completionTime"))

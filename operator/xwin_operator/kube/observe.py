@@ -38,7 +38,7 @@ from dataclasses import replace
 from xwin_jobs.server_exit import backend_name, diagnose, model_arg, parse_line
 
 from ..core.children import ANNOTATION_FAILED, ANNOTATION_SUSPENDED, LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP, MANAGED_BY
-from ..core.types import ChildState
+from ..core.types import ACTIVE, ChildState, Phase
 
 _EXIT_CODE = re.compile(r"exit code (\d+)")
 
@@ -69,56 +69,56 @@ def child_state(body: Mapping[str, Any]) -> ChildState | None:
         attempt = int(labels.get(LABEL_ATTEMPT, "1"))
     except ValueError:
         attempt = 1
-    phase, reason, message, finished, suspended = "Pending", "", "", None, False
+    phase, reason, message, finished, suspended = Phase.PENDING, "", "", None, False
 
     if kind == "PyTorchJob":
         suspended = bool((spec.get("runPolicy") or {}).get("suspend"))
         done = _true(conds, "Succeeded") or _true(conds, "Failed")
         if done is not None:
-            phase = done["type"]
+            phase = Phase(done["type"])  # the condition Succeeded or Failed
             reason, message = done.get("reason", ""), done.get("message", "")
             finished = status.get("completionTime") or done.get("lastTransitionTime")
         elif _true(conds, "Running") or _true(conds, "Restarting"):
-            phase = "Running"
+            phase = Phase.RUNNING
     elif kind == "TrainJob":
         suspended = bool(spec.get("suspend"))
         done = _true(conds, "Complete") or _true(conds, "Failed")
         if done is not None:
-            phase = "Succeeded" if done["type"] == "Complete" else "Failed"
+            phase = Phase.SUCCEEDED if done["type"] == "Complete" else Phase.FAILED
             reason, message = done.get("reason", ""), done.get("message", "")
             finished = done.get("lastTransitionTime")
         elif any(int(j.get("active") or 0) + int(j.get("ready") or 0) > 0 for j in status.get("jobsStatus") or []):
-            phase = "Running"
+            phase = Phase.RUNNING
     elif kind == "Job":
         suspended = bool(spec.get("suspend"))
         failed = _true(conds, "Failed")
         if int(status.get("succeeded") or 0) >= 1 or _true(conds, "Complete"):
-            phase, finished = "Succeeded", status.get("completionTime")
+            phase, finished = Phase.SUCCEEDED, status.get("completionTime")
         elif failed is not None:
-            phase, reason, message = "Failed", failed.get("reason", ""), failed.get("message", "")
+            phase, reason, message = Phase.FAILED, failed.get("reason", ""), failed.get("message", "")
             finished = failed.get("lastTransitionTime")
         elif int(status.get("active") or 0) > 0:
-            phase = "Running"
+            phase = Phase.RUNNING
     elif kind == "Deployment":
         progressing = conds.get("Progressing") or {}
         if int(status.get("availableReplicas") or 0) >= 1:
-            phase = "Running"
+            phase = Phase.RUNNING
         elif progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
-            phase, reason, message = "Failed", "ProgressDeadlineExceeded", progressing.get("message", "")
+            phase, reason, message = Phase.FAILED, "ProgressDeadlineExceeded", progressing.get("message", "")
             finished = progressing.get("lastTransitionTime")
     elif kind == "Service":
-        phase = "Running"
+        phase = Phase.RUNNING
     else:
         return None
 
     annotations = meta.get("annotations") or {}
     stopped = _stopped(annotations.get(ANNOTATION_FAILED))
-    if stopped is not None and phase in ("Pending", "Running"):
-        phase, reason, message, finished = "Failed", stopped.get("reason", ""), stopped.get("message", ""), stopped.get("at")
+    if stopped is not None and phase in ACTIVE:
+        phase, reason, message, finished = Phase.FAILED, stopped.get("reason", ""), stopped.get("message", ""), stopped.get("at")
     resumed = conds.get("Suspended") or {}
     return ChildState(kind=kind, name=meta.get("name", ""), stage=labels[LABEL_STAGE],
                       step=labels.get(LABEL_STEP, ""), attempt=attempt, phase=phase, reason=reason,
-                      message=message, exit_code=_exit_code(message) if phase == "Failed" else None,
+                      message=message, exit_code=_exit_code(message) if phase == Phase.FAILED else None,
                       created=meta.get("creationTimestamp"), finished=finished, suspended=suspended,
                       suspended_by_us=suspended and annotations.get(ANNOTATION_SUSPENDED) == MANAGED_BY,
                       stopped=stopped is not None,
@@ -164,7 +164,7 @@ def server_failed(child: ChildState, pods: list[Mapping[str, Any]]) -> ChildStat
             model=model_arg([*(container.get("command") or []), *(container.get("args") or [])]),
             backend=backend_name("gpu"), oom_killed=ended.get("reason") == "OOMKilled")
         pod_name = (pod.get("metadata") or {}).get("name", "")
-        return replace(child, phase="Failed", reason=exit.reason, permanent=exit.permanent,
+        return replace(child, phase=Phase.FAILED, reason=exit.reason, permanent=exit.permanent,
                        message=f"{exit.message} (pod {pod_name})", exit_code=code,
                        finished=ended.get("finishedAt") or child.finished)
     return child

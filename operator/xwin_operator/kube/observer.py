@@ -17,7 +17,7 @@ from xwin_jobs.progress import ProgressReader
 from xwin_jobs.store import StoreError
 
 from ..core.children import LABEL_ATTEMPT, LABEL_STAGE, LABEL_STEP
-from ..core.types import ChildState
+from ..core.types import ChildState, Phase
 from .blocked import api_refusal, store_problem
 from .client import ApiError
 from .observe import server_failed
@@ -81,7 +81,7 @@ class KubeObserver:
                 out.append(c)
                 continue
             mine = [p for p in pods if _pod_of(p, c)]
-            if c.kind == "Deployment" and c.phase == "Pending":
+            if c.kind == "Deployment" and c.phase == Phase.PENDING:
                 c = server_failed(c, mine)
             out.append(with_pods(c, mine, self.indexes.workload_of(c.uid), queue=queue))
         return out

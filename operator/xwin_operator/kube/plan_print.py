@@ -2,9 +2,9 @@
 stage, as one YAML stream (`# stage: X` comments between documents) that reads well and pipes
 into `kubectl apply --dry-run=server -f -`.
 
-The manifests are those of the first attempt of every step, built by the operator's own
-manifests. The owner reference carries a placeholder uid (the real one exists only once the
-AlignmentRun is created); `XWIN_PLAN_UID` replaces it.
+The manifests are those of the first attempt of every step: the planner's planned children,
+rendered by the operator's own manifests. The owner reference carries a placeholder uid (the
+real one exists only once the AlignmentRun is created); `XWIN_PLAN_UID` replaces it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any, Iterator, TextIO
 import yaml
 
 from ..api.spec import AlignmentRun
+from ..core.children import planned_children
 from ..core.config import OperatorConfig
 from ..api.graph import stages_of
 from ..core.descriptors import steps_of
 from ..core.tasks import stage_task
-from .manifests import build_step
+from .manifests import render
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
 
@@ -35,8 +36,8 @@ def planned_manifests(run: AlignmentRun, uid: str = PLACEHOLDER_UID,
             continue
         task = stage_task(run, stage, config.store or None)
         for step in steps_of(run.spec, stage):
-            for manifest in build_step(run, stage, step, 1, uid, task, config):
-                yield stage, step.name, manifest
+            for child in planned_children(run, stage, step, 1, task):
+                yield stage, step.name, render(run, child, uid, config)
 
 
 class _Dumper(yaml.SafeDumper):

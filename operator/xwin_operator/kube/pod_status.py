@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
-from ..core.types import POD_CAUSES, ChildState
+from ..core.types import ACTIVE, POD_CAUSES, ChildState
 
 UNSCHEDULABLE, CONFIG_ERROR, CRASH_LOOP, OOM_KILLED = (
     "Unschedulable", "CreateContainerConfigError", "CrashLoopBackOff", "OOMKilled")
@@ -143,11 +143,11 @@ def with_pods(child: ChildState, pods: Iterable[Mapping[str, Any]], workload: Ma
     child's (by its labels); `queue`: its Kueue LocalQueue."""
     pods = sorted(pods, key=lambda p: _meta(p).get("name", ""))
     live = sum(1 for p in pods if _live(p))
-    cause = next((c for c in map(pod_cause, pods) if c), None) if child.phase in ("Pending", "Running") else None
+    cause = next((c for c in map(pod_cause, pods) if c), None) if child.phase in ACTIVE else None
     held, since = "", None
-    if child.suspended and not child.suspended_by_us and child.phase in ("Pending", "Running"):
+    if child.suspended and not child.suspended_by_us and child.phase in ACTIVE:
         held = workload_state(workload, queue)
-    elif child.phase in ("Pending", "Running") and not child.suspended:
+    elif child.phase in ACTIVE and not child.suspended:
         unstarted = [_meta(p).get("creationTimestamp") for p in pods if _live(p) and not _started(p)]
         if unstarted or not pods:
             admitted = _condition(workload, "Admitted") if workload else None

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from ..api.graph import GraphError, dependencies
 from ..api.spec import AlignmentRun
-from ..core.types import EmitEvent, PatchStatus
+from ..core.types import EmitEvent, PatchStatus, Phase
 
 
 def spec_errors(exc: Exception) -> list[str]:
@@ -50,7 +50,7 @@ def parse_run(body: Mapping[str, Any], previous: dict | None, generation: int,
     old = next((c for c in previous.get("conditions") or [] if c.get("type") == "Succeeded"), None)
     if old and old.get("reason") == "InvalidSpec" and old.get("message") == message:
         condition["lastTransitionTime"] = old.get("lastTransitionTime", now)
-    status = {"phase": "Failed", "observedGeneration": generation, "message": message,
+    status = {"phase": Phase.FAILED.value, "observedGeneration": generation, "message": message,
               "stages": previous.get("stages") or [], "conditions": [condition]}
     if all(previous.get(k) == v for k, v in status.items()):
         return None, []

@@ -36,7 +36,7 @@ from xwin_jobs.task import StageTask
 
 from ..core.children import TRAIN_LAUNCHER, PlannedChild
 from ..core.steps import Step
-from ..core.types import ChildState, now_iso
+from ..core.types import ACTIVE, FINISHED, ChildState, Phase, now_iso
 from .server_pool import Parked, ServerPool, running
 
 JOB_KINDS = ("PyTorchJob", "TrainJob", "Job")
@@ -89,7 +89,7 @@ class LocalChild:
     attempt: int
     task: StageTask
     created: str
-    phase: str = "Pending"        # Pending (queued or starting) | Running | Succeeded | Failed
+    phase: Phase = Phase.PENDING  # Pending (queued or starting) | Running | Succeeded | Failed
     reason: str = ""
     message: str = ""
     exit_code: int | None = None
@@ -104,7 +104,7 @@ class LocalChild:
 
     @property
     def active(self) -> bool:
-        return self.started_at is not None and self.phase in ("Pending", "Running")
+        return self.started_at is not None and self.phase in ACTIVE
 
     def state(self) -> ChildState:
         return ChildState(kind=self.kind, name=self.name, stage=self.stage, step=self.step.name,
@@ -178,7 +178,7 @@ class LocalChildren:
         with self.changed:
             self.children[child.kind, child.name] = child
             if child.kind == "Service":  # nothing runs for it: the sampler gets the server's URL
-                child.phase, child.started_at = "Running", time.monotonic()
+                child.phase, child.started_at = Phase.RUNNING, time.monotonic()
             else:
                 self.queue.append(child)
         return child
@@ -233,14 +233,14 @@ class LocalChildren:
         return next((c for c in self.children.values()
                      if c.kind == "Deployment" and serves(c, job)), None)
 
-    def _finish(self, child: LocalChild, phase: str, reason: str = "", message: str = "",
+    def _finish(self, child: LocalChild, phase: Phase, reason: str = "", message: str = "",
                 exit_code: int | None = None, permanent: bool = False) -> None:
         with self.changed:
             if child.stopped:
                 return
             child.phase, child.reason, child.message = phase, reason, message
             child.exit_code, child.permanent = exit_code, permanent
-            if phase in ("Succeeded", "Failed"):
+            if phase in FINISHED:
                 child.finished = now_iso()
             self._dirty = True
             self.changed.notify_all()
@@ -256,7 +256,7 @@ class LocalChildren:
             ctx.log_dir.mkdir(parents=True, exist_ok=True)
             task_file.write_text(child.task.to_json())
             cmd = train_command(ctx.python, child.step, task_file, ctx.nproc_per_node)
-            self._finish(child, "Running")
+            self._finish(child, Phase.RUNNING)
 
             def started(proc: subprocess.Popen) -> None:
                 child.handle = proc
@@ -265,12 +265,12 @@ class LocalChildren:
             code, last = run_job(cmd, env, log_path, lambda line: ctx.on_line(child.stage, line),
                                  started)
         except Exception as e:  # cannot even start it: a failed child, never a crashed run
-            self._finish(child, "Failed", "StartError", f"{type(e).__name__}: {e} (log: {log_path})")
+            self._finish(child, Phase.FAILED, "StartError", f"{type(e).__name__}: {e} (log: {log_path})")
             return
         if code == 0:
-            self._finish(child, "Succeeded", exit_code=0)
+            self._finish(child, Phase.SUCCEEDED, exit_code=0)
         else:
-            self._finish(child, "Failed", "Failed", f"{last} (log: {log_path})",
+            self._finish(child, Phase.FAILED, "Failed", f"{last} (log: {log_path})",
                          exit_code=code)
 
     def _run_server(self, child: LocalChild) -> None:
@@ -283,12 +283,12 @@ class LocalChildren:
             started = start_server(child, self.ctx, self.pool)
         except Exception as e:  # VllmServerError, a model that cannot be fetched, ...
             exit = getattr(e, "exit", None)
-            self._finish(child, "Failed", exit.reason if exit else "ServerFailed", str(e),
+            self._finish(child, Phase.FAILED, exit.reason if exit else "ServerFailed", str(e),
                          permanent=bool(exit and exit.permanent))
             return
         if started is None:
             self.ctx.on_line(child.stage, f"{child.name}: samples already complete, no vLLM server")
-        self._finish(child, "Running")
+        self._finish(child, Phase.RUNNING)
         server = child.handle
         proc = getattr(server, "proc", None)
         while proc is not None and not child.stopped:
@@ -300,7 +300,7 @@ class LocalChildren:
                 return
             exit = server.exit_of(code)
             self.ctx.on_line(child.stage, f"{child.name}: {exit.message}")
-            self._finish(child, "Failed", exit.reason, f"{exit.message} (log: {server.log_path})",
+            self._finish(child, Phase.FAILED, exit.reason, f"{exit.message} (log: {server.log_path})",
                          exit_code=code, permanent=exit.permanent)
             return
 

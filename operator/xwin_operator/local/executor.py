@@ -40,6 +40,7 @@ from ..core.children import PlannedChild
 from ..core.loop import reconcile_once_sync
 from ..core.planner import stage_tasks
 from ..core.inputs import run_root
+from ..core.types import DONE, Phase
 from .children import LocalChild, LocalChildren
 from .server_pool import wanted_later
 
@@ -179,13 +180,13 @@ class _Progress:
     def update(self, status: dict) -> None:
         for s in status.get("stages", []):
             name, phase = s["name"], s["phase"]
-            if name in self.reported or phase not in ("Succeeded", "Skipped", "Failed"):
+            if name in self.reported or phase not in (*DONE, Phase.FAILED):
                 continue
             ran = name in self.announced
             seconds = time.monotonic() - self.announced[name] if ran else 0.0
-            if phase == "Skipped":
+            if phase == Phase.SKIPPED:
                 result = StageOutcome(name, "reused", artifact=s.get("artifact", ""))
-            elif phase == "Succeeded":
+            elif phase == Phase.SUCCEEDED:
                 result = StageOutcome(name, "ran" if ran else "skipped", seconds,
                                      s.get("artifact", ""), dict(s.get("metrics") or {}),
                                      "" if ran else "already done")
@@ -271,11 +272,11 @@ def execute(run: AlignmentRun, *, store_uri: str | None, ctx: LocalContext, stor
                                 config=config, tasks=tasks)
             status, wait, acted = actions_here.status, actions_here.wait, actions_here.acted
             phase = (status or {}).get("phase")
-            if phase == "Succeeded":
+            if phase == Phase.SUCCEEDED:
                 children.wait_jobs(timeout=60)
                 return progress.results
-            if phase == "Failed":
-                failed = [s for s in status["stages"] if s["phase"] == "Failed"]
+            if phase == Phase.FAILED:
+                failed = [s for s in status["stages"] if s["phase"] == Phase.FAILED]
                 stage = failed[0]["name"] if failed else status.get("stage", "")
                 raise progress.fail(StageFailed(stage, failed[0].get("message", "") if failed
                                                 else status.get("message", "")))
