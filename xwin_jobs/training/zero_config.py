@@ -44,9 +44,9 @@ from .config import TrainingConfig, TrainingConfigError, batch_geometry
 
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
-# torch's fused AdamW: one kernel over every parameter, on CPU and CUDA. Its step took 48 ms
-# against the for-loop one's 246 ms for a 5.7M-parameter Llama on 2 CPU threads (benchmarks/
-# RESULTS.md, Training vs TRL); the arithmetic is AdamW's, equal up to float rounding.
+# torch's fused AdamW: one kernel over every parameter, on CPU and CUDA; several times faster
+# a step than the for-loop one on CPU (benchmarks/bench_adamw.py, RESULTS.md "AdamW step"); the
+# arithmetic is AdamW's, equal up to float rounding.
 ADAM_FUSED = {"fused": True}
 OFFLOAD_BYTES_PER_PARAM = 16  # fp32 master weights + 2 fp32 Adam moments + fp32 gradients
 # Elements per communication bucket (the most; hidden^2 below it) and per optimizer sub-group.
