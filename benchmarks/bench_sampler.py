@@ -140,7 +140,7 @@ def main(prompts: int = 96, n: int = 8, max_tokens: int = 48, repeats: int = 9,
             if server is not None:
                 server.__exit__(None, None, None)
     # the sampler stores message content (the template's separator removed): compare alike
-    from xwin_jobs.sampler import chat_format
+    from xwin_jobs.chat import chat_format
 
     to_content = chat_format("vicuna", tokenizer)[1]
     messages = {r["id"]: r["messages"] for r in records}

@@ -358,7 +358,7 @@ def test_sample_step_resumes_after_a_failure_without_duplicates(stub, policy, tm
 def test_sampled_text_renders_in_training_exactly_as_generated(policy, template):
     from xwin_jobs.chat import render_prompt, render_with_spans
     from xwin_jobs.modeling import load_tokenizer
-    from xwin_jobs.sampler import chat_format
+    from xwin_jobs.chat import chat_format
 
     tokenizer = load_tokenizer(str(policy))
     messages = [{"role": "user", "content": "what is 2 plus 3?"}]

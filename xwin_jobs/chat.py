@@ -18,7 +18,8 @@ spans of assistant turns, tokenizes once with offsets, and labels the tokens tha
 span, so multi-turn masks are exact and the same code serves both templates.
 
 `render_prompt` / `encode_prompt` give the prompt part (ending where the assistant starts)
-rendered exactly as in training, for the sampler.
+rendered exactly as in training, for the sampler; `chat_format` pairs that encoder with
+`to_content`, which turns a sampled completion back into message content.
 
 Pure: the tokenizer is passed in; nothing heavy is imported here.
 """
@@ -26,7 +27,7 @@ Pure: the tokenizer is passed in; nothing heavy is imported here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 TEMPLATES = ("vicuna", "tokenizer")
 IGNORE_INDEX = -100
@@ -191,3 +192,36 @@ def encode_conversation(messages: Sequence[dict[str, Any]], template: str, token
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
     return Encoded(ids, labels, truncated)
+
+
+def assistant_separator(messages: Sequence[dict], template: str, tokenizer: Any) -> str:
+    """The text the chat template puts between the sampling prompt and the content of the
+    assistant message that follows it (" " for vicuna's "ASSISTANT: <content>"). A model
+    trained on that template generates it as part of its first token."""
+    marker = "\x00xwin-content\x00"
+    prompt = render_prompt(messages, template, tokenizer)
+    full, _ = render_with_spans([*messages, {"role": "assistant", "content": marker}], template,
+                                tokenizer)
+    at = full.find(marker)
+    if at < 0 or not full.startswith(prompt) or at < len(prompt):
+        return ""
+    return full[len(prompt):at]
+
+
+def chat_format(template: str, tokenizer: Any) -> tuple[Callable, Callable]:
+    """(encode, to_content) for `sample_responses`: prompt token ids exactly as in training
+    (`chat.encode_prompt`), and a completion turned back into message content (the
+    template's separator removed), so a sampled answer renders in training as it was
+    generated."""
+    def encode(messages: Sequence[dict]) -> list[int]:
+        return encode_prompt(messages, template, tokenizer)
+
+    last: list = [None, ""]  # the n completions of a prompt come one after another
+
+    def to_content(messages: Sequence[dict], text: str) -> str:
+        if last[0] is not messages:
+            last[:] = [messages, assistant_separator(messages, template, tokenizer)]
+        sep = last[1]
+        return text[len(sep):] if sep and text.startswith(sep) else text
+
+    return encode, to_content

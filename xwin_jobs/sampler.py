@@ -5,8 +5,8 @@ stage that samples: `bestOfN` (n responses), `pairs` (k candidates) and `evaluat
 It sends each prompt to the completions endpoint as token ids made by `encode(messages)`
 (the stages pass `chat.encode_prompt` with the run's chat template and the policy's tokenizer,
 so the model sees exactly the text it was trained on, special tokens included) and yields
-`(prompt_record, [n texts])` as answers arrive (not in input order). `chat_format` makes that
-encoder plus `to_content`, which removes the separator the template puts before an
+`(prompt_record, [n texts])` as answers arrive (not in input order). `chat.chat_format`
+makes that encoder plus `to_content`, which removes the separator the template puts before an
 assistant message (vicuna's space after "ASSISTANT:"), so a sampled answer stored as message
 content renders in later training exactly as it was generated.
 
@@ -171,43 +171,6 @@ class SampleStats:
         return (f"sampled {self.prompts}{of} prompts ({self.prompts / elapsed:.2f}/s), "
                 f"{self.responses} responses, {self.empty} empty, {self.truncated} truncated, "
                 f"{self.retries} retries")
-
-
-def assistant_separator(messages: Sequence[dict], template: str, tokenizer: Any) -> str:
-    """The text the chat template puts between the sampling prompt and the content of the
-    assistant message that follows it (" " for vicuna's "ASSISTANT: <content>"). A model
-    trained on that template generates it as part of its first token."""
-    from .chat import render_prompt, render_with_spans
-
-    marker = "\x00xwin-content\x00"
-    prompt = render_prompt(messages, template, tokenizer)
-    full, _ = render_with_spans([*messages, {"role": "assistant", "content": marker}], template,
-                                tokenizer)
-    at = full.find(marker)
-    if at < 0 or not full.startswith(prompt) or at < len(prompt):
-        return ""
-    return full[len(prompt):at]
-
-
-def chat_format(template: str, tokenizer: Any) -> tuple[Callable, Callable]:
-    """(encode, to_content) for `sample_responses`: prompt token ids exactly as in training
-    (`chat.encode_prompt`), and a completion turned back into message content (the
-    template's separator removed), so a sampled answer renders in training as it was
-    generated."""
-    from .chat import encode_prompt
-
-    def encode(messages: Sequence[dict]) -> list[int]:
-        return encode_prompt(messages, template, tokenizer)
-
-    last: list = [None, ""]  # the n completions of a prompt come one after another
-
-    def to_content(messages: Sequence[dict], text: str) -> str:
-        if last[0] is not messages:
-            last[:] = [messages, assistant_separator(messages, template, tokenizer)]
-        sep = last[1]
-        return text[len(sep):] if sep and text.startswith(sep) else text
-
-    return encode, to_content
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -429,7 +392,7 @@ async def sample_responses(prompts: Iterable[dict], n: int, sampling: SamplingPa
                            ) -> AsyncIterator[tuple[dict, list[str]]]:
     """(prompt_record, [exactly n texts]) for every prompt record ({"id", "messages"}), as the
     answers arrive. `encode(messages)` gives the prompt's token ids and `to_content(messages,
-    text)` (optional) turns a completion into message content: `chat_format(template,
+    text)` (optional) turns a completion into message content: `chat.chat_format(template,
     tokenizer)` makes both. See the module docstring for errors and counted skips."""
     async for record, texts, _ in sample_with_reasons(prompts, n, sampling, client_cfg, encode,
                                                       stats, to_content):

@@ -157,7 +157,8 @@ def sample_into_folder(task: StageTask, store: Store, folder: str, prompts: list
     `connect(env)` gives the sampler's `ClientConfig` (it may raise StageError or
     SamplerError); it and the tokenizer of `task.inputs[model_input]` are only asked for when
     some prompt is still to be sampled."""
-    from ..sampler import SampleStats, SamplerError, SamplingParams, chat_format
+    from ..chat import chat_format
+    from ..sampler import SampleStats, SamplerError, SamplingParams
 
     env = dict(os.environ if env is None else env)
     prepare_folder(store, folder, digest)
