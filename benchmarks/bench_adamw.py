@@ -5,7 +5,7 @@ bench_train_trl.py (train_shapes.SHAPES), with gradients in place.
 
 Each round times `--steps` steps of each implementation (alternating, after one warm-up
 step), in one process; the best round is reported per implementation, with the load average.
-Why: the trainer's engines use the fused one (xwin_jobs/training/zero_config.py: ADAM_FUSED).
+Why: whether the trainer should use the fused one (docs/design.md, section 8: not yet).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import TrainingConfig
 from .distributed import Distributed
-from .zero_config import ADAM_BETAS, ADAM_EPS, ADAM_FUSED
+from .zero_config import ADAM_BETAS, ADAM_EPS
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,7 @@ class DdpEngine(EngineBase):
         self.amp_dtype = (torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                           else None)
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay),
-                                           lr=config.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                           **ADAM_FUSED)
+                                           lr=config.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS)
         self.scheduler = make_scheduler(config, self.optimizer, total_steps)
 
     def no_sync(self):

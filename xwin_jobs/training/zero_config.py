@@ -44,10 +44,6 @@ from .config import TrainingConfig, TrainingConfigError, batch_geometry
 
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
-# torch's fused AdamW: one kernel over every parameter, on CPU and CUDA; several times faster
-# a step than the for-loop one on CPU (benchmarks/bench_adamw.py, RESULTS.md "AdamW step"); the
-# arithmetic is AdamW's, equal up to float rounding.
-ADAM_FUSED = {"fused": True}
 OFFLOAD_BYTES_PER_PARAM = 16  # fp32 master weights + 2 fp32 Adam moments + fp32 gradients
 # Elements per communication bucket (the most; hidden^2 below it) and per optimizer sub-group.
 # DeepSpeed's defaults (5e8 and 1e9) allocate buffers of several GB per rank, more than a
@@ -106,10 +102,8 @@ def deepspeed_config(config: TrainingConfig, world_size: int, bf16: bool,
         "optimizer": {"type": "AdamW", "params": {
             "lr": config.learning_rate, "betas": list(ADAM_BETAS), "eps": ADAM_EPS,
             "weight_decay": config.weight_decay,
-            # torch's fused AdamW (no DeepSpeed op to compile) unless the state is offloaded
-            # (DeepSpeedCPUAdam)
-            "torch_adam": not config.offload_optimizer, "adam_w_mode": True,
-            **({} if config.offload_optimizer else ADAM_FUSED)}},
+            # torch's AdamW (no compiled op) unless the state is offloaded (DeepSpeedCPUAdam)
+            "torch_adam": not config.offload_optimizer, "adam_w_mode": True}},
         "bf16": {"enabled": bool(bf16)},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
