@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,3 +235,28 @@ def test_xwin_status_reads_the_alignmentrun_from_the_cluster(cluster, tmp_path, 
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
     assert main(["status", "x"]) == 1
     assert capsys.readouterr().err.startswith("xwin status: cannot log in to read AlignmentRun x: no kubeconfig found")
+
+
+def test_plain_progress_lines_print_the_first_count_at_once_then_every_interval():
+    """Off a terminal `xwin run` prints a step's line when it starts (0/N), its first real
+    count at once (a short stage would otherwise show only 0/N), then at most every interval
+    and only when the counts moved."""
+    import io
+
+    from rich.console import Console
+
+    from xwin_operator.run_display import RunDisplay
+
+    out, now = io.StringIO(), [0.0]
+    display = RunDisplay(Console(file=out, force_terminal=False, width=200), interval=30.0,
+                         clock=lambda: now[0])
+
+    def seen(done: int, at: float) -> None:
+        now[0] = at
+        display.status({"phase": "Running", "stages": [{"name": "sft", "phase": "Running", "progress": {
+            "step": "train", "unit": "steps", "done": done, "total": 40, "percent": 100 * done / 40}}]})
+
+    for done, at in ((0, 0.0), (0, 1.0), (3, 2.0), (9, 10.0), (20, 32.5), (20, 70.0), (21, 71.0)):
+        seen(done, at)
+    counts = re.findall(r"progress sft/train: (\d+)/40 steps", out.getvalue())
+    assert counts == ["0", "3", "20", "21"], out.getvalue()

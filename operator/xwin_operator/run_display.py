@@ -8,7 +8,8 @@
     counts, ETA and the figure of its unit (loss, responses/s, spend);
   * elsewhere (a log file, CI, a pipe): no live area, and at most one plain line per running
     step every `interval` seconds (`  progress dpo/train: 41/100 steps 41%, ETA 20m34s, ...`),
-    printed only when its counts moved, so the other lines of the output stay as they are.
+    printed only when its counts moved, so the other lines of the output stay as they are
+    (a step's first count after its "0/N" line is printed at once).
 
 `bars=False` (`xwin run --no-progress`) keeps only the spinner line. A rendering error turns
 the progress display off with one line; it never stops the run.
@@ -109,7 +110,8 @@ class RunDisplay:
                 continue  # nothing counted yet
             what = (bar.done, bar.total, bar.stalled)
             last = self._printed.get(bar.key)
-            if last is not None and (now - last[0] < self.interval or last[1] == what):
+            # a step's "0/N" line (it started) does not hold back its first real count
+            if last is not None and (last[1] == what or last[1][0] and now - last[0] < self.interval):
                 continue
             self._printed[bar.key] = (now, what)
             self.console.print(plain_line(bar), markup=False, highlight=False)
