@@ -8,7 +8,8 @@ The trainer settles the layout first (`packed`: training.packing where the model
 keeps packed sequences apart), then builds the objective's workload with it
 (objectives.Objective): the examples' lengths and loss units. Each step's examples (the
 seeded plan of `data.batch_plan`) are regrouped into micro-batches by length
-(`microBatchSize` examples or `microBatchTokens` fed positions, packed or padded) and a
+(under `config.token_budget` fed positions, or of `microBatchSize` examples when
+`microBatchTokens` is 0; packed or padded) and a
 micro-batch's weight is its share of the step's units (batching.LOSS_NORMALISATION); the
 metrics report real tokens, fed positions and padding efficiency. `fit` runs the objective's
 `prepare` (before any checkpoint is loaded), resumes, trains, and adds the objective's
@@ -102,22 +103,15 @@ def _accumulate(engine, micro_step: MicroStep, micro_batches: list[list[int]],
             engine.backward(loss * (weight * world))
         for key, value in {"loss": loss.detach(), **stats}.items():
             sums[key] = sums.get(key, 0.0) + value * weight
-    sums = _to_floats(sums)   # one device-to-host copy a step, not one per micro-batch
+    sums = _to_floats(sums)   # read on the host once a step, not once per micro-batch
     if world > 1:
         sums = engine.dist.all_reduce_sum(sums)
     return sums
 
 
 def _to_floats(values: dict[str, Any]) -> dict[str, float]:
-    """{key: float} of tensors (on one device) and numbers, with one host sync."""
-    import torch
-
-    tensors = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
-    out = {k: float(v) for k, v in values.items() if k not in tensors}
-    if tensors:
-        stacked = torch.stack([values[k].float().reshape(()) for k in tensors]).tolist()
-        out.update(zip(tensors, stacked))
-    return {k: out[k] for k in values}
+    """{key: float} of 0-d tensors and numbers (read once a step, not once per micro-batch)."""
+    return {k: v.item() if hasattr(v, "item") else float(v) for k, v in values.items()}
 
 
 def _count_tokens(result: LoopResult, workload: Workload, micro_batches) -> None:
