@@ -3,7 +3,8 @@
 `build_engine(loader, config, total_steps, dist)`: zeroStage 0 -> `engine.DdpEngine` (single
 process, or DDP under torchrun) on the model `loader()` returns; 1-3 -> `zero.ZeroEngine`,
 which runs `loader()` inside its loading context (partitioned creation under ZeRO-3).
-DeepSpeed is imported only on the ZeRO path.
+DeepSpeed is imported only on the ZeRO path. `training.compile`: the model's forward then
+goes through torch.compile, with eager as the fallback (`compiled.compile_forward`).
 
 `map_large_host_allocations()` (both engines, before loading): glibc's malloc serves a freed
 block's size from its heap next time (its mmap threshold rises to 32 MiB after the first large
@@ -21,6 +22,7 @@ import ctypes.util
 import sys
 from typing import Any, Callable
 
+from .compiled import compile_forward
 from .config import TrainingConfig
 from .distributed import Distributed
 
@@ -47,10 +49,14 @@ def build_engine(loader: Callable[[], Any], config: TrainingConfig, total_steps:
     if config.zero_stage:
         from .zero import ZeroEngine
 
-        return ZeroEngine.load(loader, config, total_steps, dist)
-    from .engine import DdpEngine
+        engine = ZeroEngine.load(loader, config, total_steps, dist)
+    else:
+        from .engine import DdpEngine
 
-    return DdpEngine(loader(), config, total_steps=total_steps, dist=dist)
+        engine = DdpEngine(loader(), config, total_steps=total_steps, dist=dist)
+    if config.compile:
+        compile_forward(engine.module, config.zero_stage)
+    return engine
 
 
 def model_parameters(config_json: dict) -> int:

@@ -46,6 +46,7 @@ _KEYS = {
     "offloadOptimizer": "offload_optimizer",
     "keepCheckpoints": "keep_checkpoints",
     "collectiveTimeoutMinutes": "collective_timeout_minutes",
+    "compile": "compile",
 }
 
 # spec key -> default: the built-in value of every training setting, for the spec and here.
@@ -119,6 +120,9 @@ class TrainingConfig:
     offload_optimizer: bool = TRAINING_DEFAULTS["offloadOptimizer"]
     keep_checkpoints: int = TRAINING_DEFAULTS["keepCheckpoints"]
     collective_timeout_minutes: float = DEFAULT_COLLECTIVE_TIMEOUT_MINUTES
+    # Not in TRAINING_DEFAULTS either: torch.compile of the model's forward (training.compiled),
+    # off unless set: on CPU it made no step faster (docs/design.md section 8)
+    compile: bool = False
 
     @property
     def collective_timeout(self) -> datetime.timedelta:

@@ -65,6 +65,7 @@ class Training(_Model):
     maxGradNorm: Optional[float] = Field(None, **_BOUNDS["maxGradNorm"], description="Clip the global gradient norm to this (0 = no clipping).")
     keepCheckpoints: Optional[int] = Field(None, **_BOUNDS["keepCheckpoints"], description="Checkpoints (checkpoints/step-N/) kept once the stage succeeds, newest first; a restarted stage resumes from the newest complete one.")
     collectiveTimeoutMinutes: Optional[float] = Field(None, **_BOUNDS["collectiveTimeoutMinutes"], description="How long a rank waits in a collective (NCCL/gloo, torch.distributed and DeepSpeed's process group) before it fails, so a dead or hung rank stops the job instead of holding every GPU (default 30). The final model upload is outside every collective.")
+    compile: Optional[bool] = Field(None, description="Run the model's forward through torch.compile (dynamic shapes; not under zeroStage 3). Default off: on CPU it made no step faster. Where torch.compile is unavailable or fails, the stage trains eager and logs one line.")
 
 
 class Resources(_Model):
