@@ -8,12 +8,11 @@ compiled earlier hides the compiler.
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import pytest
-from training_runs import make_world, run_command, stage_task
+from training_runs import job_env, make_world, run_command, stage_task
 
 from xwin_jobs.training.config import TrainingConfig, TrainingConfigError
 
@@ -35,10 +34,9 @@ def run_sft(world, tmp_path, name: str, training: dict, env: dict | None = None)
                       training)
     task_file = tmp_path / f"{name}.json"
     task_file.write_text(task.to_json())
-    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     done = run_command([sys.executable, "-m", "xwin_jobs", "sft", "--task", str(task_file)],
-                       {**base, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"), **(env or {})})
+                       {**job_env("cpu"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"),
+                        **(env or {})})
     assert done.returncode == 0, done.stderr[-4000:]
     out = Path(task.output[len("file://"):])
     return json.loads((out / "metrics.json").read_text()), done.stderr

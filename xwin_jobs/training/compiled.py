@@ -1,6 +1,6 @@
 """`training.compile`: the model's forward through `torch.compile`, with eager as the fallback.
 
-`compile_forward(module, config)` replaces `module.forward` (an attribute of the instance, so
+`compile_forward(module, zero_stage)` replaces `module.forward` (an attribute of the instance, so
 the module, its state dict and its checkpoints stay what they were) with `CompiledForward`:
 the compiled forward while it works; on the first error torch.compile raises (dynamo or the
 backend: no C++ compiler or Triton, an op it cannot lower) one warning line, and from then on
@@ -23,13 +23,6 @@ import logging
 from typing import Any, Callable
 
 log = logging.getLogger("xwin_jobs.train")
-
-
-def _compile_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions torch.compile raises for a graph it cannot trace or compile."""
-    from torch._dynamo.exc import TorchDynamoException
-
-    return (TorchDynamoException,)
 
 
 def _lower_backward_at_forward():
@@ -55,10 +48,12 @@ class CompiledForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.failed is None:
+            from torch._dynamo.exc import TorchDynamoException  # what a failing trace or compile raises
+
             try:
                 with _lower_backward_at_forward():
                     return self.compiled(*args, **kwargs)
-            except _compile_errors() as e:
+            except TorchDynamoException as e:
                 first = (str(e).strip().splitlines() or [""])[0][:300]
                 self.failed = f"{type(e).__name__}: {first}"
                 log.warning("training.compile: torch.compile failed (%s); training eager", self.failed)
